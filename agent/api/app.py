@@ -1,0 +1,29 @@
+"""Builds the two aiohttp applications; every dependency is injected through typed AppKeys."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+import agent.api.cluster.routes
+import agent.api.openai.routes
+from agent.api.cluster.routes import HEALTH_KEY, HealthSources
+from agent.api.middleware import request_context
+from agent.api.openai.routes import MAX_MESSAGE_BYTES_KEY, SERVING_KEY
+from agent.api.openai.serving import OpenAIServing
+
+
+def build_inference_app(serving: OpenAIServing, *, max_request_bytes: int) -> web.Application:
+    """The OpenAI-compatible API (port 8080)."""
+    app = web.Application(middlewares=[request_context], client_max_size=max_request_bytes)
+    app[SERVING_KEY] = serving
+    app[MAX_MESSAGE_BYTES_KEY] = max_request_bytes
+    agent.api.openai.routes.setup_routes(app)
+    return app
+
+
+def build_cluster_app(health: HealthSources, *, max_request_bytes: int) -> web.Application:
+    """The cluster API (port 5381)."""
+    app = web.Application(middlewares=[request_context], client_max_size=max_request_bytes)
+    app[HEALTH_KEY] = health
+    agent.api.cluster.routes.setup_routes(app)
+    return app

@@ -1,0 +1,51 @@
+"""HTTP routes of the cluster API (port 5381)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+import agent
+from agent.engine import EngineHost, EngineState
+
+
+@dataclass(frozen=True)
+class HealthSources:
+    """What /v1/health reports on."""
+
+    started_monotonic: float
+    engines: tuple[EngineHost, ...]
+
+
+HEALTH_KEY = web.AppKey("health_sources", HealthSources)
+
+
+def health_report(sources: HealthSources) -> dict[str, Any]:
+    """The /v1/health body: `status` is "ok" only while every engine is ready."""
+    states = {engine.state for engine in sources.engines}
+    if states == {EngineState.READY}:
+        status = "ok"
+    elif states <= {EngineState.STARTING, EngineState.READY}:
+        status = "starting"
+    else:
+        status = "degraded"
+    engines = [engine.health() for engine in sources.engines]
+    return {
+        "status": status,
+        "uptime_seconds": round(time.monotonic() - sources.started_monotonic, 3),
+        "version": agent.__version__,
+        "engine": engines[0] if len(engines) == 1 else {"state": status, "models": engines},
+    }
+
+
+async def health(request: web.Request) -> web.Response:
+    """GET /v1/health: always answers, also while the engine is down (that is when it matters)."""
+    return web.json_response(health_report(request.app[HEALTH_KEY]))
+
+
+def setup_routes(app: web.Application) -> None:
+    """Register the cluster API routes."""
+    app.router.add_get("/v1/health", health)

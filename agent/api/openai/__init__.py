@@ -1,0 +1,1 @@
+"""The OpenAI-compatible API: routes (HTTP only), protocol (request models), serving (logic)."""

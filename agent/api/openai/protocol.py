@@ -1,0 +1,155 @@
+"""Request models of the OpenAI-compatible API, validated strictly.
+
+Unknown fields are refused ("Unrecognized request argument supplied"), and known OpenAI parameters we do not
+implement are accepted only with their neutral value (`n: 1`, `tools: []`, ...); anything else is a 400 that
+names the parameter. Silently ignoring a parameter is the most damaging kind of incompatibility.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from agent.errors import UnsupportedParameterError
+
+StopField = Annotated[
+    str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None,
+    Field(description="Up to 4 strings; generation stops before any of them and they are not returned"),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+# Parameter -> predicate for the values we can honour although we do not implement the feature.
+_NEUTRAL: dict[str, Any] = {
+    "n": lambda v: v in (None, 1),
+    "logprobs": lambda v: v in (None, False),
+    "top_logprobs": lambda v: v is None,
+    "logit_bias": lambda v: not v,
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "parallel_tool_calls": lambda v: v is None,
+    "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "modalities": lambda v: v in (None, ["text"]),
+    "audio": lambda v: v is None,
+    "prediction": lambda v: v is None,
+    "web_search_options": lambda v: v is None,
+    "reasoning_effort": lambda v: v is None,
+    "store": lambda v: v in (None, False),  # we never store completions, so "don't store" is honoured
+    "metadata": lambda v: not v,
+    "service_tier": lambda v: v in (None, "auto", "default"),
+    "echo": lambda v: v in (None, False),
+    "suffix": lambda v: v is None,
+    "best_of": lambda v: v in (None, 1),
+}
+
+
+class _SamplingRequest(_Strict):
+    model: str | None = Field(None, description="Model id; omitted: the loaded default model")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    seed: int | None = None
+    stop: StopField = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    user: str | None = Field(None, max_length=256, description="End-user id; recorded in the request's log lines")
+    n: int | None = None
+    logprobs: Any = None
+    logit_bias: Any = None
+
+    @model_validator(mode="after")
+    def _refuse_unimplemented(self) -> _SamplingRequest:
+        for name in sorted(self.model_fields_set):
+            check = _NEUTRAL.get(name)
+            if check is not None and not check(getattr(self, name)):
+                raise UnsupportedParameterError(
+                    f"'{name}' with value {getattr(self, name)!r} is not supported by this server yet; "
+                    "omit it or use its default", param=name)
+        if self.stream_options is not None and not self.stream:
+            raise UnsupportedParameterError(
+                "'stream_options' is only allowed when 'stream' is true", param="stream_options",
+                code="invalid_value")
+        return self
+
+    def stop_strings(self) -> list[str]:
+        """The stop sequences as a list."""
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+    # Accepted so assistant turns echoed back by clients validate; a refusal carries no prompt content.
+    refusal: str | None = None
+
+    def text(self, index: int) -> str:
+        """The message's text; content parts other than text are refused with a precise param."""
+        if self.content is None:
+            if self.role != "assistant":
+                raise UnsupportedParameterError(
+                    f"messages[{index}].content is required for role '{self.role}'",
+                    param=f"messages[{index}].content", code="invalid_value")
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        pieces = []
+        for j, part in enumerate(self.content):
+            kind = part.get("type")
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise UnsupportedParameterError(
+                    f"content part type {kind!r} is not supported (only 'text' parts are)",
+                    param=f"messages[{index}].content[{j}].type")
+            pieces.append(part["text"])
+        return "".join(pieces)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    top_logprobs: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    functions: Any = None
+    function_call: Any = None
+    response_format: Any = None
+    modalities: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+
+    def completion_limit(self) -> int | None:
+        """max_completion_tokens, or its deprecated alias max_tokens."""
+        if self.max_tokens is not None and self.max_completion_tokens is not None:
+            if self.max_tokens != self.max_completion_tokens:
+                raise UnsupportedParameterError(
+                    "'max_tokens' and 'max_completion_tokens' disagree; send only 'max_completion_tokens'",
+                    param="max_tokens", code="invalid_value")
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    # OpenAI's legacy default; a client that wants more says so.
+    max_tokens: int | None = Field(16, ge=1)
+    echo: Any = None
+    suffix: Any = None
+    best_of: Any = None

@@ -1,0 +1,305 @@
+"""HTTP routes of the OpenAI-compatible API (port 8080): parsing, SSE and WebSocket framing only.
+
+WebSocket `/v1/stream` event format (one JSON text message per event):
+  client -> server   a chat completion request body (`model` optional, `messages`, sampling parameters; `stream`
+                     and `stream_options` are implied and may be omitted), optionally with a client `"id"` that is
+                     echoed in every event of that request; or `{"type": "cancel"}` to stop the current request.
+  server -> client   `{"type": "chunk", "request": <client id or null>, "id", "object": "chat.completion.chunk",
+                     "created", "model", "choices": [{"index": 0, "delta": {"content": "..."}, ...}]}`, every
+                     chunk carrying text in `choices[0].delta.content` (the first also `role: "assistant"`);
+                     then `{"type": "done", "request", "id", "model", "finish_reason", "usage": {...}}`;
+                     or `{"type": "error", "request", "error": {"message", "type", "param", "code"}}`.
+Requests on one connection run one after another in the order sent; a bad request gets an error event and the
+connection stays open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+import structlog
+from aiohttp import WSMsgType, web
+from pydantic import BaseModel, ValidationError
+
+from agent.api.middleware import REQUEST_ID_HEADER, REQUEST_ID_KEY
+from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest
+from agent.api.openai.serving import (
+    Finish,
+    OpenAIServing,
+    chat_chunk,
+    chat_response,
+    completion_object,
+    new_id,
+    now,
+    usage_chunk,
+)
+from agent.errors import AgentError, InvalidRequestError
+
+log = structlog.get_logger("agent.api.openai")
+
+SERVING_KEY = web.AppKey("openai_serving", OpenAIServing)
+MAX_MESSAGE_BYTES_KEY = web.AppKey("max_message_bytes", int)
+_ModelT = TypeVar("_ModelT", bound=BaseModel)
+
+
+def _param_of(location: tuple[int | str, ...]) -> str:
+    param = ""
+    for part in location:
+        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+    return param
+
+
+def parse_body(model: type[_ModelT], payload: Any) -> _ModelT:
+    """Validate a decoded JSON body; the first problem becomes a 400 naming the offending parameter."""
+    if not isinstance(payload, dict):
+        raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        param = _param_of(tuple(error["loc"]))
+        if error["type"] == "extra_forbidden":
+            raise InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param,
+                                      code="unknown_parameter") from None
+        if error["type"] == "missing":
+            raise InvalidRequestError(f"Missing required parameter: '{param}'", param=param,
+                                      code="missing_required_parameter") from None
+        raise InvalidRequestError(f"Invalid value for '{param}': {error['msg']}", param=param,
+                                  code="invalid_value") from None
+
+
+async def _json_body(request: web.Request) -> Any:
+    if request.content_type != "application/json":
+        raise InvalidRequestError(
+            f"Content-Type must be application/json, got {request.content_type!r}", code="invalid_content_type")
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+async def _open_sse(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream; charset=utf-8",
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+        REQUEST_ID_HEADER: request[REQUEST_ID_KEY],
+    })
+    await response.prepare(request)
+    return response
+
+
+async def _send_event(response: web.StreamResponse, payload: dict[str, Any] | str) -> None:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    await response.write(f"data: {data}\n\n".encode())
+
+
+async def _stream_with_error_event(
+    request: web.Request, events: AsyncIterator[dict[str, Any]]
+) -> web.StreamResponse:
+    """Send SSE events; a failure after the 200 went out becomes an `{"error": ...}` event."""
+    response = await _open_sse(request)
+    try:
+        async with aclosing(events):
+            async for event in events:
+                await _send_event(response, event)
+    except AgentError as exc:
+        log.warning("stream_failed", code=exc.code, message=exc.message)
+        await _send_event(response, exc.envelope())
+        return response
+    await _send_event(response, "[DONE]")
+    return response
+
+
+# ---------------------------------------------------------------------------- models
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models."""
+    return web.json_response(request.app[SERVING_KEY].list_models())
+
+
+async def get_model(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}."""
+    serving = request.app[SERVING_KEY]
+    model = serving.registry.resolve(request.match_info["model_id"])
+    return web.json_response(serving.model_card(model))
+
+
+# ---------------------------------------------------------------------------- chat
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions, plain JSON or SSE."""
+    serving = request.app[SERVING_KEY]
+    body = parse_body(ChatCompletionRequest, await _json_body(request))
+    prepared = await serving.prepare_chat(body)
+    completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
+    log.info("chat_completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids),
+             user=body.user)
+    if not body.stream:
+        pieces: list[str] = []
+        async with aclosing(serving.generate_text(prepared)) as stream:
+            async for item in stream:
+                if isinstance(item, Finish):
+                    return web.json_response(chat_response(completion_id, created, model, "".join(pieces), item))
+                pieces.append(item)
+        raise AgentError("generation ended without a finish event")
+
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+            return chat_chunk(completion_id, created, model, delta, finish_reason, with_usage_field=include_usage)
+
+        yield chunk({"role": "assistant", "content": ""})
+        async with aclosing(serving.generate_text(prepared)) as stream:
+            async for item in stream:
+                if isinstance(item, Finish):
+                    yield chunk({}, item.finish_reason)
+                    if include_usage:
+                        yield usage_chunk(completion_id, created, model, "chat.completion.chunk", item)
+                    return
+                yield chunk({"content": item})
+
+    return await _stream_with_error_event(request, events())
+
+
+# ---------------------------------------------------------------------- completions
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions (legacy text completion), plain JSON or SSE."""
+    serving = request.app[SERVING_KEY]
+    body = parse_body(CompletionRequest, await _json_body(request))
+    prepared = await serving.prepare_completion(body)
+    completion_id, created, model = new_id("cmpl"), now(), prepared.model.id
+    log.info("completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids), user=body.user)
+    if not body.stream:
+        pieces: list[str] = []
+        async with aclosing(serving.generate_text(prepared)) as stream:
+            async for item in stream:
+                if isinstance(item, Finish):
+                    return web.json_response(completion_object(
+                        completion_id, created, model, "".join(pieces), item.finish_reason, item.usage()))
+                pieces.append(item)
+        raise AgentError("generation ended without a finish event")
+
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        async with aclosing(serving.generate_text(prepared)) as stream:
+            async for item in stream:
+                if isinstance(item, Finish):
+                    yield completion_object(completion_id, created, model, "", item.finish_reason, None)
+                    if include_usage:
+                        yield usage_chunk(completion_id, created, model, "text_completion", item)
+                    return
+                yield completion_object(completion_id, created, model, item, None, None)
+
+    return await _stream_with_error_event(request, events())
+
+
+# ------------------------------------------------------------------------ websocket
+
+
+async def _ws_run_one(ws: web.WebSocketResponse, serving: OpenAIServing, payload: dict[str, Any]) -> None:
+    client_id = payload.pop("id", None)
+    payload.pop("type", None)
+    payload.setdefault("stream", True)
+    try:
+        body = parse_body(ChatCompletionRequest, payload)
+        prepared = await serving.prepare_chat(body)
+        completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
+        first = True
+        async with aclosing(serving.generate_text(prepared)) as stream:
+            async for item in stream:
+                if isinstance(item, Finish):
+                    await ws.send_json({"type": "done", "request": client_id, "id": completion_id, "model": model,
+                                        "finish_reason": item.finish_reason, "usage": item.usage()})
+                    return
+                delta = {"role": "assistant", "content": item} if first else {"content": item}
+                first = False
+                event = chat_chunk(completion_id, created, model, delta, None, with_usage_field=False)
+                await ws.send_json({"type": "chunk", "request": client_id, **event})
+    except AgentError as exc:
+        await ws.send_json({"type": "error", "request": client_id, **exc.envelope()})
+
+
+async def _ws_send_error(ws: web.WebSocketResponse, client_id: Any, error: AgentError) -> None:
+    await ws.send_json({"type": "error", "request": client_id, **error.envelope()})
+
+
+async def _ws_worker(ws: web.WebSocketResponse, serving: OpenAIServing, queue: asyncio.Queue[dict[str, Any]],
+                     current: list[asyncio.Task[None]]) -> None:
+    """Run queued requests one at a time; a client cancel ends only the request in progress."""
+    while True:
+        payload = await queue.get()
+        client_id = payload.get("id")
+        task = asyncio.create_task(_ws_run_one(ws, serving, payload))
+        current[:] = [task]
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not task.cancelled():  # the worker itself is being cancelled, not just this request
+                task.cancel()
+                raise
+            if not ws.closed:
+                await ws.send_json({"type": "done", "request": client_id, "finish_reason": "cancelled",
+                                    "usage": None})
+        finally:
+            current.clear()
+
+
+async def stream_socket(request: web.Request) -> web.WebSocketResponse:
+    """WebSocket /v1/stream: chat completions as JSON events (format in the module docstring)."""
+    serving = request.app[SERVING_KEY]
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=request.app[MAX_MESSAGE_BYTES_KEY])
+    ws.headers[REQUEST_ID_HEADER] = request[REQUEST_ID_KEY]
+    await ws.prepare(request)
+    log.info("stream_socket_opened")
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    current: list[asyncio.Task[None]] = []
+    worker = asyncio.create_task(_ws_worker(ws, serving, queue, current), name="ws-worker")
+    try:
+        async for message in ws:
+            if message.type == WSMsgType.BINARY:
+                await _ws_send_error(ws, None, InvalidRequestError(
+                    "send requests as JSON text messages", code="invalid_json"))
+                continue
+            if message.type != WSMsgType.TEXT:
+                continue
+            try:
+                payload = json.loads(message.data)
+            except ValueError as exc:
+                await _ws_send_error(ws, None, InvalidRequestError(
+                    f"message is not valid JSON: {exc}", code="invalid_json"))
+                continue
+            if not isinstance(payload, dict):
+                await _ws_send_error(ws, None, InvalidRequestError(
+                    "each message must be a JSON object", code="invalid_json"))
+            elif payload.get("type") == "cancel":
+                for task in current:
+                    task.cancel()
+            else:
+                queue.put_nowait(payload)
+    finally:
+        # The client left (or the server stops): whatever is generating for it is cancelled.
+        worker.cancel()
+        await asyncio.gather(worker, return_exceptions=True)
+        log.info("stream_socket_closed")
+    return ws
+
+
+def setup_routes(app: web.Application) -> None:
+    """Register the OpenAI-compatible routes."""
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model_id}", get_model)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/stream", stream_socket)

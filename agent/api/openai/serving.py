@@ -1,0 +1,238 @@
+"""Logic of the OpenAI-compatible API, free of HTTP: prepare a request, run it, shape the results.
+
+Preparation (chat template, tokenisation, context checks) runs off the event loop. Generation streams token ids
+from the engine host and turns them into text here: incremental detokenisation that never splits a UTF-8
+character, and stop strings that are never emitted. Reaching a stop string ends the stream, which cancels the
+generation in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any
+
+from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest
+from agent.engine import EngineDone
+from agent.errors import ContextLengthError, InvalidRequestError
+from agent.models.registry import LoadedModel, ModelRegistry
+from engines.base import SamplingParams
+from engines.text import ChatTemplateError, IncrementalDetokenizer, StopMatcher
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, ready for the engine."""
+
+    model: LoadedModel
+    prompt_ids: list[int]
+    params: SamplingParams
+    stops: list[str]
+
+
+@dataclass(frozen=True)
+class Finish:
+    """How a generation ended, with exact token counts."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+
+def new_id(prefix: str) -> str:
+    """An OpenAI-style object id."""
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class OpenAIServing:
+    """Chat and text completions over the registry's models."""
+
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    # ------------------------------------------------------------------ models
+
+    def list_models(self) -> dict[str, Any]:
+        """GET /v1/models body."""
+        return {"object": "list", "data": [self.model_card(m) for m in self.registry.all()]}
+
+    def model_card(self, model: LoadedModel) -> dict[str, Any]:
+        """One Model object, with what the model can do."""
+        return {
+            "id": model.id,
+            "object": "model",
+            "created": model.installed.installed_at,
+            "owned_by": "thox",
+            "capabilities": list(model.installed.capabilities),
+            "context_length": model.engine.max_context,
+            "quantization": model.installed.quantization,
+            "sampling_defaults": model.installed.sampling_defaults,
+            "default": model.id == self.registry.default_id,
+        }
+
+    # ----------------------------------------------------------------- prepare
+
+    async def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
+        """Resolve the model, render the chat template and tokenise (off the loop)."""
+        model = self.registry.resolve(request.model)
+        messages = [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
+            for i, m in enumerate(request.messages)
+        ]
+
+        def render_and_encode() -> list[int]:
+            try:
+                prompt = model.text.template.render(messages, add_generation_prompt=True)
+            except ChatTemplateError as exc:
+                raise InvalidRequestError(f"the model's chat template refused the messages: {exc}",
+                                          param="messages") from exc
+            return model.text.tokenizer.encode(prompt)
+
+        prompt_ids = await asyncio.to_thread(render_and_encode)
+        return self._prepared(model, prompt_ids, request, request.completion_limit(), "messages")
+
+    async def prepare_completion(self, request: CompletionRequest) -> Prepared:
+        """Resolve the model and tokenise the prompt (a string or one list of token ids)."""
+        model = self.registry.resolve(request.model)
+        prompt = request.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise InvalidRequestError(
+                    f"batched prompts ({len(prompt)} prompts) are not supported yet; send one prompt per request",
+                    param="prompt", code="unsupported_parameter")
+            prompt = prompt[0]  # type: ignore[assignment]
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("'prompt' must not be empty", param="prompt", code="invalid_value")
+            prompt_ids = await asyncio.to_thread(model.text.tokenizer.encode, prompt)
+        else:
+            prompt_ids = [int(t) for t in prompt]  # type: ignore[union-attr]
+            vocab = model.text.tokenizer.vocab_size
+            if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
+                raise InvalidRequestError(f"token ids in 'prompt' must be non-empty and in [0, {vocab})",
+                                          param="prompt", code="invalid_value")
+        return self._prepared(model, prompt_ids, request, request.max_tokens, "prompt")
+
+    @staticmethod
+    def _prepared(
+        model: LoadedModel,
+        prompt_ids: list[int],
+        request: ChatCompletionRequest | CompletionRequest,
+        max_tokens: int | None,
+        prompt_param: str,
+    ) -> Prepared:
+        context = model.engine.max_context
+        room = context - len(prompt_ids)
+        if room < 1:
+            raise ContextLengthError(
+                f"This model's maximum context length is {context} tokens, but the prompt is "
+                f"{len(prompt_ids)} tokens; shorten it", param=prompt_param)
+        if max_tokens is not None and max_tokens > room:
+            raise ContextLengthError(
+                f"This model's maximum context length is {context} tokens. However, you requested "
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
+                "completion). Reduce the prompt or the completion length.", param="max_tokens")
+        defaults = model.installed.sampling_defaults
+        params = SamplingParams(
+            max_tokens=max_tokens or room,
+            temperature=defaults.get("temperature", 1.0) if request.temperature is None else request.temperature,
+            top_p=defaults.get("top_p", 1.0) if request.top_p is None else request.top_p,
+            seed=request.seed,
+            presence_penalty=request.presence_penalty or 0.0,
+            frequency_penalty=request.frequency_penalty or 0.0,
+        )
+        return Prepared(model=model, prompt_ids=prompt_ids, params=params, stops=request.stop_strings())
+
+    # ---------------------------------------------------------------- generate
+
+    async def generate_text(self, prepared: Prepared) -> AsyncIterator[str | Finish]:
+        """Stream text pieces, then one Finish. Closing the iterator early cancels the generation."""
+        tokenizer = prepared.model.text.tokenizer
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        matcher = StopMatcher(prepared.stops)
+        generated = 0
+        engine = prepared.model.engine
+        async with aclosing(engine.generate(prepared.prompt_ids, prepared.params, tokenizer.stop_ids)) as events:
+            async for event in events:
+                if isinstance(event, EngineDone):
+                    tail, _ = matcher.push(detokenizer.flush())
+                    tail += matcher.flush()
+                    if tail:
+                        yield tail
+                    yield Finish(event.finish_reason, event.prompt_tokens, event.completion_tokens)
+                    return
+                for token in event:
+                    generated += 1
+                    text, stopped = matcher.push(detokenizer.push(token))
+                    if text:
+                        yield text
+                    if stopped:
+                        yield Finish("stop", len(prepared.prompt_ids), generated)
+                        return
+
+
+# ---------------------------------------------------------------------- shapes
+
+
+def chat_chunk(
+    completion_id: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None,
+    *, with_usage_field: bool,
+) -> dict[str, Any]:
+    """One chat.completion.chunk object."""
+    chunk: dict[str, Any] = {
+        "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if with_usage_field:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(completion_id: str, created: int, model: str, obj: str, finish: Finish) -> dict[str, Any]:
+    """The final usage-only chunk of stream_options.include_usage."""
+    return {"id": completion_id, "object": obj, "created": created, "model": model, "choices": [],
+            "usage": finish.usage()}
+
+
+def chat_response(completion_id: str, created: int, model: str, text: str, finish: Finish) -> dict[str, Any]:
+    """A non-streaming chat.completion object."""
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": finish.finish_reason,
+        }],
+        "usage": finish.usage(),
+    }
+
+
+def completion_object(
+    completion_id: str, created: int, model: str, text: str, finish_reason: str | None,
+    usage: dict[str, int] | None,
+) -> dict[str, Any]:
+    """A text_completion object (whole response, or one streamed chunk when usage is None)."""
+    body: dict[str, Any] = {
+        "id": completion_id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def now() -> int:
+    """Unix time for `created` fields."""
+    return int(time.time())

@@ -1,0 +1,278 @@
+"""The `thox` command line: thin wrappers that parse, call into the service or its HTTP API, and print."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import agent
+from agent.settings import SettingsError, default_home, load_settings
+
+out = Console()
+err = Console(stderr=True)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _home(args: argparse.Namespace) -> Path:
+    return Path(args.home).expanduser() if args.home else default_home()
+
+
+def _endpoints(home: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((home / "run" / "endpoints.json").read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def inference_url(home: Path) -> str:
+    """Base URL of the inference API: THOX_API_URL, OPENAI_API_BASE, the running agent's, or the default."""
+    url = os.environ.get("THOX_API_URL") or os.environ.get("OPENAI_API_BASE") or os.environ.get("OPENAI_BASE_URL")
+    return (url or _endpoints(home).get("inference_url") or "http://127.0.0.1:8080/v1").rstrip("/")
+
+
+def cluster_url(home: Path) -> str:
+    """Base URL of the cluster API: THOX_CLUSTER_URL, the running agent's, or the default."""
+    url = os.environ.get("THOX_CLUSTER_URL") or _endpoints(home).get("cluster_url")
+    return (url or "http://127.0.0.1:5381/v1").rstrip("/")
+
+
+def _auth_headers() -> dict[str, str]:
+    key = os.environ.get("THOX_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{size} B"
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """thox serve: run the agent in the foreground."""
+    from agent.logs import configure_logging
+    from agent.service import StartupError, serve
+
+    overrides = {
+        "profile": args.profile,
+        "api.host": args.host,
+        "api.inference_port": args.inference_port,
+        "api.cluster_port": args.cluster_port,
+        "engine.threads": args.threads,
+    }
+    try:
+        settings = load_settings(overrides, home=_home(args))
+    except SettingsError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    configure_logging(settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 1
+    return 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    """thox models list: what is installed in the store."""
+    from agent.models import ModelStore, ModelStoreError
+
+    home = _home(args)
+    try:
+        models = ModelStore(home / "models").list()
+    except ModelStoreError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 1
+    if args.json:
+        out.print_json(data=[m.to_json() for m in models])
+        return 0
+    if not models:
+        out.print(f"No models installed in {home / 'models'}. Run `thox models prepare` "
+                  "(or `thox serve`, which installs the bundled model on first start).")
+        return 0
+    table = Table(title=f"Models in {home / 'models'}")
+    for column in ("id", "size", "quantization", "sha256", "source"):
+        table.add_column(column, overflow="fold")
+    for m in models:
+        table.add_row(m.id, _human_size(m.size), m.quantization, m.sha256, m.source)
+    out.print(table)
+    return 0
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    """thox models prepare: install bundled models and convert them for the engine, with progress."""
+    from agent.models import ModelStore, ModelStoreError
+    from engines.base import EngineError
+    from engines.convert import ensure_converted
+
+    try:
+        settings = load_settings(home=_home(args))
+        models = ModelStore(settings.models_dir).ensure_bundled()
+    except (SettingsError, ModelStoreError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 1
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err) as progress:
+        for model in models:
+            tasks: dict[str, TaskID] = {}
+
+            def report(stage: str, done: int, total: int, model_id: str = model.id) -> None:
+                if stage not in tasks:
+                    tasks[stage] = progress.add_task(f"{model_id}: {stage}", total=total)
+                progress.update(tasks[stage], completed=done, total=total)
+
+            try:
+                converted = ensure_converted(
+                    model.path, settings.model_cache_dir, sha256=model.sha256, progress=report)
+            except EngineError as exc:
+                err.print(f"[red]error:[/red] {model.id}: {exc}")
+                return 1
+            progress.console.print(f"{model.id}: ready ({converted.onnx_path.parent})")
+    return 0
+
+
+async def _get_json(url: str) -> Any:
+    async with aiohttp.ClientSession() as session, session.get(url, headers=_auth_headers()) as response:
+        return await response.json(content_type=None)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """thox status: the running agent's health at a glance."""
+    url = f"{cluster_url(_home(args))}/health"
+    try:
+        health = asyncio.run(_get_json(url))
+    except aiohttp.ClientError as exc:
+        err.print(f"[red]error:[/red] no agent answers at {url}: {exc}")
+        return 1
+    if args.json:
+        out.print_json(data=health)
+        return 0
+    engine = health.get("engine", {})
+    colour = {"ok": "green", "starting": "yellow"}.get(health.get("status"), "red")
+    out.print(f"status   [{colour}]{health.get('status')}[/{colour}]   version {health.get('version')}   "
+              f"uptime {health.get('uptime_seconds', 0):.0f}s")
+    out.print(f"engine   {engine.get('state')}   model {engine.get('model')}   pid {engine.get('pid')}   "
+              f"restarts {engine.get('restarts')}   streams {engine.get('active_streams')}")
+    if engine.get("last_error"):
+        out.print(f"         last error: {engine['last_error']}")
+    return 0 if health.get("status") == "ok" else 3
+
+
+async def _chat(url: str, body: dict[str, Any]) -> int:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
+    async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
+        f"{url}/chat/completions", json=body, headers=_auth_headers()
+    ) as response:
+        if response.status != 200:
+            payload = await response.json(content_type=None)
+            err.print(f"[red]error {response.status}:[/red] {payload.get('error', {}).get('message', payload)}")
+            return 1
+        async for raw in response.content:
+            line = raw.decode().strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            event = json.loads(data)
+            if "error" in event:
+                err.print(f"\n[red]error:[/red] {event['error'].get('message')}")
+                return 1
+            for choice in event.get("choices", []):
+                sys.stdout.write(choice.get("delta", {}).get("content") or "")
+                sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """thox chat PROMPT: stream an answer from the running agent."""
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": args.prompt}], "stream": True}
+    if args.model:
+        body["model"] = args.model
+    if args.max_tokens:
+        body["max_tokens"] = args.max_tokens
+    url = inference_url(_home(args))
+    try:
+        return asyncio.run(_chat(url, body))
+    except aiohttp.ClientError as exc:
+        err.print(f"[red]error:[/red] no agent answers at {url}: {exc}")
+        return 1
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    """thox version."""
+    out.print(f"thox {agent.__version__}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `thox` argument parser."""
+    parser = argparse.ArgumentParser(prog="thox", description="Thox edge-AI box agent")
+    parser.add_argument("--home", help="agent home (default: $THOX_HOME or ~/.thox)")
+    # --home is accepted after the subcommand too (`thox models list --home DIR`).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", default=argparse.SUPPRESS, help="agent home (default: $THOX_HOME or ~/.thox)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", parents=[common], help="run the agent in the foreground")
+    serve.add_argument("--host", help="bind address (sim profile: 127.0.0.1; device: all interfaces)")
+    serve.add_argument("--inference-port", type=int, help="OpenAI API port (default 8080; 0 = any free port)")
+    serve.add_argument("--cluster-port", type=int, help="cluster API port (default 5381; 0 = any free port)")
+    serve.add_argument("--profile", choices=["sim", "device"], help="sim: simulated hardware (default)")
+    serve.add_argument("--threads", type=int, help="CPU threads for inference")
+    serve.set_defaults(func=cmd_serve)
+
+    models = sub.add_parser("models", help="the model store").add_subparsers(dest="models_command", required=True)
+    listing = models.add_parser("list", parents=[common], help="installed models with size and sha256")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(func=cmd_models_list)
+    prepare = models.add_parser("prepare", parents=[common], help="install bundled models and convert them (shows progress)")
+    prepare.set_defaults(func=cmd_models_prepare)
+
+    status = sub.add_parser("status", parents=[common], help="health of the running agent")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    chat = sub.add_parser("chat", parents=[common], help="stream an answer from the running agent")
+    chat.add_argument("prompt")
+    chat.add_argument("--model", help="model id (default: the agent's default model)")
+    chat.add_argument("--max-tokens", type=int, help="longest answer in tokens")
+    chat.set_defaults(func=cmd_chat)
+
+    version = sub.add_parser("version", help="print the version")
+    version.set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `thox` console script."""
+    args = build_parser().parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

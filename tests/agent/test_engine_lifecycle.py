@@ -1,0 +1,125 @@
+"""The engine host dies, clients disconnect, the agent is stopped: nothing hangs and everyone gets a clean answer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.agent_process import RunningAgent, http_json, start_agent
+
+LONG = [{"role": "user", "content": "Tell me a very long story about a dragon and a knight."}]
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
+    """An agent of its own: these tests kill its engine."""
+    running = start_agent(tmp_path_factory.mktemp("lifecycle-home"))
+    yield running
+    running.stop()
+
+
+def sdk(agent: RunningAgent) -> openai.OpenAI:
+    return openai.OpenAI(base_url=agent.inference_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def engine_pid(agent: RunningAgent) -> int:
+    pid = agent.wait_healthy()["engine"]["pid"]
+    assert isinstance(pid, int)
+    return pid
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_engine_killed_mid_stream_gives_an_error_event_and_recovers(agent: RunningAgent) -> None:
+    pid = engine_pid(agent)
+    restarts = agent.health()["engine"]["restarts"]
+    stream = sdk(agent).chat.completions.create(
+        messages=LONG, model="smollm2-135m-instruct", max_tokens=1000, stream=True)  # type: ignore[arg-type]
+    received = 0
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            received += 1
+            if received == 3:
+                os.kill(pid, signal.SIGKILL)
+    assert "engine" in info.value.message
+    health = agent.health()
+    assert health["status"] != "ok"
+    assert health["engine"]["state"] in ("restarting", "starting")
+    # The host is restarted on its own and the next request works.
+    health = agent.wait_healthy(timeout=120)
+    assert health["engine"]["restarts"] == restarts + 1
+    assert health["engine"]["pid"] != pid
+    reply = sdk(agent).chat.completions.create(
+        messages=[{"role": "user", "content": "What is the capital of France?"}], model="smollm2-135m-instruct",
+        temperature=0)
+    assert "Paris" in (reply.choices[0].message.content or "")
+
+
+def test_engine_killed_during_a_plain_request_gives_503(agent: RunningAgent) -> None:
+    pid = engine_pid(agent)
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        result["reply"] = http_json("POST", f"{agent.inference_url}/chat/completions",
+                                    {"messages": LONG, "max_tokens": 1000})
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 30
+    while agent.health()["engine"]["active_streams"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    caller.join(60)
+    status, headers, body = result["reply"]
+    assert status == 503
+    assert body["error"]["type"] == "server_error" and body["error"]["code"] == "engine_crashed"
+    assert headers["retry-after"] == "1"
+    agent.wait_healthy(timeout=120)
+
+
+def test_client_disconnect_cancels_generation(agent: RunningAgent) -> None:
+    agent.wait_healthy()
+    client = sdk(agent)
+    with client.chat.completions.with_streaming_response.create(
+        messages=LONG, model="smollm2-135m-instruct", max_tokens=1000, stream=True  # type: ignore[arg-type]
+    ) as response:
+        lines = response.iter_lines()
+        for _ in range(6):
+            next(lines)
+        assert agent.health()["engine"]["active_streams"] == 1
+    # Closing the connection ends the stream in the agent and frees its slot in the engine.
+    deadline = time.monotonic() + 10
+    while agent.health()["engine"]["active_streams"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.health()["engine"]["active_streams"] == 0
+
+
+def test_sigterm_lets_in_flight_streams_finish(fresh_home: Path) -> None:
+    running = start_agent(fresh_home)
+    pid = engine_pid(running)
+    stream = sdk(running).chat.completions.create(
+        messages=LONG, model="smollm2-135m-instruct", max_tokens=40, stream=True)  # type: ignore[arg-type]
+    chunks = []
+    for chunk in stream:
+        chunks.append(chunk)
+        if len(chunks) == 2:
+            running.process.send_signal(signal.SIGTERM)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert running.process.wait(60) == 0
+    assert not alive(pid)
+    assert not (fresh_home / "run" / "endpoints.json").exists()

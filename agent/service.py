@@ -60,10 +60,11 @@ def _choose_default(settings: Settings, installed: list[InstalledModel]) -> Inst
 
 
 def _prepare_model(settings: Settings) -> tuple[InstalledModel, TextPipeline]:
-    """Blocking: install bundled models, pick the default, read its tokenizer and chat template."""
+    """Blocking: create the home's folders, install bundled models, pick the default, read its text pipeline."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     installed = ModelStore(settings.models_dir).ensure_bundled()
     model = _choose_default(settings, installed)
-    return model, TextPipeline.from_gguf(model.path)
+    return model, model.text_pipeline()
 
 
 @asynccontextmanager
@@ -115,7 +116,7 @@ async def _endpoints_file(settings: Settings, listening: list[_Listening]) -> As
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        await asyncio.to_thread(path.unlink, missing_ok=True)
 
 
 async def serve(settings: Settings) -> None:
@@ -123,7 +124,6 @@ async def serve(settings: Settings) -> None:
     started = time.monotonic()
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
-    settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     log.info("agent_starting", version=agent.__version__, home=str(settings.home), profile=settings.profile)
 
     installed, text = await asyncio.to_thread(_prepare_model, settings)

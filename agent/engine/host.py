@@ -115,8 +115,7 @@ class EngineHost:
             self._ready.clear()
 
     async def _run_once(self) -> None:
-        socket_path = self._socket_path()
-        socket_path.unlink(missing_ok=True)
+        socket_path = await asyncio.to_thread(self._socket_path)
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "engines.host",
             "--socket", str(socket_path),
@@ -160,10 +159,12 @@ class EngineHost:
         log.warning("engine_host_exited", pid=proc.pid, returncode=proc.returncode)
 
     def _socket_path(self) -> Path:
+        """Blocking: a fresh socket path in a private directory."""
         path = self.config.run_dir / "engine.sock"
         if len(str(path)) > _MAX_SOCKET_PATH:
             path = Path(tempfile.mkdtemp(prefix="thox-")) / "engine.sock"
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path.unlink(missing_ok=True)
         return path
 
     async def _connect(

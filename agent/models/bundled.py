@@ -20,6 +20,8 @@ class BundledModel:
     license: str
     # Used when a request leaves them out; small models ramble at OpenAI's default temperature of 1.
     sampling_defaults: tuple[tuple[str, float], ...] = ()
+    # "gguf": the chat template embedded in the file; "chatml": plain ChatML without an implicit system prompt.
+    chat_template: str = "gguf"
 
     def locate(self) -> Path | None:
         """The file inside the installed package, or None when the package is not installed."""
@@ -47,5 +49,11 @@ BUNDLED_MODELS: tuple[BundledModel, ...] = (
         license="apache-2.0",
         # The model card's recommended settings.
         sampling_defaults=(("temperature", 0.2), ("top_p", 0.9)),
+        # The embedded template injects "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+        # when a request has no system message, and with it this 4-bit 135M model derails: llama.cpp itself
+        # answers "What is the capital of France?" greedily with "L'Etoile, la Marseillaise, ..." (and 3/10 times
+        # at the recommended sampling settings), while the same ChatML turns without that prompt answer
+        # "The capital of France is Paris." (10/10), as llama-server does with its built-in ChatML.
+        chat_template="chatml",
     ),
 )

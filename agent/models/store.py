@@ -7,6 +7,7 @@ hashing); the agent calls them through `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 from agent.atomic import atomic_copy_with_sha256, atomic_write_bytes
 from agent.models.bundled import BUNDLED_MODELS, BundledModel
+from engines.text import CHATML_TEMPLATE, ChatTemplate, TextPipeline
 
 MANIFEST_VERSION = 1
 
@@ -38,6 +40,16 @@ class InstalledModel:
     license: str
     installed_at: int
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    chat_template: str = "gguf"
+
+    def text_pipeline(self) -> TextPipeline:
+        """Blocking: the tokenizer and chat template this model is served with."""
+        text = TextPipeline.from_gguf(self.path)
+        if self.chat_template == "chatml":
+            template = ChatTemplate(CHATML_TEMPLATE, bos_token=text.template.bos_token,
+                                    eos_token=text.template.eos_token)
+            text = dataclasses.replace(text, template=template)
+        return text
 
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
@@ -72,7 +84,13 @@ class ModelStore:
         """Copy a package-bundled model into the store (idempotent)."""
         existing = self.get(bundled.id)
         if existing is not None and existing.path.is_file():
-            return existing
+            # Same file; the catalog's serving settings may have changed with an agent upgrade.
+            current = dataclasses.replace(
+                existing, capabilities=bundled.capabilities, sampling_defaults=dict(bundled.sampling_defaults),
+                chat_template=bundled.chat_template, license=bundled.license)
+            if current != existing:
+                self._write([current if m.id == current.id else m for m in self.list()])
+            return current
         source = bundled.locate()
         if source is None:
             raise ModelStoreError(
@@ -85,7 +103,7 @@ class ModelStore:
             id=bundled.id, path=target, size=target.stat().st_size, sha256=sha256, format="gguf",
             quantization=bundled.quantization, capabilities=bundled.capabilities, source=bundled.source,
             license=bundled.license, installed_at=int(time.time()),
-            sampling_defaults=dict(bundled.sampling_defaults),
+            sampling_defaults=dict(bundled.sampling_defaults), chat_template=bundled.chat_template,
         )
         self._write([m for m in self.list() if m.id != model.id] + [model])
         return model
@@ -103,6 +121,7 @@ class ModelStore:
             format=raw["format"], quantization=raw["quantization"], capabilities=tuple(raw["capabilities"]),
             source=raw["source"], license=raw.get("license", "unknown"), installed_at=int(raw["installed_at"]),
             sampling_defaults={k: float(v) for k, v in raw.get("sampling_defaults", {}).items()},
+            chat_template=raw.get("chat_template", "gguf"),
         )
 
     def _write(self, models: list[InstalledModel]) -> None:

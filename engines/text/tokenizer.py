@@ -44,7 +44,7 @@ def _smollm_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     # llama.cpp "smollm": split every digit alone (\p{N}), then the GPT-2 regex; verified id-for-id.
     return pre_tokenizers.Sequence(
         [
-
+            pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
     )

@@ -84,7 +84,9 @@ def test_sandbox_refuses_mutating_inputs() -> None:
 
 
 def test_tojson_does_not_html_escape_and_accepts_hf_arguments() -> None:
-    t = ChatTemplate("{{ messages[0] | tojson }}|{{ {'b': 1, 'a': [1]} | tojson(indent=None, sort_keys=True) }}")
+    t = ChatTemplate(
+        "{{ messages[0] | tojson }}|{{ {'b': 1, 'a': [1]} | tojson(indent=None, sort_keys=True) }}"
+    )
     rendered = t.render([{"role": "user", "content": "<b>&é</b>"}])
     assert rendered == '{"role": "user", "content": "<b>&é</b>"}|{"a": [1], "b": 1}'
 

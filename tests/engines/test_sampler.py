@@ -74,6 +74,25 @@ def test_top_p_with_a_long_tail_uses_the_exact_fallback() -> None:
     assert 0 in got
 
 
+def test_wide_nucleus_is_exact() -> None:
+    # 3000 tokens of weight 1, 1000 of weight e^-1 and a negligible rest: with top_p = 0.95 the nucleus is
+    # all of the first group plus the first 543 of the second (ties kept in id order), beyond any quick
+    # candidate set, so this exercises the histogram path.
+    logits = np.full(4096, -10.0, dtype=np.float32)
+    logits[:3000] = 0.0
+    logits[3000:4000] = -1.0
+    w = np.exp(logits.astype(np.float64))
+    order = np.argsort(-w, kind="stable")
+    nucleus = order[: int(np.searchsorted(np.cumsum(w[order]), 0.95 * w.sum())) + 1]
+    assert nucleus.size == 3543
+    got = np.array(draws(Sampler(params(temperature=1.0, top_p=0.95, seed=11)), logits, 4000))
+    assert got.max() <= 3542
+    second = float((got >= 3000).mean())
+    expected = 543 * np.exp(-1) / (3000 + 543 * np.exp(-1))
+    assert second == pytest.approx(expected, abs=0.015)
+    assert len(set(got[got >= 3000].tolist())) > 150
+
+
 def test_frequency_penalty_changes_the_choice() -> None:
     logits = np.zeros(100, dtype=np.float32)
     logits[3], logits[7] = 2.0, 1.4
@@ -117,6 +136,11 @@ def test_distribution_matches_softmax(temperature: float) -> None:
     observed = np.array([(got == t).sum() for t in live])
     chi2 = float(((observed - expected) ** 2 / expected).sum())
     assert chi2 < 37.7  # 99.9% quantile of chi-square with 15 degrees of freedom
+
+
+def test_vanishing_temperature_tends_to_greedy() -> None:
+    logits = random_logits(8)
+    assert draws(Sampler(params(temperature=1e-40, seed=1)), logits, 3) == [int(np.argmax(logits))] * 3
 
 
 def test_non_finite_logits_are_refused() -> None:

@@ -5,7 +5,8 @@ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX
 
     <venv>/bin/python -c 'import json, sys; from llama_cpp import Llama; \
         llm = Llama(model_path=sys.argv[1], vocab_only=True, verbose=False); \
-        print(json.dumps([llm.tokenize(t.encode(), add_bos=False, special=True) for t in json.load(sys.stdin)]))' \
+        print(json.dumps([llm.tokenize(t.encode(), add_bos=False, special=True) \
+                          for t in json.load(sys.stdin)]))' \
         <path of SmolLM2-135M-Instruct.Q4_1.gguf> < cases.json
 
 where cases.json is the JSON list of the texts in PARITY. (A further 3,026 fuzzed strings and source files
@@ -27,13 +28,16 @@ PARITY: list[tuple[str, list[int]]] = [
     ("Größe 東京 😀 naïve café",
      [27302, 7466, 34878, 85, 17097, 247, 126, 16736, 122, 40303, 218, 15486, 46494, 37366]),
     ("In 2024, 12345 + 678 = 13023",
-     [788, 216, 34, 32, 34, 36, 28, 216, 33, 34, 35, 36, 37, 1232, 216, 38, 39, 40, 446, 216, 33, 35, 32, 34, 35]),
+     [788, 216, 34, 32, 34, 36, 28, 216, 33, 34, 35, 36, 37, 1232, 216, 38, 39, 40, 446, 216, 33, 35,
+      32, 34, 35]),
     ("½ cup, x² + ٣ Ⅻ 2.5e-3",
-     [16738, 7118, 28, 1792, 19133, 1232, 216, 164, 113, 216, 173, 223, 121, 216, 34, 30, 37, 85, 29, 35]),
-    ('def add(a, b):\n    """Add two numbers."""\n    if a > 0:\n        return a + b  # sum\n\treturn None\n\n'
-     "print(add(1, 2))\n",
-     [1604, 803, 24, 81, 28, 278, 727, 472, 1620, 7684, 827, 2966, 7996, 472, 585, 253, 2986, 216, 32, 42, 448, 1003,
-      253, 1232, 278, 216, 907, 2028, 198, 197, 5406, 1943, 198, 198, 3272, 24, 2104, 24, 33, 28, 216, 34, 1292, 198]),
+     [16738, 7118, 28, 1792, 19133, 1232, 216, 164, 113, 216, 173, 223, 121, 216, 34, 30, 37, 85, 29,
+      35]),
+    ('def add(a, b):\n    """Add two numbers."""\n    if a > 0:\n        return a + b  # sum\n'
+     "\treturn None\n\nprint(add(1, 2))\n",
+     [1604, 803, 24, 81, 28, 278, 727, 472, 1620, 7684, 827, 2966, 7996, 472, 585, 253, 2986, 216, 32,
+      42, 448, 1003, 253, 1232, 278, 216, 907, 2028, 198, 197, 5406, 1943, 198, 198, 3272, 24, 2104,
+      24, 33, 28, 216, 34, 1292, 198]),
     ("<|im_start|>user\nHi!<|im_end|>\n",
      [1, 4093, 198, 26843, 17, 2, 198]),
     ("<|im_end|><|im_start|>x<|endoftext|>y <|im_start|",
@@ -48,10 +52,11 @@ PARITY: list[tuple[str, list[int]]] = [
      [216]),
     ("",
      []),
-    ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    ("<|im_start|>system\n"
+     "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
      "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
-     [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712, 8182, 2,
-      198, 1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198]),
+     [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407,
+      19712, 8182, 2, 198, 1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198]),
 ]  # fmt: skip
 
 

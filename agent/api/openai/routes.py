@@ -46,9 +46,16 @@ MAX_MESSAGE_BYTES_KEY = web.AppKey("max_message_bytes", int)
 _ModelT = TypeVar("_ModelT", bound=BaseModel)
 
 
+# Pydantic names the union member that failed inside `loc` ("stop.str", "prompt.list[int]"); those are not
+# parameters a client sent, so they are dropped from `param`.
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
+
+
 def _param_of(location: tuple[int | str, ...]) -> str:
     param = ""
     for part in location:
+        if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part):
+            continue
         param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
     return param
 

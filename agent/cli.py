@@ -98,7 +98,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
     home = _home(args)
     try:
-        models = ModelStore(home / "models").list()
+        models = ModelStore(home / "models").installed()
     except ModelStoreError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 1
@@ -135,7 +135,9 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
         for model in models:
             tasks: dict[str, TaskID] = {}
 
-            def report(stage: str, done: int, total: int, model_id: str = model.id) -> None:
+            def report(
+                stage: str, done: int, total: int, model_id: str = model.id, tasks: dict[str, TaskID] = tasks
+            ) -> None:
                 if stage not in tasks:
                     tasks[stage] = progress.add_task(f"{model_id}: {stage}", total=total)
                 progress.update(tasks[stage], completed=done, total=total)
@@ -146,7 +148,7 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
             except EngineError as exc:
                 err.print(f"[red]error:[/red] {model.id}: {exc}")
                 return 1
-            progress.console.print(f"{model.id}: ready ({converted.onnx_path.parent})")
+            progress.console.print(f"{model.id}: ready ({converted.directory})")
     return 0
 
 
@@ -249,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing = models.add_parser("list", parents=[common], help="installed models with size and sha256")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=cmd_models_list)
-    prepare = models.add_parser("prepare", parents=[common], help="install bundled models and convert them (shows progress)")
+    prepare = models.add_parser(
+        "prepare", parents=[common], help="install bundled models and convert them (shows progress)")
     prepare.set_defaults(func=cmd_models_prepare)
 
     status = sub.add_parser("status", parents=[common], help="health of the running agent")

@@ -55,11 +55,12 @@ class Settings(_Section):
 
     home: Path = Field(description="Agent home: model store, cache, config, runtime sockets")
     profile: Profile = Field("sim", description="sim: simulated hardware, loopback only; device: real hardware")
-    default_model: str | None = Field(None, description="Model used when a request names none; default: first installed")
+    default_model: str | None = Field(
+        None, description="Model used when a request names none; default: the first installed")
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a TTY, else JSON")
     cache_dir: Path | None = Field(None, description="Converted-model cache; default <home>/cache")
-    api: ApiSettings = ApiSettings()
-    engine: EngineSettings = EngineSettings()
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @property
     def bind_host(self) -> str:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 REPO = Path(__file__).resolve().parents[1]
 # Shared with the engine tests so the model is converted once per checkout, not once per agent started.
 TEST_MODEL_CACHE = REPO / ".cache" / "test-models"

@@ -15,7 +15,7 @@ import itertools
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -266,7 +266,7 @@ class EngineHost:
 
     async def generate(
         self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int]
-    ) -> AsyncIterator[list[int] | EngineDone]:
+    ) -> AsyncGenerator[list[int] | EngineDone, None]:
         """Stream token-id batches, then one EngineDone. Leaving early cancels the generation in the host."""
         await self.wait_ready()
         writer = self._writer

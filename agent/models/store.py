@@ -65,7 +65,7 @@ class ModelStore:
         self.root = root
         self._manifest = root / "manifest.json"
 
-    def list(self) -> list[InstalledModel]:
+    def installed(self) -> list[InstalledModel]:
         """Installed models, in install order."""
         if not self._manifest.is_file():
             return []
@@ -78,7 +78,7 @@ class ModelStore:
 
     def get(self, model_id: str) -> InstalledModel | None:
         """The installed model with this id, if any."""
-        return next((m for m in self.list() if m.id == model_id), None)
+        return next((m for m in self.installed() if m.id == model_id), None)
 
     def install_bundled(self, bundled: BundledModel) -> InstalledModel:
         """Copy a package-bundled model into the store (idempotent)."""
@@ -89,7 +89,7 @@ class ModelStore:
                 existing, capabilities=bundled.capabilities, sampling_defaults=dict(bundled.sampling_defaults),
                 chat_template=bundled.chat_template, license=bundled.license)
             if current != existing:
-                self._write([current if m.id == current.id else m for m in self.list()])
+                self._write([current if m.id == current.id else m for m in self.installed()])
             return current
         source = bundled.locate()
         if source is None:
@@ -105,7 +105,7 @@ class ModelStore:
             license=bundled.license, installed_at=int(time.time()),
             sampling_defaults=dict(bundled.sampling_defaults), chat_template=bundled.chat_template,
         )
-        self._write([m for m in self.list() if m.id != model.id] + [model])
+        self._write([m for m in self.installed() if m.id != model.id] + [model])
         return model
 
     def ensure_bundled(self) -> list[InstalledModel]:
@@ -113,7 +113,7 @@ class ModelStore:
         for bundled in BUNDLED_MODELS:
             if bundled.locate() is not None:
                 self.install_bundled(bundled)
-        return self.list()
+        return self.installed()
 
     def _entry(self, raw: dict[str, Any]) -> InstalledModel:
         return InstalledModel(

@@ -135,10 +135,10 @@ class Scheduler:
         seq.generated += 1
         seq.last_token = token
         self._emit({"op": "tokens", "id": seq.request.id, "ids": [token]})
-        state = seq.state
-        if seq.generated >= seq.request.params.max_tokens:
-            self._finish(seq, "length")
-        elif state is not None and state.length + 1 > self._executor.max_context:
+        # Prompt plus completion never exceed the context (OpenAI's rule), so the last token fits too.
+        if seq.generated >= seq.request.params.max_tokens or (
+            len(seq.request.prompt) + seq.generated >= self._executor.max_context
+        ):
             self._finish(seq, "length")
 
     def _finish(self, seq: _Sequence, reason: str) -> None:

@@ -49,12 +49,14 @@ def test_engine_killed_mid_stream_gives_an_error_event_and_recovers(agent: Runni
     restarts = agent.health()["engine"]["restarts"]
     stream = sdk(agent).chat.completions.create(
         messages=LONG, model="smollm2-135m-instruct", max_tokens=1000, stream=True)  # type: ignore[arg-type]
-    received = 0
-    with pytest.raises(openai.APIError) as info:
-        for chunk in stream:
-            received += 1
+
+    def read_all() -> None:
+        for received, _ in enumerate(stream, start=1):
             if received == 3:
                 os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(openai.APIError) as info:
+        read_all()
     assert "engine" in info.value.message
     health = agent.health()
     assert health["status"] != "ok"

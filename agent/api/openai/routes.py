@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -107,7 +107,7 @@ async def _send_event(response: web.StreamResponse, payload: dict[str, Any] | st
 
 
 async def _stream_with_error_event(
-    request: web.Request, events: AsyncIterator[dict[str, Any]]
+    request: web.Request, events: AsyncGenerator[dict[str, Any], None]
 ) -> web.StreamResponse:
     """Send SSE events; a failure after the 200 went out becomes an `{"error": ...}` event."""
     response = await _open_sse(request)
@@ -160,7 +160,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-    async def events() -> AsyncIterator[dict[str, Any]]:
+    async def events() -> AsyncGenerator[dict[str, Any], None]:
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
             return chat_chunk(completion_id, created, model, delta, finish_reason, with_usage_field=include_usage)
 
@@ -199,7 +199,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-    async def events() -> AsyncIterator[dict[str, Any]]:
+    async def events() -> AsyncGenerator[dict[str, Any], None]:
         async with aclosing(serving.generate_text(prepared)) as stream:
             async for item in stream:
                 if isinstance(item, Finish):

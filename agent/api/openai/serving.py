@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -105,19 +105,21 @@ class OpenAIServing:
     async def prepare_completion(self, request: CompletionRequest) -> Prepared:
         """Resolve the model and tokenise the prompt (a string or one list of token ids)."""
         model = self.registry.resolve(request.model)
-        prompt = request.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
+        prompt: str | list[int]
+        if isinstance(request.prompt, list) and request.prompt and not isinstance(request.prompt[0], int):
+            if len(request.prompt) != 1:
                 raise InvalidRequestError(
-                    f"batched prompts ({len(prompt)} prompts) are not supported yet; send one prompt per request",
-                    param="prompt", code="unsupported_parameter")
-            prompt = prompt[0]  # type: ignore[assignment]
+                    f"batched prompts ({len(request.prompt)} prompts) are not supported yet; send one prompt per "
+                    "request", param="prompt", code="unsupported_parameter")
+            prompt = request.prompt[0]
+        else:
+            prompt = request.prompt  # type: ignore[assignment]
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("'prompt' must not be empty", param="prompt", code="invalid_value")
             prompt_ids = await asyncio.to_thread(model.text.tokenizer.encode, prompt)
         else:
-            prompt_ids = [int(t) for t in prompt]  # type: ignore[union-attr]
+            prompt_ids = [int(t) for t in prompt]
             vocab = model.text.tokenizer.vocab_size
             if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
                 raise InvalidRequestError(f"token ids in 'prompt' must be non-empty and in [0, {vocab})",
@@ -156,7 +158,7 @@ class OpenAIServing:
 
     # ---------------------------------------------------------------- generate
 
-    async def generate_text(self, prepared: Prepared) -> AsyncIterator[str | Finish]:
+    async def generate_text(self, prepared: Prepared) -> AsyncGenerator[str | Finish, None]:
         """Stream text pieces, then one Finish. Closing the iterator early cancels the generation."""
         tokenizer = prepared.model.text.tokenizer
         detokenizer = IncrementalDetokenizer(tokenizer)

@@ -66,13 +66,16 @@ class ConvertedModel:
         for name in (MODEL_FILE, DATA_FILE):
             if not (directory / name).is_file():
                 raise ModelFormatError(f"{directory}: {name} is missing")
-        return cls(
-            directory=directory,
-            config=LlamaConfig.from_json(meta["config"]),
-            flavour=meta["flavour"],
-            logits=meta["logits"],
-            gguf_sha256=meta["gguf_sha256"],
-        )
+        try:
+            return cls(
+                directory=directory,
+                config=LlamaConfig.from_json(meta["config"]),
+                flavour=meta["flavour"],
+                logits=meta["logits"],
+                gguf_sha256=meta["gguf_sha256"],
+            )
+        except (KeyError, TypeError) as exc:
+            raise ModelFormatError(f"{directory}: {META_FILE} lacks or mistypes {exc}") from exc
 
 
 def flavour_name(logits: LogitsMode) -> str:
@@ -187,15 +190,16 @@ def ensure_converted(
     _remove_stale_temps(work)
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=work))
     try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the finished entry should be readable like any cache file
+        tmp.chmod(
+            0o755
+        )  # mkdtemp makes it private; the finished entry should be readable like any cache file
         convert_gguf(gguf_path, tmp, logits=logits, sha256=digest, progress=progress)
         _fsync_path(tmp)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             # An outdated or broken entry: move it aside first, since rename cannot replace a non-empty dir.
-            shutil.rmtree(
-                final.rename(work / f"{_TMP_PREFIX}{os.getpid()}-old-{flavour}"), ignore_errors=True
-            )
+            aside = final.rename(work / f"{_TMP_PREFIX}{os.getpid()}-old-{os.urandom(4).hex()}")
+            shutil.rmtree(aside, ignore_errors=True)
         try:
             tmp.rename(final)
         except OSError:

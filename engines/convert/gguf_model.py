@@ -8,10 +8,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 
 from engines.base import ModelFormatError
+from engines.gguf_file import GgufFile
 
 # Tensor types the repacker handles exactly; anything else (K-quants, IQ, BF16, ...) is refused rather than
 # silently requantized, because requantizing GGUF Q4 weights visibly hurts fidelity.
@@ -95,20 +97,18 @@ class GgufModel:
 
     def __init__(self, path: Path) -> None:
         try:
-            self._reader = GGUFReader(str(path))
-        except (ValueError, OSError) as exc:
+            self._file = GgufFile(path)
+        except OSError as exc:
             raise ModelFormatError(f"{path}: not a readable GGUF file ({exc})") from exc
         self.path = path
-        self._tensors = {t.name: t for t in self._reader.tensors}
+        self._tensors = self._file.tensors
         self.config = self._read_config()
         self._check_tensors()
 
     def field(self, key: str, default: Any = None) -> Any:
         """The value of a metadata key (scalars unwrapped, arrays as lists), or `default` when absent."""
-        f = self._reader.fields.get(key)
-        if f is None:
-            return default
-        return f.contents()
+        value = self._file.get(key, default)
+        return value.tolist() if isinstance(value, np.ndarray) else value
 
     def _require(self, key: str) -> Any:
         value = self.field(key)
@@ -141,13 +141,13 @@ class GgufModel:
             raise ModelFormatError(
                 f"{self.path.name}: {n_heads} query heads do not divide into {n_kv} KV heads"
             )
-        tokens = self._reader.fields.get("tokenizer.ggml.tokens")
         embd = self._tensors.get("token_embd.weight")
         if embd is None:
             raise ModelFormatError(f"{self.path.name}: tensor 'token_embd.weight' is missing")
         vocab = self.field("llama.vocab_size")
         if vocab is None:
-            vocab = len(tokens.data) if tokens is not None else int(embd.shape[1])
+            tokens = self._file.get("tokenizer.ggml.tokens")
+            vocab = len(tokens) if tokens is not None else int(embd.shape[1])
         bos, eos = self.field("tokenizer.ggml.bos_token_id"), self.field("tokenizer.ggml.eos_token_id")
         return LlamaConfig(
             n_layers=int(self._require("llama.block_count")),
@@ -194,17 +194,18 @@ class GgufModel:
         if missing:
             raise ModelFormatError(f"{self.path.name}: missing tensors {missing[:8]}")
         for t in self._tensors.values():
-            if t.tensor_type not in SUPPORTED_TYPES:
+            if t.ggml_type not in SUPPORTED_TYPES:
                 raise ModelFormatError(
-                    f"{self.path.name}: tensor {t.name!r} has type {t.tensor_type.name}; supported types are "
+                    f"{self.path.name}: tensor {t.name!r} has type {t.type_name}; supported types are "
                     f"{sorted(q.name for q in SUPPORTED_TYPES)}"
                 )
 
     def tensor(self, name: str) -> GgufTensor:
         """One tensor, its bytes still memory-mapped."""
         t = self._tensors[name]
-        shape = tuple(int(x) for x in reversed(t.shape))
-        return GgufTensor(name=name, qtype=t.tensor_type, shape=shape, data=t.data)
+        return GgufTensor(
+            name=name, qtype=GGMLQuantizationType(t.ggml_type), shape=t.shape[::-1], data=self._file.tensor_data(name)
+        )
 
     def tensor_names(self) -> Iterator[str]:
         """Names in file order."""

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from os import PathLike
 
-from gguf import GGUFReader
-
+from engines.gguf_file import GgufFile
 from engines.text.chat_template import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
 from engines.text.detokenizer import IncrementalDetokenizer
 from engines.text.stop import StopMatcher, StopResult
@@ -32,8 +31,8 @@ class TextPipeline:
     template: ChatTemplate
 
     @classmethod
-    def from_reader(cls, reader: GGUFReader) -> TextPipeline:
-        """Build from an already open GGUF reader (shares its parsed metadata with other users)."""
+    def from_reader(cls, reader: GgufFile) -> TextPipeline:
+        """Build from an already open GGUF file (shares its parsed metadata with other users)."""
         tokenizer = GgufTokenizer.from_reader(reader)
         template = ChatTemplate.from_reader(
             reader,
@@ -45,7 +44,7 @@ class TextPipeline:
     @classmethod
     def from_gguf(cls, path: str | PathLike[str]) -> TextPipeline:
         """Build from a GGUF file, parsing its metadata once."""
-        return cls.from_reader(GGUFReader(path))
+        return cls.from_reader(GgufFile(path))
 
     def detokenizer(self) -> IncrementalDetokenizer:
         """A fresh incremental detokenizer for one completion."""

@@ -15,10 +15,10 @@ from typing import Any, NoReturn
 
 import jinja2
 import jinja2.ext
-from gguf import GGUFReader
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from engines.base import EngineError
+from engines.gguf_file import GgufFile
 
 # Used when a GGUF carries no template, as llama.cpp does. ChatML is the most common format among small
 # instruct models; a model trained on another format will still answer, but worse, so callers may log it.
@@ -82,10 +82,10 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template does not compile: {exc} (line {exc.lineno})") from exc
 
     @classmethod
-    def from_reader(cls, reader: GGUFReader, *, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
+    def from_reader(cls, reader: GgufFile, *, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
         """Template from the GGUF's `tokenizer.chat_template`, or ChatML when it has none."""
-        field = reader.get_field("tokenizer.chat_template")
-        source = CHATML_TEMPLATE if field is None else str(field.contents())
+        value = reader.get("tokenizer.chat_template")
+        source = CHATML_TEMPLATE if value is None else str(value)
         return cls(source, bos_token=bos_token, eos_token=eos_token)
 
     @property

@@ -12,10 +12,11 @@ from collections.abc import Iterable, Sequence
 from os import PathLike
 from typing import Any
 
-from gguf import GGUFReader
+import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from engines.base import ModelFormatError
+from engines.gguf_file import GgufFile
 
 # llama.cpp's token types (gguf TokenType): only these two change how text is split.
 _TYPE_UNKNOWN = 2
@@ -70,17 +71,27 @@ def _byte_decoder() -> dict[int, int]:
     return dict(zip(code_points, printable, strict=True))
 
 
-def _field(reader: GGUFReader, key: str, default: Any = None) -> Any:
-    """Return the decoded value of one metadata field, or `default` when absent."""
-    field = reader.get_field(key)
-    return default if field is None else field.contents()
-
-
-def _required(reader: GGUFReader, key: str) -> Any:
-    value = _field(reader, key)
+def _required(reader: GgufFile, key: str) -> Any:
+    value = reader.get(key)
     if value is None:
         raise ModelFormatError(f"GGUF has no {key!r}; cannot build its tokenizer")
     return value
+
+
+def _strings(reader: GgufFile, key: str) -> list[str]:
+    value = _required(reader, key)
+    # GGUF arrays hold one item type, so the first item tells a string array from an array of arrays.
+    if not isinstance(value, list) or (value and not isinstance(value[0], str)):
+        raise ModelFormatError(f"GGUF {key!r} is not an array of strings")
+    return value
+
+
+def _ints(reader: GgufFile, key: str) -> list[int]:
+    value = _required(reader, key)
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu":
+        raise ModelFormatError(f"GGUF {key!r} is not an array of integers")
+    ints: list[int] = value.tolist()  # plain ints: the constructor scans them in Python
+    return ints
 
 
 class GgufTokenizer:
@@ -155,27 +166,27 @@ class GgufTokenizer:
         return tuple(out)
 
     @classmethod
-    def from_reader(cls, reader: GGUFReader) -> GgufTokenizer:
-        """Build the tokenizer from an open GGUF reader's metadata."""
+    def from_reader(cls, reader: GgufFile) -> GgufTokenizer:
+        """Build the tokenizer from an open GGUF file's metadata."""
         model = _required(reader, "tokenizer.ggml.model")
         if model != "gpt2":
             raise ModelFormatError(
                 f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE 'gpt2')"
             )
         return cls(
-            _required(reader, "tokenizer.ggml.tokens"),
-            _required(reader, "tokenizer.ggml.token_type"),
-            _required(reader, "tokenizer.ggml.merges"),
-            pre=str(_field(reader, "tokenizer.ggml.pre", "default")),
+            _strings(reader, "tokenizer.ggml.tokens"),
+            _ints(reader, "tokenizer.ggml.token_type"),
+            _strings(reader, "tokenizer.ggml.merges"),
+            pre=str(reader.get("tokenizer.ggml.pre", "default")),
             bos_id=int(_required(reader, "tokenizer.ggml.bos_token_id")),
             eos_id=int(_required(reader, "tokenizer.ggml.eos_token_id")),
-            add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+            add_bos=bool(reader.get("tokenizer.ggml.add_bos_token", False)),
         )
 
     @classmethod
     def from_gguf(cls, path: str | PathLike[str]) -> GgufTokenizer:
         """Build the tokenizer from a GGUF file."""
-        return cls.from_reader(GGUFReader(path))
+        return cls.from_reader(GgufFile(path))
 
     @property
     def vocab_size(self) -> int:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -105,6 +107,23 @@ def test_client_disconnect_cancels_generation(agent: RunningAgent) -> None:
             next(lines)
         assert agent.health()["engine"]["active_streams"] == 1
     # Closing the connection ends the stream in the agent and frees its slot in the engine.
+    deadline = time.monotonic() + 10
+    while agent.health()["engine"]["active_streams"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.health()["engine"]["active_streams"] == 0
+
+
+def test_client_disconnect_cancels_a_plain_request(agent: RunningAgent) -> None:
+    agent.wait_healthy()
+    host, port = agent.inference_url.split("//")[1].split("/")[0].split(":")
+    body = json.dumps({"messages": LONG, "max_tokens": 1000}).encode()
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 30
+        while agent.health()["engine"]["active_streams"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert agent.health()["engine"]["active_streams"] == 1
     deadline = time.monotonic() + 10
     while agent.health()["engine"]["active_streams"] and time.monotonic() < deadline:
         time.sleep(0.05)

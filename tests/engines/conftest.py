@@ -6,12 +6,11 @@ import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
-import gguf
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from engines.convert import ConvertedModel, ensure_converted
+from engines.convert import ConvertedModel, GgufModel, ensure_converted
 from engines.onnxruntime import OrtExecutor
 from tests.engines.reference_llama import ReferenceLlama
 from tests.engines.smollm2_prompts import CHATML_WITH_SYSTEM
@@ -63,9 +62,15 @@ def executor(converted_last: ConvertedModel) -> Iterator[OrtExecutor]:
 
 
 @pytest.fixture(scope="session")
-def smollm2_vocab(smollm2_gguf: Path) -> list[str]:
+def smollm2_model(smollm2_gguf: Path) -> GgufModel:
+    """The GGUF opened once and shared."""
+    return GgufModel(smollm2_gguf)
+
+
+@pytest.fixture(scope="session")
+def smollm2_vocab(smollm2_model: GgufModel) -> list[str]:
     """Token strings from the GGUF metadata."""
-    tokens: list[str] = gguf.GGUFReader(str(smollm2_gguf)).fields["tokenizer.ggml.tokens"].contents()
+    tokens: list[str] = smollm2_model.field("tokenizer.ggml.tokens")
     return tokens
 
 

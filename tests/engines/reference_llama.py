@@ -36,6 +36,8 @@ class ReferenceLlama:
         self.hd = self.d // self.n_heads
         self.base = float(f["llama.rope.freq_base"])
         self.eps = float(f["llama.attention.layer_norm_rms_epsilon"])
+        linear = f.get("llama.rope.scaling.type") == "linear"
+        self.pos_scale = 1.0 / float(f["llama.rope.scaling.factor"]) if linear else 1.0
 
     def _norm(self, x: F32, w: F32) -> F32:
         ms = np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True)
@@ -46,7 +48,7 @@ class ReferenceLlama:
         # x: [S, heads, hd]; llama.cpp NORM mode rotates pairs (x[2i], x[2i+1]) by pos * base^(-2i/hd)
         out = np.empty_like(x)
         for i in range(self.hd // 2):
-            theta = positions.astype(np.float64) * self.base ** (-2.0 * i / self.hd)
+            theta = positions.astype(np.float64) * self.pos_scale * self.base ** (-2.0 * i / self.hd)
             c = np.cos(theta)[:, None]
             s = np.sin(theta)[:, None]
             a, b = x[:, :, 2 * i].astype(np.float64), x[:, :, 2 * i + 1].astype(np.float64)

@@ -9,6 +9,7 @@ import gguf
 import jinja2
 import pytest
 
+from engines.gguf_file import GgufFile
 from engines.text import CHATML_TEMPLATE, ChatTemplate, ChatTemplateError
 from tests.engines.text_model import smollm_pipeline
 
@@ -114,7 +115,7 @@ def test_gguf_without_template_falls_back_to_chatml(tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    t = ChatTemplate.from_reader(gguf.GGUFReader(path))
+    t = ChatTemplate.from_reader(GgufFile(path))
     assert t.is_fallback
     assert t.source == CHATML_TEMPLATE
     assert t.render([{"role": "user", "content": "Hi"}]) == (

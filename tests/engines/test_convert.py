@@ -76,10 +76,9 @@ def test_repack_dequantizes_exactly_like_gguf(qtype: Q) -> None:
     assert (w.offset is not None) == (qtype == Q.Q4_1)
 
 
-def test_repack_is_exact_on_the_real_model(smollm2_gguf: Path) -> None:
-    model = GgufModel(smollm2_gguf)
+def test_repack_is_exact_on_the_real_model(smollm2_model: GgufModel) -> None:
     for name in [f"blk.7.{p}.weight" for p in ("attn_q", "ffn_down", "ffn_norm")]:
-        t = model.tensor(name)
+        t = smollm2_model.tensor(name)
         w = repack(t)
         got = w.dequantize() if isinstance(w, BlockWeight) else w
         np.testing.assert_array_equal(
@@ -140,6 +139,16 @@ def test_tiny_mixed_quant_model_matches_reference(tiny_gguf: Path, tmp_path: Pat
     ids = [1, 17, 200, 3, 99, 45, 45, 7, 255, 0]
     logits = _run_all_positions(converted, ids, accuracy_level=0)
     np.testing.assert_allclose(logits, ReferenceLlama(tiny_gguf).forward(ids), rtol=1e-4, atol=1e-4)
+
+
+def test_linear_rope_scaling_matches_reference(tmp_path: Path) -> None:
+    scaled = TinySpec(extra_kv={"{arch}.rope.scaling.type": "linear", "{arch}.rope.scaling.factor": 4.0})
+    path = write_tiny_gguf(tmp_path / "linear.gguf", scaled)
+    converted = ensure_converted(path, tmp_path, logits="all")
+    assert converted.config.rope_scale == 0.25
+    ids = [5, 6, 7, 8, 9, 10, 11, 12]
+    logits = _run_all_positions(converted, ids, accuracy_level=0)
+    np.testing.assert_allclose(logits, ReferenceLlama(path).forward(ids), rtol=1e-4, atol=1e-4)
 
 
 def test_graph_uses_only_standard_opset_21_ops(converted_last: ConvertedModel) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +98,14 @@ async def run_until(frames: list[Frame], scheduler: Scheduler, finished: int) ->
             await task
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(5000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never became true")
+
+
 def tokens_of(frames: list[Frame], rid: int) -> list[int]:
     return [t for f in frames if f["op"] == "tokens" and f["id"] == rid for t in f["ids"]]
 
@@ -156,12 +164,10 @@ async def test_cancel_frees_the_kv_cache_at_the_next_token() -> None:
     scheduler = Scheduler(executor, frames.append)
     scheduler.submit(request(1, [1], max_tokens=1000))
     task = asyncio.create_task(scheduler.run())
-    while len(tokens_of(frames, 1)) < 3:
-        await asyncio.sleep(0.001)
+    await until(lambda: len(tokens_of(frames, 1)) >= 3)
     assert len(executor.live) == 1
     scheduler.cancel(1)
-    while not any(f["op"] == "done" for f in frames):
-        await asyncio.sleep(0.001)
+    await until(lambda: any(f["op"] == "done" for f in frames))
     task.cancel()
     assert done_of(frames, 1)["finish_reason"] == "cancelled"
     assert executor.live == set()

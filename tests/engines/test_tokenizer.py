@@ -21,6 +21,7 @@ import gguf
 import pytest
 
 from engines.base import ModelFormatError
+from engines.gguf_file import GgufFile
 from engines.text import GgufTokenizer
 from tests.engines.text_model import smollm_pipeline
 
@@ -128,4 +129,4 @@ def test_non_bpe_tokenizer_model_is_refused(tmp_path: Path) -> None:
     writer.write_tensors_to_file()
     writer.close()
     with pytest.raises(ModelFormatError, match="'llama'"):
-        GgufTokenizer.from_reader(gguf.GGUFReader(path))
+        GgufTokenizer.from_reader(GgufFile(path))

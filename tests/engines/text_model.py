@@ -1,4 +1,4 @@
-"""The bundled SmolLM2 GGUF's text pipeline, loaded once per session (parsing its metadata takes seconds)."""
+"""The bundled SmolLM2 GGUF's text pipeline, loaded once per session (building its tokenizer is not free)."""
 
 from __future__ import annotations
 

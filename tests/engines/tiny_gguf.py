@@ -38,7 +38,7 @@ class TinySpec:
             "ffn_down": Q.Q4_0,
         }
     )
-    extra_kv: dict[str, str] = field(default_factory=dict)
+    extra_kv: dict[str, str | float] = field(default_factory=dict)  # "{arch}" in a key becomes the arch
 
 
 def write_tiny_gguf(path: Path, spec: TinySpec | None = None, seed: int = 0) -> Path:
@@ -59,7 +59,10 @@ def write_tiny_gguf(path: Path, spec: TinySpec | None = None, seed: int = 0) -> 
     w.add_uint32("tokenizer.ggml.bos_token_id", 1)
     w.add_uint32("tokenizer.ggml.eos_token_id", 2)
     for key, value in spec.extra_kv.items():
-        w.add_string(key.replace("{arch}", a), value)
+        if isinstance(value, str):
+            w.add_string(key.replace("{arch}", a), value)
+        else:
+            w.add_float32(key.replace("{arch}", a), value)
 
     def add(name: str, role: str, shape: tuple[int, ...], scale: float, mean: float = 0.0) -> None:
         data = (mean + rng.standard_normal(shape) * scale).astype(np.float32)

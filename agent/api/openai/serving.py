@@ -16,12 +16,16 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from agent.engine import EngineDone
 from agent.errors import ContextLengthError, InvalidRequestError
 from agent.models.registry import LoadedModel, ModelRegistry
 from engines.base import SamplingParams
 from engines.text import ChatTemplateError, IncrementalDetokenizer, StopMatcher
+
+log = structlog.get_logger("agent.api.openai")
 
 
 @dataclass(frozen=True)
@@ -164,24 +168,40 @@ class OpenAIServing:
         detokenizer = IncrementalDetokenizer(tokenizer)
         matcher = StopMatcher(prepared.stops)
         generated = 0
+        started = time.monotonic()
+        first_token_at: float | None = None
+        finish: Finish | None = None
         engine = prepared.model.engine
-        async with aclosing(engine.generate(prepared.prompt_ids, prepared.params, tokenizer.stop_ids)) as events:
-            async for event in events:
-                if isinstance(event, EngineDone):
-                    tail, _ = matcher.push(detokenizer.flush())
-                    tail += matcher.flush()
-                    if tail:
-                        yield tail
-                    yield Finish(event.finish_reason, event.prompt_tokens, event.completion_tokens)
-                    return
-                for token in event:
-                    generated += 1
-                    text, stopped = matcher.push(detokenizer.push(token))
-                    if text:
-                        yield text
-                    if stopped:
-                        yield Finish("stop", len(prepared.prompt_ids), generated)
+        try:
+            async with aclosing(engine.generate(prepared.prompt_ids, prepared.params, tokenizer.stop_ids)) as events:
+                async for event in events:
+                    if isinstance(event, EngineDone):
+                        tail, _ = matcher.push(detokenizer.flush())
+                        tail += matcher.flush()
+                        if tail:
+                            yield tail
+                        finish = Finish(event.finish_reason, event.prompt_tokens, event.completion_tokens)
+                        yield finish
                         return
+                    first_token_at = first_token_at or time.monotonic()
+                    for token in event:
+                        generated += 1
+                        text, stopped = matcher.push(detokenizer.push(token))
+                        if text:
+                            yield text
+                        if stopped:
+                            finish = Finish("stop", len(prepared.prompt_ids), generated)
+                            yield finish
+                            return
+        finally:
+            elapsed = time.monotonic() - started
+            log.info(
+                "generation_finished" if finish else "generation_abandoned",
+                finish_reason=finish.finish_reason if finish else None,
+                prompt_tokens=len(prepared.prompt_ids), completion_tokens=generated,
+                ttft_ms=round((first_token_at - started) * 1000, 1) if first_token_at else None,
+                duration_ms=round(elapsed * 1000, 1),
+            )
 
 
 # ---------------------------------------------------------------------- shapes

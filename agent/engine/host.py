@@ -93,6 +93,7 @@ class EngineHost:
         self._streams: dict[int, asyncio.Queue[_Event]] = {}
         self._ids = itertools.count(1)
         self._progress_logged: tuple[str, int] = ("", -1)
+        self._fallback_socket_dir: Path | None = None
 
     # ----------------------------------------------------------------- supervision
 
@@ -162,7 +163,9 @@ class EngineHost:
         """Blocking: a fresh socket path in a private directory."""
         path = self.config.run_dir / "engine.sock"
         if len(str(path)) > _MAX_SOCKET_PATH:
-            path = Path(tempfile.mkdtemp(prefix="thox-")) / "engine.sock"
+            if self._fallback_socket_dir is None:  # one private directory for all restarts
+                self._fallback_socket_dir = Path(tempfile.mkdtemp(prefix="thox-"))
+            path = self._fallback_socket_dir / "engine.sock"
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.unlink(missing_ok=True)
         return path

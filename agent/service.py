@@ -24,10 +24,11 @@ from agent.api.cluster.routes import HealthSources
 from agent.api.openai.serving import OpenAIServing
 from agent.atomic import atomic_write_bytes
 from agent.engine import EngineHost, EngineHostConfig
-from agent.models import InstalledModel, ModelStore
+from agent.models import InstalledModel, ModelStore, ModelStoreError
 from agent.models.registry import LoadedModel, ModelRegistry
 from agent.settings import Settings
 from agent.supervisor import Supervisor
+from engines.base import EngineError
 from engines.text import TextPipeline
 
 log = structlog.get_logger("agent.service")
@@ -62,9 +63,15 @@ def _choose_default(settings: Settings, installed: list[InstalledModel]) -> Inst
 def _prepare_model(settings: Settings) -> tuple[InstalledModel, TextPipeline]:
     """Blocking: create the home's folders, install bundled models, pick the default, read its text pipeline."""
     settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    installed = ModelStore(settings.models_dir).ensure_bundled()
+    try:
+        installed = ModelStore(settings.models_dir).ensure_bundled()
+    except ModelStoreError as exc:
+        raise StartupError(str(exc)) from exc
     model = _choose_default(settings, installed)
-    return model, model.text_pipeline()
+    try:
+        return model, model.text_pipeline()
+    except EngineError as exc:
+        raise StartupError(f"model {model.id!r} ({model.path}) cannot be used: {exc}") from exc
 
 
 @asynccontextmanager

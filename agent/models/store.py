@@ -83,7 +83,8 @@ class ModelStore:
     def install_bundled(self, bundled: BundledModel) -> InstalledModel:
         """Copy a package-bundled model into the store (idempotent)."""
         existing = self.get(bundled.id)
-        if existing is not None and existing.path.is_file():
+        # A cheap integrity check on every start; a truncated or replaced file is copied again from its package.
+        if existing is not None and existing.path.is_file() and existing.path.stat().st_size == existing.size:
             # Same file; the catalog's serving settings may have changed with an agent upgrade.
             current = dataclasses.replace(
                 existing, capabilities=bundled.capabilities, sampling_defaults=dict(bundled.sampling_defaults),

@@ -81,3 +81,14 @@ def test_serve_refuses_bad_settings(tmp_path: Path) -> None:
     result = thox("serve", "--home", str(tmp_path))
     assert result.returncode == 2
     assert "unknown setting 'api.inference_prot'" in result.stderr
+
+
+def test_serve_explains_a_corrupt_model(tmp_path: Path) -> None:
+    from agent.models import ModelStore
+
+    [model] = ModelStore(tmp_path / "models").ensure_bundled()
+    with model.path.open("r+b") as handle:  # same size, broken header: not something a reinstall would catch
+        handle.write(b"GGUF\x09\x00\x00\x00")
+    result = thox("serve", "--home", str(tmp_path), "--inference-port", "0", "--cluster-port", "0")
+    assert result.returncode == 1
+    assert "smollm2-135m-instruct" in result.stderr and "cannot be used" in result.stderr

@@ -29,6 +29,16 @@ def test_bundled_model_installs_once_with_size_and_sha256(tmp_path: Path) -> Non
     assert manifest["models"][0]["file"] == "smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def test_truncated_model_file_is_copied_again(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    [model] = store.ensure_bundled()
+    with model.path.open("r+b") as handle:
+        handle.truncate(1000)
+    [again] = store.ensure_bundled()
+    assert again.path.stat().st_size == model.size
+    assert again.sha256 == SMOLLM2_SHA256
+
+
 def test_interrupted_copy_leaves_no_file_and_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def failing_fsync(fd: int) -> None:
         raise OSError(28, "No space left on device")

@@ -33,7 +33,9 @@ class Sampler:
         if not 0.0 < params.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
         self.params = params
-        self._rng = np.random.Generator(np.random.PCG64(params.seed))
+        # OpenAI seeds are signed 64-bit; PCG64 wants a non-negative int, so negatives wrap (two's complement).
+        seed = None if params.seed is None else params.seed % 2**64
+        self._rng = np.random.Generator(np.random.PCG64(seed))
         self._counts: dict[int, int] = {}
 
     @property

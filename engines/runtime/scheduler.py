@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from engines.base import ContextOverflowError, Executor, SamplingParams, SequenceState
+from engines.base import ContextOverflowError, EngineError, Executor, SamplingParams, SequenceState
 from engines.runtime.sampler import Sampler
 from engines.wire import Frame
 
@@ -69,7 +69,13 @@ class Scheduler:
                 f"{self._executor.max_context}-token context",
             })
             return
-        seq = _Sequence(request=request, sampler=Sampler(request.params))
+        try:
+            sampler = Sampler(request.params)
+        except (ValueError, EngineError) as exc:
+            self._emit({"op": "error", "id": request.id, "message": f"bad sampling parameters: {exc}",
+                        "code": "bad_request"})
+            return
+        seq = _Sequence(request=request, sampler=sampler)
         self._by_id[request.id] = seq
         self._waiting.append(seq)
         self._wakeup.set()

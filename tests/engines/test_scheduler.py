@@ -206,3 +206,14 @@ async def test_duplicate_and_empty_requests_are_refused() -> None:
     scheduler.submit(request(1, [1]))
     scheduler.submit(request(2, []))
     assert [f["code"] for f in frames] == ["bad_request", "bad_request"]
+
+
+async def test_bad_sampling_parameters_fail_only_that_request() -> None:
+    executor = ScriptedExecutor({1: [5] * 5})
+    frames: list[Frame] = []
+    scheduler = Scheduler(executor, frames.append)
+    scheduler.submit(GenerationRequest(1, [1], SamplingParams(max_tokens=2, temperature=-1), frozenset()))
+    assert frames[0]["op"] == "error" and frames[0]["code"] == "bad_request"
+    scheduler.submit(request(2, [1], max_tokens=2))
+    await run_until(frames, scheduler, 2)
+    assert done_of(frames, 2)["finish_reason"] == "length"

@@ -138,6 +138,7 @@ async def serve(settings: Settings) -> None:
         model_id=installed.id, gguf=installed.path, sha256=installed.sha256, cache_dir=settings.model_cache_dir,
         run_dir=settings.run_dir, threads=settings.engine.threads, max_context=settings.engine.max_context,
         max_active=settings.engine.max_active, start_timeout=settings.engine.start_timeout_seconds,
+        ready_wait=settings.engine.ready_wait_seconds,
     ))
     registry = ModelRegistry([LoadedModel(installed, text, engine)], default_id=installed.id)
     api = settings.api

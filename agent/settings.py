@@ -48,6 +48,8 @@ class EngineSettings(_Section):
     max_context: int = Field(2048, ge=64, description="Tokens per sequence (prompt plus completion)")
     max_active: int = Field(4, ge=1, description="Sequences generated at once; more requests wait their turn")
     start_timeout_seconds: float = Field(600.0, gt=0, description="Longest wait for a (first) model conversion")
+    ready_wait_seconds: float = Field(
+        15.0, ge=0, description="How long a request waits for a (re)starting engine before it gets a 503")
 
 
 class Settings(_Section):

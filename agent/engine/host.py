@@ -61,8 +61,7 @@ class EngineHostConfig:
     max_context: int
     max_active: int
     start_timeout: float
-    # How long a request waits for a (re)starting engine before it gets a 503.
-    ready_wait: float = 15.0
+    ready_wait: float
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ LONG = [{"role": "user", "content": "Tell me a very long story about a dragon an
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
     """An agent of its own: these tests kill its engine."""
-    running = start_agent(tmp_path_factory.mktemp("lifecycle-home"))
+    # Requests wait at most 0.3 s for a restarting engine, so "engine down" is observable as a 503.
+    running = start_agent(tmp_path_factory.mktemp("lifecycle-home"), env={"THOX_ENGINE_READY_WAIT_SECONDS": "0.3"})
     yield running
     running.stop()
 
@@ -93,6 +94,22 @@ def test_engine_killed_during_a_plain_request_gives_503(agent: RunningAgent) -> 
     assert status == 503
     assert body["error"]["type"] == "server_error" and body["error"]["code"] == "engine_crashed"
     assert headers["retry-after"] == "1"
+    agent.wait_healthy(timeout=120)
+
+
+def test_requests_while_the_engine_is_down_get_503(agent: RunningAgent) -> None:
+    os.kill(engine_pid(agent), signal.SIGKILL)
+    client = sdk(agent)
+    for stream in (False, True):
+        with pytest.raises(openai.InternalServerError) as info:
+            client.chat.completions.create(messages=LONG, model="smollm2-135m-instruct", stream=stream)
+        assert info.value.status_code == 503
+        assert info.value.code == "engine_unavailable"
+        assert info.value.response.headers["retry-after"] == "1"
+    # /v1/health keeps answering meanwhile and says why.
+    health = agent.health()
+    assert health["status"] == "degraded"
+    assert "exited with status -9" in health["engine"]["last_error"]
     agent.wait_healthy(timeout=120)
 
 

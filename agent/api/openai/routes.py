@@ -119,6 +119,13 @@ async def _stream_with_error_event(
         log.warning("stream_failed", code=exc.code, message=exc.message)
         await _send_event(response, exc.envelope())
         return response
+    except Exception:
+        # The 200 is already out; the client still gets the envelope, as an event, instead of a cut stream.
+        log.exception("stream_crashed")
+        request_id = request[REQUEST_ID_KEY]
+        await _send_event(response, AgentError(
+            f"internal error; quote request id {request_id} when reporting it").envelope())
+        return response
     await _send_event(response, "[DONE]")
     return response
 
@@ -150,15 +157,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     log.info("chat_completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids),
              user=body.user)
     if not body.stream:
-        pieces: list[str] = []
-        async with aclosing(serving.generate_text(prepared)) as stream:
-            async for item in stream:
-                if isinstance(item, Finish):
-                    return web.json_response(chat_response(completion_id, created, model, "".join(pieces), item))
-                pieces.append(item)
-        raise AgentError("generation ended without a finish event")
+        text, finish = await serving.complete(prepared)
+        return web.json_response(chat_response(completion_id, created, model, text, finish))
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    # A down engine is a 503 (which SDKs retry) while we can still choose the status, not an error event.
+    await prepared.model.engine.wait_ready()
 
     async def events() -> AsyncGenerator[dict[str, Any], None]:
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -188,16 +192,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
     completion_id, created, model = new_id("cmpl"), now(), prepared.model.id
     log.info("completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids), user=body.user)
     if not body.stream:
-        pieces: list[str] = []
-        async with aclosing(serving.generate_text(prepared)) as stream:
-            async for item in stream:
-                if isinstance(item, Finish):
-                    return web.json_response(completion_object(
-                        completion_id, created, model, "".join(pieces), item.finish_reason, item.usage()))
-                pieces.append(item)
-        raise AgentError("generation ended without a finish event")
+        text, finish = await serving.complete(prepared)
+        return web.json_response(
+            completion_object(completion_id, created, model, text, finish.finish_reason, finish.usage()))
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
+    await prepared.model.engine.wait_ready()
 
     async def events() -> AsyncGenerator[dict[str, Any], None]:
         async with aclosing(serving.generate_text(prepared)) as stream:

@@ -20,7 +20,7 @@ import structlog
 
 from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest
 from agent.engine import EngineDone
-from agent.errors import ContextLengthError, InvalidRequestError
+from agent.errors import ContextLengthError, EngineFailedError, InvalidRequestError
 from agent.models.registry import LoadedModel, ModelRegistry
 from engines.base import SamplingParams
 from engines.text import ChatTemplateError, IncrementalDetokenizer, StopMatcher
@@ -161,6 +161,16 @@ class OpenAIServing:
         return Prepared(model=model, prompt_ids=prompt_ids, params=params, stops=request.stop_strings())
 
     # ---------------------------------------------------------------- generate
+
+    async def complete(self, prepared: Prepared) -> tuple[str, Finish]:
+        """Run a generation to its end: the whole text and how it finished."""
+        pieces: list[str] = []
+        async with aclosing(self.generate_text(prepared)) as stream:
+            async for item in stream:
+                if isinstance(item, Finish):
+                    return "".join(pieces), item
+                pieces.append(item)
+        raise EngineFailedError("the engine ended the generation without finishing it")
 
     async def generate_text(self, prepared: Prepared) -> AsyncGenerator[str | Finish, None]:
         """Stream text pieces, then one Finish. Closing the iterator early cancels the generation."""

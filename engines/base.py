@@ -48,35 +48,89 @@ class SequenceState(Protocol):
         ...
 
 
+class PrefixSnapshot(Protocol):
+    """A copy of the first `length` positions of a sequence's KV cache, kept for prefix reuse."""
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Memory it holds, for the prefix cache's budget."""
+        ...
+
+
+Logits2D = npt.NDArray[np.float32]
+
+
 class Executor(Protocol):
-    """Runs a decoder-only language model: prefill a prompt, then decode one token at a time.
+    """Runs a decoder-only language model: prefill prompts, then decode one token per sequence per step.
 
     Implementations keep the KV cache wherever is cheapest for them (host memory for ONNX Runtime on CPU,
-    device memory for TensorRT); callers only hold the opaque `SequenceState`.
+    device memory for TensorRT); callers only hold the opaque `SequenceState`. Calls come from one thread.
     """
 
     @property
     def vocab_size(self) -> int: ...
 
     @property
-    def max_context(self) -> int: ...
+    def max_context(self) -> int:
+        """Most tokens one sequence may hold (prompt plus generated)."""
+        ...
 
-    def new_sequence(self) -> SequenceState:
-        """Allocate an empty sequence."""
+    @property
+    def max_batch(self) -> int:
+        """Most live sequences at once (KV slots)."""
+        ...
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache memory one token of one sequence takes, for budgeting."""
+        ...
+
+    def new_sequence(self, prefix: PrefixSnapshot | None = None) -> SequenceState:
+        """Allocate a sequence, empty or holding a copy of `prefix`; EngineError when all slots are taken."""
         ...
 
     def prefill(self, seq: SequenceState, token_ids: Sequence[int]) -> Logits:
         """Append `token_ids` to the sequence; return float32 logits [vocab] for the last position."""
         ...
 
-    def decode(self, seq: SequenceState, token_id: int) -> Logits:
-        """Append one token; return float32 logits [vocab] for it."""
+    def decode(self, seqs: Sequence[SequenceState], token_ids: Sequence[int]) -> Logits2D:
+        """Append one token to each sequence in one batched step; return float32 logits [len(seqs), vocab].
+
+        Fastest when `seqs` are all live sequences (the usual continuous-batching step).
+        """
+        ...
+
+    def snapshot(self, seq: SequenceState, length: int) -> PrefixSnapshot:
+        """Copy the first `length` positions of the sequence's KV cache out of the sequence."""
         ...
 
     def release(self, seq: SequenceState) -> None:
-        """Free the sequence's KV cache."""
+        """Free the sequence's KV cache (idempotent)."""
         ...
 
     def close(self) -> None:
         """Release the model and all sequences."""
+        ...
+
+
+class Encoder(Protocol):
+    """Runs a sentence-embedding model: token ids in, one L2-normalised vector per input out."""
+
+    @property
+    def dimensions(self) -> int: ...
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest input (in tokens, special tokens included) the model accepts."""
+        ...
+
+    def embed(self, batch: Sequence[Sequence[int]]) -> Logits2D:
+        """Embed each token sequence (each already within max_tokens); float32 [len(batch), dimensions]."""
+        ...
+
+    def close(self) -> None:
+        """Release the model."""
         ...

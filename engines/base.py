@@ -67,7 +67,7 @@ class Executor(Protocol):
     """Runs a decoder-only language model: prefill prompts, then decode one token per sequence per step.
 
     Implementations keep the KV cache wherever is cheapest for them (host memory for ONNX Runtime on CPU,
-    device memory for TensorRT); callers only hold the opaque `SequenceState`. Calls come from one thread.
+    device memory for TensorRT); callers only hold the opaque `SequenceState`. Calls never overlap.
     """
 
     @property

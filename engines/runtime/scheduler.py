@@ -1,8 +1,10 @@
-"""Admits generation requests and steps their sequences on the executor, one token at a time.
+"""Continuous batching: requests join the running batch at token boundaries and leave the moment they finish.
 
-Sequences take turns token by token (round robin), so several streams progress together and a cancelled or
-finished sequence leaves at the next token boundary and frees its KV cache at once. Executor and sampler calls
-run on one worker thread so the host's event loop stays free to read cancel frames while a step computes.
+Every step decodes one token for every live sequence in a single batched executor call; between steps, waiting
+requests are admitted (prefilled, reusing a cached KV prefix when their prompt starts like recent work) as long
+as the batch size and the KV budget allow. Each sequence keeps its own sampler (seed, temperature, penalties)
+and stop conditions, so a request's output does not depend on what it is batched with. Executor and sampler
+calls run on one worker thread, which keeps the host's event loop free to take cancel frames mid-step.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from engines.base import ContextOverflowError, EngineError, Executor, SamplingParams, SequenceState
+from engines.runtime.prefix_cache import PrefixCache
 from engines.runtime.sampler import Sampler
 from engines.wire import Frame
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -31,54 +36,91 @@ class GenerationRequest:
     stop_ids: frozenset[int]
 
 
+@dataclass(frozen=True)
+class SchedulerLimits:
+    """How much work the scheduler takes on at once."""
+
+    max_batch: int = 16
+    # Requests waiting for a place in the batch; beyond this, new ones are refused as "overloaded".
+    max_queue: int = 64
+    # Bound on the KV pool: live sequences times the longest reservation (prompt + max_tokens) among them.
+    kv_budget_tokens: int = 16384
+    # Tokens of KV kept after requests finish, for prefix reuse (0 turns reuse off).
+    prefix_cache_tokens: int = 4096
+
+
 @dataclass
 class _Sequence:
     request: GenerationRequest
     sampler: Sampler
+    reserved: int
     state: SequenceState | None = None
-    generated: int = 0
-    last_token: int | None = None
+    generated_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.generated_ids)
+
+    @property
+    def last_token(self) -> int | None:
+        return self.generated_ids[-1] if self.generated_ids else None
+
+    def tokens_held(self) -> list[int]:
+        """Tokens whose KV the sequence holds: the prompt and all but the last sampled token."""
+        held = self.state.length if self.state is not None else 0
+        return (self.request.prompt + self.generated_ids)[:held]
 
 
 class Scheduler:
     """Runs requests on one executor and reports every outcome through `emit` as wire frames."""
 
-    def __init__(self, executor: Executor, emit: Callable[[Frame], None], *, max_active: int = 4) -> None:
+    def __init__(self, executor: Executor, emit: Callable[[Frame], None], limits: SchedulerLimits | None = None
+                 ) -> None:
         self._executor = executor
         self._emit = emit
-        self._max_active = max_active
+        self.limits = limits or SchedulerLimits()
+        self._max_batch = min(self.limits.max_batch, executor.max_batch)
         self._waiting: deque[_Sequence] = deque()
-        self._active: list[_Sequence] = []
+        self._live: list[_Sequence] = []
         self._by_id: dict[int, _Sequence] = {}
         self._wakeup = asyncio.Event()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: asyncio.Future[Any] | None = None
+        self.prefix_cache = PrefixCache(self.limits.prefix_cache_tokens)
+
+    # ------------------------------------------------------------------ intake
 
     def submit(self, request: GenerationRequest) -> None:
         """Queue a request; problems with it are reported as an error frame, never raised."""
-        if request.id in self._by_id:
-            self._emit({"op": "error", "id": request.id, "message": "duplicate request id", "code": "bad_request"})
-            return
-        if not request.prompt:
-            self._emit({"op": "error", "id": request.id, "message": "empty prompt", "code": "bad_request"})
-            return
-        if len(request.prompt) >= self._executor.max_context:
-            self._emit({
-                "op": "error", "id": request.id, "code": "context_length_exceeded",
-                "message": f"prompt of {len(request.prompt)} tokens does not fit the "
-                f"{self._executor.max_context}-token context",
-            })
+        problem = self._refusal(request)
+        if problem is not None:
+            code, message = problem
+            self._emit({"op": "error", "id": request.id, "code": code, "message": message})
             return
         try:
             sampler = Sampler(request.params)
         except (ValueError, EngineError) as exc:
-            self._emit({"op": "error", "id": request.id, "message": f"bad sampling parameters: {exc}",
-                        "code": "bad_request"})
+            self._emit({"op": "error", "id": request.id, "code": "bad_request",
+                        "message": f"bad sampling parameters: {exc}"})
             return
-        seq = _Sequence(request=request, sampler=sampler)
+        reserved = min(len(request.prompt) + request.params.max_tokens, self._executor.max_context)
+        seq = _Sequence(request=request, sampler=sampler, reserved=reserved)
         self._by_id[request.id] = seq
         self._waiting.append(seq)
         self._wakeup.set()
+
+    def _refusal(self, request: GenerationRequest) -> tuple[str, str] | None:
+        if request.id in self._by_id:
+            return "bad_request", "duplicate request id"
+        if not request.prompt:
+            return "bad_request", "empty prompt"
+        if len(request.prompt) >= self._executor.max_context:
+            return ("context_length_exceeded", f"prompt of {len(request.prompt)} tokens does not fit the "
+                    f"{self._executor.max_context}-token context")
+        if len(self._waiting) >= self.limits.max_queue:
+            return "overloaded", f"{len(self._waiting)} requests are already waiting; retry shortly"
+        return None
 
     def cancel(self, request_id: int) -> None:
         """Stop a request at the next token boundary (unknown ids are ignored: it may have just finished)."""
@@ -87,59 +129,118 @@ class Scheduler:
             seq.cancelled = True
             self._wakeup.set()
 
+    def stats(self) -> dict[str, Any]:
+        """Counters for health reports."""
+        return {"live": len(self._live), "waiting": len(self._waiting), "prefix_hits": self.prefix_cache.hits,
+                "prefix_tokens_reused": self.prefix_cache.reused_tokens,
+                "prefix_cache_tokens": self.prefix_cache.tokens_held}
+
+    # -------------------------------------------------------------------- loop
+
     async def run(self) -> None:
-        """Step sequences until cancelled; releases every sequence on the way out."""
-        loop = asyncio.get_running_loop()
+        """Admit and step sequences until cancelled; releases every sequence on the way out."""
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
         try:
             while True:
-                self._admit()
-                if not self._active:
-                    self._wakeup.clear()
-                    await self._wakeup.wait()
+                self._drop_cancelled()
+                await self._admit()
+                if not self._live:
+                    if not self._waiting:
+                        self._wakeup.clear()
+                        await self._wakeup.wait()
                     continue
-                for seq in list(self._active):
-                    if seq.cancelled:
-                        self._finish(seq, "cancelled")
-                        continue
-                    try:
-                        token = await loop.run_in_executor(self._pool, self._step, seq)
-                    except ContextOverflowError:
-                        self._finish(seq, "length")
-                        continue
-                    except Exception as exc:  # an executor fault ends this request, not the host
-                        log.exception("step failed for request %s", seq.request.id)
-                        self._fail(seq, f"engine step failed: {exc}")
-                        continue
-                    self._after_step(seq, token)
+                await self._decode_step()
         finally:
-            for seq in list(self._by_id.values()):
-                self._release(seq)
+            # Executor calls never overlap: if a step is still computing, the executor's close() frees it all.
+            if self._in_flight is None or self._in_flight.done():
+                for seq in list(self._by_id.values()):
+                    self._release(seq)
             self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
-    def _admit(self) -> None:
-        while self._waiting and len(self._active) < self._max_active:
+    async def call(self, fn: Callable[[], _T]) -> _T:
+        """Run other model work (embeddings) on the engine thread, between decode steps."""
+        if self._pool is None:
+            raise EngineError("the scheduler is not running")
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    async def _in_worker(self, fn: Callable[[], _T]) -> _T:
+        assert self._pool is not None, "only called from run()"
+        future = asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        self._in_flight = future
+        return await future
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in (*self._live, *self._waiting) if s.cancelled]:
+            self._finish(seq, "cancelled")
+
+    def _fits(self, seq: _Sequence) -> bool:
+        if not self._live:
+            return True  # one request always runs, whatever its size
+        if len(self._live) >= self._max_batch:
+            return False
+        longest = max(seq.reserved, *(s.reserved for s in self._live))
+        return (len(self._live) + 1) * longest <= self.limits.kv_budget_tokens
+
+    async def _admit(self) -> None:
+        while self._waiting and self._fits(self._waiting[0]):
             seq = self._waiting.popleft()
             if seq.cancelled:
                 self._finish(seq, "cancelled")
-            else:
-                self._active.append(seq)
+                continue
+            self._live.append(seq)
+            try:
+                token = await self._in_worker(lambda seq=seq: self._prefill(seq))  # type: ignore[misc]
+            except ContextOverflowError:
+                self._finish(seq, "length")
+                continue
+            except Exception as exc:  # an executor fault ends this request, not the host
+                log.exception("prefill failed for request %s", seq.request.id)
+                self._fail(seq, f"engine prefill failed: {exc}")
+                continue
+            self._after_token(seq, token)
 
-    def _step(self, seq: _Sequence) -> int:
-        # Runs on the worker thread: the only place executor and sampler are touched.
-        if seq.state is None:
-            seq.state = self._executor.new_sequence()
-            logits = self._executor.prefill(seq.state, seq.request.prompt)
-        else:
-            assert seq.last_token is not None
-            logits = self._executor.decode(seq.state, seq.last_token)
+    def _prefill(self, seq: _Sequence) -> int:
+        # Worker thread: restore the longest cached prefix, then compute only the rest of the prompt.
+        prompt = seq.request.prompt
+        hit = self.prefix_cache.lookup(prompt)
+        seq.state = self._executor.new_sequence(hit.snapshot if hit else None)
+        start = seq.state.length
+        logits = self._executor.prefill(seq.state, prompt[start:])
         return seq.sampler.sample(logits)
 
-    def _after_step(self, seq: _Sequence, token: int) -> None:
+    async def _decode_step(self) -> None:
+        batch = [s for s in self._live if s.state is not None and s.last_token is not None]
+        if not batch:
+            return
+        try:
+            tokens = await self._in_worker(lambda: self._decode(batch))
+        except ContextOverflowError:
+            for seq in batch:
+                self._finish(seq, "length")
+            return
+        except Exception as exc:
+            log.exception("decode step failed")
+            for seq in batch:
+                self._fail(seq, f"engine step failed: {exc}")
+            return
+        for seq, token in zip(batch, tokens, strict=True):
+            if seq.request.id in self._by_id:  # not cancelled-and-released meanwhile
+                self._after_token(seq, token)
+
+    def _decode(self, batch: list[_Sequence]) -> list[int]:
+        # Worker thread: one batched step, then each row sampled by its own sequence's sampler.
+        states = [s.state for s in batch]
+        logits = self._executor.decode(states, [s.last_token for s in batch])  # type: ignore[arg-type, misc]
+        return [seq.sampler.sample(logits[row]) for row, seq in enumerate(batch)]
+
+    # ------------------------------------------------------------- outcomes
+
+    def _after_token(self, seq: _Sequence, token: int) -> None:
         if token in seq.request.stop_ids:
             self._finish(seq, "stop")
             return
-        seq.generated += 1
-        seq.last_token = token
+        seq.generated_ids.append(token)
         self._emit({"op": "tokens", "id": seq.request.id, "ids": [token]})
         # Prompt plus completion never exceed the context (OpenAI's rule), so the last token fits too.
         if seq.generated >= seq.request.params.max_tokens or (
@@ -148,6 +249,13 @@ class Scheduler:
             self._finish(seq, "length")
 
     def _finish(self, seq: _Sequence, reason: str) -> None:
+        if seq.state is not None and reason != "cancelled":
+            state = seq.state
+            held = seq.tokens_held()
+            try:
+                self.prefix_cache.offer(held, lambda n: self._executor.snapshot(state, n))
+            except EngineError:
+                log.exception("could not keep the prefix of request %s", seq.request.id)
         self._release(seq)
         self._emit({
             "op": "done", "id": seq.request.id, "finish_reason": reason,
@@ -160,8 +268,8 @@ class Scheduler:
 
     def _release(self, seq: _Sequence) -> None:
         self._by_id.pop(seq.request.id, None)
-        if seq in self._active:
-            self._active.remove(seq)
+        if seq in self._live:
+            self._live.remove(seq)
         if seq in self._waiting:
             self._waiting.remove(seq)
         if seq.state is not None:

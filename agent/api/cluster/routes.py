@@ -10,6 +10,7 @@ from aiohttp import web
 
 import agent
 from agent.engine import EngineHost, EngineState
+from agent.monitor import EventLoopMonitor
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class HealthSources:
 
     started_monotonic: float
     engines: tuple[EngineHost, ...]
+    event_loop: EventLoopMonitor
 
 
 HEALTH_KEY = web.AppKey("health_sources", HealthSources)
@@ -38,6 +40,7 @@ def health_report(sources: HealthSources) -> dict[str, Any]:
         "uptime_seconds": round(time.monotonic() - sources.started_monotonic, 3),
         "version": agent.__version__,
         "engine": engines[0] if len(engines) == 1 else {"state": status, "models": engines},
+        "event_loop": sources.event_loop.report(),
     }
 
 

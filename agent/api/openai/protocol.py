@@ -153,3 +153,38 @@ class CompletionRequest(_SamplingRequest):
     echo: Any = None
     suffix: Any = None
     best_of: Any = None
+
+
+# One request's inputs are embedded in one engine call; this bounds its memory and its time on the engine.
+MAX_EMBEDDING_INPUTS = 256
+
+
+class EmbeddingRequest(_Strict):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = Field(None, description="Embedding model id; omitted: the first embedding model")
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(None, ge=1)
+    user: str | None = Field(None, max_length=256, description="End-user id; recorded in the request's log lines")
+
+    @model_validator(mode="after")
+    def _check_inputs(self) -> EmbeddingRequest:
+        items = self.items()
+        if not items:
+            raise UnsupportedParameterError("'input' must not be empty", param="input", code="invalid_value")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise UnsupportedParameterError(
+                f"'input' has {len(items)} items; at most {MAX_EMBEDDING_INPUTS} per request",
+                param="input", code="invalid_value")
+        for i, item in enumerate(items):
+            if not item:
+                raise UnsupportedParameterError(f"input[{i}] is empty", param=f"input[{i}]", code="invalid_value")
+        return self
+
+    def items(self) -> list[str | list[int]]:
+        """The inputs as a list of strings or token-id lists."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if value and isinstance(value[0], int):
+            return [[int(t) for t in value]]
+        return list(value)  # type: ignore[arg-type]

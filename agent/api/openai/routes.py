@@ -26,7 +26,7 @@ from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ValidationError
 
 from agent.api.middleware import REQUEST_ID_HEADER, REQUEST_ID_KEY
-from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest
+from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from agent.api.openai.serving import (
     Finish,
     OpenAIServing,
@@ -141,7 +141,7 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{id}."""
     serving = request.app[SERVING_KEY]
-    model = serving.registry.resolve(request.match_info["model_id"])
+    model = serving.registry.get(request.match_info["model_id"])
     return web.json_response(serving.model_card(model))
 
 
@@ -162,7 +162,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
     # A down engine is a 503 (which SDKs retry) while we can still choose the status, not an error event.
-    await prepared.model.engine.wait_ready()
+    await prepared.model.engine.admit()
 
     async def events() -> AsyncGenerator[dict[str, Any], None]:
         def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
@@ -197,7 +197,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             completion_object(completion_id, created, model, text, finish.finish_reason, finish.usage()))
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
-    await prepared.model.engine.wait_ready()
+    await prepared.model.engine.admit()
 
     async def events() -> AsyncGenerator[dict[str, Any], None]:
         async with aclosing(serving.generate_text(prepared)) as stream:
@@ -303,10 +303,19 @@ async def stream_socket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    """POST /v1/embeddings."""
+    serving = request.app[SERVING_KEY]
+    body = parse_body(EmbeddingRequest, await _json_body(request))
+    log.info("embeddings", model=body.model, inputs=len(body.items()), user=body.user)
+    return web.json_response(await serving.embed(body))
+
+
 def setup_routes(app: web.Application) -> None:
     """Register the OpenAI-compatible routes."""
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_get("/v1/stream", stream_socket)

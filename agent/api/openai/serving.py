@@ -9,6 +9,7 @@ generation in the engine.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -18,10 +19,15 @@ from typing import Any
 
 import structlog
 
-from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest
+from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from agent.engine import EngineDone
-from agent.errors import ContextLengthError, EngineFailedError, InvalidRequestError
-from agent.models.registry import LoadedModel, ModelRegistry
+from agent.errors import (
+    ContextLengthError,
+    EngineFailedError,
+    InvalidRequestError,
+    UnsupportedParameterError,
+)
+from agent.models.registry import ChatModel, EmbeddingModel, ModelRegistry
 from engines.base import SamplingParams
 from engines.text import ChatTemplateError, IncrementalDetokenizer, StopMatcher
 
@@ -32,7 +38,7 @@ log = structlog.get_logger("agent.api.openai")
 class Prepared:
     """A validated request, ready for the engine."""
 
-    model: LoadedModel
+    model: ChatModel
     prompt_ids: list[int]
     params: SamplingParams
     stops: list[str]
@@ -71,25 +77,30 @@ class OpenAIServing:
         """GET /v1/models body."""
         return {"object": "list", "data": [self.model_card(m) for m in self.registry.all()]}
 
-    def model_card(self, model: LoadedModel) -> dict[str, Any]:
+    def model_card(self, model: ChatModel | EmbeddingModel) -> dict[str, Any]:
         """One Model object, with what the model can do."""
-        return {
+        card: dict[str, Any] = {
             "id": model.id,
             "object": "model",
             "created": model.installed.installed_at,
             "owned_by": "thox",
             "capabilities": list(model.installed.capabilities),
-            "context_length": model.engine.max_context,
             "quantization": model.installed.quantization,
-            "sampling_defaults": model.installed.sampling_defaults,
-            "default": model.id == self.registry.default_id,
         }
+        if isinstance(model, ChatModel):
+            card["context_length"] = model.engine.max_context
+            card["sampling_defaults"] = model.installed.sampling_defaults
+            card["default"] = model.id == self.registry.default_id
+        else:
+            card["max_input_tokens"] = model.tokenizer.max_tokens
+            card["dimensions"] = model.engine.encoder_info.get("dimensions")
+        return card
 
     # ----------------------------------------------------------------- prepare
 
     async def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         """Resolve the model, render the chat template and tokenise (off the loop)."""
-        model = self.registry.resolve(request.model)
+        model = self.registry.chat(request.model)
         messages = [
             {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
             for i, m in enumerate(request.messages)
@@ -108,7 +119,7 @@ class OpenAIServing:
 
     async def prepare_completion(self, request: CompletionRequest) -> Prepared:
         """Resolve the model and tokenise the prompt (a string or one list of token ids)."""
-        model = self.registry.resolve(request.model)
+        model = self.registry.chat(request.model)
         prompt: str | list[int]
         if isinstance(request.prompt, list) and request.prompt and not isinstance(request.prompt[0], int):
             if len(request.prompt) != 1:
@@ -132,7 +143,7 @@ class OpenAIServing:
 
     @staticmethod
     def _prepared(
-        model: LoadedModel,
+        model: ChatModel,
         prompt_ids: list[int],
         request: ChatCompletionRequest | CompletionRequest,
         max_tokens: int | None,
@@ -159,6 +170,50 @@ class OpenAIServing:
             frequency_penalty=request.frequency_penalty or 0.0,
         )
         return Prepared(model=model, prompt_ids=prompt_ids, params=params, stops=request.stop_strings())
+
+    # -------------------------------------------------------------- embeddings
+
+    async def embed(self, request: EmbeddingRequest) -> dict[str, Any]:
+        """POST /v1/embeddings body: tokenise (off the loop), check limits, embed in the engine host."""
+        model = self.registry.embedding(request.model)
+        dimensions = model.engine.encoder_info.get("dimensions")
+        if request.dimensions is not None and request.dimensions != dimensions:
+            raise UnsupportedParameterError(
+                f"'{model.id}' makes {dimensions}-dimensional vectors and cannot shorten them; omit 'dimensions'",
+                param="dimensions")
+        tokenizer = model.tokenizer
+        items = request.items()
+
+        def tokenise() -> list[list[int]]:
+            batch = []
+            for i, item in enumerate(items):
+                if isinstance(item, str):
+                    batch.append(tokenizer.encode(item))
+                else:
+                    if any(not 0 <= t < tokenizer.vocab_size for t in item):
+                        raise InvalidRequestError(
+                            f"input[{i}] has token ids outside [0, {tokenizer.vocab_size})", param=f"input[{i}]",
+                            code="invalid_value")
+                    batch.append(tokenizer.wrap(item))
+            return batch
+
+        batch = await asyncio.to_thread(tokenise)
+        for i, ids in enumerate(batch):
+            if len(ids) > tokenizer.max_tokens:
+                raise ContextLengthError(
+                    f"input[{i}] is {len(ids)} tokens; '{model.id}' accepts at most {tokenizer.max_tokens} tokens "
+                    "per input (special tokens included). Shorten or split it.", param=f"input[{i}]")
+        result = await model.engine.embed(batch)
+        data = []
+        for index, vector in enumerate(result.vectors):
+            embedding: list[float] | str
+            if request.encoding_format == "base64":
+                embedding = base64.b64encode(vector.astype("<f4").tobytes()).decode()
+            else:
+                embedding = vector.tolist()
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        return {"object": "list", "data": data, "model": model.id,
+                "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}}
 
     # ---------------------------------------------------------------- generate
 

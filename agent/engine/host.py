@@ -112,6 +112,7 @@ class EngineHost:
         self._ids = itertools.count(1)
         self._progress_logged: tuple[str, int] = ("", -1)
         self._fallback_socket_dir: Path | None = None
+        self._admitted = 0
 
     # ----------------------------------------------------------------- supervision
 
@@ -299,25 +300,34 @@ class EngineHost:
             raise EngineUnavailableError(
                 f"the inference engine is {self.state.value}{detail}; retry shortly") from None
 
-    async def admit(self) -> asyncio.StreamWriter:
-        """Wait for a ready engine and check there is room for one more request (503s otherwise).
+    @contextlib.asynccontextmanager
+    async def admission(self) -> AsyncGenerator[None, None]:
+        """Hold one of the engine's places (batch slots plus queue) for a request's whole life; 503 if none.
 
-        The agent is the engine host's only client, so its own count of requests in flight is exact: checking
-        here lets a streaming handler answer 503 before it commits to a 200.
+        The agent is the engine host's only client, so counting here is exact, and a streaming handler learns
+        it must answer 503 before it commits to a 200.
         """
+        await self.wait_ready()
+        capacity = self.config.max_batch + self.config.max_queue
+        if self._admitted >= capacity:
+            raise EngineOverloadedError(
+                f"the engine is at capacity ({capacity} requests running or waiting); retry shortly")
+        self._admitted += 1
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+
+    async def _writer_when_ready(self) -> asyncio.StreamWriter:
         await self.wait_ready()
         writer = self._writer
         if writer is None or writer.is_closing():
             raise EngineUnavailableError("the inference engine is restarting; retry shortly")
-        capacity = self.config.max_batch + self.config.max_queue
-        if len(self._streams) >= capacity:
-            raise EngineOverloadedError(
-                f"the engine is at capacity ({capacity} requests running or waiting); retry shortly")
         return writer
 
     async def embed(self, inputs: list[list[int]]) -> EmbeddingResult:
         """Embed token sequences with the host's encoder."""
-        writer = await self.admit()
+        writer = await self._writer_when_ready()
         request_id = next(self._ids)
         queue: asyncio.Queue[_Event] = asyncio.Queue()
         self._streams[request_id] = queue
@@ -336,7 +346,7 @@ class EngineHost:
         self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int]
     ) -> AsyncGenerator[list[int] | EngineDone, None]:
         """Stream token-id batches, then one EngineDone. Leaving early cancels the generation in the host."""
-        writer = await self.admit()
+        writer = await self._writer_when_ready()
         request_id = next(self._ids)
         queue: asyncio.Queue[_Event] = asyncio.Queue()
         self._streams[request_id] = queue
@@ -375,6 +385,7 @@ class EngineHost:
             "pid": self.pid,
             "restarts": self.restarts,
             "active_streams": len(self._streams),
+            "admitted": self._admitted,
             "max_context": self.max_context,
             "last_error": self.last_error,
             **({"info": self.model_info} if self.model_info else {}),

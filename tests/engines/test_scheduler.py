@@ -227,11 +227,12 @@ async def test_kv_budget_limits_the_batch() -> None:
 async def test_a_full_queue_refuses_with_overloaded() -> None:
     executor = ScriptedExecutor()
     frames: list[Frame] = []
-    scheduler = Scheduler(executor, frames.append, SchedulerLimits(max_queue=2))
-    for rid in range(1, 4):
+    # Two in the batch plus one waiting fill it; the fourth is refused at once.
+    scheduler = Scheduler(executor, frames.append, SchedulerLimits(max_batch=2, max_queue=1))
+    for rid in range(1, 5):
         scheduler.submit(request(rid, [rid]))
     assert [f["code"] for f in frames] == ["overloaded"]
-    assert frames[0]["id"] == 3
+    assert frames[0]["id"] == 4
 
 
 async def test_max_tokens_and_context_give_length() -> None:
@@ -327,9 +328,9 @@ async def test_next_chat_turn_reuses_the_previous_kv() -> None:
     scheduler.submit(request(2, second, max_tokens=6))
     await run_until_done(scheduler, frames, 2)
     assert tokens_of(frames, 2) == alone(second, 6)  # identical to computing everything
-    reused = len(first) + len(answer) - 1  # the last answer token was sampled, never fed
-    assert executor.restored[-1] == reused
-    assert executor.prefilled[-1] == len(second) - reused
+    # The first prompt's KV is reused; the answer is recomputed by prefill, as a fresh request would.
+    assert executor.restored[-1] == len(first)
+    assert executor.prefilled[-1] == len(second) - len(first)
     assert scheduler.stats()["prefix_hits"] == 1
 
 

@@ -26,10 +26,11 @@ from aiohttp import WSMsgType, web
 from pydantic import BaseModel, ValidationError
 
 from agent.api.middleware import REQUEST_ID_HEADER, REQUEST_ID_KEY
-from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, StreamOptions
 from agent.api.openai.serving import (
     Finish,
     OpenAIServing,
+    Prepared,
     chat_chunk,
     chat_response,
     completion_object,
@@ -156,29 +157,33 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
     log.info("chat_completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids),
              user=body.user)
-    if not body.stream:
-        text, finish = await serving.complete(prepared)
-        return web.json_response(chat_response(completion_id, created, model, text, finish))
+    # The engine place is held for the whole response; without one, a 503 goes out before any 200.
+    async with prepared.model.engine.admission():
+        if not body.stream:
+            text, finish = await serving.complete(prepared)
+            return web.json_response(chat_response(completion_id, created, model, text, finish))
+        return await _stream_with_error_event(request, _chat_events(serving, prepared, completion_id, created,
+                                                                    body.stream_options))
 
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-    # A down engine is a 503 (which SDKs retry) while we can still choose the status, not an error event.
-    await prepared.model.engine.admit()
 
-    async def events() -> AsyncGenerator[dict[str, Any], None]:
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-            return chat_chunk(completion_id, created, model, delta, finish_reason, with_usage_field=include_usage)
+async def _chat_events(
+    serving: OpenAIServing, prepared: Prepared, completion_id: str, created: int, options: StreamOptions | None
+) -> AsyncGenerator[dict[str, Any], None]:
+    include_usage = options is not None and options.include_usage
+    model = prepared.model.id
 
-        yield chunk({"role": "assistant", "content": ""})
-        async with aclosing(serving.generate_text(prepared)) as stream:
-            async for item in stream:
-                if isinstance(item, Finish):
-                    yield chunk({}, item.finish_reason)
-                    if include_usage:
-                        yield usage_chunk(completion_id, created, model, "chat.completion.chunk", item)
-                    return
-                yield chunk({"content": item})
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return chat_chunk(completion_id, created, model, delta, finish_reason, with_usage_field=include_usage)
 
-    return await _stream_with_error_event(request, events())
+    yield chunk({"role": "assistant", "content": ""})
+    async with aclosing(serving.generate_text(prepared)) as stream:
+        async for item in stream:
+            if isinstance(item, Finish):
+                yield chunk({}, item.finish_reason)
+                if include_usage:
+                    yield usage_chunk(completion_id, created, model, "chat.completion.chunk", item)
+                return
+            yield chunk({"content": item})
 
 
 # ---------------------------------------------------------------------- completions
@@ -191,25 +196,28 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prepared = await serving.prepare_completion(body)
     completion_id, created, model = new_id("cmpl"), now(), prepared.model.id
     log.info("completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids), user=body.user)
-    if not body.stream:
-        text, finish = await serving.complete(prepared)
-        return web.json_response(
-            completion_object(completion_id, created, model, text, finish.finish_reason, finish.usage()))
+    async with prepared.model.engine.admission():
+        if not body.stream:
+            text, finish = await serving.complete(prepared)
+            return web.json_response(
+                completion_object(completion_id, created, model, text, finish.finish_reason, finish.usage()))
+        return await _stream_with_error_event(
+            request, _completion_events(serving, prepared, completion_id, created, body.stream_options))
 
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-    await prepared.model.engine.admit()
 
-    async def events() -> AsyncGenerator[dict[str, Any], None]:
-        async with aclosing(serving.generate_text(prepared)) as stream:
-            async for item in stream:
-                if isinstance(item, Finish):
-                    yield completion_object(completion_id, created, model, "", item.finish_reason, None)
-                    if include_usage:
-                        yield usage_chunk(completion_id, created, model, "text_completion", item)
-                    return
-                yield completion_object(completion_id, created, model, item, None, None)
-
-    return await _stream_with_error_event(request, events())
+async def _completion_events(
+    serving: OpenAIServing, prepared: Prepared, completion_id: str, created: int, options: StreamOptions | None
+) -> AsyncGenerator[dict[str, Any], None]:
+    include_usage = options is not None and options.include_usage
+    model = prepared.model.id
+    async with aclosing(serving.generate_text(prepared)) as stream:
+        async for item in stream:
+            if isinstance(item, Finish):
+                yield completion_object(completion_id, created, model, "", item.finish_reason, None)
+                if include_usage:
+                    yield usage_chunk(completion_id, created, model, "text_completion", item)
+                return
+            yield completion_object(completion_id, created, model, item, None, None)
 
 
 # ------------------------------------------------------------------------ websocket
@@ -224,7 +232,7 @@ async def _ws_run_one(ws: web.WebSocketResponse, serving: OpenAIServing, payload
         prepared = await serving.prepare_chat(body)
         completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
         first = True
-        async with aclosing(serving.generate_text(prepared)) as stream:
+        async with prepared.model.engine.admission(), aclosing(serving.generate_text(prepared)) as stream:
             async for item in stream:
                 if isinstance(item, Finish):
                     await ws.send_json({"type": "done", "request": client_id, "id": completion_id, "model": model,

@@ -203,7 +203,8 @@ class OpenAIServing:
                 raise ContextLengthError(
                     f"input[{i}] is {len(ids)} tokens; '{model.id}' accepts at most {tokenizer.max_tokens} tokens "
                     "per input (special tokens included). Shorten or split it.", param=f"input[{i}]")
-        result = await model.engine.embed(batch)
+        async with model.engine.admission():
+            result = await model.engine.embed(batch)
         data = []
         for index, vector in enumerate(result.vectors):
             embedding: list[float] | str

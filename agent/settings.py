@@ -51,7 +51,7 @@ class EngineSettings(_Section):
     kv_budget_tokens: int = Field(
         16384, ge=64, description="KV cache bound: live sequences times the longest (prompt + max_tokens)")
     prefix_cache_tokens: int = Field(
-        4096, ge=0, description="KV of recent requests kept for prefix reuse (0 turns it off)")
+        1024, ge=0, description="KV of recent prompts kept for prefix reuse, ~46 KB a token (0 turns it off)")
     start_timeout_seconds: float = Field(600.0, gt=0, description="Longest wait for a (first) model conversion")
     ready_wait_seconds: float = Field(
         15.0, ge=0, description="How long a request waits for a (re)starting engine before it gets a 503")

@@ -2,7 +2,10 @@
 
 from engines.convert.cache import (
     CONVERTER_VERSION,
+    DEFAULT_FLAVOUR,
+    FLAVOURS,
     ConvertedModel,
+    GraphFlavour,
     convert_gguf,
     ensure_converted,
     flavour_name,
@@ -14,8 +17,11 @@ from engines.convert.repack import BlockWeight, pack_int4, repack
 
 __all__ = [
     "CONVERTER_VERSION",
+    "DEFAULT_FLAVOUR",
+    "FLAVOURS",
     "BlockWeight",
     "ConvertedModel",
+    "GraphFlavour",
     "GgufModel",
     "GgufTensor",
     "LlamaConfig",

@@ -8,22 +8,33 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, cast
 
 from engines.base import ModelFormatError, ProgressFn
 from engines.convert.external import ExternalDataWriter
+from engines.convert.fused import build_fused_graph
 from engines.convert.gguf_model import GgufModel, LlamaConfig
 from engines.convert.graph import OPSET, LogitsMode, build_graph
 
+# "standard": opset-21 standard ops only (DequantizeLinear int4 + MatMul), for TensorRT and any ONNX runtime.
+# "fused": ONNX Runtime CPU contrib ops (MatMulNBits, GroupQueryAttention, SkipSimplifiedLayerNormalization); the
+# fast CPU graph, with a fixed-capacity KV cache the executor shares between past and present.
+GraphFlavour = Literal["standard", "fused"]
+FLAVOURS: tuple[GraphFlavour, ...] = ("standard", "fused")
+DEFAULT_FLAVOUR: GraphFlavour = "fused"
+
 # Bump whenever the emitted graph changes: entries written by another version are converted again.
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: graph flavours (fused contrib-op graph beside the standard one)
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 META_FILE = "meta.json"
 _TMP_PREFIX = ".tmp-"
 _HASH_CHUNK = 4 << 20
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,11 @@ class ConvertedModel:
     flavour: str
     logits: LogitsMode
     gguf_sha256: str
+
+    @property
+    def graph(self) -> GraphFlavour:
+        """Which graph this entry holds: "standard" or "fused" (the first part of `flavour`)."""
+        return cast(GraphFlavour, self.flavour.split("-", 1)[0])
 
     @property
     def model_path(self) -> Path:
@@ -78,11 +94,13 @@ class ConvertedModel:
             raise ModelFormatError(f"{directory}: {META_FILE} lacks or mistypes {exc}") from exc
 
 
-def flavour_name(logits: LogitsMode) -> str:
-    """Cache sub-directory name of a graph variant (standard ops; logits for the last or every position)."""
+def flavour_name(logits: LogitsMode, flavour: GraphFlavour = DEFAULT_FLAVOUR) -> str:
+    """Cache sub-directory name of a graph variant: "<graph flavour>-<logits for the last or every position>"."""
     if logits not in ("last", "all"):
         raise ValueError(f"logits must be 'last' or 'all', not {logits!r}")
-    return f"standard-{logits}"
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour must be one of {FLAVOURS}, not {flavour!r}")
+    return f"{flavour}-{logits}"
 
 
 def sha256_file(path: Path, progress: ProgressFn | None = None) -> str:
@@ -99,6 +117,14 @@ def sha256_file(path: Path, progress: ProgressFn | None = None) -> str:
     return digest.hexdigest()
 
 
+def write_durably(path: Path, data: bytes) -> None:
+    """Write a new file and fsync it (cache entries are renamed into place only once durable)."""
+    with path.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -112,11 +138,13 @@ def convert_gguf(
     out_dir: Path,
     *,
     logits: LogitsMode = "last",
+    flavour: GraphFlavour = DEFAULT_FLAVOUR,
     sha256: str = "",
     progress: ProgressFn | None = None,
 ) -> LlamaConfig:
     """Write model.onnx, model.onnx.data and meta.json into the existing directory `out_dir`, fsynced."""
-    flavour = flavour_name(logits)
+    name = flavour_name(logits, flavour)
+    build = build_fused_graph if flavour == "fused" else build_graph
     if progress is not None:
         progress("read", 0, 1)
     model = GgufModel(gguf_path)
@@ -124,7 +152,7 @@ def convert_gguf(
         progress("read", 1, 1)
     with (out_dir / DATA_FILE).open("wb") as data:
         writer = ExternalDataWriter(data, DATA_FILE)
-        proto = build_graph(model, writer, logits=logits, progress=progress)
+        proto = build(model, writer, logits=logits, progress=progress)
         if progress is not None:
             progress("write", 0, 2)
         writer.sync()
@@ -136,9 +164,10 @@ def convert_gguf(
         os.fsync(f.fileno())
     meta: dict[str, Any] = {
         "converter_version": CONVERTER_VERSION,
-        "flavour": flavour,
+        "flavour": name,
         "logits": logits,
         "opset": OPSET,
+        "domains": sorted({o.domain or "ai.onnx" for o in proto.opset_import}),
         "gguf_sha256": sha256,
         "gguf_name": gguf_path.name,
         "bos_token_id": model.config.bos_token_id,
@@ -166,24 +195,18 @@ def _remove_stale_temps(parent: Path) -> None:
             continue
 
 
-def ensure_converted(
-    gguf_path: Path,
-    cache_root: Path,
-    *,
-    sha256: str | None = None,
-    progress: ProgressFn | None = None,
-    logits: LogitsMode = "last",
-) -> ConvertedModel:
-    """Return the cached conversion of `gguf_path`, converting it first if needed.
+def ensure_entry(
+    cache_root: Path, digest: str, flavour: str, build: Callable[[Path], object], load: Callable[[Path], T]
+) -> T:
+    """Return `load(cache_root/onnx/<digest>/<flavour>)`, running `build(temp dir)` first if that fails.
 
-    The entry lives in `cache_root/onnx/<sha256>/<flavour>`. It is built in a temp dir under `cache_root/onnx`
-    and renamed into place only when complete, so a crash or an exception never leaves a half-written entry.
+    `build` fills an empty temp dir under `cache_root/onnx`, which is renamed into place only when complete, so a
+    crash or an exception never leaves a half-written entry; `load` raises ModelFormatError for a missing,
+    incomplete or outdated entry.
     """
-    digest = sha256 or sha256_file(gguf_path, progress)
-    flavour = flavour_name(logits)
     final = cache_root / "onnx" / digest / flavour
     with contextlib.suppress(ModelFormatError):
-        return ConvertedModel.load(final)
+        return load(final)
 
     work = cache_root / "onnx"
     work.mkdir(parents=True, exist_ok=True)
@@ -193,7 +216,7 @@ def ensure_converted(
         tmp.chmod(
             0o755
         )  # mkdtemp makes it private; the finished entry should be readable like any cache file
-        convert_gguf(gguf_path, tmp, logits=logits, sha256=digest, progress=progress)
+        build(tmp)
         _fsync_path(tmp)
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
@@ -205,10 +228,34 @@ def ensure_converted(
         except OSError:
             # Another process finished the same conversion first; its entry is as good as ours.
             with contextlib.suppress(ModelFormatError):
-                return ConvertedModel.load(final)
+                return load(final)
             raise
         _fsync_path(final.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return ConvertedModel.load(final)
+    return load(final)
+
+
+def ensure_converted(
+    gguf_path: Path,
+    cache_root: Path,
+    *,
+    sha256: str | None = None,
+    progress: ProgressFn | None = None,
+    logits: LogitsMode = "last",
+    flavour: GraphFlavour = DEFAULT_FLAVOUR,
+) -> ConvertedModel:
+    """Return the cached conversion of `gguf_path`, converting it first if needed.
+
+    The entry lives in `cache_root/onnx/<sha256>/<flavour>-<logits>` (see `flavour_name`, `ensure_entry`).
+    """
+    name = flavour_name(logits, flavour)  # validates before the (slow) hash
+    digest = sha256 or sha256_file(gguf_path, progress)
+    return ensure_entry(
+        cache_root,
+        digest,
+        name,
+        lambda tmp: convert_gguf(gguf_path, tmp, logits=logits, flavour=flavour, sha256=digest, progress=progress),
+        ConvertedModel.load,
+    )

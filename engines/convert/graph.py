@@ -31,7 +31,7 @@ def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
 
 
-class _Builder:
+class GraphBuilder:
     """Accumulates nodes and initializers; every weight goes straight to the external-data writer."""
 
     def __init__(self, writer: ExternalDataWriter, progress: ProgressFn | None, total: int) -> None:
@@ -167,7 +167,7 @@ def build_graph(
     cfg = model.config
     n_kv, hd, group = cfg.n_kv_heads, cfg.head_dim, cfg.n_heads // cfg.n_kv_heads
     total = model.n_tensors + (1 if cfg.tied_embeddings else 0)
-    b = _Builder(writer, progress, total)
+    b = GraphBuilder(writer, progress, total)
     ids, pos = "input_ids", "position_ids"
 
     h = b.embedding(ids, model.tensor("token_embd.weight"))

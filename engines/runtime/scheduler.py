@@ -46,7 +46,7 @@ class SchedulerLimits:
     # Bound on the KV pool: live sequences times the longest reservation (prompt + max_tokens) among them.
     kv_budget_tokens: int = 16384
     # Tokens of KV kept after requests finish, for prefix reuse (0 turns reuse off).
-    prefix_cache_tokens: int = 4096
+    prefix_cache_tokens: int = 1024
 
 
 @dataclass

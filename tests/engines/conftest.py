@@ -43,20 +43,40 @@ def model_cache() -> Path:
 
 @pytest.fixture(scope="session")
 def converted_last(smollm2_gguf: Path, model_cache: Path) -> ConvertedModel:
-    """SmolLM2 converted with logits for the last position only (what the executor serves)."""
-    return ensure_converted(smollm2_gguf, model_cache, logits="last")
+    """SmolLM2 as the standard-ops graph with logits for the last position only."""
+    return ensure_converted(smollm2_gguf, model_cache, logits="last", flavour="standard")
 
 
 @pytest.fixture(scope="session")
 def converted_all(smollm2_gguf: Path, model_cache: Path) -> ConvertedModel:
-    """SmolLM2 converted with logits for every position (for fidelity checks)."""
-    return ensure_converted(smollm2_gguf, model_cache, logits="all")
+    """SmolLM2 as the standard-ops graph with logits for every position (for fidelity checks)."""
+    return ensure_converted(smollm2_gguf, model_cache, logits="all", flavour="standard")
 
 
 @pytest.fixture(scope="session")
-def executor(converted_last: ConvertedModel) -> Iterator[OrtExecutor]:
-    """The default executor configuration on 2 threads."""
-    ex = OrtExecutor(converted_last, threads=2)
+def fused_last(smollm2_gguf: Path, model_cache: Path) -> ConvertedModel:
+    """SmolLM2 as the fused (ONNX Runtime contrib ops) graph, logits for the last position: what the agent runs."""
+    return ensure_converted(smollm2_gguf, model_cache, logits="last", flavour="fused")
+
+
+@pytest.fixture(scope="session")
+def fused_all(smollm2_gguf: Path, model_cache: Path) -> ConvertedModel:
+    """SmolLM2 as the fused graph with logits for every position (for fidelity checks)."""
+    return ensure_converted(smollm2_gguf, model_cache, logits="all", flavour="fused")
+
+
+@pytest.fixture(scope="session")
+def executor(fused_last: ConvertedModel) -> Iterator[OrtExecutor]:
+    """The default executor configuration (fused graph, int8 activations) on 2 threads; tests release what they take."""
+    ex = OrtExecutor(fused_last, threads=2)
+    yield ex
+    ex.close()
+
+
+@pytest.fixture(scope="session")
+def exact_executor(fused_all: ConvertedModel) -> Iterator[OrtExecutor]:
+    """The fused graph with fp32 activations (accuracy level 0), logits for every position."""
+    ex = OrtExecutor(fused_all, threads=2, accuracy_level=0)
     yield ex
     ex.close()
 

@@ -15,10 +15,12 @@ from gguf import GGMLQuantizationType as Q
 
 from engines.base import ModelFormatError
 from engines.convert import (
+    CONVERTER_VERSION,
     BlockWeight,
     ConvertedModel,
     GgufModel,
     GgufTensor,
+    GraphFlavour,
     ensure_converted,
     pack_int4,
     past_names,
@@ -134,7 +136,7 @@ def test_fast_int8_activation_path_stays_close(
 
 def test_tiny_mixed_quant_model_matches_reference(tiny_gguf: Path, tmp_path: Path) -> None:
     """Q4_0, Q4_1, Q8_0, F16 and F32 tensors, GQA and an untied head, against the oracle."""
-    converted = ensure_converted(tiny_gguf, tmp_path, logits="all")
+    converted = ensure_converted(tiny_gguf, tmp_path, logits="all", flavour="standard")
     assert not converted.config.tied_embeddings
     ids = [1, 17, 200, 3, 99, 45, 45, 7, 255, 0]
     logits = _run_all_positions(converted, ids, accuracy_level=0)
@@ -144,7 +146,7 @@ def test_tiny_mixed_quant_model_matches_reference(tiny_gguf: Path, tmp_path: Pat
 def test_linear_rope_scaling_matches_reference(tmp_path: Path) -> None:
     scaled = TinySpec(extra_kv={"{arch}.rope.scaling.type": "linear", "{arch}.rope.scaling.factor": 4.0})
     path = write_tiny_gguf(tmp_path / "linear.gguf", scaled)
-    converted = ensure_converted(path, tmp_path, logits="all")
+    converted = ensure_converted(path, tmp_path, logits="all", flavour="standard")
     assert converted.config.rope_scale == 0.25
     ids = [5, 6, 7, 8, 9, 10, 11, 12]
     logits = _run_all_positions(converted, ids, accuracy_level=0)
@@ -181,16 +183,17 @@ def test_second_call_reuses_the_entry(
     stages: list[str] = []
     mtime = converted_last.data_path.stat().st_mtime_ns
     again = ensure_converted(
-        smollm2_gguf, model_cache, progress=lambda stage, done, total: stages.append(stage)
+        smollm2_gguf, model_cache, progress=lambda stage, done, total: stages.append(stage), flavour="standard"
     )
     assert again == converted_last
     assert set(stages) <= {"hash"}
     assert converted_last.data_path.stat().st_mtime_ns == mtime
 
 
-def test_progress_reports_every_tensor(tiny_gguf: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("flavour", ["standard", "fused"])
+def test_progress_reports_every_tensor(tiny_gguf: Path, tmp_path: Path, flavour: GraphFlavour) -> None:
     calls: list[tuple[str, int, int]] = []
-    ensure_converted(tiny_gguf, tmp_path, sha256="ab" * 32, progress=lambda *a: calls.append(a))
+    ensure_converted(tiny_gguf, tmp_path, sha256="ab" * 32, progress=lambda *a: calls.append(a), flavour=flavour)
     repacks = [c for c in calls if c[0] == "repack"]
     n_tensors = 2 * 9 + 3  # untied: token_embd, output_norm, output
     assert repacks[-1] == ("repack", n_tensors, n_tensors)
@@ -214,10 +217,12 @@ def test_interrupted_conversion_leaves_no_entry(tiny_gguf: Path, tmp_path: Path)
 
 def test_stale_entry_from_an_older_converter_is_replaced(tiny_gguf: Path, tmp_path: Path) -> None:
     first = ensure_converted(tiny_gguf, tmp_path)
-    meta = first.meta_path.read_text().replace('"converter_version": "1"', '"converter_version": "0"')
+    current = f'"converter_version": "{CONVERTER_VERSION}"'
+    meta = first.meta_path.read_text().replace(current, '"converter_version": "0"')
+    assert current not in meta
     first.meta_path.write_text(meta)
     second = ensure_converted(tiny_gguf, tmp_path)
-    assert '"converter_version": "1"' in second.meta_path.read_text()
+    assert current in second.meta_path.read_text()
     assert [p.name for p in (tmp_path / "onnx").iterdir()] == [first.directory.parent.name]
 
 

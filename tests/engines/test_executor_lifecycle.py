@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -177,13 +179,17 @@ def test_kv_pool_grows_on_demand_and_keeps_contents(long_tiny: Path, tmp_path: P
     ex.prefill(b, [4, 5])
     small = ex.kv_capacity
     assert 3 <= small < 100
+    ex.decode([a, b], [6, 7])
+    old = weakref.ref(ex._pool.buffers[0].base)  # the array owning the memory (views share it)
     c = ex.new_sequence()
     ex.prefill(c, list(range(100)))  # forces a reallocation while a and b hold positions
     assert ex.kv_capacity >= 101
-    rows = ex.decode([a, b, c], [6, 7, 8])
+    gc.collect()
+    assert old() is None  # nothing (bindings included) keeps the outgrown buffers alive
+    rows = ex.decode([a, b, c], [8, 9, 8])
     ref = ReferenceLlama(long_tiny)
-    np.testing.assert_allclose(rows[0], ref.forward([1, 2, 3, 6])[-1], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(rows[1], ref.forward([4, 5, 7])[-1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rows[0], ref.forward([1, 2, 3, 6, 8])[-1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(rows[1], ref.forward([4, 5, 7, 9])[-1], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(rows[2], ref.forward([*range(100), 8])[-1], rtol=1e-4, atol=1e-4)
     assert ex.kv_capacity <= 256  # bounded by the context limit
     ex.close()

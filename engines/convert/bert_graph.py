@@ -13,14 +13,14 @@ so it outputs finished embeddings.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import ModelProto, TensorProto, helper
 
 from engines.base import ProgressFn
 from engines.convert.external import ExternalDataWriter
+from engines.convert.onnx_builder import OnnxBuilder
 
 # Opset 17 is the first with LayerNormalization; nothing here needs a later op, and older parsers (TensorRT 10.x
 # on JetPack 6) read it. ORT fuses the same nodes at opset 17 and 21.
@@ -37,39 +37,12 @@ _MASK_VALUE = -10000.0
 WeightFn = Callable[[str], npt.NDArray[np.float32]]
 
 
-class _Builder:
-    """Accumulates nodes and initializers; weights go straight to the external-data writer."""
+class _Builder(OnnxBuilder):
+    """The encoder's builder: checkpoint tensors in, float32 initializers out."""
 
     def __init__(self, writer: ExternalDataWriter, weights: WeightFn, progress: ProgressFn | None, total: int):
-        self.nodes: list[NodeProto] = []
-        self.inits: list[TensorProto] = []
-        self._writer = writer
+        super().__init__(writer, progress, total, "convert")
         self._weights = weights
-        self._progress = progress
-        self._total = total
-        self._done = 0
-        self._count = 0
-        self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
-
-    def op(self, op_type: str, inputs: list[str], hint: str, **attrs: Any) -> str:
-        """Append one node and return the name of its (single) output."""
-        self._count += 1
-        name = f"{hint}/{op_type}_{self._count}"
-        self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
-        return name
-
-    def const(self, value: npt.NDArray[Any], hint: str = "const") -> str:
-        """A small inline constant, deduplicated (fusions only check values, so sharing is safe)."""
-        key = (value.dtype.str, value.tobytes(), value.shape)
-        if key not in self._consts:
-            name = f"{hint}_{len(self._consts)}"
-            self.inits.append(numpy_helper.from_array(value, name))
-            self._consts[key] = name
-        return self._consts[key]
-
-    def ints(self, *values: int) -> str:
-        """An inline int64 vector (shapes, axes, slice bounds)."""
-        return self.const(np.array(values, dtype=np.int64), "i64")
 
     def f32(self, value: float) -> str:
         """An inline float32 scalar."""
@@ -81,9 +54,7 @@ class _Builder:
         if transpose:
             a = a.T  # Linear stores [out, in]; MatMul wants [in, out]
         self.inits.append(self._writer.array(name, np.ascontiguousarray(a, dtype=np.float32)))
-        self._done += 1
-        if self._progress is not None:
-            self._progress("convert", self._done, self._total)
+        self.tick()
         return name
 
     def linear(self, x: str, prefix: str, hint: str) -> str:

@@ -6,11 +6,12 @@ from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
-from onnx import ModelProto, NodeProto, TensorProto, helper, numpy_helper
+from onnx import ModelProto, TensorProto, helper
 
 from engines.base import ProgressFn
 from engines.convert.external import ExternalDataWriter
 from engines.convert.gguf_model import GgufModel, GgufTensor, LlamaConfig
+from engines.convert.onnx_builder import OnnxBuilder
 from engines.convert.repack import BLOCK, BlockWeight, pack_int4, repack
 
 LogitsMode = Literal["last", "all"]
@@ -31,41 +32,12 @@ def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
 
 
-class GraphBuilder:
-    """Accumulates nodes and initializers; every weight goes straight to the external-data writer."""
+class GraphBuilder(OnnxBuilder):
+    """The decoder graphs' builder: GGUF tensors in, exact int4 blocks and their corrections out."""
 
     def __init__(self, writer: ExternalDataWriter, progress: ProgressFn | None, total: int) -> None:
-        self.nodes: list[NodeProto] = []
-        self.inits: list[TensorProto] = []
-        self._writer = writer
-        self._progress = progress
-        self._done = 0
-        self._total = total
-        self._count = 0
-        self._consts: dict[tuple[str, bytes, tuple[int, ...]], str] = {}
+        super().__init__(writer, progress, total, "repack")
         self._blocksums: dict[tuple[str, int], str] = {}
-
-    def op(self, op_type: str, inputs: list[str], hint: str, *, out: str | None = None, **attrs: Any) -> str:
-        """Append one node and return the name of its (single) output."""
-        self._count += 1
-        name = out or f"{hint}/{op_type}_{self._count}"
-        self.nodes.append(
-            helper.make_node(op_type, inputs, [name], name=f"{hint}/{op_type}_{self._count}", **attrs)
-        )
-        return name
-
-    def const(self, value: npt.NDArray[Any], hint: str = "const") -> str:
-        """A small inline constant (shapes, axes, scalars), deduplicated."""
-        key = (value.dtype.str, value.tobytes(), value.shape)
-        if key not in self._consts:
-            name = f"{hint}_{len(self._consts)}"
-            self.inits.append(numpy_helper.from_array(value, name))
-            self._consts[key] = name
-        return self._consts[key]
-
-    def ints(self, *values: int) -> str:
-        """An inline int64 vector (Reshape shapes, axes, ...)."""
-        return self.const(np.array(values, dtype=np.int64), "i64")
 
     def weight(self, name: str, array: npt.NDArray[Any]) -> str:
         """A large initializer, written to the external-data file."""
@@ -77,12 +49,6 @@ class GraphBuilder:
         dims = tuple(int(d) for d in values.shape)
         self.inits.append(self._writer.tensor(name, TensorProto.INT4, dims, pack_int4(values)))
         return name
-
-    def tick(self) -> None:
-        """Report one more GGUF tensor converted."""
-        self._done += 1
-        if self._progress is not None:
-            self._progress("repack", self._done, self._total)
 
     def blocksum(self, x: str, width: int) -> str:
         """Sum of x over each 32-wide input block; shared by all projections that read the same x."""

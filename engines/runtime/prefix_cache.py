@@ -19,7 +19,6 @@ class PrefixHit:
     """A reusable prefix: restore `snapshot`, then prefill the prompt from position `snapshot.length`."""
 
     snapshot: PrefixSnapshot
-    tokens: tuple[int, ...]
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -46,9 +45,6 @@ class PrefixCache:
     def tokens_held(self) -> int:
         return self._tokens_held
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def lookup(self, prompt: Sequence[int]) -> PrefixHit | None:
         """The longest entry that is a prefix of `prompt` and leaves at least one token to prefill."""
         best: tuple[int, ...] | None = None
@@ -61,7 +57,7 @@ class PrefixCache:
         self._entries.move_to_end(best)
         self.hits += 1
         self.reused_tokens += len(best)
-        return PrefixHit(self._entries[best], best)
+        return PrefixHit(self._entries[best])
 
     def offer(self, tokens: Sequence[int], take_snapshot: Callable[[int], PrefixSnapshot]) -> None:
         """Consider a finished sequence's KV (`take_snapshot(n)` copies its first n positions)."""

@@ -14,13 +14,19 @@ class AgentError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    # Seconds a client should wait before retrying (sent as Retry-After on 503s).
+    retry_after = 1
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
 
     def envelope(self) -> dict[str, Any]:
         """The OpenAI error object for this error."""
@@ -99,3 +105,28 @@ class EngineFailedError(AgentError):
     status = 500
     type = "server_error"
     code = "engine_error"
+
+
+class ConflictError(AgentError):
+    """The request cannot be done in the current state of the device (409), e.g. no module is docked."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class UnprocessableError(AgentError):
+    """The request is well-formed but cannot be satisfied (422), e.g. no offered PDO meets it."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "unprocessable"
+
+
+class HardwareUnavailableError(AgentError):
+    """A hardware driver failed or is absent (503); the message names the driver and what it said."""
+
+    status = 503
+    type = "server_error"
+    code = "hardware_unavailable"
+    retry_after = 5

@@ -1,8 +1,9 @@
 """The composition root: builds every subsystem from the settings and runs them under the supervisor.
 
-Start order: model store and text pipelines -> engine host -> cluster API -> inference API -> endpoints file.
-Stop order is the reverse: the inference API stops accepting and lets in-flight streams finish within the grace
-period, the cluster API (health) answers until then, and the engine host stops last.
+Start order: model store and text pipelines -> hardware -> engine host -> cluster API -> inference API ->
+endpoints file. Stop order is the reverse: the inference API stops accepting and lets in-flight streams finish
+within the grace period, the cluster API (health) answers until then, the engine host stops, and the hardware
+stops last, so thermal protection runs until nothing computes and the power contract returns to 5 V at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from agent.api.cluster.routes import HealthSources
 from agent.api.openai.serving import OpenAIServing
 from agent.atomic import atomic_write_bytes
 from agent.engine import EngineHost, EngineHostConfig
+from agent.hardware.manager import HardwareManager, hardware_subsystem
 from agent.models import InstalledModel, ModelStore, ModelStoreError
 from agent.models.registry import CHAT, EMBEDDINGS, ChatModel, EmbeddingModel, EmbeddingTokenizer, ModelRegistry
 from agent.monitor import EventLoopMonitor
@@ -167,12 +169,14 @@ async def serve(settings: Settings) -> None:
     api = settings.api
     inference_app = build_inference_app(OpenAIServing(registry), max_request_bytes=api.max_request_bytes)
     monitor = EventLoopMonitor()
-    cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor),
+    hardware = HardwareManager(settings, [engine])
+    cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware), hardware,
                                     max_request_bytes=api.max_request_bytes)
     listening: list[_Listening] = []
     host = settings.bind_host
     await supervisor.run([
         ("event-loop-monitor", _background(supervisor, monitor.run(), "event-loop-monitor")),
+        ("hardware", hardware_subsystem(hardware, lambda work, name: supervisor.spawn(work, name=name))),
         ("engine", _background(supervisor, engine.run(), "engine")),
         ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),
         ("inference-api", _http_api("inference", inference_app, host, api.inference_port,

@@ -57,6 +57,48 @@ class EngineSettings(_Section):
         15.0, ge=0, description="How long a request waits for a (re)starting engine before it gets a 503")
 
 
+# Driver config strings per profile (drivers/registry.py documents the syntax). The device column is the Thox
+# carrier board's wiring; a board wired differently sets its own strings, and "none" leaves a capability out.
+_DEVICE_DRIVERS = {
+    "thermal": "sysfs:/sys", "fan": "hwmon:/sys", "power_mode": "nvpmodel", "pd": "stusb4500:i2c-7@0x28",
+    "power_monitor": "ina226:i2c-7@0x40", "dock": "gpio:gpiochip0:17", "nfc": "tty:THS2:pn532",
+    "serial": "serial:/dev/ttyTHS1",
+}
+
+
+class HardwareSettings(_Section):
+    """Which drivers run, how often they are polled, and the thermal governor's thresholds."""
+
+    thermal: str | None = Field(None, description="Thermal sources, comma-separated (sim; sysfs:/sys; "
+                                "tmp117:i2c-1@0x48)")
+    fan: str | None = Field(None, description="Fan (sim; hwmon:/sys; none)")
+    power_mode: str | None = Field(None, description="Power mode control (sim; nvpmodel; none)")
+    pd: str | None = Field(None, description="USB-PD controller on the dock port (sim; stusb4500:i2c-7@0x28; "
+                           "tps25750:i2c-7@0x21; none)")
+    power_monitor: str | None = Field(None, description="Power monitor on the dock port (sim; ina226:i2c-7@0x40)")
+    dock: str | None = Field(None, description="Dock switch (sim; gpio:gpiochip0:17; none)")
+    nfc: str | None = Field(None, description="NFC reader (sim; usb; tty:THS2:pn532; udp:localhost:54321; none)")
+    serial: str | None = Field(None, description="Dock controller link (sim; serial:/dev/ttyTHS1; none)")
+    thermal_poll_seconds: float = Field(1.0, gt=0, le=60, description="Thermal poll interval")
+    power_poll_seconds: float = Field(1.0, gt=0, le=60, description="Power monitor, PD and fan poll interval")
+    serial_poll_seconds: float = Field(5.0, gt=0, le=300, description="Dock controller status poll interval")
+    nfc_read_timeout_seconds: float = Field(2.0, gt=0, le=30, description="How long a dock event waits for NFC")
+    warm_c: float = Field(70.0, description="Thermal level WARM from here: fan to cool")
+    throttle_c: float = Field(80.0, description="THROTTLE from here: half the engine's concurrency, builds paused")
+    hot_c: float = Field(88.0, description="HOT from here: one sequence at a time")
+    emergency_margin_c: float = Field(
+        5.0, gt=0, description="EMERGENCY (inference stopped) this far below the kernel's critical trip")
+    hysteresis_c: float = Field(5.0, gt=0, description="A level is left this far below where it was entered")
+    min_dwell_seconds: float = Field(10.0, ge=0, description="Shortest stay in a level before stepping down")
+
+    def driver(self, capability: str, profile: Profile) -> str:
+        """The config string of one capability after applying the profile's default."""
+        value: str | None = getattr(self, capability)
+        if value is not None:
+            return value
+        return "sim" if profile == "sim" else _DEVICE_DRIVERS[capability]
+
+
 class Settings(_Section):
     """All agent settings."""
 
@@ -68,6 +110,7 @@ class Settings(_Section):
     cache_dir: Path | None = Field(None, description="Converted-model cache; default <home>/cache")
     api: ApiSettings = Field(default_factory=ApiSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    hardware: HardwareSettings = Field(default_factory=HardwareSettings)
 
     @property
     def bind_host(self) -> str:

@@ -181,6 +181,8 @@ async def _serve_connection(args: argparse.Namespace, conn: _Connection) -> None
                 scheduler.submit(request)
             elif op == "cancel":
                 scheduler.cancel(int(frame["id"]))
+            elif op == "limit":
+                conn.send({"op": "limited", "max_batch": scheduler.set_concurrency(int(frame["max_batch"]))})
             elif op == "embed":
                 task = asyncio.create_task(_embed(frame, models, scheduler, conn))
                 background.add(task)

@@ -8,6 +8,7 @@ agent -> host
    "seed": int|null, "presence_penalty": float, "frequency_penalty": float}
   {"op": "cancel", "id": int}
   {"op": "embed", "id": int, "inputs": [[int]]}                    token ids per input, special tokens included
+  {"op": "limit", "max_batch": int}                                 decode at most this many sequences per step
 
 host -> agent
   {"op": "progress", "stage": str, "done": int, "total": int}      while converting/loading, before "ready"
@@ -19,6 +20,7 @@ host -> agent
   {"op": "embeddings", "id": int, "shape": [n, dim], "data": str, "tokens": int}
                                                                     data: base64 of little-endian float32
   {"op": "stats", "scheduler": {...}}                              counters, when they change
+  {"op": "limited", "max_batch": int}                               a "limit" took effect (the value applied)
   {"op": "error", "id": int, "message": str, "code": str}          this request failed; others carry on
                                                                     (code "overloaded": the queue is full)
   {"op": "fatal", "message": str}                                   the host cannot go on and is exiting

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
+import agent.api.cluster.power
 import agent.api.cluster.routes
+import agent.api.cluster.sim
 import agent.api.openai.routes
+from agent.api.cluster.power import HARDWARE_KEY
 from agent.api.cluster.routes import HEALTH_KEY, HealthSources
 from agent.api.middleware import request_context
 from agent.api.openai.routes import MAX_MESSAGE_BYTES_KEY, SERVING_KEY
 from agent.api.openai.serving import OpenAIServing
+from agent.hardware.manager import HardwareManager
 
 
 def build_inference_app(serving: OpenAIServing, *, max_request_bytes: int) -> web.Application:
@@ -21,9 +25,16 @@ def build_inference_app(serving: OpenAIServing, *, max_request_bytes: int) -> we
     return app
 
 
-def build_cluster_app(health: HealthSources, *, max_request_bytes: int) -> web.Application:
-    """The cluster API (port 5381)."""
+def build_cluster_app(
+    health: HealthSources, hardware: HardwareManager | None, *, max_request_bytes: int
+) -> web.Application:
+    """The cluster API (port 5381); the sim control routes exist only when the hardware is simulated."""
     app = web.Application(middlewares=[request_context], client_max_size=max_request_bytes)
     app[HEALTH_KEY] = health
     agent.api.cluster.routes.setup_routes(app)
+    if hardware is not None:
+        app[HARDWARE_KEY] = hardware
+        agent.api.cluster.power.setup_routes(app)
+    if hardware is not None and hardware.simulated:
+        agent.api.cluster.sim.setup_routes(app)
     return app

@@ -36,7 +36,7 @@ def error_response(error: AgentError, request_id: str) -> web.Response:
     response = web.json_response(error.envelope(), status=error.status)
     response.headers[REQUEST_ID_HEADER] = request_id
     if error.status == 503:
-        response.headers["Retry-After"] = "1"
+        response.headers["Retry-After"] = str(error.retry_after)
     return response
 
 

@@ -13,6 +13,8 @@ import base64
 import contextlib
 import enum
 import itertools
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -113,6 +115,16 @@ class EngineHost:
         self._progress_logged: tuple[str, int] = ("", -1)
         self._fallback_socket_dir: Path | None = None
         self._admitted = 0
+        # Thermal policy (agent/hardware): sequences decoded per step, the refusal while inference is stopped,
+        # and whether model builds (conversion before "ready") may use the CPU.
+        self.concurrency = config.max_batch
+        self.concurrency_applied = config.max_batch
+        self._concurrency_asked_at: float | None = None
+        self.concurrency_latency_s: float | None = None
+        self._suspended: EngineUnavailableError | None = None
+        self.builds_paused = False
+        self._building = False
+        self._build_stopped = False
 
     # ----------------------------------------------------------------- supervision
 
@@ -159,7 +171,8 @@ class EngineHost:
         try:
             reader, writer = await self._connect(socket_path, proc)
             self._writer = writer
-            await asyncio.wait_for(self._await_ready(reader), self.config.start_timeout)
+            await self._await_ready(reader)
+            self._send_concurrency()
             reader_task = asyncio.create_task(self._read_frames(reader), name="engine-reader")
             exited = asyncio.create_task(proc.wait(), name="engine-wait")
             await asyncio.wait({reader_task, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -205,23 +218,45 @@ class EngineHost:
                 await asyncio.sleep(0.05)
 
     async def _await_ready(self, reader: asyncio.StreamReader) -> None:
-        while True:
-            frame = await read_frame(reader)
-            if frame is None:
-                raise ProtocolError("engine host closed the connection while starting")
-            if frame["op"] == "progress":
-                self._log_progress(frame)
-            elif frame["op"] == "ready":
-                self.max_context = int(frame["max_context"])
-                self.encoder_info = dict(frame.get("encoder") or {})
-                self.model_info = dict(frame.get("model", {}))
-                self.state = EngineState.READY
-                self.last_error = None
-                self._ready.set()
-                log.info("engine_ready", pid=frame.get("pid"), model=self.config.model_id, **self.model_info)
-                return
-            elif frame["op"] == "fatal":
-                raise EngineStartError(str(frame.get("message")))
+        """Read start-up frames until "ready"; the start timeout does not run while builds are paused."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.start_timeout
+        next_frame: asyncio.Task[Frame | None] | None = None
+        try:
+            while True:
+                if next_frame is None:
+                    next_frame = asyncio.create_task(read_frame(reader))
+                waited_from = loop.time()
+                done, _ = await asyncio.wait({next_frame}, timeout=min(1.0, max(0.0, deadline - waited_from)))
+                if self.builds_paused:
+                    deadline += loop.time() - waited_from
+                if not done:
+                    if loop.time() >= deadline:
+                        raise asyncio.TimeoutError
+                    continue
+                frame, next_frame = next_frame.result(), None
+                if frame is None:
+                    raise ProtocolError("engine host closed the connection while starting")
+                if frame["op"] == "progress":
+                    self._log_progress(frame)
+                    self._building = frame["stage"] != "load"
+                    self._apply_build_pause()
+                elif frame["op"] == "ready":
+                    self._building = False
+                    self.max_context = int(frame["max_context"])
+                    self.encoder_info = dict(frame.get("encoder") or {})
+                    self.model_info = dict(frame.get("model", {}))
+                    self.state = EngineState.READY
+                    self.last_error = None
+                    self._ready.set()
+                    log.info("engine_ready", pid=frame.get("pid"), model=self.config.model_id, **self.model_info)
+                    return
+                elif frame["op"] == "fatal":
+                    raise EngineStartError(str(frame.get("message")))
+        finally:
+            self._building = False
+            if next_frame is not None:
+                next_frame.cancel()
 
     def _log_progress(self, frame: Frame) -> None:
         stage, done, total = str(frame["stage"]), int(frame["done"]), max(int(frame["total"]), 1)
@@ -237,6 +272,9 @@ class EngineHost:
             while (frame := await read_frame(reader)) is not None:
                 if frame["op"] == "stats":
                     self.stats = dict(frame.get("scheduler", {}))
+                    continue
+                if frame["op"] == "limited":
+                    self._on_concurrency_applied(int(frame["max_batch"]))
                     continue
                 queue = self._streams.get(frame.get("id", -1))
                 if queue is None:
@@ -307,6 +345,8 @@ class EngineHost:
         The agent is the engine host's only client, so counting here is exact, and a streaming handler learns
         it must answer 503 before it commits to a 200.
         """
+        if self._suspended is not None:
+            raise self._suspended
         await self.wait_ready()
         capacity = self.config.max_batch + self.config.max_queue
         if self._admitted >= capacity:
@@ -376,6 +416,66 @@ class EngineHost:
             if not finished and self._writer is writer and not writer.is_closing():
                 writer.write(encode_frame({"op": "cancel", "id": request_id}))
 
+    # ----------------------------------------------------------------- thermal policy
+
+    def set_concurrency(self, limit: int) -> None:
+        """Decode at most `limit` sequences at once (the rest wait, keeping their place); applied asynchronously."""
+        limit = max(1, min(limit, self.config.max_batch))
+        if limit == self.concurrency:
+            return
+        self.concurrency = limit
+        self._concurrency_asked_at = time.monotonic()
+        self._send_concurrency()
+
+    def _send_concurrency(self) -> None:
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.write(encode_frame({"op": "limit", "max_batch": self.concurrency}))
+
+    def _on_concurrency_applied(self, applied: int) -> None:
+        self.concurrency_applied = applied
+        if self._concurrency_asked_at is not None and applied == self.concurrency:
+            self.concurrency_latency_s = time.monotonic() - self._concurrency_asked_at
+            self._concurrency_asked_at = None
+            log.info("engine_concurrency_applied", concurrency=applied,
+                     latency_ms=round(self.concurrency_latency_s * 1000, 3))
+
+    def suspend(self, reason: str, *, code: str, retry_after: int = 30) -> None:
+        """Stop inference now: running streams end with a clean error, new requests get a 503 until resume()."""
+        error = EngineUnavailableError(f"inference is stopped: {reason}", code=code, retry_after=retry_after)
+        self._suspended = error
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            for request_id in self._streams:
+                writer.write(encode_frame({"op": "cancel", "id": request_id}))
+        self._fail_streams(error)
+
+    def resume(self) -> None:
+        """Accept requests again after suspend()."""
+        self._suspended = None
+
+    @property
+    def suspended(self) -> bool:
+        return self._suspended is not None
+
+    def pause_builds(self, paused: bool) -> None:
+        """Pause (SIGSTOP) or continue a model build in the engine host; serving is never paused by this."""
+        if paused == self.builds_paused:
+            return
+        self.builds_paused = paused
+        self._apply_build_pause()
+
+    def _apply_build_pause(self) -> None:
+        if self._pid is None or (not self._building and not self._build_stopped):
+            return
+        stop = self.builds_paused and self._building
+        if stop == self._build_stopped:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._pid, signal.SIGSTOP if stop else signal.SIGCONT)
+        self._build_stopped = stop
+        log.info("engine_build_paused" if stop else "engine_build_resumed", pid=self._pid)
+
     def health(self) -> dict[str, Any]:
         """The engine's part of /v1/health."""
         return {
@@ -387,6 +487,10 @@ class EngineHost:
             "active_streams": len(self._streams),
             "admitted": self._admitted,
             "max_context": self.max_context,
+            "concurrency": {"limit": self.concurrency, "applied": self.concurrency_applied,
+                            "max_batch": self.config.max_batch},
+            "suspended": None if self._suspended is None else str(self._suspended),
+            "builds_paused": self.builds_paused,
             "last_error": self.last_error,
             **({"info": self.model_info} if self.model_info else {}),
             **({"scheduler": self.stats} if self.stats else {}),

@@ -145,7 +145,7 @@ class FakeSMBus:
         """Pointer write then read, as bytes on the wire."""
         read = i2c_msg.read(address, length)
         self.i2c_rdwr(i2c_msg.write(address, [register]), read)
-        return list(read)
+        return list(bytes(read))
 
     def write_i2c_block_data(self, address: int, register: int, data: list[int], force: bool | None = None) -> None:
         """Pointer then data bytes in one write."""

@@ -76,6 +76,10 @@ class Scheduler:
         self._emit = emit
         self.limits = limits or SchedulerLimits()
         self._max_batch = min(self.limits.max_batch, executor.max_batch)
+        # Sequences decoded per step; the agent's thermal governor lowers it below max_batch when hot. Live
+        # sequences beyond it keep their KV and resume when it rises again.
+        self._concurrency = self._max_batch
+        self._last_batch = 0
         self._waiting: deque[_Sequence] = deque()
         self._live: list[_Sequence] = []
         self._by_id: dict[int, _Sequence] = {}
@@ -127,9 +131,16 @@ class Scheduler:
             seq.cancelled = True
             self._wakeup.set()
 
+    def set_concurrency(self, limit: int) -> int:
+        """Decode at most `limit` sequences per step (at least 1, at most max_batch); returns the limit applied."""
+        self._concurrency = max(1, min(limit, self._max_batch))
+        self._wakeup.set()
+        return self._concurrency
+
     def stats(self) -> dict[str, Any]:
         """Counters for health reports."""
-        return {"live": len(self._live), "waiting": len(self._waiting), "prefix_hits": self.prefix_cache.hits,
+        return {"live": len(self._live), "waiting": len(self._waiting), "decoding": self._last_batch,
+                "concurrency": self._concurrency, "prefix_hits": self.prefix_cache.hits,
                 "prefix_tokens_reused": self.prefix_cache.reused_tokens,
                 "prefix_cache_tokens": self.prefix_cache.tokens_held}
 
@@ -175,7 +186,7 @@ class Scheduler:
     def _fits(self, seq: _Sequence) -> bool:
         if not self._live:
             return True  # one request always runs, whatever its size
-        if len(self._live) >= self._max_batch:
+        if len(self._live) >= self._concurrency:
             return False
         longest = max(seq.reserved, *(s.reserved for s in self._live))
         return (len(self._live) + 1) * longest <= self.limits.kv_budget_tokens
@@ -208,7 +219,8 @@ class Scheduler:
         return seq.sampler.sample(logits)
 
     async def _decode_step(self) -> None:
-        batch = [s for s in self._live if s.state is not None and s.last_token is not None]
+        batch = [s for s in self._live if s.state is not None and s.last_token is not None][: self._concurrency]
+        self._last_batch = len(batch)
         if not batch:
             return
         try:

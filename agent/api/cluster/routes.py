@@ -10,6 +10,7 @@ from aiohttp import web
 
 import agent
 from agent.engine import EngineHost, EngineState
+from agent.hardware.manager import HardwareManager
 from agent.monitor import EventLoopMonitor
 
 
@@ -20,13 +21,14 @@ class HealthSources:
     started_monotonic: float
     engines: tuple[EngineHost, ...]
     event_loop: EventLoopMonitor
+    hardware: HardwareManager | None = None
 
 
 HEALTH_KEY = web.AppKey("health_sources", HealthSources)
 
 
 def health_report(sources: HealthSources) -> dict[str, Any]:
-    """The /v1/health body: `status` is "ok" only while every engine is ready."""
+    """The /v1/health body: `status` is "ok" only while every engine is ready and no thermal limit applies."""
     states = {engine.state for engine in sources.engines}
     if states == {EngineState.READY}:
         status = "ok"
@@ -35,12 +37,16 @@ def health_report(sources: HealthSources) -> dict[str, Any]:
     else:
         status = "degraded"
     engines = [engine.health() for engine in sources.engines]
+    hardware = sources.hardware.report() if sources.hardware is not None else None
+    if status == "ok" and hardware and hardware["thermal"] and hardware["thermal"]["level"] not in ("normal", "warm"):
+        status = "throttled"
     return {
         "status": status,
         "uptime_seconds": round(time.monotonic() - sources.started_monotonic, 3),
         "version": agent.__version__,
         "engine": engines[0] if len(engines) == 1 else {"state": status, "models": engines},
         "event_loop": sources.event_loop.report(),
+        **({"temperature_c": hardware.pop("temperature_c"), "hardware": hardware} if hardware else {}),
     }
 
 

@@ -19,12 +19,12 @@ import asyncio
 import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 from aiohttp import WSMsgType, web
-from pydantic import BaseModel, ValidationError
 
+from agent.api.body import parse_body, read_json_body
 from agent.api.middleware import REQUEST_ID_HEADER, REQUEST_ID_KEY
 from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, StreamOptions
 from agent.api.openai.serving import (
@@ -44,51 +44,6 @@ log = structlog.get_logger("agent.api.openai")
 
 SERVING_KEY = web.AppKey("openai_serving", OpenAIServing)
 MAX_MESSAGE_BYTES_KEY = web.AppKey("max_message_bytes", int)
-_ModelT = TypeVar("_ModelT", bound=BaseModel)
-
-
-# Pydantic names the union member that failed inside `loc` ("stop.str", "prompt.list[int]"); those are not
-# parameters a client sent, so they are dropped from `param`.
-_TYPE_TAGS = {"str", "int", "float", "bool", "none", "list", "dict"}
-
-
-def _param_of(location: tuple[int | str, ...]) -> str:
-    param = ""
-    for part in location:
-        if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part):
-            continue
-        param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
-    return param
-
-
-def parse_body(model: type[_ModelT], payload: Any) -> _ModelT:
-    """Validate a decoded JSON body; the first problem becomes a 400 naming the offending parameter."""
-    if not isinstance(payload, dict):
-        raise InvalidRequestError("the request body must be a JSON object", code="invalid_json")
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        param = _param_of(tuple(error["loc"]))
-        if error["type"] == "extra_forbidden":
-            raise InvalidRequestError(f"Unrecognized request argument supplied: {param}", param=param,
-                                      code="unknown_parameter") from None
-        if error["type"] == "missing":
-            raise InvalidRequestError(f"Missing required parameter: '{param}'", param=param,
-                                      code="missing_required_parameter") from None
-        raise InvalidRequestError(f"Invalid value for '{param}': {error['msg']}", param=param,
-                                  code="invalid_value") from None
-
-
-async def _json_body(request: web.Request) -> Any:
-    if request.content_type != "application/json":
-        raise InvalidRequestError(
-            f"Content-Type must be application/json, got {request.content_type!r}", code="invalid_content_type")
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
 
 
 async def _open_sse(request: web.Request) -> web.StreamResponse:
@@ -152,7 +107,7 @@ async def get_model(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions, plain JSON or SSE."""
     serving = request.app[SERVING_KEY]
-    body = parse_body(ChatCompletionRequest, await _json_body(request))
+    body = parse_body(ChatCompletionRequest, await read_json_body(request))
     prepared = await serving.prepare_chat(body)
     completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
     log.info("chat_completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids),
@@ -192,7 +147,7 @@ async def _chat_events(
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions (legacy text completion), plain JSON or SSE."""
     serving = request.app[SERVING_KEY]
-    body = parse_body(CompletionRequest, await _json_body(request))
+    body = parse_body(CompletionRequest, await read_json_body(request))
     prepared = await serving.prepare_completion(body)
     completion_id, created, model = new_id("cmpl"), now(), prepared.model.id
     log.info("completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids), user=body.user)
@@ -314,7 +269,7 @@ async def stream_socket(request: web.Request) -> web.WebSocketResponse:
 async def embeddings(request: web.Request) -> web.Response:
     """POST /v1/embeddings."""
     serving = request.app[SERVING_KEY]
-    body = parse_body(EmbeddingRequest, await _json_body(request))
+    body = parse_body(EmbeddingRequest, await read_json_body(request))
     log.info("embeddings", model=body.model, inputs=len(body.items()), user=body.user)
     return web.json_response(await serving.embed(body))
 

@@ -1,0 +1,77 @@
+"""Request bodies of the cluster API (port 5381)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ContractRequestBody(_Body):
+    """POST /v1/power/contract: a PDO by index, or a voltage with an optional current."""
+
+    port: str = "dock"
+    pdo_index: int | None = Field(None, ge=1, le=7)
+    voltage_mv: int | None = Field(None, ge=3000, le=48000)
+    current_ma: int | None = Field(None, ge=0, le=5000)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> ContractRequestBody:
+        if (self.pdo_index is None) == (self.voltage_mv is None):
+            raise ValueError("give either pdo_index, or voltage_mv (with an optional current_ma)")
+        return self
+
+
+class SimPdo(_Body):
+    """One source offer of a simulated module: fixed (mv, ma) or PPS (min_mv, max_mv, ma)."""
+
+    type: Literal["fixed", "pps"] = "fixed"
+    mv: int | None = Field(None, ge=5000, le=48000)
+    min_mv: int | None = Field(None, ge=3300, le=21000)
+    max_mv: int | None = Field(None, ge=3300, le=21000)
+    ma: int = Field(ge=0, le=5000)
+
+    @model_validator(mode="after")
+    def _complete(self) -> SimPdo:
+        if self.type == "fixed" and self.mv is None:
+            raise ValueError("a fixed PDO needs mv")
+        if self.type == "pps" and (self.min_mv is None or self.max_mv is None or self.min_mv > self.max_mv):
+            raise ValueError("a pps PDO needs min_mv <= max_mv")
+        return self
+
+
+class SimOffer(_Body):
+    """The join offer a simulated module's NFC tag carries."""
+
+    node_id: str = Field(min_length=1, max_length=64)
+    endpoint: str = Field(min_length=1, max_length=100)
+    token: str = Field("", max_length=120)
+    expires_at: int = Field(0, ge=0)
+
+
+class SimModuleBody(_Body):
+    """POST /v1/sim/modules: stack a module on the simulated box."""
+
+    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    pdos: list[SimPdo] | None = Field(None, min_length=1, max_length=7)
+    offer: SimOffer | None = None
+
+
+class SimThermalBody(_Body):
+    """PUT /v1/sim/thermal: air temperature, how fast zones follow it, zones held at a value."""
+
+    ambient_c: float | None = Field(None, ge=-40, le=125)
+    time_constant_s: float | None = Field(None, ge=0, le=3600)
+    pin: dict[str, float | None] | None = None
+
+
+class SimFaultBody(_Body):
+    """POST /v1/sim/faults: inject a fault kind at a rate into one twin."""
+
+    target: str = Field(min_length=1, description="i2c-1, i2c-7[@0xADDR], sysfs:ZONE, nfc, dock, serial")
+    kind: str = Field(min_length=1)
+    rate: float = Field(1.0, ge=0, le=1)

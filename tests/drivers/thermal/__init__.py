@@ -1,0 +1,1 @@
+"""Thermal sources, fan and power mode drivers against their twins."""

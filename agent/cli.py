@@ -261,10 +261,10 @@ def cmd_hw_status(args: argparse.Namespace) -> int:
     offer_text = f"   join offer from {offer.get('node_id')} ({offer.get('endpoint')})" if offer else ""
     out.print(f"dock     {'docked' if dock.get('docked') else 'empty'}{offer_text}")
     table = Table(title="drivers", box=None, padding=(0, 2))
-    for column in ("source", "driver", "available", "polls", "failed", "jitter p99 ms", "last error"):
+    for column in ("source", "available", "polls", "failed", "jitter p99 ms", "last error"):
         table.add_column(column, overflow="fold")
     for name, report in hardware.get("drivers", {}).items():
-        table.add_row(name, report.get("driver"), "yes" if report.get("available") else "[red]no[/red]",
+        table.add_row(name, "yes" if report.get("available") else "[red]no[/red]",
                       str(report.get("polls")), str(report.get("failed_polls")),
                       str(report.get("poll_jitter_ms", {}).get("p99", "-")), report.get("last_error") or "")
     out.print(table)

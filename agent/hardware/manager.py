@@ -152,8 +152,9 @@ class HardwareManager:
         self.thermal = ThermalControl(governor, list(self.engines), self.settings.engine.max_batch,
                                       self.drivers.fan, start_task)
         thermal = self.thermal
-        for source in self.drivers.thermal:
-            name = f"thermal:{source.name}"
+        for position, source in enumerate(self.drivers.thermal):
+            kind = source.name.split(":", 1)[0]  # "sysfs", "tmp117": short names for health and logs
+            name = f"thermal:{kind}" if f"thermal:{kind}" not in self.coordinators else f"thermal:{kind}#{position}"
             self.coordinators[name] = Coordinator(
                 name, source, source.read, hw.thermal_poll_seconds,
                 on_data=lambda data, name=name: thermal.on_readings(name, data),  # type: ignore[misc]

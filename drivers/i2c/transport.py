@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from smbus2 import i2c_msg
 
+from drivers.aio import wait_for
 from drivers.base import BusError, BusTimeoutError, DriverConfigError, NotAcknowledgedError
 
 _T = TypeVar("_T")
@@ -138,8 +139,8 @@ class I2cBus:
             raise BusError(f"I2C bus {self.name} is not open")
         future = asyncio.get_running_loop().run_in_executor(self._worker, fn)
         try:
-            return await asyncio.wait_for(future, self.timeout)
-        except (TimeoutError, asyncio.TimeoutError):
+            return await wait_for(future, self.timeout)
+        except TimeoutError:
             raise BusTimeoutError(f"{self.name}: no answer within {self.timeout:.2f}s trying to {what}",
                                   errno.ETIMEDOUT) from None
         except OSError as exc:

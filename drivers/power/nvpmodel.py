@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drivers.aio import wait_for
 from drivers.base import DriverError, DriverState, DriverStateError, PowerMode
 
 _MODEL_HEADER = re.compile(r"^(?:<\s*)?POWER_MODEL:?\s+ID=(\d+)\s+NAME=([^\s>]+)\s*>?\s*$")
@@ -208,7 +209,7 @@ class NvpModel:
         except PermissionError as exc:
             raise DriverError(f"{self.name}: not allowed to run {self._argv[0]!r}: {exc.strerror}") from exc
         try:
-            out, _ = await asyncio.wait_for(process.communicate(stdin), self._timeout)
+            out, _ = await wait_for(process.communicate(stdin), self._timeout)
         except (TimeoutError, asyncio.TimeoutError):
             await _kill(process)
             raise DriverError(f"{self.name}: `{' '.join(args)}` gave no answer within {self._timeout:.1f}s") from None

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 import serial
 import serial_asyncio_fast
 
+from drivers.aio import wait_for
 from drivers.base import DeviceMismatchError, DriverState, DriverStateError, LinkError, SerialMessage
 from drivers.serial.frame import (
     DOCK_PRODUCT_ID,
@@ -216,7 +217,7 @@ class SerialDockLink:
             while True:
                 if self.decoder.pending:
                     try:
-                        data = await asyncio.wait_for(reader.read(_READ_SIZE), self.idle_resync)
+                        data = await wait_for(reader.read(_READ_SIZE), self.idle_resync)
                     except (TimeoutError, asyncio.TimeoutError):
                         self._dispatch(self.decoder.resync())
                         continue

@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Literal
 
+from drivers.aio import wait_for
 from drivers.base import DriverState, DriverStateError, JoinOffer
 from drivers.nfc.ndef import decode_join_offer, encode_join_offer
 
@@ -94,7 +95,7 @@ class SimNfc:
                     if remaining <= 0 or self._state is not DriverState.OPEN:
                         return False
                     with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
-                        await asyncio.wait_for(self._was_read.wait(), min(self._poll_interval, remaining))
+                        await wait_for(self._was_read.wait(), min(self._poll_interval, remaining))
             finally:
                 self._presented = None
             return True
@@ -109,7 +110,7 @@ class SimNfc:
                 return None
             self._presented_changed.clear()
             try:
-                await asyncio.wait_for(self._presented_changed.wait(), min(self._poll_interval, remaining))
+                await wait_for(self._presented_changed.wait(), min(self._poll_interval, remaining))
             except (TimeoutError, asyncio.TimeoutError):
                 continue
         message = self._on_air(self._presented)

@@ -1,0 +1,31 @@
+"""asyncio helpers every driver needs.
+
+`wait_for` exists because asyncio.wait_for on Python 3.10 and 3.11 (JetPack 6 ships 3.10) loses a cancellation
+that arrives in the same loop iteration as the awaited result: it returns the result and the task carries on
+as if never cancelled. A poller then survives shutdown forever. This version always lets the cancellation win.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
+
+async def wait_for(awaitable: Awaitable[_T], timeout: float | None) -> _T:
+    """Await with a time limit: TimeoutError when it runs out; a cancellation of the caller always propagates."""
+    future = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({future}, timeout=timeout)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    if not done:
+        future.cancel()
+        # Let it finish cancelling (a stream read must be over before the next one starts); an outer
+        # cancellation arriving meanwhile propagates from here.
+        await asyncio.wait({future})
+        raise TimeoutError
+    return future.result()

@@ -305,6 +305,10 @@ class EngineHost:
         return EngineFailedError(message)
 
     async def _stop_process(self, proc: asyncio.subprocess.Process) -> None:
+        if self._build_stopped:  # a paused build must run again to see its socket close and exit
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+            self._build_stopped = False
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()  # the host exits when its client leaves

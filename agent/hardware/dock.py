@@ -44,7 +44,6 @@ class DockPipeline:
         self.offer: JoinOffer | None = None
         self.offer_read_at: float | None = None
         self.last_error: str | None = None
-        self.events_seen = 0
         self._subscribers: list[asyncio.Queue[JoinOfferEvent]] = []
 
     def subscribe(self) -> asyncio.Queue[JoinOfferEvent]:
@@ -71,7 +70,6 @@ class DockPipeline:
                 await asyncio.sleep(_REOPEN_DELAY_S)
 
     async def _on_event(self, event: DockEvent) -> None:
-        self.events_seen += 1
         if self.last_error is not None:
             log.info("dock_recovered", driver=self.dock.name)
             self.last_error = None

@@ -27,11 +27,15 @@ from agent.hardware.thermal import ThermalControl
 from agent.settings import HardwareSettings, Settings
 from drivers import registry
 from drivers.base import (
+    DockSensor,
     Driver,
     DriverError,
     DriverState,
     FanControl,
+    NfcLink,
+    PdController,
     PowerModeControl,
+    PowerMonitor,
     ThermalSource,
 )
 from drivers.registry import DriverContext
@@ -53,10 +57,10 @@ class DriverSet:
     thermal: list[ThermalSource] = field(default_factory=list)
     fan: FanControl | None = None
     power_mode: PowerModeControl | None = None
-    pd: Any = None  # PdController | None (Any: mypy cannot narrow Protocol-typed optionals through getattr)
-    power_monitor: Any = None
-    dock: Any = None
-    nfc: Any = None
+    pd: PdController | None = None
+    power_monitor: PowerMonitor | None = None
+    dock: DockSensor | None = None
+    nfc: NfcLink | None = None
     serial: SerialDockLink | None = None
     context: DriverContext = field(default_factory=DriverContext)
 
@@ -231,6 +235,13 @@ class HardwareManager:
 
     # ------------------------------------------------------------------ health
 
+    def _dock_controller(self) -> dict[str, Any] | None:
+        poller = self.coordinators.get("dock_controller")
+        status = poller.data if poller is not None and poller.available else None
+        if status is None:
+            return None
+        return {"magnet": status.magnet, "module_present": status.module_present, "vbus_mV": status.vbus_mv}
+
     def report(self) -> dict[str, Any]:
         """The hardware part of /v1/health."""
         thermal = self.thermal.report() if self.thermal is not None else None
@@ -248,7 +259,7 @@ class HardwareManager:
                 "current_mA": None if sample is None else round(sample.current_ma, 1),
                 "power_mW": None if sample is None else round(sample.power_mw, 1),
             },
-            "dock": self.dock.report() if self.dock is not None else None,
+            "dock": None if self.dock is None else {**self.dock.report(), "controller": self._dock_controller()},
             "drivers": {name: c.report() for name, c in self.coordinators.items()},
         }
 

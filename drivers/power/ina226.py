@@ -18,15 +18,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from drivers.base import (
-    DeviceMismatchError,
-    DriverConfigError,
-    DriverError,
-    DriverState,
-    DriverStateError,
-    ImplausibleReadingError,
-    PowerSample,
-)
+from drivers.base import DeviceMismatchError, DriverConfigError, ImplausibleReadingError, PowerSample
+from drivers.i2c.device import I2cDevice
 from drivers.i2c.transport import I2cBus
 
 CONFIGURATION = 0x00
@@ -125,8 +118,10 @@ def decode_reading(raw: RawReading, cal: int, shunt_ohms: float, max_current_a: 
 # ----------------------------------------------------------------------------- the driver
 
 
-class Ina226:
+class Ina226(I2cDevice):
     """An INA226 at `address` on `bus` measuring through a `shunt_ohms` shunt, range ±max_current_a (PowerMonitor)."""
+
+    _kind = "ina226"
 
     def __init__(self, bus: I2cBus, address: int = 0x40, shunt_ohms: float = 0.01, max_current_a: float = 5.0, *,
                  averages: int = 16, conversion_us: int = 1100) -> None:
@@ -135,47 +130,25 @@ class Ina226:
             self._config = config_word(averages, conversion_us)
         except ValueError as exc:
             raise DriverConfigError(f"ina226 on {bus.name}@0x{address:02x}: {exc}") from None
-        self._bus = bus
-        self._address = address
+        super().__init__(bus, address)
         self._shunt_ohms = shunt_ohms
         self._max_current_a = max_current_a
         self._period_s = averages * 2 * conversion_us / 1e6
-        self._state = DriverState.CLOSED
         # Reading Mask/Enable clears CVRF, so two samplers at once would hide conversions from each other.
         self._sampling = asyncio.Lock()
 
-    @property
-    def name(self) -> str:
-        """Shown in health and logs."""
-        return f"ina226:{self._bus.name}@0x{self._address:02x}"
-
-    @property
-    def state(self) -> DriverState:
-        """Lifecycle state."""
-        return self._state
-
-    async def open(self) -> None:
-        """Open the bus, check the IDs (DeviceMismatchError), reset, calibrate and configure."""
-        if self._state is DriverState.OPEN:
-            return
-        await self._bus.open()
-        try:
-            await self._identify()
-            await self._configure()
-            await self._verify_configuration()
-        except BaseException as exc:
-            if isinstance(exc, DriverError):
-                self._state = DriverState.FAULTED
-            await self._bus.close()
-            raise
-        self._state = DriverState.OPEN
-
     async def _identify(self) -> None:
+        """Check the manufacturer (5449h) and die (226xh) IDs; DeviceMismatchError otherwise."""
         manufacturer = await self._read(MANUFACTURER_ID)
         die = await self._read(DIE_ID)
         if manufacturer != MANUFACTURER_TI or die >> 4 != DIE_INA226:
             raise DeviceMismatchError(f"{self.name}: manufacturer/die ID read 0x{manufacturer:04x}/0x{die:04x}, "
                                       "expected 0x5449/0x226x (INA226); is another chip at this address?")
+
+    async def _prepare(self) -> None:
+        """Reset, calibrate and configure the chip, and check it took the calibration and configuration."""
+        await self._configure()
+        await self._verify_configuration()
 
     async def _verify_configuration(self) -> None:
         config = await self._read(CONFIGURATION)
@@ -184,21 +157,13 @@ class Ina226:
             raise ImplausibleReadingError(f"{self.name}: configuration/calibration read back 0x{config:04x}/"
                                           f"0x{cal:04x} after writing 0x{self._config:04x}/0x{self._cal:04x}")
 
-    async def close(self) -> None:
-        """Reset the chip to its power-on configuration and release the bus."""
-        if self._state is not DriverState.OPEN:
-            self._state = DriverState.CLOSED
-            return
-        try:
-            await self._write(CONFIGURATION, RESET)
-        finally:
-            self._state = DriverState.CLOSED
-            await self._bus.close()
+    async def _before_close(self) -> None:
+        """Reset the chip to its power-on configuration."""
+        await self._write(CONFIGURATION, RESET)
 
     async def sample(self) -> PowerSample:
         """One consistent reading of bus voltage, current and power."""
-        if self._state is not DriverState.OPEN:
-            raise DriverStateError(f"{self.name} is {self._state.value}; open() it first")
+        self._require_open()
         async with self._sampling:
             return await self._sample()
 

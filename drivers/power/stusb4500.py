@@ -22,9 +22,6 @@ from dataclasses import dataclass
 from drivers.base import (
     Contract,
     DeviceMismatchError,
-    DriverError,
-    DriverState,
-    DriverStateError,
     ImplausibleReadingError,
     NegotiationError,
     NotAttachedError,
@@ -32,6 +29,7 @@ from drivers.base import (
     Rdo,
 )
 from drivers.i2c.transport import I2cBus
+from drivers.power.pd_sink import I2cPdSink
 from drivers.power.pdo import (
     CONTROL_ACCEPT,
     CONTROL_PS_RDY,
@@ -116,75 +114,27 @@ def decode_objects(data: bytes, count: int) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------- the driver
 
 
-class Stusb4500:
-    """A STUSB4500 sink controller at `address` on `bus` (PdController)."""
+class Stusb4500(I2cPdSink):
+    """A STUSB4500 sink controller at `address` on `bus` (PdController); it raises the port by DPM_PDO_NUMB > 1."""
+
+    _kind = "stusb4500"
 
     def __init__(self, bus: I2cBus, address: int = 0x28, *, settle_timeout: float = 1.0,
                  poll_interval: float = 0.005) -> None:
-        self._bus = bus
-        self._address = address
-        self._settle_timeout = settle_timeout
-        self._poll_interval = poll_interval
-        self._state = DriverState.CLOSED
-        self._caps: tuple[Pdo, ...] = ()
-        self._raised = False  # DPM_PDO_NUMB was set above 1 by us; close() must bring the port back to 5 V
+        super().__init__(bus, address, settle_timeout=settle_timeout, poll_interval=poll_interval)
         # One soft-reset exchange at a time: a second would reset the first and read its messages.
         self._exchanging = asyncio.Lock()
 
-    @property
-    def name(self) -> str:
-        """Shown in health and logs."""
-        return f"stusb4500:{self._bus.name}@0x{self._address:02x}"
-
-    @property
-    def state(self) -> DriverState:
-        """Lifecycle state."""
-        return self._state
-
-    @property
-    def controller(self) -> str:
-        """The controller kind."""
-        return "stusb4500"
-
-    async def open(self) -> None:
-        """Open the bus and check DEVICE_ID (DeviceMismatchError if it is not a STUSB4500)."""
-        if self._state is DriverState.OPEN:
-            return
-        await self._bus.open()
-        try:
-            await self._identify()
-        except BaseException as exc:
-            if isinstance(exc, DriverError):
-                self._state = DriverState.FAULTED
-            await self._bus.close()
-            raise
-        self._state, self._caps, self._raised = DriverState.OPEN, (), False
-
     async def _identify(self) -> None:
+        """Check DEVICE_ID (DeviceMismatchError if it is not a STUSB4500)."""
         device_id = (await self._read(DEVICE_ID, 1))[0]
         if device_id not in DEVICE_IDS:
             raise DeviceMismatchError(f"{self.name}: DEVICE_ID (0x2F) reads 0x{device_id:02x}, expected 0x25 or 0x21; "
                                       "is another chip at this address?")
 
-    async def close(self) -> None:
-        """Bring the port back to the 5 V default if we raised it, then release the bus."""
-        if self._state is not DriverState.OPEN:
-            self._state = DriverState.CLOSED
-            return
-        try:
-            if self._raised:
-                await self.reset_to_default()
-        finally:
-            self._state, self._caps = DriverState.CLOSED, ()
-            await self._bus.close()
-
-    async def attached(self) -> bool:
-        """Whether a source is attached (PORT_STATUS_1 ATTACH)."""
-        self._require_open()
-        attached = bool((await self._read(PORT_STATUS_1, 1))[0] & ATTACH)
-        if not attached:
-            self._caps = ()
-        return attached
+    async def _read_attached(self) -> bool:
+        """PORT_STATUS_1 ATTACH."""
+        return bool((await self._read(PORT_STATUS_1, 1))[0] & ATTACH)
 
     async def source_caps(self) -> tuple[Pdo, ...]:
         """Soft-reset the PD link and return the Source_Capabilities the source sends again.
@@ -342,14 +292,6 @@ class Stusb4500:
 
     def _deadline(self) -> float:
         return asyncio.get_running_loop().time() + self._settle_timeout
-
-    def _require_open(self) -> None:
-        if self._state is not DriverState.OPEN:
-            raise DriverStateError(f"{self.name} is {self._state.value}; open() it first")
-
-    async def _require_attached(self, action: str) -> None:
-        if not await self.attached():
-            raise NotAttachedError(f"{self.name}: cannot {action}: no USB-PD source is attached")
 
     async def _read(self, register: int, length: int) -> bytes:
         return await self._bus.read(self._address, bytes([register]), length)

@@ -19,16 +19,14 @@ import asyncio
 from drivers.base import (
     Contract,
     DeviceMismatchError,
-    DriverError,
-    DriverState,
     DriverStateError,
     ImplausibleReadingError,
     NegotiationError,
-    NotAttachedError,
     Pdo,
     Rdo,
 )
 from drivers.i2c.transport import I2cBus
+from drivers.power.pd_sink import I2cPdSink
 from drivers.power.pdo import (
     decode_pdo,
     decode_rdo,
@@ -101,50 +99,21 @@ def encode_sink_caps(pdos: tuple[int, ...]) -> bytes:
 # ----------------------------------------------------------------------------- the driver
 
 
-class Tps25750:
-    """A TPS25750 (application firmware loaded) at `address` on `bus`, used as a sink (PdController)."""
+class Tps25750(I2cPdSink):
+    """A TPS25750 (application firmware loaded) at `address` on `bus`, used as a sink (PdController).
+
+    It raises the port by offering more than 5 V in TX_SINK_CAPS.
+    """
+
+    _kind = "tps25750"
 
     def __init__(self, bus: I2cBus, address: int = 0x21, *, settle_timeout: float = 1.0,
                  poll_interval: float = 0.005) -> None:
-        self._bus = bus
-        self._address = address
-        self._settle_timeout = settle_timeout
-        self._poll_interval = poll_interval
-        self._state = DriverState.CLOSED
-        self._caps: tuple[Pdo, ...] = ()
-        self._raised = False  # TX_SINK_CAPS offers more than 5 V because of us; close() restores the default
+        super().__init__(bus, address, settle_timeout=settle_timeout, poll_interval=poll_interval)
         self._commanding = asyncio.Lock()  # one 4CC task (and the registers it sets) at a time
 
-    @property
-    def name(self) -> str:
-        """Shown in health and logs."""
-        return f"tps25750:{self._bus.name}@0x{self._address:02x}"
-
-    @property
-    def state(self) -> DriverState:
-        """Lifecycle state."""
-        return self._state
-
-    @property
-    def controller(self) -> str:
-        """The controller kind."""
-        return "tps25750"
-
-    async def open(self) -> None:
-        """Open the bus and check MODE reads "APP " (DeviceMismatchError if this is not a TPS25750)."""
-        if self._state is DriverState.OPEN:
-            return
-        await self._bus.open()
-        try:
-            await self._identify()
-        except BaseException as exc:
-            if isinstance(exc, DriverError):
-                self._state = DriverState.FAULTED
-            await self._bus.close()
-            raise
-        self._state, self._caps, self._raised = DriverState.OPEN, (), False
-
     async def _identify(self) -> None:
+        """Check MODE reads "APP " (DeviceMismatchError if this is not a TPS25750)."""
         data = await self._bus.read(self._address, bytes([MODE]), 5)
         try:
             mode = decode_block(MODE, data, 4).decode("ascii")
@@ -157,25 +126,9 @@ class Tps25750:
             raise DriverStateError(f"{self.name}: the chip is in {MODES[mode]} mode ({mode!r}), not running its "
                                    "application firmware; it needs its patch bundle (EEPROM or PBMs/PBMc)")
 
-    async def close(self) -> None:
-        """Bring the port back to the 5 V default if we raised it, then release the bus."""
-        if self._state is not DriverState.OPEN:
-            self._state = DriverState.CLOSED
-            return
-        try:
-            if self._raised:
-                await self.reset_to_default()
-        finally:
-            self._state, self._caps = DriverState.CLOSED, ()
-            await self._bus.close()
-
-    async def attached(self) -> bool:
-        """Whether a plug is present (STATUS PlugPresent)."""
-        self._require_open()
-        attached = bool((await self._read(STATUS, 5))[0] & PLUG_PRESENT)
-        if not attached:
-            self._caps = ()
-        return attached
+    async def _read_attached(self) -> bool:
+        """STATUS PlugPresent."""
+        return bool((await self._read(STATUS, 5))[0] & PLUG_PRESENT)
 
     async def source_caps(self) -> tuple[Pdo, ...]:
         """Ask the source for its offer ('GSrC') and return RX_SOURCE_CAPS."""
@@ -300,14 +253,6 @@ class Tps25750:
         await self._bus.write(self._address, encode_block_write(TX_SINK_CAPS, encode_sink_caps(pdos)))
 
     # ------------------------------------------------------------------ plumbing
-
-    def _require_open(self) -> None:
-        if self._state is not DriverState.OPEN:
-            raise DriverStateError(f"{self.name} is {self._state.value}; open() it first")
-
-    async def _require_attached(self, action: str) -> None:
-        if not await self.attached():
-            raise NotAttachedError(f"{self.name}: cannot {action}: no USB-PD source is attached")
 
     async def _read(self, register: int, length: int) -> bytes:
         data = await self._bus.read(self._address, bytes([register]), length + 1)

@@ -10,7 +10,6 @@ keeps the sysfs tree and the world in step (zone temperatures out, fan duty in).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from pathlib import Path
 
 from drivers.base import DriverConfigError, JoinOffer
@@ -155,14 +154,12 @@ class SimBoard:
         """Active faults by target."""
         return dict(self._faults)
 
-    async def run(self, on_tick: Callable[[], None] | None = None) -> None:
+    async def run(self) -> None:
         """Keep the sysfs tree and the world in step until cancelled."""
         while True:
             await asyncio.to_thread(self.sysfs.refresh)
             pwm = await asyncio.to_thread(self.sysfs.fan_pwm)
             self.world.set_fan(pwm / 255)
-            if on_tick is not None:
-                on_tick()
             await asyncio.sleep(REFRESH_INTERVAL_S)
 
     def close(self) -> None:

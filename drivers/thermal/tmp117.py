@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from drivers.base import DeviceMismatchError, DriverState, DriverStateError
+from drivers.base import DeviceMismatchError
+from drivers.i2c.device import I2cDevice
 from drivers.i2c.transport import I2cBus
 
 # ----------------------------------------------------------------------------- codec
@@ -68,53 +69,31 @@ def decode_device_id(data: bytes) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- driver
 
 
-class Tmp117:
+class Tmp117(I2cDevice):
     """One TMP117 as a ThermalSource with a single zone (for example "board")."""
+
+    _kind = "tmp117"
+    # Unlike the power chips, a TMP117 that fails to open stays CLOSED, as this driver always has (its tests pin
+    # it); the coordinator reopens a driver that is not OPEN on its next poll either way.
+    _faults_on_failed_open = False
+    # close() only releases the bus: the sensor keeps converting in its reset configuration, its safe state.
 
     def __init__(self, bus: I2cBus, address: int = 0x48, zone: str = "board",
                  critical_c: float | None = None) -> None:
-        self._bus = bus
-        self._address = address
+        super().__init__(bus, address)
         self._zone = zone
         self._critical_c = critical_c
-        self._state = DriverState.CLOSED
         self.revision: int | None = None
 
-    @property
-    def name(self) -> str:
-        """E.g. "tmp117:i2c-7@0x48"."""
-        return f"tmp117:{self._bus.name}@0x{self._address:02x}"
-
-    @property
-    def state(self) -> DriverState:
-        """Lifecycle state."""
-        return self._state
-
-    async def open(self) -> None:
-        """Open the bus and check Device_ID reads 0117h (DeviceMismatchError otherwise)."""
-        if self._state is DriverState.OPEN:
-            return
-        await self._bus.open()
-        try:
-            raw = await self._bus.read(self._address, bytes([REG_DEVICE_ID]), 2)
-        except BaseException:
-            await self._bus.close()
-            raise
+    async def _identify(self) -> None:
+        """Check Device_ID reads 0117h (DeviceMismatchError otherwise) and note the die revision."""
+        raw = await self._bus.read(self._address, bytes([REG_DEVICE_ID]), 2)
         device_id, revision = decode_device_id(raw)
         if device_id != DEVICE_ID:
-            await self._bus.close()
             raise DeviceMismatchError(
                 f"{self.name}: Device_ID register (0Fh) reads 0x{int.from_bytes(raw, 'big'):04x}; "
                 f"a TMP117 reads 0x{DEVICE_ID:04x} in bits 11:0. Is another chip at this address?")
         self.revision = revision
-        self._state = DriverState.OPEN
-
-    async def close(self) -> None:
-        """Release the bus; the sensor keeps converting in its reset configuration, which is its safe state."""
-        if self._state is DriverState.CLOSED:
-            return
-        self._state = DriverState.CLOSED
-        await self._bus.close()
 
     async def read(self) -> Mapping[str, float | None]:
         """{zone: °C}, or {zone: None} before the first conversion or for an implausible value.
@@ -139,7 +118,3 @@ class Tmp117:
         """Read one 16-bit register."""
         self._require_open()
         return int.from_bytes(await self._bus.read(self._address, bytes([register]), 2), "big")
-
-    def _require_open(self) -> None:
-        if self._state is not DriverState.OPEN:
-            raise DriverStateError(f"{self.name} is {self._state.value}; open() it first")

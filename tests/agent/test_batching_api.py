@@ -43,8 +43,11 @@ def test_output_is_the_same_alone_or_alongside_seven_others(running_agent: Runni
         neighbours = [pool.submit(ask, client, prompt, n) for n, prompt in enumerate(others)]
         assert together.result() == alone
         assert all(f.result() for f in neighbours)
-    stats = running_agent.health()["engine"]["scheduler"]
-    assert stats["live"] == 0 or stats["waiting"] == 0
+    # Nothing is left behind once every answer is in (the host reports its counters once a second).
+    deadline = time.monotonic() + 5
+    while (stats := running_agent.health()["engine"]["scheduler"])["live"] or stats["waiting"]:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.1)
 
 
 def test_a_full_queue_answers_503_with_retry_after(constrained: RunningAgent) -> None:

@@ -192,3 +192,38 @@ def test_shutdown_returns_the_port_to_5v(tmp_path: Path) -> None:
     assert restored and restored[-1]["mv"] == 5000
     events = [line.get("event") for line in agent.log_lines()]
     assert events.index("power_contract_default_restored") > events.index("api_stopping")
+
+
+def test_emergency_heat_ends_streams_cleanly_and_refuses_until_cooled(hw_agent: RunningAgent) -> None:
+    import http.client
+    import json
+    import urllib.parse
+
+    cluster = hw_agent.cluster_url
+    parts = urllib.parse.urlsplit(hw_agent.inference_url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    body = {"messages": [{"role": "user", "content": "Write a very long story about the sea."}],
+            "max_tokens": 1500, "temperature": 1.0, "seed": 3, "stream": True}
+    connection.request("POST", f"{parts.path}/chat/completions", body=json.dumps(body),
+                       headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.readline().startswith(b"data: ")  # the stream is running
+    try:
+        status, _, _ = http_json("PUT", f"{cluster}/sim/thermal", {"ambient_c": 110.0, "time_constant_s": 0.3})
+        assert status == 200
+        events = [line for line in response.read().decode().splitlines() if line.startswith("data: ")]
+    finally:
+        connection.close()
+    error = json.loads(events[-2][6:]) if events[-1] == "data: [DONE]" else json.loads(events[-1][6:])
+    assert error["error"]["code"] == "thermal_emergency", events[-3:]
+    status, headers, refused = http_json("POST", f"{hw_agent.inference_url}/chat/completions",
+                                         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert status == 503 and refused["error"]["code"] == "thermal_emergency" and headers["retry-after"] == "30"
+    assert hw_agent.health()["hardware"]["thermal"]["level"] == "emergency"
+
+    http_json("PUT", f"{cluster}/sim/thermal", {"ambient_c": 25.0})
+    _until(lambda: hw_agent.health()["hardware"]["thermal"]["level"] == "normal", 30, "the box to cool")
+    status, _, answer = http_json("POST", f"{hw_agent.inference_url}/chat/completions",
+                                  {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert status == 200, answer

@@ -21,9 +21,10 @@ This module does not share the codec with the driver, so a codec bug cannot hide
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
+
+from drivers.i2c.chips.register16 import Register16Model, word_bytes
 
 CONFIGURATION = 0x00
 SHUNT_VOLTAGE = 0x01
@@ -59,7 +60,7 @@ def _clamp(value: int, low: int, high: int) -> tuple[int, bool]:
     return clamped, clamped != value
 
 
-class Ina226Model:
+class Ina226Model(Register16Model):
     """An INA226 measuring `bus_mv()` across a `shunt_ohms` shunt carrying `current_ma()`."""
 
     def __init__(self, bus_mv: Callable[[], float], current_ma: Callable[[], float], shunt_ohms: float = 0.01, *,
@@ -68,9 +69,7 @@ class Ina226Model:
         self.current_ma = current_ma
         self.shunt_ohms = shunt_ohms
         self._clock = clock
-        self._lock = threading.Lock()
-        self.pointer = CONFIGURATION
-        self.writes: list[bytes] = []  # every write message, for wire-level assertions in tests
+        super().__init__(pointer=CONFIGURATION)
         self.conversions = 0  # how many conversions have completed (for tests)
         self._reset()
 
@@ -84,28 +83,14 @@ class Ina226Model:
 
     # ------------------------------------------------------------------ I2cTarget
 
-    def on_write(self, data: bytes) -> None:
-        """Pointer byte, optionally followed by a 16-bit MSB-first register value."""
-        with self._lock:
-            self.writes.append(bytes(data))
-            if not data:
-                return
-            self.pointer = data[0]
-            if len(data) >= 3:
-                self._write_register(data[0], data[1] << 8 | data[2])
-
-    def on_read(self, length: int) -> bytes:
-        """The pointed-at register, MSB first; reading Mask/Enable clears CVRF (and a latched AFF)."""
-        with self._lock:
-            self._convert()
-            value = self.registers.get(self.pointer, 0x0000)
-            if self.pointer == MASK_ENABLE:
-                self.registers[MASK_ENABLE] &= ~(CVRF | (AFF if value & LEN else 0))
-            return value.to_bytes(2, "big")[:length]
-
     def implausible(self, length: int) -> bytes:
         """A brown-out: the pointed-at register reads its power-on value (results and calibration 0)."""
-        return _POWER_ON.get(self.pointer, 0).to_bytes(2, "big")[:length]
+        return word_bytes(_POWER_ON.get(self.pointer, 0), length)
+
+    def _after_read(self, register: int, value: int) -> None:
+        if register == MASK_ENABLE:
+            # Reading Mask/Enable clears CVRF, and AFF too when it is latched (LEN).
+            self.registers[MASK_ENABLE] &= ~(CVRF | (AFF if value & LEN else 0))
 
     # ------------------------------------------------------------------ behaviour
 

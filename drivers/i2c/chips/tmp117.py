@@ -14,9 +14,10 @@ This module deliberately does not share the temperature codec with the driver, s
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
+
+from drivers.i2c.chips.register16 import Register16Model, word_bytes
 
 TEMP_RESULT = 0x00
 CONFIGURATION = 0x01
@@ -85,7 +86,7 @@ def _to_celsius(raw: int) -> float:
     return (raw - 0x10000 if raw & 0x8000 else raw) * _LSB_C
 
 
-class Tmp117Model:
+class Tmp117Model(Register16Model):
     """A TMP117 on the fake bus: register file, pointer, conversion timing, alert flags, soft reset."""
 
     def __init__(self, temperature_c: Callable[[], float], first_conversion_s: float = 0.0,
@@ -93,9 +94,7 @@ class Tmp117Model:
         self.temperature_c = temperature_c
         self.first_conversion_s = first_conversion_s
         self._clock = clock
-        self._lock = threading.Lock()
-        self.pointer = TEMP_RESULT
-        self.writes: list[bytes] = []  # every write message, for wire-level assertions in tests
+        super().__init__(pointer=TEMP_RESULT)
         self._reset()
 
     def _reset(self) -> None:
@@ -111,33 +110,18 @@ class Tmp117Model:
 
     # ------------------------------------------------------------------ I2cTarget
 
-    def on_write(self, data: bytes) -> None:
-        """Pointer byte, optionally followed by a 16-bit MSB-first register value."""
-        with self._lock:
-            self.writes.append(bytes(data))
-            if not data:
-                return
-            self.pointer = data[0]
-            if len(data) >= 3:
-                self._write_register(data[0], data[1] << 8 | data[2])
-
-    def on_read(self, length: int) -> bytes:
-        """The pointed-at register, MSB first."""
-        with self._lock:
-            self._convert()
-            value = self.registers.get(self.pointer, 0x0000)
-            if self.pointer == TEMP_RESULT:
-                self._clear_ready()
-            elif self.pointer == CONFIGURATION:
-                self._clear_ready()
-                if not value & THERM_MODE:
-                    # In alert mode the flags are cleared by reading the configuration register.
-                    self.registers[CONFIGURATION] &= ~(HIGH_ALERT | LOW_ALERT)
-            return value.to_bytes(2, "big")[:length]
-
     def implausible(self, length: int) -> bytes:
         """A TMP117 that has not converted (or has lost power) reads its power-on value 8000h."""
-        return POWER_ON_RESULT.to_bytes(2, "big")[:length]
+        return word_bytes(POWER_ON_RESULT, length)
+
+    def _after_read(self, register: int, value: int) -> None:
+        if register == TEMP_RESULT:
+            self._clear_ready()
+        elif register == CONFIGURATION:
+            self._clear_ready()
+            if not value & THERM_MODE:
+                # In alert mode the flags are cleared by reading the configuration register.
+                self.registers[CONFIGURATION] &= ~(HIGH_ALERT | LOW_ALERT)
 
     # ------------------------------------------------------------------ behaviour
 

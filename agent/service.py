@@ -12,7 +12,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +32,7 @@ from agent.models.registry import CHAT, EMBEDDINGS, ChatModel, EmbeddingModel, E
 from agent.monitor import EventLoopMonitor
 from agent.settings import Settings
 from agent.supervisor import Supervisor
+from drivers.base import DriverConfigError
 from engines.base import EngineError
 from engines.text import TextPipeline
 
@@ -91,9 +92,11 @@ def _prepare_models(settings: Settings) -> _Models:
 
 
 @asynccontextmanager
-async def _background(supervisor: Supervisor, work: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
-    """A subsystem that is one long-running task."""
-    task = supervisor.spawn(work, name=name)
+async def _background(
+    supervisor: Supervisor, work: Callable[[], Coroutine[Any, Any, None]], name: str
+) -> AsyncIterator[None]:
+    """A subsystem that is one long-running task (created only when the subsystem starts)."""
+    task = supervisor.spawn(work(), name=name)
     try:
         yield
     finally:
@@ -174,13 +177,16 @@ async def serve(settings: Settings) -> None:
                                     max_request_bytes=api.max_request_bytes)
     listening: list[_Listening] = []
     host = settings.bind_host
-    await supervisor.run([
-        ("event-loop-monitor", _background(supervisor, monitor.run(), "event-loop-monitor")),
-        ("hardware", hardware_subsystem(hardware, lambda work, name: supervisor.spawn(work, name=name))),
-        ("engine", _background(supervisor, engine.run(), "engine")),
-        ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),
-        ("inference-api", _http_api("inference", inference_app, host, api.inference_port,
-                                    api.shutdown_grace_seconds, listening)),
-        ("endpoints", _endpoints_file(settings, listening)),
-    ])
+    try:
+        await supervisor.run([
+            ("event-loop-monitor", _background(supervisor, monitor.run, "event-loop-monitor")),
+            ("hardware", hardware_subsystem(hardware, lambda work, name: supervisor.spawn(work, name=name))),
+            ("engine", _background(supervisor, engine.run, "engine")),
+            ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),
+            ("inference-api", _http_api("inference", inference_app, host, api.inference_port,
+                                        api.shutdown_grace_seconds, listening)),
+            ("endpoints", _endpoints_file(settings, listening)),
+        ])
+    except DriverConfigError as exc:
+        raise StartupError(f"hardware settings: {exc}") from exc
     log.info("agent_stopped")

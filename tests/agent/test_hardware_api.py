@@ -227,3 +227,17 @@ def test_emergency_heat_ends_streams_cleanly_and_refuses_until_cooled(hw_agent: 
     status, _, answer = http_json("POST", f"{hw_agent.inference_url}/chat/completions",
                                   {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert status == 200, answer
+
+
+def test_a_bad_driver_string_stops_serve_with_a_clear_message(tmp_path: Path) -> None:
+    import os
+
+    from tests.agent_process import TEST_MODEL_CACHE
+
+    env = {**os.environ, "THOX_HOME": str(tmp_path), "THOX_CACHE_DIR": str(TEST_MODEL_CACHE),
+           "THOX_HARDWARE_PD": "stusb4500:i2c-7@0x99"}
+    result = subprocess.run([sys.executable, "-m", "agent.cli", "serve", "--inference-port", "0", "--cluster-port",
+                             "0"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    assert "hardware settings" in result.stderr and "0x99" in result.stderr and "reserved" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -303,6 +303,66 @@ def cmd_hw_pd_request(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace) -> Any:
+    from agent.config_file import ConfigFile
+
+    return ConfigFile(_home(args))
+
+
+def cmd_config_get(args: argparse.Namespace) -> int:
+    """thox config get KEY: the effective value and where it comes from."""
+    try:
+        value, source = _config(args).get(args.key)
+    except SettingsError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    out.print(f"{args.key} = {json.dumps(value)}   ({source})", highlight=False)
+    return 0
+
+
+def cmd_config_set(args: argparse.Namespace) -> int:
+    """thox config set KEY VALUE: validated against the schema, written atomically."""
+    try:
+        stored = _config(args).set(args.key, args.value)
+    except SettingsError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    out.print(f"{args.key} = {json.dumps(stored)}", highlight=False)
+    if ("THOX_" + args.key.upper().replace(".", "_")) in os.environ:
+        err.print(f"note: THOX_{args.key.upper().replace('.', '_')} is set and overrides the file")
+    return 0
+
+
+def cmd_config_unset(args: argparse.Namespace) -> int:
+    """thox config unset KEY: back to the default."""
+    try:
+        removed = _config(args).unset(args.key)
+    except SettingsError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    out.print(f"{args.key} {'removed from' if removed else 'was not set in'} {_home(args) / 'config.toml'}")
+    return 0
+
+
+def cmd_config_list(args: argparse.Namespace) -> int:
+    """thox config list: every setting, its effective value and its source."""
+    try:
+        rows = _config(args).listing()
+    except SettingsError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    if args.json:
+        out.print_json(data={key: {"value": value, "source": source} for key, value, source in rows})
+        return 0
+    table = Table(box=None, padding=(0, 2))
+    for column in ("key", "value", "source"):
+        table.add_column(column, overflow="fold")
+    for key, value, source in rows:
+        table.add_row(key, json.dumps(value), source)
+    out.print(table)
+    return 0
+
+
 async def _chat(url: str, body: dict[str, Any]) -> int:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
     async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
@@ -388,6 +448,22 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--model", help="model id (default: the agent's default model)")
     chat.add_argument("--max-tokens", type=int, help="longest answer in tokens")
     chat.set_defaults(func=cmd_chat)
+
+    config = sub.add_parser("config", help="settings in <home>/config.toml").add_subparsers(
+        dest="config_command", required=True)
+    config_get = config.add_parser("get", parents=[common], help="a setting's effective value and its source")
+    config_get.add_argument("key", help="dotted key, e.g. api.inference_port")
+    config_get.set_defaults(func=cmd_config_get)
+    config_set = config.add_parser("set", parents=[common], help="change a setting (validated)")
+    config_set.add_argument("key")
+    config_set.add_argument("value")
+    config_set.set_defaults(func=cmd_config_set)
+    config_unset = config.add_parser("unset", parents=[common], help="back to the default")
+    config_unset.add_argument("key")
+    config_unset.set_defaults(func=cmd_config_unset)
+    config_list = config.add_parser("list", parents=[common], help="every setting with value and source")
+    config_list.add_argument("--json", action="store_true", help="machine-readable output")
+    config_list.set_defaults(func=cmd_config_list)
 
     hw = sub.add_parser("hw", help="the box's hardware").add_subparsers(dest="hw_command", required=True)
     hw_status = hw.add_parser("status", parents=[common], help="temperatures, power, dock, driver availability")

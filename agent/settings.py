@@ -141,7 +141,8 @@ def default_home(env: Mapping[str, str] = os.environ) -> Path:
     return Path(env.get("THOX_HOME") or Path.home() / ".thox").expanduser()
 
 
-def _known_keys() -> dict[str, type[BaseModel] | None]:
+def known_keys() -> dict[str, type[BaseModel] | None]:
+    """Every dotted setting key (home excepted: it is where the file lives)."""
     keys: dict[str, type[BaseModel] | None] = {}
     for name, field in Settings.model_fields.items():
         section = field.annotation
@@ -180,7 +181,7 @@ def load_settings(
 ) -> Settings:
     """Merge the layers and validate; raises SettingsError naming the offending key and its source."""
     home = (home or default_home(env)).expanduser().resolve()
-    known = _known_keys()
+    known = known_keys()
     layers: list[tuple[str, dict[str, Any]]] = []
     config_file = home / "config.toml"
     if config_file.is_file():

@@ -23,6 +23,7 @@ run: setup
 	$(BIN)/thox serve $(ARGS)
 
 test: setup
+	sh scripts/system-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: setup

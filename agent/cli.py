@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {
         "profile": args.profile,
-        "api.host": args.host,
+        "api.bind": args.host,
         "api.inference_port": args.inference_port,
         "api.cluster_port": args.cluster_port,
         "engine.threads": args.threads,

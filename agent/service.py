@@ -32,6 +32,8 @@ from agent.models.registry import CHAT, EMBEDDINGS, ChatModel, EmbeddingModel, E
 from agent.monitor import EventLoopMonitor
 from agent.settings import Settings
 from agent.supervisor import Supervisor
+from agent.systemd import SystemdNotifier
+from agent.watchdog import Watchdog
 from drivers.base import DriverConfigError
 from engines.base import EngineError
 from engines.text import TextPipeline
@@ -127,8 +129,10 @@ async def _http_api(
 
 
 @asynccontextmanager
-async def _endpoints_file(settings: Settings, listening: list[_Listening]) -> AsyncIterator[None]:
-    """Publish the chosen ports (port 0 picks free ones) for the CLI and for tests."""
+async def _endpoints_file(
+    settings: Settings, listening: list[_Listening], notifier: SystemdNotifier
+) -> AsyncIterator[None]:
+    """Publish the chosen ports (port 0 picks free ones) for the CLI and tests, and tell systemd we are ready."""
     host = settings.bind_host if settings.bind_host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104
     ports = {item.name: item.port for item in listening}
     record = {
@@ -140,10 +144,20 @@ async def _endpoints_file(settings: Settings, listening: list[_Listening]) -> As
     path = settings.run_dir / ENDPOINTS_FILE
     await asyncio.to_thread(atomic_write_bytes, path, json.dumps(record).encode())
     log.info("agent_ready", **record)
+    notifier.ready()
+    notifier.status(f"serving {record['inference_url']} and {record['cluster_url']}")
     try:
         yield
     finally:
+        notifier.stopping()
+        notifier.status("stopping: draining requests")
         await asyncio.to_thread(path.unlink, missing_ok=True)
+
+
+def _report_progress(notifier: SystemdNotifier, stage: str, percent: int) -> None:
+    # A first model conversion can outlast TimeoutStartSec: each step of progress buys another minute.
+    notifier.extend_timeout(60)
+    notifier.status(f"preparing the model: {stage} {percent}%")
 
 
 async def serve(settings: Settings) -> None:
@@ -152,6 +166,11 @@ async def serve(settings: Settings) -> None:
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
     log.info("agent_starting", version=agent.__version__, home=str(settings.home), profile=settings.profile)
+    notifier = SystemdNotifier()
+    watchdog = Watchdog(notifier, notifier.watchdog_interval) if notifier.watchdog_interval else None
+    if watchdog is not None:  # pings only while the loop is responsive and every subsystem beats
+        supervisor.spawn(watchdog.run(), name="watchdog")
+    notifier.status("preparing models")
 
     models = await asyncio.to_thread(_prepare_models, settings)
     limits = settings.engine
@@ -172,7 +191,9 @@ async def serve(settings: Settings) -> None:
     api = settings.api
     inference_app = build_inference_app(OpenAIServing(registry), max_request_bytes=api.max_request_bytes)
     monitor = EventLoopMonitor()
-    hardware = HardwareManager(settings, [engine])
+    engine.on_progress = lambda stage, percent: _report_progress(notifier, stage, percent)
+    hardware = HardwareManager(settings, [engine],
+                               heartbeat=watchdog.register("hardware").beat if watchdog is not None else None)
     cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware), hardware,
                                     max_request_bytes=api.max_request_bytes)
     listening: list[_Listening] = []
@@ -185,8 +206,10 @@ async def serve(settings: Settings) -> None:
             ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),
             ("inference-api", _http_api("inference", inference_app, host, api.inference_port,
                                         api.shutdown_grace_seconds, listening)),
-            ("endpoints", _endpoints_file(settings, listening)),
+            ("endpoints", _endpoints_file(settings, listening, notifier)),
         ])
     except DriverConfigError as exc:
         raise StartupError(f"hardware settings: {exc}") from exc
+    finally:
+        notifier.close()
     log.info("agent_stopped")

@@ -34,7 +34,7 @@ class _Section(BaseModel):
 class ApiSettings(_Section):
     """Where and how the two HTTP APIs listen."""
 
-    host: str | None = Field(None, description="Bind address; default 127.0.0.1 (sim profile) or 0.0.0.0 (device)")
+    bind: str | None = Field(None, description="Bind address; default 127.0.0.1 (sim profile) or 0.0.0.0 (device)")
     inference_port: int = Field(8080, ge=0, le=65535, description="OpenAI-compatible API port; 0 picks a free one")
     cluster_port: int = Field(5381, ge=0, le=65535, description="Cluster API port; 0 picks a free one")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body")
@@ -115,8 +115,8 @@ class Settings(_Section):
     @property
     def bind_host(self) -> str:
         """The address the APIs bind, after applying the profile's default."""
-        if self.api.host is not None:
-            return self.api.host
+        if self.api.bind is not None:
+            return self.api.bind
         return "127.0.0.1" if self.profile == "sim" else "0.0.0.0"  # noqa: S104 - the device serves its LAN
 
     @property

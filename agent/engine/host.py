@@ -18,7 +18,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,8 @@ class EngineHost:
         self.builds_paused = False
         self._building = False
         self._build_stopped = False
+        # Told about each step of start-up progress (stage, percent): systemd status and start timeout.
+        self.on_progress: Callable[[str, int], None] | None = None
 
     # ----------------------------------------------------------------- supervision
 
@@ -266,6 +268,8 @@ class EngineHost:
         if stage != last_stage or percent // 10 != last_percent // 10:
             self._progress_logged = (stage, percent)
             log.info("engine_preparing", stage=stage, percent=percent, done=done, total=total)
+            if self.on_progress is not None:
+                self.on_progress(stage, percent)
 
     async def _read_frames(self, reader: asyncio.StreamReader) -> None:
         try:

@@ -37,6 +37,7 @@ class Coordinator(Generic[T]):
         *,
         on_data: Callable[[T], None] | None = None,
         on_failure: Callable[[DriverError], None] | None = None,
+        after_poll: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
         self.driver = driver
@@ -44,6 +45,7 @@ class Coordinator(Generic[T]):
         self._fetch = fetch
         self._on_data = on_data
         self._on_failure = on_failure
+        self._after_poll = after_poll
         self.data: T | None = None
         self.available = False
         self.last_error: str | None = None
@@ -63,6 +65,8 @@ class Coordinator(Generic[T]):
             lateness = loop.time() - next_slot
             self._lateness.append(max(0.0, lateness))
             await self.poll_once()
+            if self._after_poll is not None:
+                self._after_poll()
             next_slot += self.interval
             now = loop.time()
             if next_slot < now:  # a slow poll: skip the slots it overran instead of bursting to catch up

@@ -93,8 +93,12 @@ def build_drivers(settings: HardwareSettings, profile: str, board: SimBoard | No
 class HardwareManager:
     """Owns the drivers and everything that polls or reacts to them."""
 
-    def __init__(self, settings: Settings, engines: list[EngineHost]) -> None:
+    def __init__(
+        self, settings: Settings, engines: list[EngineHost], heartbeat: Callable[[], None] | None = None
+    ) -> None:
         self.settings = settings
+        # Beaten after every thermal poll: the systemd watchdog stops pinging if thermal polling stalls.
+        self._heartbeat = heartbeat
         self.hw = settings.hardware
         self.engines = engines
         self.world: SimWorld | None = None
@@ -160,7 +164,7 @@ class HardwareManager:
             kind = source.name.split(":", 1)[0]  # "sysfs", "tmp117": short names for health and logs
             name = f"thermal:{kind}" if f"thermal:{kind}" not in self.coordinators else f"thermal:{kind}#{position}"
             self.coordinators[name] = Coordinator(
-                name, source, source.read, hw.thermal_poll_seconds,
+                name, source, source.read, hw.thermal_poll_seconds, after_poll=self._heartbeat,
                 on_data=lambda data, name=name: thermal.on_readings(name, data),  # type: ignore[misc]
                 on_failure=lambda error, name=name: thermal.on_source_failure(name, error),  # type: ignore[misc]
             )

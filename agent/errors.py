@@ -130,3 +130,45 @@ class HardwareUnavailableError(AgentError):
     type = "server_error"
     code = "hardware_unavailable"
     retry_after = 5
+
+
+class AuthenticationError(AgentError):
+    """No API key, or one that is wrong or revoked (401).
+
+    The product docs promise type "authentication_error"; the code is the one OpenAI sends for a bad key.
+    """
+
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(AgentError):
+    """The client is known (or needs no key) but may not do this (403): source address, Host/Origin, key scope."""
+
+    status = 403
+    # The product docs promise type "permission_error"; the code says which of our checks refused.
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class RateLimitError(AgentError):
+    """The client's request bucket is empty (429); Retry-After and the x-ratelimit-* headers say when to come back."""
+
+    status = 429
+    # OpenAI's own 429 for a requests-per-minute limit: type "requests", code "rate_limit_exceeded".
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: int,
+        headers: dict[str, str] | None = None,
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code, retry_after=retry_after)
+        # Response headers the middleware copies onto the 429 (Retry-After and x-ratelimit-*).
+        self.headers: dict[str, str] = dict(headers or {})

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 import agent
+from agent import cli_keys
 from agent.settings import SettingsError, default_home, load_settings
 
 out = Console()
@@ -311,6 +312,8 @@ def _config(args: argparse.Namespace) -> Any:
 
 def cmd_config_get(args: argparse.Namespace) -> int:
     """thox config get KEY: the effective value and where it comes from."""
+    if args.key == "api.key":
+        return cli_keys.config_get_key(args)
     try:
         value, source = _config(args).get(args.key)
     except SettingsError as exc:
@@ -322,6 +325,8 @@ def cmd_config_get(args: argparse.Namespace) -> int:
 
 def cmd_config_set(args: argparse.Namespace) -> int:
     """thox config set KEY VALUE: validated against the schema, written atomically."""
+    if args.key == "api.key":  # a secret: it goes into the hashed key store, never into config.toml
+        return cli_keys.config_set_key(args, args.value)
     try:
         stored = _config(args).set(args.key, args.value)
     except SettingsError as exc:
@@ -449,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, help="longest answer in tokens")
     chat.set_defaults(func=cmd_chat)
 
+    cli_keys.add_parsers(sub, common)
     config = sub.add_parser("config", help="settings in <home>/config.toml").add_subparsers(
         dest="config_command", required=True)
     config_get = config.add_parser("get", parents=[common], help="a setting's effective value and its source")

@@ -24,12 +24,16 @@ import agent
 from agent.api.app import build_cluster_app, build_inference_app
 from agent.api.cluster.routes import HealthSources
 from agent.api.openai.serving import OpenAIServing
+from agent.api.security import SecurityPolicy, device_host_check
 from agent.atomic import atomic_write_bytes
 from agent.engine import EngineHost, EngineHostConfig
 from agent.hardware.manager import HardwareManager, hardware_subsystem
 from agent.models import InstalledModel, ModelStore, ModelStoreError
 from agent.models.registry import CHAT, EMBEDDINGS, ChatModel, EmbeddingModel, EmbeddingTokenizer, ModelRegistry
 from agent.monitor import EventLoopMonitor
+from agent.security.keys import KeyStore, KeyStoreError, Scope
+from agent.security.policy import AllowList, PolicyError
+from agent.security.ratelimit import TokenBucketLimiter
 from agent.settings import Settings
 from agent.supervisor import Supervisor
 from agent.systemd import SystemdNotifier
@@ -154,6 +158,47 @@ async def _endpoints_file(
         await asyncio.to_thread(path.unlink, missing_ok=True)
 
 
+def _open_key_store(settings: Settings) -> KeyStore:
+    """Blocking: the API key store; a corrupt file is logged and refuses every key (fail closed), never fatal."""
+    keys = KeyStore(settings.keys_file)
+    try:
+        keys.load()
+    except KeyStoreError as exc:
+        log.error("key_store_unreadable", path=str(settings.keys_file), error=str(exc))
+    return keys
+
+
+def _security_policies(settings: Settings, keys: KeyStore) -> tuple[SecurityPolicy, SecurityPolicy]:
+    api = settings.api
+    try:
+        allow = AllowList.parse(api.allow)
+        hosts = device_host_check(api.allowed_hosts)
+    except PolicyError as exc:
+        raise StartupError(str(exc)) from exc
+    if api.auth == "off":
+        log.warning("api_auth_off", detail="api.auth = off: every client on an allowed address is served without "
+                    "a key")
+
+    def policy(scope: Scope, rate: int, open_paths: frozenset[str]) -> SecurityPolicy:
+        return SecurityPolicy(auth=api.auth, allow=allow, hosts=hosts, keys=keys, limiter=TokenBucketLimiter(rate),
+                              limit_loopback=api.rate_limit_loopback, scope=scope, open_paths=open_paths)
+
+    # Health answers without a key: monitoring and `thox status` need it, and it reveals nothing secret.
+    return (policy("inference", api.rate_limit, frozenset()),
+            policy("admin", api.cluster_rate_limit, frozenset({"/v1/health"})))
+
+
+async def _flush_key_use(keys: KeyStore) -> None:
+    """Write keys' last-used times now and then (not on every request), and once more on the way out."""
+    try:
+        while True:
+            await asyncio.sleep(keys.flush_interval)
+            await asyncio.to_thread(keys.flush_last_used)
+    finally:
+        await asyncio.to_thread(keys.flush_last_used, force=True)
+        await asyncio.to_thread(keys.close)
+
+
 def _report_progress(notifier: SystemdNotifier, stage: str, percent: int) -> None:
     # A first model conversion can outlast TimeoutStartSec: each step of progress buys another minute.
     notifier.extend_timeout(60)
@@ -189,18 +234,22 @@ async def serve(settings: Settings) -> None:
     registry = ModelRegistry([ChatModel(models.chat, models.text, engine)], embedding_models,
                              default_chat=models.chat.id)
     api = settings.api
-    inference_app = build_inference_app(OpenAIServing(registry), max_request_bytes=api.max_request_bytes)
+    keys = await asyncio.to_thread(_open_key_store, settings)
+    inference_security, cluster_security = _security_policies(settings, keys)
+    inference_app = build_inference_app(OpenAIServing(registry), max_request_bytes=api.max_request_bytes,
+                                        security=inference_security)
     monitor = EventLoopMonitor()
     engine.on_progress = lambda stage, percent: _report_progress(notifier, stage, percent)
     hardware = HardwareManager(settings, [engine],
                                heartbeat=watchdog.register("hardware").beat if watchdog is not None else None)
     cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware), hardware,
-                                    max_request_bytes=api.max_request_bytes)
+                                    max_request_bytes=api.max_request_bytes, security=cluster_security)
     listening: list[_Listening] = []
     host = settings.bind_host
     try:
         await supervisor.run([
             ("event-loop-monitor", _background(supervisor, monitor.run, "event-loop-monitor")),
+            ("key-store", _background(supervisor, lambda: _flush_key_use(keys), "key-store")),
             ("hardware", hardware_subsystem(hardware, lambda work, name: supervisor.spawn(work, name=name))),
             ("engine", _background(supervisor, engine.run, "engine")),
             ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),

@@ -39,6 +39,16 @@ class ApiSettings(_Section):
     cluster_port: int = Field(5381, ge=0, le=65535, description="Cluster API port; 0 picks a free one")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body")
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="How long in-flight streams may finish on stop")
+    auth: Literal["remote", "always", "off"] = Field(
+        "remote", description="remote: a key for every client but this device itself; always: a key for every "
+        "request; off: no keys (logged as a warning)")
+    allow: str = Field("loopback,private", description="Client addresses served: loopback, private, public, any, "
+                       "or CIDR ranges, comma-separated; others get 403")
+    allowed_hosts: str = Field("", description="Extra host names this device answers to (Host/Origin check), "
+                               "comma-separated; localhost, thox.local and the hostname are always allowed")
+    rate_limit: int = Field(100, ge=1, description="Inference requests per minute per key (per address when keyless)")
+    cluster_rate_limit: int = Field(1000, ge=1, description="Cluster API requests per minute per key or address")
+    rate_limit_loopback: bool = Field(False, description="Also rate-limit clients on this device itself")
 
 
 class EngineSettings(_Section):
@@ -134,6 +144,10 @@ class Settings(_Section):
     @property
     def config_file(self) -> Path:
         return self.home / "config.toml"
+
+    @property
+    def keys_file(self) -> Path:
+        return self.home / "keys.json"
 
 
 def default_home(env: Mapping[str, str] = os.environ) -> Path:

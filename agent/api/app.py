@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 import agent.api.cluster.power
 import agent.api.cluster.routes
@@ -13,12 +14,21 @@ from agent.api.cluster.routes import HEALTH_KEY, HealthSources
 from agent.api.middleware import request_context
 from agent.api.openai.routes import MAX_MESSAGE_BYTES_KEY, SERVING_KEY
 from agent.api.openai.serving import OpenAIServing
+from agent.api.security import SecurityPolicy, add_rate_headers, security_middleware
 from agent.hardware.manager import HardwareManager
 
 
-def build_inference_app(serving: OpenAIServing, *, max_request_bytes: int) -> web.Application:
+def _middlewares(security: SecurityPolicy | None) -> list[Middleware]:
+    # The request context (ids, error envelope) wraps everything, security refusals included.
+    return [request_context] if security is None else [request_context, security_middleware(security)]
+
+
+def build_inference_app(
+    serving: OpenAIServing, *, max_request_bytes: int, security: SecurityPolicy | None = None
+) -> web.Application:
     """The OpenAI-compatible API (port 8080)."""
-    app = web.Application(middlewares=[request_context], client_max_size=max_request_bytes)
+    app = web.Application(middlewares=_middlewares(security), client_max_size=max_request_bytes)
+    app.on_response_prepare.append(add_rate_headers)
     app[SERVING_KEY] = serving
     app[MAX_MESSAGE_BYTES_KEY] = max_request_bytes
     agent.api.openai.routes.setup_routes(app)
@@ -26,10 +36,12 @@ def build_inference_app(serving: OpenAIServing, *, max_request_bytes: int) -> we
 
 
 def build_cluster_app(
-    health: HealthSources, hardware: HardwareManager | None, *, max_request_bytes: int
+    health: HealthSources, hardware: HardwareManager | None, *, max_request_bytes: int,
+    security: SecurityPolicy | None = None,
 ) -> web.Application:
     """The cluster API (port 5381); the sim control routes exist only when the hardware is simulated."""
-    app = web.Application(middlewares=[request_context], client_max_size=max_request_bytes)
+    app = web.Application(middlewares=_middlewares(security), client_max_size=max_request_bytes)
+    app.on_response_prepare.append(add_rate_headers)
     app[HEALTH_KEY] = health
     agent.api.cluster.routes.setup_routes(app)
     if hardware is not None:

@@ -20,6 +20,7 @@ from agent.errors import (
     MethodNotAllowedError,
     NotFoundError,
     PayloadTooLargeError,
+    RateLimitError,
 )
 
 log = structlog.get_logger("agent.api")
@@ -35,8 +36,13 @@ def error_response(error: AgentError, request_id: str) -> web.Response:
     """The JSON envelope for an error, with the request id header."""
     response = web.json_response(error.envelope(), status=error.status)
     response.headers[REQUEST_ID_HEADER] = request_id
-    if error.status == 503:
+    if error.status in (429, 503):
         response.headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, RateLimitError):
+        response.headers.update(error.headers)
+    if error.status == 401:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="thox"'
+
     return response
 
 

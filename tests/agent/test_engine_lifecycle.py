@@ -135,7 +135,7 @@ def test_client_disconnect_cancels_a_plain_request(agent: RunningAgent) -> None:
     host, port = agent.inference_url.split("//")[1].split("/")[0].split(":")
     body = json.dumps({"messages": LONG, "max_tokens": 1000}).encode()
     with socket.create_connection((host, int(port))) as conn:
-        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         deadline = time.monotonic() + 30
         while agent.health()["engine"]["active_streams"] == 0 and time.monotonic() < deadline:

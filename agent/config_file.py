@@ -7,6 +7,7 @@ atomic (temp file, fsync, rename): a power cut leaves the old file or the new on
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sys
 import tempfile
@@ -117,7 +118,13 @@ class ConfigFile:
 
     def _write(self, data: dict[str, Any]) -> None:
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        atomic_write_bytes(self.path, tomli_w.dumps(data).encode(), mode=0o600)
+        # One writer at a time; under the lock no other write is in flight, so any temp file left beside the
+        # config is from a writer that was killed (power cut, kill -9) and is swept instead of piling up.
+        with (self.home / ".config.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for stale in self.home.glob(f".{self.path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+            atomic_write_bytes(self.path, tomli_w.dumps(data).encode(), mode=0o600)
 
 
 def _with(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from agent.security.keys import KeyStore
 
 # Each round starts a writer, kills it at a random moment and loads what it left. More rounds probe more moments;
 # 50 keeps the test at a few seconds.
-CRASH_ROUNDS = 50
+CRASH_ROUNDS = 200
 # How long a writer runs before SIGKILL, chosen uniformly in [0, this) seconds after it reports ready.
 MAX_KILL_DELAY = 0.03
 

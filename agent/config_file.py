@@ -70,11 +70,13 @@ class ConfigFile:
     def get(self, key: str) -> tuple[Any, str]:
         """(effective value, where it comes from: "file", "environment" or "default")."""
         _check_key(key)
-        value = _plain(_lookup(self.effective(), key))
+        return self._describe(key, self.effective(), _read(self.path))
+
+    def _describe(self, key: str, settings: Settings, data: dict[str, Any]) -> tuple[Any, str]:
+        value = _plain(_lookup(settings, key))
         if "THOX_" + key.upper().replace(".", "_") in self._env:
             return value, "environment"
         head, _, tail = key.partition(".")
-        data = _read(self.path)
         in_file = tail in data.get(head, {}) if tail else head in data
         return value, "file" if in_file else "default"
 
@@ -107,7 +109,8 @@ class ConfigFile:
 
     def listing(self) -> list[tuple[str, Any, str]]:
         """Every setting as (key, effective value, source)."""
-        return [(key, *self.get(key)) for key in sorted(known_keys())]
+        settings, data = self.effective(), _read(self.path)  # read and validated once, not once per key
+        return [(key, *self._describe(key, settings, data)) for key in sorted(known_keys())]
 
     def _validate(self, data: dict[str, Any]) -> Settings:
         # Validate exactly as `thox serve` will: through load_settings, on a private copy of the file.

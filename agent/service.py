@@ -240,8 +240,8 @@ async def serve(settings: Settings) -> None:
                                         security=inference_security)
     monitor = EventLoopMonitor()
     engine.on_progress = lambda stage, percent: _report_progress(notifier, stage, percent)
-    hardware = HardwareManager(settings, [engine],
-                               heartbeat=watchdog.register("hardware").beat if watchdog is not None else None)
+    hardware = HardwareManager(settings, [engine], register_heartbeat=(
+        (lambda name: watchdog.register(name).beat) if watchdog is not None else None))
     cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware), hardware,
                                     max_request_bytes=api.max_request_bytes, security=cluster_security)
     listening: list[_Listening] = []

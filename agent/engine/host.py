@@ -120,7 +120,6 @@ class EngineHost:
         self.concurrency = config.max_batch
         self.concurrency_applied = config.max_batch
         self._concurrency_asked_at: float | None = None
-        self.concurrency_latency_s: float | None = None
         self._suspended: EngineUnavailableError | None = None
         self.builds_paused = False
         self._building = False
@@ -443,10 +442,9 @@ class EngineHost:
     def _on_concurrency_applied(self, applied: int) -> None:
         self.concurrency_applied = applied
         if self._concurrency_asked_at is not None and applied == self.concurrency:
-            self.concurrency_latency_s = time.monotonic() - self._concurrency_asked_at
+            latency = time.monotonic() - self._concurrency_asked_at
             self._concurrency_asked_at = None
-            log.info("engine_concurrency_applied", concurrency=applied,
-                     latency_ms=round(self.concurrency_latency_s * 1000, 3))
+            log.info("engine_concurrency_applied", concurrency=applied, latency_ms=round(latency * 1000, 3))
 
     def suspend(self, reason: str, *, code: str, retry_after: int = 30) -> None:
         """Stop inference now: running streams end with a clean error, new requests get a 503 until resume()."""
@@ -461,10 +459,6 @@ class EngineHost:
     def resume(self) -> None:
         """Accept requests again after suspend()."""
         self._suspended = None
-
-    @property
-    def suspended(self) -> bool:
-        return self._suspended is not None
 
     def pause_builds(self, paused: bool) -> None:
         """Pause (SIGSTOP) or continue a model build in the engine host; serving is never paused by this."""

@@ -94,11 +94,14 @@ class HardwareManager:
     """Owns the drivers and everything that polls or reacts to them."""
 
     def __init__(
-        self, settings: Settings, engines: list[EngineHost], heartbeat: Callable[[], None] | None = None
+        self,
+        settings: Settings,
+        engines: list[EngineHost],
+        register_heartbeat: Callable[[str], Callable[[], None]] | None = None,
     ) -> None:
         self.settings = settings
-        # Beaten after every thermal poll: the systemd watchdog stops pinging if thermal polling stalls.
-        self._heartbeat = heartbeat
+        # The systemd watchdog's heartbeats: thermal polls beat one, so the watchdog stops pinging if they stall.
+        self._register_heartbeat = register_heartbeat
         self.hw = settings.hardware
         self.engines = engines
         self.world: SimWorld | None = None
@@ -109,7 +112,6 @@ class HardwareManager:
         self.power = PowerContracts([], lambda: None)
         self.dock: DockPipeline | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._critical_trips: dict[str, float] = {}
 
     @property
     def simulated(self) -> bool:
@@ -130,10 +132,9 @@ class HardwareManager:
         def start_task(work: Coroutine[Any, Any, None], name: str) -> None:
             self._tasks.append(spawn(work, name))
 
-        await self._read_critical_trips()
-        self._start_thermal(start_task)
+        self._start_thermal(start_task, await self._critical_trips())
         self._start_power()
-        self._start_polled(start_task)
+        self._start_polled()
         if self.drivers.dock is not None:
             self.dock = DockPipeline(self.drivers.dock, self.drivers.nfc, self.hw.nfc_read_timeout_seconds)
             start_task(self.dock.run(), "dock-pipeline")
@@ -151,31 +152,35 @@ class HardwareManager:
         except DriverError as exc:
             log.warning("driver_open_failed", driver=driver.name, error=f"{type(exc).__name__}: {exc}")
 
-    def _start_thermal(self, start_task: Callable[[Coroutine[Any, Any, None], str], None]) -> None:
+    def _start_thermal(
+        self, start_task: Callable[[Coroutine[Any, Any, None], str], None], critical_trips: dict[str, float]
+    ) -> None:
         hw = self.hw
         config = GovernorConfig(warm_c=hw.warm_c, throttle_c=hw.throttle_c, hot_c=hw.hot_c,
                                 emergency_margin_c=hw.emergency_margin_c, hysteresis_c=hw.hysteresis_c,
                                 min_dwell_s=hw.min_dwell_seconds)
-        governor = ThermalGovernor(config, self._critical_trips)
+        governor = ThermalGovernor(config, critical_trips)
         self.thermal = ThermalControl(governor, list(self.engines), self.settings.engine.max_batch,
                                       self.drivers.fan, start_task)
         thermal = self.thermal
+        # Only a box that polls thermal sources beats: a heartbeat nobody beats would make systemd restart us.
+        beat = self._register_heartbeat("thermal") if self._register_heartbeat and self.drivers.thermal else None
         for position, source in enumerate(self.drivers.thermal):
             kind = source.name.split(":", 1)[0]  # "sysfs", "tmp117": short names for health and logs
             name = f"thermal:{kind}" if f"thermal:{kind}" not in self.coordinators else f"thermal:{kind}#{position}"
             self.coordinators[name] = Coordinator(
-                name, source, source.read, hw.thermal_poll_seconds, after_poll=self._heartbeat,
+                name, source, source.read, hw.thermal_poll_seconds, after_poll=beat,
                 on_data=lambda data, name=name: thermal.on_readings(name, data),  # type: ignore[misc]
                 on_failure=lambda error, name=name: thermal.on_source_failure(name, error),  # type: ignore[misc]
             )
 
-    async def _read_critical_trips(self) -> None:
+    async def _critical_trips(self) -> dict[str, float]:
         trips: dict[str, float] = {}
         for source in self.drivers.thermal:
             if source.state is DriverState.OPEN:
                 with contextlib.suppress(DriverError):
                     trips.update(await source.critical_trips())
-        self._critical_trips = trips
+        return trips
 
     def _start_power(self) -> None:
         pd = self.drivers.pd
@@ -189,7 +194,7 @@ class HardwareManager:
         self.coordinators["pd"] = Coordinator("pd", pd, pd.contract, self.hw.power_poll_seconds)
         self.power = PowerContracts([PowerPort(DOCK_PORT, pd, monitor)], self._peer_module)
 
-    def _start_polled(self, start_task: Callable[[Coroutine[Any, Any, None], str], None]) -> None:
+    def _start_polled(self) -> None:
         hw = self.hw
         if self.drivers.fan is not None:
             self.coordinators["fan"] = Coordinator("fan", self.drivers.fan, self.drivers.fan.status,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
@@ -58,7 +59,7 @@ class ThermalControl:
         self._clock = clock
         self._zones: dict[str, dict[str, float | None]] = {}
         self.actions = actions_for(ThermalLevel.NORMAL, max_batch)
-        self.transitions: list[dict[str, Any]] = []
+        self.transitions: deque[dict[str, Any]] = deque(maxlen=20)
         self._fan_profile = "default"
         self._fan_lock = asyncio.Lock()
 
@@ -88,7 +89,7 @@ class ThermalControl:
             "temperature_c": None if transition.temperature_c is None else round(transition.temperature_c, 2),
             "reason": transition.reason,
         }
-        self.transitions = [*self.transitions[-19:], {**event, "at_unix": round(time.time(), 3)}]
+        self.transitions.append({**event, "at_unix": round(time.time(), 3)})
         log_method = log.warning if transition.level > transition.previous else log.info
         log_method("thermal_level_changed", **event)
 
@@ -136,5 +137,5 @@ class ThermalControl:
             "actions": {"max_concurrency": self.actions.max_concurrency,
                         "builds_paused": self.actions.builds_paused, "fan_profile": self.actions.fan_profile,
                         "inference_stopped": self.actions.stop_inference},
-            "recent_transitions": self.transitions[-5:],
+            "recent_transitions": list(self.transitions)[-5:],
         }

@@ -16,7 +16,7 @@ from agent.api.cluster.power import HARDWARE_KEY
 from agent.api.cluster.protocol import SimFaultBody, SimModuleBody, SimThermalBody
 from agent.errors import HardwareUnavailableError, InvalidRequestError, NotFoundError
 from drivers.base import JoinOffer
-from drivers.power.pdo import encode_fixed_pdo, encode_pps_apdo
+from drivers.power.pdo import decode_pdo, encode_fixed_pdo, encode_pps_apdo
 from drivers.sim.board import SimBoard
 from drivers.sim.world import DEFAULT_PDOS, SimModule
 
@@ -61,8 +61,8 @@ async def stack_module(request: web.Request) -> web.Response:
 
 def _first_is_not_5v(words: list[int]) -> bool:
     """USB-PD requires object 1 to be vSafe5V fixed."""
-    first = words[0]
-    return first >> 30 != 0 or ((first >> 10) & 0x3FF) * 50 != 5000
+    first = decode_pdo(1, words[0])
+    return first.kind != "fixed" or first.max_mv != 5000
 
 
 async def unstack_module(request: web.Request) -> web.Response:

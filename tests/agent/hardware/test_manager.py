@@ -159,3 +159,30 @@ async def test_heat_lowers_engine_concurrency_and_unreadable_sensors_fail_safe(
     assert manager.report()["thermal"]["actions"]["inference_stopped"] is True
     world.set_thermal(ambient_c=25.0)
     await _until(lambda: engine.resumed == 1)
+
+
+@pytest.mark.parametrize(("thermal", "registered"), [("sim", ["thermal"]), ("none", [])])
+async def test_thermal_polls_feed_the_watchdog_only_when_there_are_thermal_sources(
+    tmp_path: Path, thermal: str, registered: list[str]
+) -> None:
+    overrides = {"hardware.thermal": thermal, "hardware.thermal_poll_seconds": 0.05}
+    settings = await asyncio.to_thread(load_settings, overrides, home=tmp_path, env={})
+    registrations: list[str] = []
+    beats: list[str] = []
+
+    def register(name: str) -> Any:
+        registrations.append(name)
+        return lambda: beats.append(name)
+
+    manager = HardwareManager(settings, [RecordingEngine()], register_heartbeat=register)  # type: ignore[list-item]
+    tasks: list[asyncio.Task[None]] = []
+    await manager.start(lambda work, name: tasks.append(asyncio.create_task(work)) or tasks[-1])
+    try:
+        await asyncio.sleep(0.3)
+    finally:
+        await manager.stop()
+    # A heartbeat nobody beats would silence the systemd watchdog and get the agent restarted in a loop.
+    assert registrations == registered
+    assert sorted(set(beats)) == registered
+    if registered:
+        assert len(beats) >= 3

@@ -5,54 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import aiohttp
-from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import agent
-from agent import cli_keys
-from agent.settings import SettingsError, default_home, load_settings
-
-out = Console()
-err = Console(stderr=True)
-
-
-# ------------------------------------------------------------------------------ helpers
-
-
-def _home(args: argparse.Namespace) -> Path:
-    return Path(args.home).expanduser() if args.home else default_home()
-
-
-def _endpoints(home: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((home / "run" / "endpoints.json").read_text())
-        return data if isinstance(data, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def inference_url(home: Path) -> str:
-    """Base URL of the inference API: THOX_API_URL, OPENAI_API_BASE, the running agent's, or the default."""
-    url = os.environ.get("THOX_API_URL") or os.environ.get("OPENAI_API_BASE") or os.environ.get("OPENAI_BASE_URL")
-    return (url or _endpoints(home).get("inference_url") or "http://127.0.0.1:8080/v1").rstrip("/")
-
-
-def cluster_url(home: Path) -> str:
-    """Base URL of the cluster API: THOX_CLUSTER_URL, the running agent's, or the default."""
-    url = os.environ.get("THOX_CLUSTER_URL") or _endpoints(home).get("cluster_url")
-    return (url or "http://127.0.0.1:5381/v1").rstrip("/")
-
-
-def _auth_headers() -> dict[str, str]:
-    key = os.environ.get("THOX_API_KEY") or os.environ.get("OPENAI_API_KEY")
-    return {"Authorization": f"Bearer {key}"} if key else {}
+from agent import cli_config, cli_keys, cli_logs
+from agent.cli_common import auth_headers, call_cluster, cluster_url, err, home_of, inference_url, out
+from agent.settings import SettingsError, load_settings
 
 
 def _human_size(size: int) -> str:
@@ -69,7 +32,7 @@ def _human_size(size: int) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """thox serve: run the agent in the foreground."""
-    from agent.logs import configure_logging
+    from agent.logs import configure_logging, log_file_of, under_journald
     from agent.service import StartupError, serve
 
     overrides = {
@@ -80,16 +43,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "engine.threads": args.threads,
     }
     try:
-        settings = load_settings(overrides, home=_home(args))
+        settings = load_settings(overrides, home=home_of(args))
     except SettingsError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 2
-    configure_logging(settings.log_format)
+    # Under systemd the journal keeps the lines; otherwise a rotated file in the home does (`thox logs` reads both).
+    close_logs = configure_logging(settings.log_format,
+                                   log_file=None if under_journald() else log_file_of(settings.home))
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, overrides))
     except StartupError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 1
+    finally:
+        close_logs()
     return 0
 
 
@@ -97,7 +64,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     """thox models list: what is installed in the store."""
     from agent.models import ModelStore, ModelStoreError
 
-    home = _home(args)
+    home = home_of(args)
     try:
         models = ModelStore(home / "models").installed()
     except ModelStoreError as exc:
@@ -127,7 +94,7 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     from engines.convert.bert import ensure_converted_encoder
 
     try:
-        settings = load_settings(home=_home(args))
+        settings = load_settings(home=home_of(args))
         models = ModelStore(settings.models_dir).ensure_bundled()
     except (SettingsError, ModelStoreError) as exc:
         err.print(f"[red]error:[/red] {exc}")
@@ -158,57 +125,62 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _get_json(url: str) -> Any:
-    async with aiohttp.ClientSession() as session, session.get(url, headers=_auth_headers()) as response:
-        return await response.json(content_type=None)
+async def _status_reports(base: str) -> tuple[Any, Any]:
+    """/v1/health (keyless) and /v1/config (admin scope: None when this client may not read it)."""
+    async with aiohttp.ClientSession(headers=auth_headers()) as session:
+        async with session.get(f"{base}/health") as response:
+            health = await response.json(content_type=None)
+        async with session.get(f"{base}/config") as response:
+            config = await response.json(content_type=None) if response.status == 200 else None
+    return health, config
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """thox status: the running agent's health at a glance."""
-    url = f"{cluster_url(_home(args))}/health"
-    try:
-        health = asyncio.run(_get_json(url))
-    except aiohttp.ClientError as exc:
-        err.print(f"[red]error:[/red] no agent answers at {url}: {exc}")
-        return 1
-    if args.json:
-        out.print_json(data=health)
-        return 0
+def _status_lines(health: dict[str, Any], config: dict[str, Any] | None, inference: str, cluster: str) -> None:
     engine = health.get("engine", {})
-    colour = {"ok": "green", "starting": "yellow"}.get(health.get("status"), "red")
+    colour = {"ok": "green", "starting": "yellow"}.get(str(health.get("status")), "red")
     out.print(f"status   [{colour}]{health.get('status')}[/{colour}]   version {health.get('version')}   "
               f"uptime {health.get('uptime_seconds', 0):.0f}s")
+    out.print(f"serving  {inference} (OpenAI API)   {cluster} (cluster API)")
+    if config is not None:
+        values = config.get("settings", {})
+        keys = config.get("api_keys", {})
+        out.print(f"access   auth {values.get('api.auth')}   allow {values.get('api.allow')}   limits "
+                  f"{values.get('api.rate_limit')}/min inference, {values.get('api.cluster_rate_limit')}/min "
+                  f"cluster   api keys {keys.get('count', 0)}")
     out.print(f"engine   {engine.get('state')}   model {engine.get('model')}   pid {engine.get('pid')}   "
               f"restarts {engine.get('restarts')}   streams {engine.get('active_streams')}")
     if engine.get("last_error"):
         out.print(f"         last error: {engine['last_error']}")
-    thermal = (health.get("hardware") or {}).get("thermal")
+    hardware = health.get("hardware") or {}
+    thermal = hardware.get("thermal")
     if thermal:
         out.print(f"thermal  {health.get('temperature_c')} C   level {thermal.get('level')}   "
                   f"concurrency {thermal.get('actions', {}).get('max_concurrency')}")
-    return 0 if health.get("status") == "ok" else 3
+    power, dock = hardware.get("power"), hardware.get("dock")
+    if power or dock:
+        docked = "docked" if (dock or {}).get("docked") else "nothing docked"
+        millivolts = (power or {}).get("contract_mV")
+        out.print(f"dock     {docked}   power contract {(power or {}).get('contract_state')}"
+                  f"{f' {millivolts / 1000:.1f} V' if millivolts else ''}")
+    pending = (config or health.get("config") or {}).get("restart_required")
+    if pending:
+        out.print(f"config   [yellow]restart needed[/yellow] for {', '.join(pending)}")
 
 
-async def _request_json(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session, session.request(
-        method, url, json=body, headers=_auth_headers()
-    ) as response:
-        return response.status, await response.json(content_type=None)
-
-
-def _call_cluster(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-    """Call the cluster API; prints the error envelope's message and returns None on failure."""
-    url = f"{cluster_url(_home(args))}{path}"
+def cmd_status(args: argparse.Namespace) -> int:
+    """thox status: the running agent's key facts at a glance; exit status 3 unless it is ok."""
+    home = home_of(args)
+    base = cluster_url(home)
     try:
-        status, payload = asyncio.run(_request_json(method, url, body))
+        health, config = asyncio.run(_status_reports(base))
     except aiohttp.ClientError as exc:
-        err.print(f"[red]error:[/red] no agent answers at {url}: {exc}")
-        return None
-    if status >= 400:
-        message = payload.get("error", {}).get("message", payload) if isinstance(payload, dict) else payload
-        err.print(f"[red]error {status}:[/red] {message}")
-        return None
-    return payload
+        err.print(f"[red]error:[/red] no agent answers at {base}: {exc}")
+        return 1
+    if args.json:
+        out.print_json(data={**health, **({"config": config} if config is not None else {})})
+    else:
+        _status_lines(health, config, inference_url(home), base)
+    return 0 if health.get("status") == "ok" else 3
 
 
 def _print_contract(record: dict[str, Any]) -> None:
@@ -236,7 +208,7 @@ def _print_contract(record: dict[str, Any]) -> None:
 
 def cmd_hw_status(args: argparse.Namespace) -> int:
     """thox hw status: temperatures, thermal level, power, dock and every driver's availability."""
-    health = _call_cluster(args, "GET", "/health")
+    health = call_cluster(args, "GET", "/health")
     if health is None:
         return 1
     hardware = health.get("hardware")
@@ -274,7 +246,7 @@ def cmd_hw_status(args: argparse.Namespace) -> int:
 
 def cmd_hw_pd_list(args: argparse.Namespace) -> int:
     """thox hw pd list: the power contract on every port."""
-    payload = _call_cluster(args, "GET", "/power/contract")
+    payload = call_cluster(args, "GET", "/power/contract")
     if payload is None:
         return 1
     if args.json:
@@ -294,7 +266,7 @@ def cmd_hw_pd_request(args: argparse.Namespace) -> int:
         body["voltage_mv"] = round(args.volts * 1000)
     if args.amps is not None:
         body["current_ma"] = round(args.amps * 1000)
-    record = _call_cluster(args, "POST", "/power/contract", body)
+    record = call_cluster(args, "POST", "/power/contract", body)
     if record is None:
         return 1
     if args.json:
@@ -304,74 +276,10 @@ def cmd_hw_pd_request(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from agent.config_file import ConfigFile
-
-    return ConfigFile(_home(args))
-
-
-def cmd_config_get(args: argparse.Namespace) -> int:
-    """thox config get KEY: the effective value and where it comes from."""
-    if args.key == "api.key":
-        return cli_keys.config_get_key(args)
-    try:
-        value, source = _config(args).get(args.key)
-    except SettingsError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        return 2
-    out.print(f"{args.key} = {json.dumps(value)}   ({source})", highlight=False)
-    return 0
-
-
-def cmd_config_set(args: argparse.Namespace) -> int:
-    """thox config set KEY VALUE: validated against the schema, written atomically."""
-    if args.key == "api.key":  # a secret: it goes into the hashed key store, never into config.toml
-        return cli_keys.config_set_key(args, args.value)
-    try:
-        stored = _config(args).set(args.key, args.value)
-    except SettingsError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        return 2
-    out.print(f"{args.key} = {json.dumps(stored)}", highlight=False)
-    if ("THOX_" + args.key.upper().replace(".", "_")) in os.environ:
-        err.print(f"note: THOX_{args.key.upper().replace('.', '_')} is set and overrides the file")
-    return 0
-
-
-def cmd_config_unset(args: argparse.Namespace) -> int:
-    """thox config unset KEY: back to the default."""
-    try:
-        removed = _config(args).unset(args.key)
-    except SettingsError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        return 2
-    out.print(f"{args.key} {'removed from' if removed else 'was not set in'} {_home(args) / 'config.toml'}")
-    return 0
-
-
-def cmd_config_list(args: argparse.Namespace) -> int:
-    """thox config list: every setting, its effective value and its source."""
-    try:
-        rows = _config(args).listing()
-    except SettingsError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        return 2
-    if args.json:
-        out.print_json(data={key: {"value": value, "source": source} for key, value, source in rows})
-        return 0
-    table = Table(box=None, padding=(0, 2))
-    for column in ("key", "value", "source"):
-        table.add_column(column, overflow="fold")
-    for key, value, source in rows:
-        table.add_row(key, json.dumps(value), source)
-    out.print(table)
-    return 0
-
-
 async def _chat(url: str, body: dict[str, Any]) -> int:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
     async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
-        f"{url}/chat/completions", json=body, headers=_auth_headers()
+        f"{url}/chat/completions", json=body, headers=auth_headers()
     ) as response:
         if response.status != 200:
             payload = await response.json(content_type=None)
@@ -402,7 +310,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         body["model"] = args.model
     if args.max_tokens:
         body["max_tokens"] = args.max_tokens
-    url = inference_url(_home(args))
+    url = inference_url(home_of(args))
     try:
         return asyncio.run(_chat(url, body))
     except aiohttp.ClientError as exc:
@@ -455,21 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     cli_keys.add_parsers(sub, common)
-    config = sub.add_parser("config", help="settings in <home>/config.toml").add_subparsers(
-        dest="config_command", required=True)
-    config_get = config.add_parser("get", parents=[common], help="a setting's effective value and its source")
-    config_get.add_argument("key", help="dotted key, e.g. api.inference_port")
-    config_get.set_defaults(func=cmd_config_get)
-    config_set = config.add_parser("set", parents=[common], help="change a setting (validated)")
-    config_set.add_argument("key")
-    config_set.add_argument("value")
-    config_set.set_defaults(func=cmd_config_set)
-    config_unset = config.add_parser("unset", parents=[common], help="back to the default")
-    config_unset.add_argument("key")
-    config_unset.set_defaults(func=cmd_config_unset)
-    config_list = config.add_parser("list", parents=[common], help="every setting with value and source")
-    config_list.add_argument("--json", action="store_true", help="machine-readable output")
-    config_list.set_defaults(func=cmd_config_list)
+    cli_config.add_parsers(sub, common)
+    cli_logs.add_parser(sub, common)
 
     hw = sub.add_parser("hw", help="the box's hardware").add_subparsers(dest="hw_command", required=True)
     hw_status = hw.add_parser("status", parents=[common], help="temperatures, power, dock, driver availability")

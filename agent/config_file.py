@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-from pydantic import BaseModel
 
 from agent.atomic import atomic_write_bytes
-from agent.settings import Settings, SettingsError, known_keys, load_settings
+from agent.settings import Settings, SettingsError, env_var, known_keys, load_settings, setting_value
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,13 +33,6 @@ def _read(path: Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: not valid TOML: {exc}") from exc
-
-
-def _lookup(settings: BaseModel, key: str) -> Any:
-    value: Any = settings
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _plain(value: Any) -> Any:
@@ -73,8 +65,8 @@ class ConfigFile:
         return self._describe(key, self.effective(), _read(self.path))
 
     def _describe(self, key: str, settings: Settings, data: dict[str, Any]) -> tuple[Any, str]:
-        value = _plain(_lookup(settings, key))
-        if "THOX_" + key.upper().replace(".", "_") in self._env:
+        value = _plain(setting_value(settings, key))
+        if env_var(key) in self._env:
             return value, "environment"
         head, _, tail = key.partition(".")
         in_file = tail in data.get(head, {}) if tail else head in data
@@ -86,7 +78,7 @@ class ConfigFile:
         data = _read(self.path)
         candidate = _with(data, key, raw)
         validated = self._validate(candidate)
-        stored = _plain(_lookup(validated, key))
+        stored = _plain(setting_value(validated, key))
         self._write(_with(data, key, stored))
         return stored
 

@@ -9,10 +9,12 @@ stops last, so thermal protection runs until nothing computes and the power cont
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,16 +26,17 @@ import agent
 from agent.api.app import build_cluster_app, build_inference_app
 from agent.api.cluster.routes import HealthSources
 from agent.api.openai.serving import OpenAIServing
-from agent.api.security import SecurityPolicy, device_host_check
+from agent.api.security import AccessRules, SecurityPolicy
 from agent.atomic import atomic_write_bytes
 from agent.engine import EngineHost, EngineHostConfig
 from agent.hardware.manager import HardwareManager, hardware_subsystem
+from agent.live_config import Applier, ConfigReloadError, LiveConfig
+from agent.logs import log_file_of, under_journald
 from agent.models import InstalledModel, ModelStore, ModelStoreError
 from agent.models.registry import CHAT, EMBEDDINGS, ChatModel, EmbeddingModel, EmbeddingTokenizer, ModelRegistry
 from agent.monitor import EventLoopMonitor
-from agent.security.keys import KeyStore, KeyStoreError, Scope
-from agent.security.policy import AllowList, PolicyError
-from agent.security.ratelimit import TokenBucketLimiter
+from agent.security.keys import KeyStore, KeyStoreError
+from agent.security.policy import PolicyError
 from agent.settings import Settings
 from agent.supervisor import Supervisor
 from agent.systemd import SystemdNotifier
@@ -144,6 +147,7 @@ async def _endpoints_file(
         "version": agent.__version__,
         "inference_url": f"http://{host}:{ports['inference']}/v1",
         "cluster_url": f"http://{host}:{ports['cluster']}/v1",
+        "logs": "journald" if under_journald() else str(log_file_of(settings.home)),
     }
     path = settings.run_dir / ENDPOINTS_FILE
     await asyncio.to_thread(atomic_write_bytes, path, json.dumps(record).encode())
@@ -169,23 +173,43 @@ def _open_key_store(settings: Settings) -> KeyStore:
 
 
 def _security_policies(settings: Settings, keys: KeyStore) -> tuple[SecurityPolicy, SecurityPolicy]:
-    api = settings.api
     try:
-        allow = AllowList.parse(api.allow)
-        hosts = device_host_check(api.allowed_hosts)
+        inference = SecurityPolicy(AccessRules.from_settings(settings.api, "inference"), keys, "inference")
+        # Health answers without a key: monitoring and `thox status` need it, and it reveals nothing secret.
+        cluster = SecurityPolicy(AccessRules.from_settings(settings.api, "admin"), keys, "admin",
+                                 open_paths=frozenset({"/v1/health"}))
     except PolicyError as exc:
         raise StartupError(str(exc)) from exc
-    if api.auth == "off":
+    _warn_if_auth_off(settings)
+    return inference, cluster
+
+
+def _warn_if_auth_off(settings: Settings) -> None:
+    if settings.api.auth == "off":
         log.warning("api_auth_off", detail="api.auth = off: every client on an allowed address is served without "
                     "a key")
 
-    def policy(scope: Scope, rate: int, open_paths: frozenset[str]) -> SecurityPolicy:
-        return SecurityPolicy(auth=api.auth, allow=allow, hosts=hosts, keys=keys, limiter=TokenBucketLimiter(rate),
-                              limit_loopback=api.rate_limit_loopback, scope=scope, open_paths=open_paths)
 
-    # Health answers without a key: monitoring and `thox status` need it, and it reveals nothing secret.
-    return (policy("inference", api.rate_limit, frozenset()),
-            policy("admin", api.cluster_rate_limit, frozenset({"/v1/health"})))
+def _security_applier(policies: tuple[SecurityPolicy, ...]) -> Applier:
+    """Live config: new access rules for both APIs, all parsed before any is switched."""
+
+    def prepare(settings: Settings) -> Callable[[], None]:
+        rules = [AccessRules.from_settings(settings.api, policy.scope) for policy in policies]
+
+        def commit() -> None:
+            for policy, new in zip(policies, rules, strict=True):
+                policy.reconfigure(new)
+            _warn_if_auth_off(settings)
+
+        return commit
+
+    return prepare
+
+
+async def _reload_on_signal(live: LiveConfig) -> None:
+    """SIGHUP (`systemctl reload thox-agent`): the outcome is logged; a bad file changes nothing."""
+    with contextlib.suppress(ConfigReloadError):
+        await live.reload()
 
 
 async def _flush_key_use(keys: KeyStore) -> None:
@@ -205,8 +229,11 @@ def _report_progress(notifier: SystemdNotifier, stage: str, percent: int) -> Non
     notifier.status(f"preparing the model: {stage} {percent}%")
 
 
-async def serve(settings: Settings) -> None:
-    """Run the agent until SIGTERM/SIGINT; raises StartupError when it cannot start."""
+async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) -> None:
+    """Run the agent until SIGTERM/SIGINT; raises StartupError when it cannot start.
+
+    `overrides` are the command line's settings: a config reload applies them again, as the start did.
+    """
     started = time.monotonic()
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
@@ -239,11 +266,16 @@ async def serve(settings: Settings) -> None:
     inference_app = build_inference_app(OpenAIServing(registry), max_request_bytes=api.max_request_bytes,
                                         security=inference_security)
     monitor = EventLoopMonitor()
+    live = LiveConfig(settings, overrides)
+    live.add_applier(_security_applier((inference_security, cluster_security)))
     engine.on_progress = lambda stage, percent: _report_progress(notifier, stage, percent)
     hardware = HardwareManager(settings, [engine], register_heartbeat=(
         (lambda name: watchdog.register(name).beat) if watchdog is not None else None))
-    cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware), hardware,
+    live.add_applier(hardware.prepare_thresholds)
+    cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware, live), hardware,
                                     max_request_bytes=api.max_request_bytes, security=cluster_security)
+    asyncio.get_running_loop().add_signal_handler(
+        signal.SIGHUP, lambda: supervisor.spawn(_reload_on_signal(live), name="config-reload"))
     listening: list[_Listening] = []
     host = settings.bind_host
     try:

@@ -13,7 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from agent.hardware.governor import GovernorConfig
+from agent.security.policy import AllowList
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -49,6 +52,13 @@ class ApiSettings(_Section):
     rate_limit: int = Field(100, ge=1, description="Inference requests per minute per key (per address when keyless)")
     cluster_rate_limit: int = Field(1000, ge=1, description="Cluster API requests per minute per key or address")
     rate_limit_loopback: bool = Field(False, description="Also rate-limit clients on this device itself")
+
+    @field_validator("allow")
+    @classmethod
+    def _allow_parses(cls, value: str) -> str:
+        # Refused here, not at start: `thox config set` must never store a value the agent cannot start with.
+        AllowList.parse(value, setting="entry")
+        return value
 
 
 class EngineSettings(_Section):
@@ -100,6 +110,17 @@ class HardwareSettings(_Section):
         5.0, gt=0, description="EMERGENCY (inference stopped) this far below the kernel's critical trip")
     hysteresis_c: float = Field(5.0, gt=0, description="A level is left this far below where it was entered")
     min_dwell_seconds: float = Field(10.0, ge=0, description="Shortest stay in a level before stepping down")
+
+    @model_validator(mode="after")
+    def _thresholds_consistent(self) -> HardwareSettings:
+        self.governor_config()  # ValueError naming the threshold: a config the governor refuses is never stored
+        return self
+
+    def governor_config(self) -> GovernorConfig:
+        """The thermal governor's configuration from these settings."""
+        return GovernorConfig(warm_c=self.warm_c, throttle_c=self.throttle_c, hot_c=self.hot_c,
+                              emergency_margin_c=self.emergency_margin_c, hysteresis_c=self.hysteresis_c,
+                              min_dwell_s=self.min_dwell_seconds)
 
     def driver(self, capability: str, profile: Profile) -> str:
         """The config string of one capability after applying the profile's default."""
@@ -155,6 +176,19 @@ def default_home(env: Mapping[str, str] = os.environ) -> Path:
     return Path(env.get("THOX_HOME") or Path.home() / ".thox").expanduser()
 
 
+def setting_value(settings: Settings, key: str) -> Any:
+    """The value of a dotted key (`api.rate_limit`)."""
+    value: Any = settings
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def env_var(key: str) -> str:
+    """The environment variable that overrides a dotted key: `api.rate_limit` -> `THOX_API_RATE_LIMIT`."""
+    return "THOX_" + key.upper().replace(".", "_")
+
+
 def known_keys() -> dict[str, type[BaseModel] | None]:
     """Every dotted setting key (home excepted: it is where the file lives)."""
     keys: dict[str, type[BaseModel] | None] = {}
@@ -203,7 +237,7 @@ def load_settings(
             layers.append((str(config_file), _flatten(tomllib.loads(config_file.read_text()))))
         except tomllib.TOMLDecodeError as exc:
             raise SettingsError(f"{config_file}: not valid TOML: {exc}") from exc
-    env_layer = {key: env[name] for key in known if (name := "THOX_" + key.upper().replace(".", "_")) in env}
+    env_layer = {key: env[name] for key in known if (name := env_var(key)) in env}
     layers.append(("environment", env_layer))
     layers.append(("command line", {k: v for k, v in (overrides or {}).items() if v is not None}))
 

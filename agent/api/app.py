@@ -5,10 +5,12 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+import agent.api.cluster.config
 import agent.api.cluster.power
 import agent.api.cluster.routes
 import agent.api.cluster.sim
 import agent.api.openai.routes
+from agent.api.cluster.config import KEY_STORE_KEY, LIVE_CONFIG_KEY
 from agent.api.cluster.power import HARDWARE_KEY
 from agent.api.cluster.routes import HEALTH_KEY, HealthSources
 from agent.api.middleware import request_context
@@ -44,6 +46,11 @@ def build_cluster_app(
     app.on_response_prepare.append(add_rate_headers)
     app[HEALTH_KEY] = health
     agent.api.cluster.routes.setup_routes(app)
+    if health.config is not None:
+        app[LIVE_CONFIG_KEY] = health.config
+        if security is not None:
+            app[KEY_STORE_KEY] = security.keys
+        agent.api.cluster.config.setup_routes(app)
     if hardware is not None:
         app[HARDWARE_KEY] = hardware
         agent.api.cluster.power.setup_routes(app)

@@ -20,6 +20,7 @@ from agent.errors import AuthenticationError, HardwareUnavailableError, Permissi
 from agent.security.keys import KeyStore, Scope
 from agent.security.policy import AllowList, AuthPolicy, HostCheck, client_class, needs_key
 from agent.security.ratelimit import Decision, TokenBucketLimiter, address_bucket_key, key_bucket_key
+from agent.settings import ApiSettings
 
 log = structlog.get_logger("agent.api.security")
 
@@ -28,17 +29,39 @@ RATE_DECISION_KEY = web.RequestKey("rate_decision", Decision)
 
 
 @dataclass(frozen=True)
-class SecurityPolicy:
-    """What one API enforces."""
+class AccessRules:
+    """The settings-derived part of a policy: replaced whole when the configuration is reloaded."""
 
     auth: AuthPolicy
     allow: AllowList
     hosts: HostCheck
-    keys: KeyStore
-    limiter: TokenBucketLimiter
     limit_loopback: bool
-    scope: Scope  # the scope a key needs here: "inference" on 8080, "admin" on 5381
-    open_paths: frozenset[str] = frozenset()  # served without a key (health), still address- and host-checked
+    rate_per_minute: int
+
+    @classmethod
+    def from_settings(cls, api: ApiSettings, scope: Scope) -> AccessRules:
+        """The rules of the API that needs `scope`; raises PolicyError (a ValueError) for unusable settings."""
+        return cls(auth=api.auth, allow=AllowList.parse(api.allow), hosts=device_host_check(api.allowed_hosts),
+                   limit_loopback=api.rate_limit_loopback,
+                   rate_per_minute=api.rate_limit if scope == "inference" else api.cluster_rate_limit)
+
+
+class SecurityPolicy:
+    """What one API enforces: its rules, the key store, the scope a key needs and its rate limiter."""
+
+    def __init__(self, rules: AccessRules, keys: KeyStore, scope: Scope,
+                 open_paths: frozenset[str] = frozenset()) -> None:
+        self.rules = rules
+        self.keys = keys
+        self.scope = scope  # the scope a key needs here: "inference" on 8080, "admin" on 5381
+        self.open_paths = open_paths  # served without a key (health), still address- and host-checked
+        self.limiter = TokenBucketLimiter(rules.rate_per_minute)
+
+    def reconfigure(self, rules: AccessRules) -> None:
+        """Switch to new rules; clients keep their buckets (a lower limit applies to what they have left)."""
+        if rules.rate_per_minute != self.rules.rate_per_minute:
+            self.limiter.set_rate(rules.rate_per_minute)
+        self.rules = rules
 
 
 def device_host_check(extra_names: str) -> HostCheck:
@@ -63,16 +86,17 @@ def security_middleware(policy: SecurityPolicy) -> Middleware:
     @web.middleware
     async def security(request: web.Request, handler: Handler) -> web.StreamResponse:
         peer = request.remote or ""
-        if not policy.allow.allows(peer):
+        rules = policy.rules  # one consistent set for the whole request, even if a reload swaps them meanwhile
+        if not rules.allow.allows(peer):
             raise PermissionDeniedError(f"requests from {peer} are not allowed (api.allow)",
                                         code="address_not_allowed")
-        refusal = policy.hosts.check(request.headers.get("Host"), request.headers.get("Origin"))
+        refusal = rules.hosts.check(request.headers.get("Host"), request.headers.get("Origin"))
         if refusal is not None:
             raise PermissionDeniedError(refusal, code="host_not_allowed")
         key_id: str | None = None
         # A client that needs no key (this device itself under "remote", everyone under "off") is not judged by
         # the Authorization it sends: SDKs insist on sending some key, often a placeholder such as "unused".
-        if needs_key(policy.auth, peer) and request.path not in policy.open_paths:
+        if needs_key(rules.auth, peer) and request.path not in policy.open_paths:
             token = _bearer(request)
             if token is None:
                 raise AuthenticationError("this request needs an API key: send `Authorization: Bearer <key>` "
@@ -90,7 +114,7 @@ def security_middleware(policy: SecurityPolicy) -> Middleware:
                                             f"{policy.scope!r}", code="insufficient_scope")
             policy.keys.touch_last_used(record.id)
             key_id = record.id
-        if policy.limit_loopback or client_class(peer) != "loopback":
+        if rules.limit_loopback or client_class(peer) != "loopback":
             decision = policy.limiter.check(key_bucket_key(key_id) if key_id else address_bucket_key(peer))
             if not decision.allowed:
                 raise RateLimitError(f"rate limit of {decision.limit} requests per minute reached; retry after "

@@ -18,7 +18,7 @@ import structlog
 
 from drivers.base import Driver, DriverError, DriverState
 
-log = structlog.get_logger("agent.hardware")
+log = structlog.get_logger("agent.hardware.drivers")
 
 T = TypeVar("T")
 

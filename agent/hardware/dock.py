@@ -17,7 +17,7 @@ import structlog
 
 from drivers.base import DockEvent, DockSensor, DriverError, DriverState, JoinOffer, NfcLink
 
-log = structlog.get_logger("agent.hardware")
+log = structlog.get_logger("agent.hardware.dock")
 
 _REOPEN_DELAY_S = 5.0
 _NFC_ATTEMPTS = 3

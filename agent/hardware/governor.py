@@ -222,6 +222,12 @@ class ThermalGovernor:
         """The configuration this governor runs with."""
         return self._config
 
+    def reconfigure(self, config: GovernorConfig) -> None:
+        """New thresholds from the next update on; levels are kept and left by the new hysteresis and dwell rules."""
+        if dict(config.groups) != dict(self._config.groups):
+            raise ValueError("zone groups cannot change while the governor runs")
+        self._config = config
+
     @property
     def level(self) -> ThermalLevel:
         """The box's level: the hottest group's (NORMAL before any group has been seen)."""

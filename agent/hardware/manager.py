@@ -21,7 +21,7 @@ import structlog
 from agent.engine import EngineHost
 from agent.hardware.coordinator import Coordinator
 from agent.hardware.dock import DockPipeline
-from agent.hardware.governor import GovernorConfig, ThermalGovernor
+from agent.hardware.governor import ThermalGovernor
 from agent.hardware.power import PowerContracts, PowerPort
 from agent.hardware.thermal import ThermalControl
 from agent.settings import HardwareSettings, Settings
@@ -118,6 +118,18 @@ class HardwareManager:
         """True in the sim profile, where the drivers talk to the simulated board."""
         return self.settings.profile == "sim"
 
+    def prepare_thresholds(self, settings: Settings) -> Callable[[], None]:
+        """A live config change of the governor's thresholds (validated by the settings; applied on commit)."""
+        config = settings.hardware.governor_config()
+
+        def commit() -> None:
+            if self.thermal is not None:
+                self.thermal.governor.reconfigure(config)
+                log.info("thermal_thresholds_changed", warm_c=config.warm_c, throttle_c=config.throttle_c,
+                         hot_c=config.hot_c, hysteresis_c=config.hysteresis_c)
+
+        return commit
+
     # ------------------------------------------------------------------ start / stop
 
     async def start(self, spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]) -> None:
@@ -156,10 +168,7 @@ class HardwareManager:
         self, start_task: Callable[[Coroutine[Any, Any, None], str], None], critical_trips: dict[str, float]
     ) -> None:
         hw = self.hw
-        config = GovernorConfig(warm_c=hw.warm_c, throttle_c=hw.throttle_c, hot_c=hw.hot_c,
-                                emergency_margin_c=hw.emergency_margin_c, hysteresis_c=hw.hysteresis_c,
-                                min_dwell_s=hw.min_dwell_seconds)
-        governor = ThermalGovernor(config, critical_trips)
+        governor = ThermalGovernor(hw.governor_config(), critical_trips)
         self.thermal = ThermalControl(governor, list(self.engines), self.settings.engine.max_batch,
                                       self.drivers.fan, start_task)
         thermal = self.thermal

@@ -30,7 +30,7 @@ from drivers.base import (
 )
 from drivers.power.pdo import choose_pdo
 
-log = structlog.get_logger("agent.hardware")
+log = structlog.get_logger("agent.hardware.power")
 
 
 @dataclass(frozen=True)

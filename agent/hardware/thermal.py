@@ -18,7 +18,7 @@ import structlog
 from agent.hardware.governor import ThermalActions, ThermalGovernor, ThermalLevel, Transition, actions_for
 from drivers.base import DriverError, FanControl
 
-log = structlog.get_logger("agent.hardware")
+log = structlog.get_logger("agent.hardware.thermal")
 
 # What a client sees while inference is stopped for heat: come back when the box has had time to cool.
 _EMERGENCY_RETRY_AFTER_S = 30

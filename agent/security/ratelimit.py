@@ -129,6 +129,22 @@ class TokenBucketLimiter:
     def __len__(self) -> int:
         return len(self._buckets)
 
+    def set_rate(self, rate_per_minute: float) -> None:
+        """A new limit for every client (a live config change); the burst becomes a minute's worth of the rate.
+
+        Buckets are kept: a client never gets a fresh burst from a change, and a lower limit caps what it has left.
+        """
+        if not rate_per_minute >= 1 or not math.isfinite(rate_per_minute):
+            raise ValueError(f"rate_per_minute must be at least 1, got {rate_per_minute!r}")
+        now = self._clock()
+        for bucket in self._buckets.values():
+            bucket.tokens = self._refilled(bucket, now)
+            bucket.updated = now
+        self.limit = math.floor(rate_per_minute)
+        self.rate_per_second = rate_per_minute / 60.0
+        for bucket in self._buckets.values():
+            bucket.tokens = min(bucket.tokens, float(self.limit))
+
     def _refilled(self, bucket: _Bucket, now: float) -> float:
         # max(0, ...) so a clock that steps back (it should not: monotonic) never drains a bucket.
         return min(float(self.limit), bucket.tokens + max(0.0, now - bucket.updated) * self.rate_per_second)

@@ -11,6 +11,7 @@ from aiohttp import web
 import agent
 from agent.engine import EngineHost, EngineState
 from agent.hardware.manager import HardwareManager
+from agent.live_config import LiveConfig
 from agent.monitor import EventLoopMonitor
 
 
@@ -22,6 +23,7 @@ class HealthSources:
     engines: tuple[EngineHost, ...]
     event_loop: EventLoopMonitor
     hardware: HardwareManager | None = None
+    config: LiveConfig | None = None
 
 
 HEALTH_KEY = web.AppKey("health_sources", HealthSources)
@@ -47,6 +49,7 @@ def health_report(sources: HealthSources) -> dict[str, Any]:
         "engine": engines[0] if len(engines) == 1 else {"state": status, "models": engines},
         "event_loop": sources.event_loop.report(),
         **({"temperature_c": hardware.pop("temperature_c"), "hardware": hardware} if hardware else {}),
+        **({"config": {"restart_required": sources.config.restart_required}} if sources.config else {}),
     }
 
 

@@ -5,6 +5,7 @@ Serving code raises these; `agent.api.middleware` turns them into `{"error": {me
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -68,11 +69,15 @@ class ModelNotFoundError(NotFoundError):
 
 
 class MethodNotAllowedError(AgentError):
-    """The route exists but not with this HTTP method (405)."""
+    """The route exists but not with this HTTP method (405); the response's Allow header lists the methods it has."""
 
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allowed: Iterable[str]) -> None:
+        super().__init__(message)
+        self.allowed = sorted(allowed)
 
 
 class PayloadTooLargeError(AgentError):

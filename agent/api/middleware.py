@@ -42,6 +42,9 @@ def error_response(error: AgentError, request_id: str) -> web.Response:
         response.headers.update(error.headers)
     if error.status == 401:
         response.headers["WWW-Authenticate"] = 'Bearer realm="thox"'
+    if isinstance(error, MethodNotAllowedError):
+        # RFC 9110 section 15.5.6: a 405 must say which methods the resource does support.
+        response.headers["Allow"] = ", ".join(error.allowed)
 
     return response
 
@@ -51,7 +54,8 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> AgentE
         return NotFoundError(f"Unknown route: {request.method} {request.path}", code="unknown_route")
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(exc.allowed_methods))
-        return MethodNotAllowedError(f"{request.method} is not allowed on {request.path}; use {allowed}")
+        return MethodNotAllowedError(f"{request.method} is not allowed on {request.path}; use {allowed}",
+                                     allowed=exc.allowed_methods)
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return PayloadTooLargeError(f"request body too large: {exc.text}")
     error = AgentError(exc.reason or "HTTP error")

@@ -227,6 +227,8 @@ class ThermalGovernor:
         if dict(config.groups) != dict(self._config.groups):
             raise ValueError("zone groups cannot change while the governor runs")
         self._config = config
+        for name, state in self._states.items():
+            state.entries = self.thresholds(name)
 
     @property
     def level(self) -> ThermalLevel:

@@ -124,9 +124,7 @@ class HardwareManager:
 
         def commit() -> None:
             if self.thermal is not None:
-                self.thermal.governor.reconfigure(config)
-                log.info("thermal_thresholds_changed", warm_c=config.warm_c, throttle_c=config.throttle_c,
-                         hot_c=config.hot_c, hysteresis_c=config.hysteresis_c)
+                self.thermal.set_thresholds(config)
 
         return commit
 

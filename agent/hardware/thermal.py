@@ -15,7 +15,14 @@ from typing import Any, Protocol
 
 import structlog
 
-from agent.hardware.governor import ThermalActions, ThermalGovernor, ThermalLevel, Transition, actions_for
+from agent.hardware.governor import (
+    GovernorConfig,
+    ThermalActions,
+    ThermalGovernor,
+    ThermalLevel,
+    Transition,
+    actions_for,
+)
 from drivers.base import DriverError, FanControl
 
 log = structlog.get_logger("agent.hardware.thermal")
@@ -62,6 +69,12 @@ class ThermalControl:
         self.transitions: deque[dict[str, Any]] = deque(maxlen=20)
         self._fan_profile = "default"
         self._fan_lock = asyncio.Lock()
+
+    def set_thresholds(self, config: GovernorConfig) -> None:
+        """New governor thresholds (a live config change); they decide from the next reading on."""
+        self.governor.reconfigure(config)
+        log.info("thermal_thresholds_changed", warm_c=config.warm_c, throttle_c=config.throttle_c, hot_c=config.hot_c,
+                 hysteresis_c=config.hysteresis_c, min_dwell_s=config.min_dwell_s)
 
     def on_readings(self, source: str, readings: Mapping[str, float | None]) -> None:
         """A thermal source's fresh zone readings."""

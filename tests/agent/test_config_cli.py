@@ -53,3 +53,16 @@ def test_environment_overrides_are_reported(tmp_path: Path) -> None:
     listed = json.loads(thox(tmp_path, "list", "--json").stdout)
     assert listed["engine.threads"] == {"value": 2, "source": "file"}
     assert listed["api.cluster_port"] == {"value": 5381, "source": "default"}
+
+
+def test_values_the_agent_could_not_start_with_are_refused(tmp_path: Path) -> None:
+    for args, message in [
+        (("set", "api.allow", "loopback,bogus"), "'bogus' is neither a keyword"),
+        (("set", "api.allow", "10.0.0.1/8"), "did you mean 10.0.0.0/8"),
+        (("set", "hardware.warm_c", "85"), "throttle_c (80.0) must be above warm_c (85.0)"),
+        (("set", "hardware.hysteresis_c", "9"), "hysteresis_c (9.0) must be smaller"),
+    ]:
+        result = thox(tmp_path, *args)
+        assert result.returncode == 2, args
+        assert message in result.stderr.replace("\n", " "), (args, result.stderr)
+    assert not (tmp_path / "config.toml").exists()

@@ -661,3 +661,16 @@ class GovernorMachine(RuleBasedStateMachine):
 
 GovernorMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
 TestGovernorMachine = GovernorMachine.TestCase
+
+
+def test_reconfigured_thresholds_apply_from_the_next_update_in_both_directions() -> None:
+    gov = governor(min_dwell_s=0)
+    step(gov, 0, 60.0)
+    assert gov.level == ThermalLevel.NORMAL
+    gov.reconfigure(GovernorConfig(warm_c=50, throttle_c=58, hot_c=88, min_dwell_s=0))
+    assert [t.level for t in step(gov, 1, 60.0)] == [ThermalLevel.THROTTLE]
+    # Back to the defaults: THROTTLE (80) is left once at or below 80 - 5, straight down to NORMAL (70 - 5 = 65).
+    gov.reconfigure(GovernorConfig(min_dwell_s=0))
+    assert [t.level for t in step(gov, 2, 60.0)] == [ThermalLevel.NORMAL]
+    with pytest.raises(ValueError, match="zone groups"):
+        gov.reconfigure(GovernorConfig(groups={"soc": ("cpu-*",)}))

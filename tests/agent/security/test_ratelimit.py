@@ -230,3 +230,23 @@ def test_keyless_clients_are_bucketed_by_address_and_ipv6_by_slash_64(address: s
 def test_key_and_address_buckets_never_collide() -> None:
     assert key_bucket_key("key_ab12cd34") == "key:key_ab12cd34"
     assert key_bucket_key("x") != address_bucket_key("x")
+
+
+def test_a_rate_change_keeps_what_clients_used_and_caps_what_they_have_left() -> None:
+    clock = FakeClock()
+    limiter = TokenBucketLimiter(100, clock=clock)
+    for _ in range(40):
+        limiter.check("busy")
+    limiter.check("light")
+    limiter.set_rate(50)  # 60 tokens left become 50; no fresh burst for anyone
+    assert limiter.peek("busy").remaining == 50 and limiter.peek("busy").limit == 50
+    assert limiter.peek("light").remaining == 50
+    for _ in range(50):
+        assert limiter.check("busy").allowed
+    assert not limiter.check("busy").allowed
+    limiter.set_rate(120)  # raising the limit refills at the new rate from now on, not at once
+    assert limiter.peek("busy").remaining == 0
+    clock.now += 1.0
+    assert limiter.peek("busy").remaining == 2 and limiter.peek("busy").limit == 120
+    with pytest.raises(ValueError, match="at least 1"):
+        limiter.set_rate(0)

@@ -48,3 +48,17 @@ def test_bad_settings_are_refused_with_the_key(
     (tmp_path / "config.toml").write_text(toml)
     with pytest.raises(SettingsError, match=message.replace("[", r"\[")):
         load_settings(overrides, home=tmp_path, env=env)
+
+
+def test_the_readme_documents_every_setting_and_whether_it_applies_live() -> None:
+    from agent.live_config import LIVE_KEYS
+    from agent.settings import known_keys
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = readme[readme.index("## Configuration"):]
+    readme = readme[:readme.index("\n## ")]
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[3].strip()
+            for line in readme.splitlines() if line.startswith("| `")}
+    for key in known_keys():
+        assert key in rows, f"README's configuration table lacks {key}"
+        assert rows[key] == ("yes" if key in LIVE_KEYS else "restart"), key

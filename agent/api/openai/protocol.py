@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.errors import UnsupportedParameterError
 
@@ -55,7 +55,7 @@ _NEUTRAL: dict[str, Any] = {
 
 class _SamplingRequest(_Strict):
     model: str | None = Field(None, description="Model id; omitted: the loaded default model")
-    stream: bool = False
+    stream: bool = Field(False, description="Stream server-sent events; null (allowed by OpenAI's spec) means false")
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
@@ -67,6 +67,11 @@ class _SamplingRequest(_Strict):
     n: int | None = None
     logprobs: Any = None
     logit_bias: Any = None
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _null_stream_is_false(cls, value: Any) -> Any:
+        return False if value is None else value
 
     @model_validator(mode="after")
     def _refuse_unimplemented(self) -> _SamplingRequest:
@@ -94,6 +99,9 @@ class ChatMessage(_Strict):
     content: str | list[dict[str, Any]] | None = None
     # Accepted so assistant turns echoed back by clients validate; a refusal carries no prompt content.
     refusal: str | None = None
+    # A participant's name (OpenAI's spec has it on every role); our chat templates have no place for it, so it is
+    # accepted and, like in llama.cpp's server, not shown to the model.
+    name: str | None = None
 
     def text(self, index: int) -> str:
         """The message's text; content parts other than text are refused with a precise param."""

@@ -161,10 +161,16 @@ class OpenAIServing:
                 f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
                 "completion). Reduce the prompt or the completion length.", param="max_tokens")
         defaults = model.installed.sampling_defaults
+        temperature = defaults.get("temperature", 1.0) if request.temperature is None else request.temperature
+        top_p = defaults.get("top_p", 1.0) if request.top_p is None else request.top_p
+        if top_p == 0:
+            # OpenAI allows top_p 0; the nucleus then shrinks to the one most likely token, which is greedy
+            # decoding (the sampler itself takes top_p in (0, 1]).
+            temperature, top_p = 0.0, 1.0
         params = SamplingParams(
             max_tokens=max_tokens or room,
-            temperature=defaults.get("temperature", 1.0) if request.temperature is None else request.temperature,
-            top_p=defaults.get("top_p", 1.0) if request.top_p is None else request.top_p,
+            temperature=temperature,
+            top_p=top_p,
             seed=request.seed,
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,

@@ -128,6 +128,15 @@ class UnprocessableError(AgentError):
     code = "unprocessable"
 
 
+class ClusterUnavailableError(AgentError):
+    """The cluster layer cannot answer (503): not running, or no quorum reachable from this box."""
+
+    status = 503
+    type = "server_error"
+    code = "cluster_unavailable"
+    retry_after = 2
+
+
 class HardwareUnavailableError(AgentError):
     """A hardware driver failed or is absent (503); the message names the driver and what it said."""
 

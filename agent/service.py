@@ -28,6 +28,7 @@ from agent.api.cluster.routes import HealthSources
 from agent.api.openai.serving import OpenAIServing
 from agent.api.security import AccessRules, SecurityPolicy
 from agent.atomic import atomic_write_bytes
+from agent.cluster.node import ClusterNode, Placement, cluster_subsystem
 from agent.engine import EngineHost, EngineHostConfig
 from agent.hardware.manager import HardwareManager, hardware_subsystem
 from agent.live_config import Applier, ConfigReloadError, LiveConfig
@@ -223,6 +224,23 @@ async def _flush_key_use(keys: KeyStore) -> None:
         await asyncio.to_thread(keys.close)
 
 
+def _placement(settings: Settings, listening: list[_Listening], address: str) -> Placement:
+    """Where this box serves, for its cluster record: the bound ports once listening, the configured ones before."""
+    ports = {item.name: item.port for item in listening}
+    return Placement(address, ports.get("inference", settings.api.inference_port),
+                     ports.get("cluster", settings.api.cluster_port))
+
+
+def _local_facts(engine: EngineHost, hardware: HardwareManager) -> dict[str, Any]:
+    """What this box tells the cluster about itself besides where it listens."""
+    health = engine.health()
+    report = hardware.report()
+    return {"temperature_c": report["temperature_c"], "thermal_level": (report["thermal"] or {}).get("level"),
+            "engine_state": health["state"], "models": [health["model"]],
+            "load": {"active_streams": health["active_streams"], "concurrency": health["concurrency"]["limit"]},
+            "tops": None}  # not known for this board yet: reported as unknown, never guessed
+
+
 def _report_progress(notifier: SystemdNotifier, stage: str, percent: int) -> None:
     # A first model conversion can outlast TimeoutStartSec: each step of progress buys another minute.
     notifier.extend_timeout(60)
@@ -272,11 +290,13 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     hardware = HardwareManager(settings, [engine], register_heartbeat=(
         (lambda name: watchdog.register(name).beat) if watchdog is not None else None))
     live.add_applier(hardware.prepare_thresholds)
-    cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware, live), hardware,
+    listening: list[_Listening] = []
+    cluster = ClusterNode(settings, lambda address: _placement(settings, listening, address),
+                          lambda: _local_facts(engine, hardware)) if settings.cluster.enabled else None
+    cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware, live, cluster), hardware,
                                     max_request_bytes=api.max_request_bytes, security=cluster_security)
     asyncio.get_running_loop().add_signal_handler(
         signal.SIGHUP, lambda: supervisor.spawn(_reload_on_signal(live), name="config-reload"))
-    listening: list[_Listening] = []
     host = settings.bind_host
     try:
         await supervisor.run([
@@ -284,6 +304,8 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
             ("key-store", _background(supervisor, lambda: _flush_key_use(keys), "key-store")),
             ("hardware", hardware_subsystem(hardware, lambda work, name: supervisor.spawn(work, name=name))),
             ("engine", _background(supervisor, engine.run, "engine")),
+            *([("cluster", cluster_subsystem(cluster, lambda work, name: supervisor.spawn(work, name=name)))]
+              if cluster is not None else []),
             ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),
             ("inference-api", _http_api("inference", inference_app, host, api.inference_port,
                                         api.shutdown_grace_seconds, listening)),

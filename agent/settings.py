@@ -130,6 +130,21 @@ class HardwareSettings(_Section):
         return "sim" if profile == "sim" else _DEVICE_DRIVERS[capability]
 
 
+class ClusterSettings(_Section):
+    """The MagStack cluster: this box's etcd member, peer API and identity (docs/cluster.md)."""
+
+    enabled: bool = Field(True, description="Run the cluster layer (an etcd member, leader lease, topology)")
+    node_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                                description="This box's id in the cluster; default: generated once and kept")
+    advertise: str | None = Field(None, description="Address other boxes reach this one at; default: the bind "
+                                  "address, or the first non-loopback address when binding all interfaces")
+    peer_port: int = Field(5382, ge=1, le=65535, description="Peer API (mutual TLS; join endpoint)")
+    etcd_peer_port: int = Field(5383, ge=1, le=65535, description="etcd peer traffic (mutual TLS)")
+    etcd_client_port: int = Field(5384, ge=1, le=65535, description="etcd client port, on 127.0.0.1 only")
+    lease_ttl_seconds: int = Field(2, ge=1, le=60, description="Leader and node liveness lease; a dead box "
+                                   "leaves the topology within it")
+
+
 class Settings(_Section):
     """All agent settings."""
 
@@ -142,6 +157,7 @@ class Settings(_Section):
     api: ApiSettings = Field(default_factory=ApiSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     hardware: HardwareSettings = Field(default_factory=HardwareSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
 
     @property
     def bind_host(self) -> str:
@@ -169,6 +185,10 @@ class Settings(_Section):
     @property
     def keys_file(self) -> Path:
         return self.home / "keys.json"
+
+    @property
+    def cluster_dir(self) -> Path:
+        return self.home / "cluster"
 
 
 def default_home(env: Mapping[str, str] = os.environ) -> Path:

@@ -86,6 +86,9 @@ def start_agent(home: Path, *, env: dict[str, str] | None = None, timeout: float
         "THOX_CACHE_DIR": str(TEST_MODEL_CACHE),
         "THOX_LOG_FORMAT": "json",
         "THOX_ENGINE_THREADS": "2",
+        # The cluster layer runs an etcd member on fixed ports; tests that are about the cluster turn it on with
+        # their own ports, so agents started side by side never fight over them.
+        "THOX_CLUSTER_ENABLED": "false",
         **(env or {}),
     }
     with log_path.open("wb") as log:

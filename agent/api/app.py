@@ -9,10 +9,12 @@ import agent.api.cluster.config
 import agent.api.cluster.power
 import agent.api.cluster.routes
 import agent.api.cluster.sim
+import agent.api.cluster.topology
 import agent.api.openai.routes
 from agent.api.cluster.config import KEY_STORE_KEY, LIVE_CONFIG_KEY
 from agent.api.cluster.power import HARDWARE_KEY
 from agent.api.cluster.routes import HEALTH_KEY, HealthSources
+from agent.api.cluster.topology import CLUSTER_NODE_KEY
 from agent.api.middleware import request_context
 from agent.api.openai.routes import MAX_MESSAGE_BYTES_KEY, SERVING_KEY
 from agent.api.openai.serving import OpenAIServing
@@ -51,6 +53,9 @@ def build_cluster_app(
         if security is not None:
             app[KEY_STORE_KEY] = security.keys
         agent.api.cluster.config.setup_routes(app)
+    if health.cluster is not None:
+        app[CLUSTER_NODE_KEY] = health.cluster
+        agent.api.cluster.topology.setup_routes(app)
     if hardware is not None:
         app[HARDWARE_KEY] = hardware
         agent.api.cluster.power.setup_routes(app)

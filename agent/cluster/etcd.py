@@ -41,6 +41,7 @@ import structlog
 from aetcd import rpc
 
 log = structlog.get_logger("agent.cluster.etcd")
+_SETPRIV = shutil.which("setpriv")  # looked up once at import, never on the event loop
 
 DEFAULT_PEER_PORT = 5383  # docs/cluster.md
 DEFAULT_CLIENT_PORT = 5384
@@ -427,8 +428,14 @@ class EtcdMember:
 
     async def _launch(self, args: list[str]) -> None:
         self._tail.clear()
+        # etcd must not outlive the agent, even one killed with SIGKILL (a box "yanked" in a test, an OOM kill):
+        # an orphaned member would keep answering for a node that is gone. setpriv (util-linux, present on every
+        # Debian/Ubuntu/JetPack image) asks the kernel to SIGKILL etcd when its parent dies, then execs etcd under
+        # the same pid. The parent is the thread that forked: asyncio spawns from the loop thread, which lives as
+        # long as the agent.
         proc = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            *([_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []), *args,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.PIPE, env=_child_env(), start_new_session=True)
         self._proc = proc
         self._started_at = time.monotonic()

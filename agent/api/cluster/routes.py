@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 import agent
+from agent.cluster.node import ClusterNode
 from agent.engine import EngineHost, EngineState
 from agent.hardware.manager import HardwareManager
 from agent.live_config import LiveConfig
@@ -24,6 +25,7 @@ class HealthSources:
     event_loop: EventLoopMonitor
     hardware: HardwareManager | None = None
     config: LiveConfig | None = None
+    cluster: ClusterNode | None = None
 
 
 HEALTH_KEY = web.AppKey("health_sources", HealthSources)
@@ -50,7 +52,16 @@ def health_report(sources: HealthSources) -> dict[str, Any]:
         "event_loop": sources.event_loop.report(),
         **({"temperature_c": hardware.pop("temperature_c"), "hardware": hardware} if hardware else {}),
         **({"config": {"restart_required": sources.config.restart_required}} if sources.config else {}),
+        **({"cluster": _cluster_part(sources.cluster)} if sources.cluster else {}),
     }
+
+
+def _cluster_part(node: ClusterNode) -> dict[str, Any]:
+    # Cheap and local on purpose: health must answer even when etcd does not; /v1/cluster has the full view.
+    election = node.election
+    return {"node_id": node.node_id or None, "cluster_id": node.cluster_id, "running": election is not None,
+            "is_leader": election.is_leader if election is not None else False,
+            **({"unavailable": node.unavailable_reason} if node.unavailable_reason else {})}
 
 
 async def health(request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: setup
+	sh scripts/system-deps.sh
 	$(BIN)/thox models prepare
 	$(BIN)/thox serve $(ARGS)
 

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 import agent
-from agent import cli_config, cli_keys, cli_logs
+from agent import cli_cluster, cli_config, cli_keys, cli_logs
 from agent.cli_common import auth_headers, call_cluster, cluster_url, err, home_of, inference_url, out
 from agent.settings import SettingsError, load_settings
 
@@ -365,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_keys.add_parsers(sub, common)
     cli_config.add_parsers(sub, common)
     cli_logs.add_parser(sub, common)
+    cli_cluster.add_parsers(sub, common)
 
     hw = sub.add_parser("hw", help="the box's hardware").add_subparsers(dest="hw_command", required=True)
     hw_status = hw.add_parser("status", parents=[common], help="temperatures, power, dock, driver availability")

@@ -137,6 +137,17 @@ class ClusterUnavailableError(AgentError):
     retry_after = 2
 
 
+class ClusterJoinError(AgentError):
+    """A join or token request refused (400 malformed, 403 bad token or CA mismatch, 409 already a member, 503)."""
+
+    _TYPES = {400: "invalid_request_error", 403: "permission_error", 409: "invalid_request_error"}
+
+    def __init__(self, message: str, *, code: str, status: int) -> None:
+        super().__init__(message, code=code)
+        self.status = status
+        self.type = self._TYPES.get(status, "server_error")
+
+
 class HardwareUnavailableError(AgentError):
     """A hardware driver failed or is absent (503); the message names the driver and what it said."""
 

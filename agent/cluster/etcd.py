@@ -105,6 +105,9 @@ class EtcdConfig:
     # which reaches cluster state through its own member, so nothing off the box needs the client port, and
     # loopback needs no TLS. Other boxes see the stack through the agents' own authenticated APIs.
     client_port: int = DEFAULT_CLIENT_PORT
+    # Boxes whose member cannot serve them (a learner answers no writes or linearizable reads; boxes beyond the
+    # one learner etcd 3.4 allows run no member) reach a voter's client API over mutual TLS on this port.
+    client_tls_port: int | None = None
     # A stack is one LAN segment with sub-millisecond RTT, so the box, not the network, sets these. 50 ms
     # heartbeats and a 500 ms election timeout (etcd's recommended 10 heartbeats) tolerate nine lost heartbeats or
     # a ~450 ms WAL fsync stall on a busy eMMC/SD card; raft randomises the timeout in [500, 1000) ms, so a yanked
@@ -145,6 +148,13 @@ class EtcdConfig:
     def client_url(self) -> str:
         """This member's client URL, on loopback."""
         return f"http://127.0.0.1:{self.client_port}"
+
+    @property
+    def client_tls_url(self) -> str | None:
+        """This member's client URL for other boxes (mutual TLS), if it serves them."""
+        if self.client_tls_port is None:
+            return None
+        return f"https://{_url_host(self.peer_host)}:{self.client_tls_port}"
 
     @property
     def peer_listen_host(self) -> str:
@@ -391,7 +401,7 @@ class EtcdMember:
         cfg = self.config
         return [
             "--name", cfg.name, "--data-dir", str(cfg.data_dir),
-            "--listen-client-urls", cfg.client_url, "--advertise-client-urls", cfg.client_url,
+            *self._client_flags(),
             "--listen-peer-urls", f"https://{_url_host(cfg.peer_listen_host)}:{cfg.peer_port}",
             "--initial-advertise-peer-urls", cfg.peer_url,
             "--peer-client-cert-auth", "--peer-trusted-ca-file", str(cfg.tls.ca),
@@ -404,6 +414,17 @@ class EtcdMember:
             "--auto-compaction-mode", "periodic", "--auto-compaction-retention", cfg.auto_compaction_retention,
             "--logger", "zap", "--log-outputs", "stderr",
         ]
+
+    def _client_flags(self) -> list[str]:
+        cfg = self.config
+        if cfg.client_tls_url is None:
+            return ["--listen-client-urls", cfg.client_url, "--advertise-client-urls", cfg.client_url]
+        listen_tls = f"https://{_url_host(cfg.peer_listen_host)}:{cfg.client_tls_port}"
+        # Loopback stays plain HTTP for this box's agent; the TLS listener requires a cluster certificate.
+        return ["--listen-client-urls", f"{cfg.client_url},{listen_tls}",
+                "--advertise-client-urls", f"{cfg.client_url},{cfg.client_tls_url}",
+                "--cert-file", str(cfg.tls.cert), "--key-file", str(cfg.tls.key),
+                "--client-cert-auth", "--trusted-ca-file", str(cfg.tls.ca)]
 
     def _prepare(self, mode: _Mode) -> int | None:
         """Blocking (worker thread): check files and data dir; reap an etcd an earlier agent left behind."""

@@ -27,8 +27,10 @@ log = structlog.get_logger("agent.cluster.membership")
 
 LEADER_KEY = b"/thox/leader"
 NODES_PREFIX = b"/thox/nodes/"
-# etcd's lease TTLs are whole seconds and at least 1.5 election timeouts; 2 s with our 500 ms election timeout.
-DEFAULT_TTL_SECONDS = 2
+# etcd's lease TTLs are whole seconds and at least 1.5 election timeouts (750 ms with our 500 ms election timeout,
+# rounded up to 1 s). A box killed together with the raft leader is replaced after an election (0.5-1 s) plus the
+# TTL, because etcd extends every lease on a leader change: 1 s keeps that within 3 s.
+DEFAULT_TTL_SECONDS = 1
 # A keepalive answered later than this is no proof of anything: stop claiming before the lease can have expired.
 CLAIM_MARGIN_SECONDS = 0.3
 RPC_TIMEOUT_SECONDS = 1.0

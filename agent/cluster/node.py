@@ -8,8 +8,10 @@ serves; they read etcd linearizably, so a box cut off from the quorum answers "n
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
+import shutil
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
@@ -22,10 +24,26 @@ import aetcd
 import structlog
 
 import agent
+from agent.atomic import atomic_write_bytes
 from agent.cluster import etcd as etcd_members
+from agent.cluster.admission import Admission, desired_voters, reconcile_voters, voter_client_urls
 from agent.cluster.etcd import EtcdConfig, EtcdError, EtcdMember, MemberInfo, PeerTls
+from agent.cluster.etcd_client import ClientTls, TlsEtcdClient
+from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest
+from agent.cluster.join import join as join_cluster
 from agent.cluster.membership import RPC_TIMEOUT_SECONDS, LeaderElection, NodeRegistry
-from agent.cluster.pki import ClusterCA, Identity, NodeKey, PkiError, make_csr, read_identity, write_identity
+from agent.cluster.peer import build_peer_app, serve_peer_api
+from agent.cluster.pki import (
+    ClusterCA,
+    Identity,
+    NodeKey,
+    PkiError,
+    make_csr,
+    read_identity,
+    server_context,
+    write_identity,
+)
+from agent.cluster.tokens import JoinToken, TokenError, check_pin
 from agent.settings import Settings
 from drivers.aio import wait_for
 
@@ -33,7 +51,9 @@ log = structlog.get_logger("agent.cluster")
 
 CLUSTER_KEY = b"/thox/cluster"
 NODE_ID_FILE = "node-id"
-MAX_VOTERS = 3
+VOTER_CHECK_SECONDS = 2.0
+CLIENT_CHECK_SECONDS = 1.0
+VOTERS_FILE = "voters.json"  # the voters' client URLs, for a learner that restarts
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 
@@ -110,6 +130,71 @@ def _addresses(address: str) -> list[str]:
     return sorted({address, "127.0.0.1"})
 
 
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+def _split_server(server: str, default_port: int) -> tuple[str, int]:
+    """"host", "host:port" or "[v6]:port" -> (host, port); JoinRefused for anything else."""
+    text = server.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        port = 0
+    if not host or not 0 < port < 65536:
+        raise JoinRefused(f"{server!r} is not a server address; use HOST or HOST:PORT (the peer port, default "
+                          f"{default_port})", code="bad_request", status=400)
+    return host, port
+
+
+def _pins(token: JoinToken, ca_pem: bytes) -> bool:
+    try:
+        check_pin(token, ca_pem)
+    except TokenError:
+        return False
+    return True
+
+
+def _load_voter_urls(cluster_dir: Path) -> list[str]:
+    try:
+        urls = json.loads((cluster_dir / VOTERS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [url for url in urls if isinstance(url, str)] if isinstance(urls, list) else []
+
+
+def _save_voter_urls(cluster_dir: Path, urls: list[str]) -> None:
+    if urls and urls != _load_voter_urls(cluster_dir):
+        atomic_write_bytes(cluster_dir / VOTERS_FILE, json.dumps(urls).encode())
+
+
+def _retire(cluster_dir: Path) -> Path:
+    """Blocking: move this box's own cluster (etcd data, certificates) aside before it joins another."""
+    previous = cluster_dir / f"previous-{int(time.time())}"
+    previous.mkdir(mode=0o700)
+    for name in ("etcd", "tls", "etcd.pid", "etcd.log", VOTERS_FILE):
+        if (cluster_dir / name).exists():
+            (cluster_dir / name).rename(previous / name)
+    return previous
+
+
+def _restore(cluster_dir: Path, previous: Path) -> None:
+    """Blocking: a join that failed after the switch puts the box's own cluster back."""
+    for name in ("etcd", "tls", "etcd.pid", "etcd.log", VOTERS_FILE):
+        if (cluster_dir / name).exists():
+            shutil.rmtree(cluster_dir / name) if (cluster_dir / name).is_dir() else (cluster_dir / name).unlink()
+        if (previous / name).exists():
+            (previous / name).rename(cluster_dir / name)
+    previous.rmdir()
+
+
 class ClusterNode:
     """Owns this box's etcd member and its place in the cluster."""
 
@@ -127,6 +212,12 @@ class ClusterNode:
         self._client: aetcd.Client | None = None
         self._memory_gb = 0.0
         self._tasks: list[asyncio.Task[None]] = []
+        self._spawn: Spawn | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._peer: contextlib.AsyncExitStack | None = None
+        self._join_lock = asyncio.Lock()
+        self.admission: Admission | None = None
+        self.peer_port = 0
         self.unavailable_reason: str | None = None
 
     @property
@@ -137,52 +228,207 @@ class ClusterNode:
 
     async def start(self, spawn: Spawn) -> None:
         """Found or rejoin this box's cluster, then campaign and publish; failures leave the box standalone."""
+        self._spawn = spawn
         try:
-            await self._start(spawn)
+            await self._start()
         except (EtcdError, PkiError, OSError) as exc:
             self.unavailable_reason = str(exc)
             log.error("cluster_unavailable", error=str(exc))
             await self.stop()
 
-    async def _start(self, spawn: Spawn) -> None:
+    async def _start(self) -> None:
         settings = self.settings
         self.node_id = await asyncio.to_thread(_node_id, settings)
-        address = self.address = await asyncio.to_thread(advertise_address, settings)
+        self.address = await asyncio.to_thread(advertise_address, settings)
         self._memory_gb = await asyncio.to_thread(_memory_gb)
-        identity = await asyncio.to_thread(read_identity, settings.cluster_dir / "tls")
+        identity = await asyncio.to_thread(read_identity, self._tls_dir)
         founding = identity is None
         if identity is None:
-            identity = await asyncio.to_thread(found_cluster, settings, self.node_id, address)
+            identity = await asyncio.to_thread(found_cluster, settings, self.node_id, self.address)
             log.info("cluster_founded", cluster_id=identity.cluster_id, node=self.node_id)
-        self.identity = identity
-        self.member = EtcdMember(EtcdConfig(
-            name=self.node_id, data_dir=settings.cluster_dir / "etcd", peer_host=address,
-            tls=PeerTls(identity.ca_path, identity.cert_path, identity.key_path),
-            peer_port=settings.cluster.etcd_peer_port, client_port=settings.cluster.etcd_client_port))
+        member = self._member_for(identity)
         if founding:
-            await self.member.start_new(identity.cluster_id)
+            await member.start_new(identity.cluster_id)
         else:
-            await self.member.start_existing()
-        self._client = await self.member.client()
-        if founding:
-            record = {"cluster_id": identity.cluster_id, "founded_by": self.node_id, "founded": time.time()}
-            await wait_for(self._client.put(CLUSTER_KEY, json.dumps(record).encode()), RPC_TIMEOUT_SECONDS)
-        ttl = settings.cluster.lease_ttl_seconds
-        self.election = LeaderElection(self._client, self.node_id, ttl)
-        self.registry = NodeRegistry(self._client, self.node_id, ttl)
-        self._tasks = [spawn(self.election.run(), "cluster-leader"),
-                       spawn(self.registry.run(self._record), "cluster-node-record")]
-        log.info("cluster_member_started", cluster_id=identity.cluster_id, node=self.node_id, address=address)
+            await member.start_existing()
+        await self._run(identity, member, founded=founding)
 
-    async def stop(self) -> None:
-        """Leave (revoking the leases hands leadership over at once), then stop etcd."""
+    @property
+    def _tls_dir(self) -> Path:
+        return self.settings.cluster_dir / "tls"
+
+    def _member_for(self, identity: Identity) -> EtcdMember:
+        self.identity = identity
+        cluster = self.settings.cluster
+        self.member = EtcdMember(EtcdConfig(
+            name=self.node_id, data_dir=self.settings.cluster_dir / "etcd", peer_host=self.address,
+            tls=PeerTls(identity.ca_path, identity.cert_path, identity.key_path),
+            peer_port=cluster.etcd_peer_port, client_port=cluster.etcd_client_port,
+            client_tls_port=cluster.etcd_client_tls_port))
+        return self.member
+
+    async def _run(self, identity: Identity, member: EtcdMember, *, founded: bool) -> None:
+        """With etcd serving: the peer API, then campaign, publish our record, admit others, keep the voters."""
+        client = await self._pick_client(identity, member)
+        if founded:
+            record = {"cluster_id": identity.cluster_id, "founded_by": self.node_id, "founded": time.time()}
+            await wait_for(client.put(CLUSTER_KEY, json.dumps(record).encode()), RPC_TIMEOUT_SECONDS)
+        context = await asyncio.to_thread(server_context, identity.ca_path, identity.cert_path, identity.key_path,
+                                          require_client_cert=False)
+        self._peer = contextlib.AsyncExitStack()
+        self.peer_port = await self._peer.enter_async_context(serve_peer_api(
+            build_peer_app(self, identity.ca_pem), self.settings.bind_host, self.settings.cluster.peer_port,
+            context))
+        self._start_tasks(identity, client)
+        self._keeper = self._spawn_task(self._keep_client(identity, member), "cluster-etcd-client")
+        log.info("cluster_member_started", cluster_id=identity.cluster_id, node=self.node_id, address=self.address,
+                 peer_port=self.peer_port, via=getattr(client, "endpoint", "own member"))
+
+    def _spawn_task(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        assert self._spawn is not None  # set by start()
+        return self._spawn(work, name)
+
+    def _start_tasks(self, identity: Identity, client: aetcd.Client) -> None:
+        self._client = client
+        ttl = self.settings.cluster.lease_ttl_seconds
+        election = self.election = LeaderElection(client, self.node_id, ttl)
+        self.registry = NodeRegistry(client, self.node_id, ttl)
+        self.admission = Admission(client, identity, lambda: self.node_id if election.is_leader else None)
+        self._tasks = [self._spawn_task(election.run(), "cluster-leader"),
+                       self._spawn_task(self.registry.run(self._record), "cluster-node-record"),
+                       self._spawn_task(self._keep_voters(), "cluster-voters")]
+
+    async def _stop_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.election = self.registry = None
+        self.admission = None
+
+    async def _pick_client(self, identity: Identity, member: EtcdMember) -> aetcd.Client:
+        """Our own member if it is a voter; a voter's client port over mutual TLS while ours is a learner."""
+        local = await member.client()
+        if not (await etcd_members.status(local, timeout=RPC_TIMEOUT_SECONDS)).is_learner:
+            return local
+        urls = await asyncio.to_thread(_load_voter_urls, self.settings.cluster_dir)
+        if not urls:
+            raise EtcdError("this box's etcd member is a learner and no voter's client URL is known")
+        return TlsEtcdClient(urls, ClientTls(identity.ca_pem, identity.cert_pem, identity.key_pem),
+                             timeout=member.config.request_timeout_s)
+
+    async def _keep_client(self, identity: Identity, member: EtcdMember) -> None:
+        """While using a voter's port: follow membership, move to another voter when it stops answering, and go
+        back to our own member once it has been promoted."""
+        failures = 0
+        while True:
+            await asyncio.sleep(CLIENT_CHECK_SECONDS)
+            client = self._client
+            if not isinstance(client, TlsEtcdClient):
+                continue
+            try:
+                own = await etcd_members.status(await member.client(), timeout=RPC_TIMEOUT_SECONDS)
+                if not own.is_learner:
+                    log.info("etcd_client_switched", node=self.node_id, to="own member (promoted to voter)")
+                    await self._stop_tasks()
+                    await client.close()
+                    self._start_tasks(identity, await member.client())
+                    continue
+                urls = voter_client_urls(await wait_for(etcd_members.members(client), RPC_TIMEOUT_SECONDS))
+                failures = 0
+                await client.use_endpoints(urls)
+                await asyncio.to_thread(_save_voter_urls, self.settings.cluster_dir, urls)
+            except (aetcd.exceptions.ClientError, EtcdError, TimeoutError) as exc:
+                failures += 1
+                if failures >= 2 and len(client.endpoints) > 1:
+                    log.info("etcd_client_unanswered", endpoint=client.endpoint, error=str(exc))
+                    await client.rotate()
+                    failures = 0
+
+    async def admit(self, request: JoinRequest) -> JoinGrant:
+        """The peer API's join endpoint (JoinAuthority)."""
+        if self.admission is None:
+            raise JoinRefused("this box's cluster layer is not running", code="cluster_unavailable", status=503)
+        return await self.admission.admit(request)
+
+    async def _keep_voters(self) -> None:
+        while True:
+            await asyncio.sleep(VOTER_CHECK_SECONDS)
+            if self.election is None or self.registry is None or self._client is None or not self.election.is_leader:
+                continue
+            try:
+                await reconcile_voters(self._client, set(await self.registry.nodes()))
+            except (aetcd.exceptions.ClientError, EtcdError, TimeoutError) as exc:
+                log.info("voter_check_failed", error=str(exc))
+
+    async def _leave(self) -> None:
+        """Stop taking part: tasks (revoking leases hands leadership over at once), peer API, etcd."""
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+        await self._stop_tasks()
+        if isinstance(self._client, TlsEtcdClient):
+            await self._client.close()
+        self._client = None
+        if self._peer is not None:
+            peer, self._peer = self._peer, None
+            await peer.aclose()
         if self.member is not None:
             await self.member.stop()
+
+    async def stop(self) -> None:
+        await self._leave()
+
+    # ------------------------------------------------------------------ joining another cluster
+
+    async def issue_token(self, ttl_seconds: float) -> dict[str, Any]:
+        """A one-time join token for this cluster and where a joiner reaches us with it."""
+        if self.admission is None:
+            raise ClusterUnavailable(f"cluster unavailable: {self.unavailable_reason or 'not running'}")
+        token, expires = await self.admission.issue_token(ttl_seconds)
+        return {"token": str(token), "server": f"{_url_host(self.address)}:{self.peer_port}",
+                "expires_at": int(expires), "cluster_id": self.cluster_id}
+
+    async def join(self, token_text: str, server: str) -> dict[str, Any]:
+        """Leave this box's own (single-box) cluster and join the one the token names; refusals change nothing."""
+        async with self._join_lock:
+            token = JoinToken.parse(token_text)  # TokenError (token_malformed) for anything unreadable
+            host, port = _split_server(server, self.settings.cluster.peer_port)
+            if self.identity is not None and self.identity.ca_pem and _pins(token, self.identity.ca_pem):
+                raise JoinRefused(f"this box is already a member of cluster {self.cluster_id}",
+                                  code="already_member", status=409)
+            others = [n for n in await self.nodes() if n["id"] != self.node_id]
+            if others:
+                raise JoinRefused(f"this box is in cluster {self.cluster_id} with {len(others)} other box(es); "
+                                  "it can only join another cluster on its own", code="already_in_cluster", status=409)
+            key = await asyncio.to_thread(NodeKey.create)
+            grant = await join_cluster(host, port, token, node_id=self.node_id, key_pem=key, address=self.address,
+                                       etcd_peer_port=self.settings.cluster.etcd_peer_port)
+            await self._leave()
+            previous = await asyncio.to_thread(_retire, self.settings.cluster_dir)
+            await asyncio.to_thread(_save_voter_urls, self.settings.cluster_dir, grant.client_urls)
+            await asyncio.to_thread(write_identity, self._tls_dir, grant.ca_cert_pem.encode(),
+                                    grant.node_cert_pem.encode(), key, grant.ca_key_pem.encode())
+            identity = await asyncio.to_thread(read_identity, self._tls_dir)
+            assert identity is not None  # just written
+            member = self._member_for(identity)
+            try:
+                await member.start_joining(grant.initial_cluster)
+            except EtcdError:
+                await member.stop()
+                await asyncio.to_thread(_restore, self.settings.cluster_dir, previous)
+                restored = await asyncio.to_thread(read_identity, self._tls_dir)
+                if restored is not None:
+                    old = self._member_for(restored)
+                    await old.start_existing()
+                    await self._run(restored, old, founded=False)
+                raise
+            await self._run(identity, member, founded=False)
+            log.info("cluster_joined", cluster_id=grant.cluster_id, node=self.node_id, role=grant.role,
+                     members=grant.members)
+            return {"cluster_id": grant.cluster_id, "role": grant.role, "members": grant.members,
+                    "leader": grant.leader}
 
     def _record(self) -> dict[str, Any]:
         place = self._placement(self.address)
@@ -237,7 +483,7 @@ class ClusterNode:
             return {"status": "no_quorum", "cluster_id": self.cluster_id, "node_id": self.node_id}
         alive = [n for n in nodes if n["alive"]]
         voters = [n for n in nodes if n["role"] == "voter"]
-        expected = 1 if len(nodes) <= 2 else MAX_VOTERS
+        expected = desired_voters(len(nodes))
         leader = await election.current_leader()
         if leader is None:
             status = "no_quorum"

@@ -18,8 +18,10 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import os
 import re
 import ssl
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -403,13 +405,18 @@ def verify_node_cert(ca_cert_pem: bytes, cert_pem: bytes, *, now: datetime.datet
 # the caller then reads the peer's node id with `peer_node_id` and compares it with the node it meant to reach.
 
 
+def _base_context(protocol: ssl._SSLMethod) -> ssl.SSLContext:
+    context = ssl.SSLContext(protocol)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    return context
+
+
 def server_context(
     ca_cert_pem_path: Path, cert_path: Path, key_path: Path, *, require_client_cert: bool
 ) -> ssl.SSLContext:
     """A TLS 1.2+ server context trusting only the cluster CA; client certificates required or optional."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    context = _base_context(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(certfile=cert_path, keyfile=key_path)
     context.load_verify_locations(cafile=ca_cert_pem_path)
     # CERT_OPTIONAL serves the join endpoint, where the joiner has no certificate yet; a certificate that is
@@ -422,9 +429,7 @@ def client_context(ca_path: Path, cert_path: Path | None, key_path: Path | None)
     """A TLS 1.2+ client context trusting only the cluster CA, presenting our node certificate when given."""
     if (cert_path is None) != (key_path is None):
         raise PkiError("a client certificate needs both its certificate file and its key file")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    context = _base_context(ssl.PROTOCOL_TLS_CLIENT)
     # Off on purpose, see the comment above server_context: identity is the CA plus the peer's CN.
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
@@ -432,6 +437,68 @@ def client_context(ca_path: Path, cert_path: Path | None, key_path: Path | None)
     if cert_path is not None and key_path is not None:
         context.load_cert_chain(certfile=cert_path, keyfile=key_path)
     return context
+
+
+# The same contexts from PEM bytes held in memory (a joiner's pinned CA, a certificate just issued, tests).
+# Blocking like the rest of this module: the `ssl` module loads a certificate chain only from files, so the
+# certificate and key pass through a private temporary directory (0700, files 0600) that is removed at once.
+
+
+def _trust_only(context: ssl.SSLContext, ca_cert_pem: bytes) -> None:
+    _load_cert(ca_cert_pem, "CA certificate")
+    try:
+        context.load_verify_locations(cadata=ca_cert_pem.decode("ascii"))
+    except (UnicodeDecodeError, ssl.SSLError) as exc:
+        raise PkiError(f"CA certificate cannot be used as a TLS trust anchor: {exc}") from None
+
+
+def _load_chain_pem(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) -> None:
+    if not _same_public_key(_load_ec_key(key_pem, "node private key"), _load_cert(cert_pem, "node certificate")):
+        raise PkiError("node private key does not match the node certificate's public key")
+    with tempfile.TemporaryDirectory(prefix="thox-tls-") as scratch:
+        cert_path, key_path = Path(scratch) / CERT_FILE, Path(scratch) / KEY_FILE
+        for path, data in ((cert_path, cert_pem), (key_path, key_pem)):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, SECRET_FILE_MODE)
+            with os.fdopen(fd, "wb") as file:
+                file.write(data)
+        try:
+            context.load_cert_chain(certfile=cert_path, keyfile=key_path)
+        except ssl.SSLError as exc:
+            raise PkiError(f"node certificate and key cannot be used for TLS: {exc}") from None
+
+
+def server_context_from_pem(
+    ca_cert_pem: bytes, cert_pem: bytes, key_pem: bytes, *, require_client_cert: bool
+) -> ssl.SSLContext:
+    """`server_context` from PEM bytes instead of files."""
+    context = _base_context(ssl.PROTOCOL_TLS_SERVER)
+    _load_chain_pem(context, cert_pem, key_pem)
+    _trust_only(context, ca_cert_pem)
+    context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
+    return context
+
+
+def client_context_from_pem(ca_cert_pem: bytes, cert_pem: bytes | None, key_pem: bytes | None) -> ssl.SSLContext:
+    """`client_context` from PEM bytes instead of files (no certificate of our own when both are None)."""
+    if (cert_pem is None) != (key_pem is None):
+        raise PkiError("a client certificate needs both its certificate and its key")
+    context = _base_context(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    _trust_only(context, ca_cert_pem)
+    if cert_pem is not None and key_pem is not None:
+        _load_chain_pem(context, cert_pem, key_pem)
+    return context
+
+
+def check_node_id(node_id: str) -> None:
+    """Pass if `node_id` is a valid node id (1 to 64 letters, digits, '.', '_', '-'); PkiError saying why not."""
+    _check_node_id(node_id)
+
+
+def cert_matches_key(cert_pem: bytes, key_pem: bytes) -> bool:
+    """Whether the certificate `cert_pem` carries the public key of the private key `key_pem`."""
+    return _same_public_key(_load_ec_key(key_pem, "node private key"), _load_cert(cert_pem, "certificate"))
 
 
 def peer_node_id(ssl_object: ssl.SSLObject | ssl.SSLSocket) -> str:

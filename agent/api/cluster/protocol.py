@@ -75,3 +75,16 @@ class SimFaultBody(_Body):
     target: str = Field(min_length=1, description="i2c-1, i2c-7[@0xADDR], sysfs:ZONE, nfc, dock, serial")
     kind: str = Field(min_length=1)
     rate: float = Field(1.0, ge=0, le=1)
+
+
+class TokenRequestBody(_Body):
+    """POST /v1/cluster/tokens: how long the token may be used (a person typing it: an hour by default)."""
+
+    ttl_seconds: float = Field(3600, gt=0, le=7 * 24 * 3600)
+
+
+class JoinRequestBody(_Body):
+    """POST /v1/cluster/join: the token and the peer address (host or host:port) of a box in that cluster."""
+
+    token: str = Field(min_length=1, max_length=512)
+    server: str = Field(min_length=1, max_length=300)

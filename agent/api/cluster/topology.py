@@ -7,8 +7,12 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.api.body import parse_body, read_json_body
+from agent.api.cluster.protocol import JoinRequestBody, TokenRequestBody
+from agent.cluster.join import JoinRefused
 from agent.cluster.node import ClusterNode, ClusterUnavailable
-from agent.errors import ClusterUnavailableError
+from agent.cluster.tokens import TokenError
+from agent.errors import ClusterJoinError, ClusterUnavailableError
 
 CLUSTER_NODE_KEY = web.AppKey("cluster_node", ClusterNode)
 
@@ -40,8 +44,28 @@ async def nodes(request: web.Request) -> web.Response:
     return await _answer(listing)
 
 
+async def create_token(request: web.Request) -> web.Response:
+    """POST /v1/cluster/tokens: a one-time join token ({"ttl_seconds"} optional) and the server to use it with."""
+    body = parse_body(TokenRequestBody, await read_json_body(request) if request.can_read_body else {})
+    return await _answer(lambda: request.app[CLUSTER_NODE_KEY].issue_token(body.ttl_seconds))
+
+
+async def join_cluster(request: web.Request) -> web.Response:
+    """POST /v1/cluster/join {"token", "server"}: this box leaves its own cluster and joins the token's."""
+    body = parse_body(JoinRequestBody, await read_json_body(request))
+    try:
+        return await _answer(lambda: request.app[CLUSTER_NODE_KEY].join(body.token, body.server))
+    except TokenError as exc:
+        raise ClusterJoinError(exc.message, code=exc.code,
+                               status=403 if exc.code == "ca_mismatch" else 400) from exc
+    except JoinRefused as exc:
+        raise ClusterJoinError(exc.message, code=exc.code, status=exc.status) from exc
+
+
 def setup_routes(app: web.Application) -> None:
-    """Register the cluster views."""
+    """Register the cluster views and the join routes."""
     app.router.add_get("/v1/topology", topology)
     app.router.add_get("/v1/cluster", cluster)
     app.router.add_get("/v1/nodes", nodes)
+    app.router.add_post("/v1/cluster/tokens", create_token)
+    app.router.add_post("/v1/cluster/join", join_cluster)

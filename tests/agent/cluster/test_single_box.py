@@ -25,7 +25,8 @@ def free_port() -> int:
 
 def cluster_env() -> dict[str, str]:
     return {"THOX_CLUSTER_ENABLED": "true", "THOX_CLUSTER_ETCD_PEER_PORT": str(free_port()),
-            "THOX_CLUSTER_ETCD_CLIENT_PORT": str(free_port())}
+            "THOX_CLUSTER_ETCD_CLIENT_PORT": str(free_port()), "THOX_CLUSTER_ETCD_CLIENT_TLS_PORT": str(free_port()),
+            "THOX_CLUSTER_PEER_PORT": str(free_port())}
 
 
 def get(agent: RunningAgent, path: str) -> dict:  # type: ignore[type-arg]

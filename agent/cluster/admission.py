@@ -1,0 +1,158 @@
+"""The server side of joining: join tokens kept in etcd, admitting a box, and keeping the voter count right.
+
+A token's record (`/thox/tokens/<id>`: the secret's hash, expiry, used) is consumed by a compare-and-swap, so
+two boxes racing with one token cannot both get in; a join that fails after that hands the token back. Members
+join as learners (non-voting) and the leader promotes them to reach the voter count of docs/cluster.md: one voter
+for one or two boxes, three from three boxes on. etcd allows one learner at a time, so a learner is promoted
+before the next box may join when the stack grows to three.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import aetcd
+import structlog
+
+from agent.cluster import etcd as etcd_members
+from agent.cluster.etcd import EtcdError
+from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest
+from agent.cluster.membership import RPC_TIMEOUT_SECONDS
+from agent.cluster.pki import ClusterCA, Identity, PkiError
+from agent.cluster.tokens import DEFAULT_TOKEN_TTL_SECONDS, JoinToken, TokenError, TokenRecord, TokenRecordError
+from agent.cluster.tokens import check as check_token
+from drivers.aio import wait_for
+
+log = structlog.get_logger("agent.cluster.admission")
+
+TOKENS_PREFIX = b"/thox/tokens/"
+MAX_VOTERS = 3
+
+
+def desired_voters(member_count: int) -> int:
+    """One voter for one or two boxes (a pair cannot keep a quorum through losing either), else three."""
+    return 1 if member_count <= 2 else min(MAX_VOTERS, member_count)
+
+
+class Admission:
+    """Issues tokens and admits boxes into this node's cluster (any member can: each holds the CA)."""
+
+    def __init__(self, client: aetcd.Client, identity: Identity, leader: Callable[[], str | None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self._client = client
+        self._identity = identity
+        self._leader = leader
+        self._clock = clock
+        self._lock = asyncio.Lock()  # one admission at a time from this node: member changes are sequential
+
+    async def issue_token(self, ttl_seconds: float = DEFAULT_TOKEN_TTL_SECONDS) -> tuple[JoinToken, float]:
+        """A new one-time token pinning our CA; returns it and its expiry (unix seconds)."""
+        token = JoinToken.generate(self._identity_ca().fingerprint)
+        record = TokenRecord.for_token(token, ttl_seconds, self._clock())
+        await wait_for(self._client.put(TOKENS_PREFIX + token.token_id.encode(), record.to_json().encode()),
+                       RPC_TIMEOUT_SECONDS)
+        log.info("join_token_issued", token_id=token.token_id, expires=record.expires)
+        return token, record.expires
+
+    def _identity_ca(self) -> ClusterCA:
+        ca = self._identity.ca()
+        if ca is None:
+            raise JoinRefused("this box does not hold the cluster CA and cannot admit boxes; ask another member",
+                              code="cluster_unavailable", status=503)
+        return ca
+
+    async def admit(self, request: JoinRequest) -> JoinGrant:
+        """Check and consume the token, sign the box's certificate, add it to etcd as a learner."""
+        async with self._lock:
+            ca = self._identity_ca()
+            key = TOKENS_PREFIX + request.token_id.encode()
+            record, revision = await self._token_record(key)
+            token = JoinToken(ca.fingerprint.removeprefix("sha256:"), request.token_id, request.secret)
+            try:
+                check_token(record, token, self._clock())
+            except TokenError as exc:
+                raise JoinRefused(exc.message, code=exc.code, status=403) from exc
+            assert record is not None  # check() refuses a missing record
+            await self._consume(key, record, revision)
+            try:
+                return await self._add(ca, request)
+            except BaseException:
+                # Nothing joined: the token is the box's to use again (a cancelled admission included).
+                await asyncio.shield(self._restore(key, record))
+                raise
+
+    async def _token_record(self, key: bytes) -> tuple[TokenRecord | None, int]:
+        got = await wait_for(self._client.get(key), RPC_TIMEOUT_SECONDS)
+        if got is None:
+            return None, 0
+        try:
+            return TokenRecord.from_json(got.value), int(got.mod_revision)
+        except TokenRecordError as exc:
+            log.error("join_token_record_damaged", key=key.decode(), error=str(exc))
+            raise JoinRefused("the cluster's record of this token is damaged; make a new token",
+                              code="token_unknown", status=403) from exc
+
+    async def _consume(self, key: bytes, record: TokenRecord, revision: int) -> None:
+        tx = self._client.transactions
+        won, _ = await wait_for(self._client.transaction(
+            compare=[tx.mod(key) == revision],
+            success=[tx.put(key, record.mark_used().to_json().encode())],
+            failure=[],
+        ), RPC_TIMEOUT_SECONDS)
+        if not won:
+            raise JoinRefused("this join token has already been used; make a new one with `thox cluster token`",
+                              code="token_used", status=403)
+
+    async def _restore(self, key: bytes, record: TokenRecord) -> None:
+        try:
+            await wait_for(self._client.put(key, record.to_json().encode()), RPC_TIMEOUT_SECONDS)
+        except (aetcd.exceptions.ClientError, TimeoutError) as exc:
+            log.error("join_token_restore_failed", key=key.decode(), error=str(exc))
+
+    async def _add(self, ca: ClusterCA, request: JoinRequest) -> JoinGrant:
+        members = await etcd_members.members(self._client)
+        if any(member.name == request.node_id for member in members):
+            raise JoinRefused(f"a box named {request.node_id} is already a member of this cluster",
+                              code="already_member", status=409)
+        try:
+            cert = await asyncio.to_thread(ca.issue, request.csr_pem.encode(), request.node_id,
+                                           sorted({request.address}), [request.node_id])
+        except PkiError as exc:
+            raise JoinRefused(f"the certificate request was refused: {exc}", code="bad_request", status=400) from exc
+        learners = [member for member in members if member.is_learner]
+        if learners and desired_voters(len(members) + 1) > len(members) - len(learners):
+            # etcd allows one learner at a time: the waiting one becomes a voter before the next box comes in.
+            await etcd_members.promote(self._client, learners[0].id)
+        peer_url = f"https://{_url_host(request.address)}:{request.etcd_peer_port}"
+        try:
+            _, initial_cluster = await etcd_members.add_learner(self._client, request.node_id, peer_url)
+        except EtcdError as exc:
+            raise JoinRefused(f"the cluster cannot take a member now: {exc}", code="cluster_unavailable",
+                              status=503) from exc
+        log.info("join_admitted", node=request.node_id, address=request.address, role="learner")
+        return JoinGrant(
+            cluster_id=self._identity.cluster_id, node_cert_pem=cert.decode(), ca_cert_pem=ca.cert_pem.decode(),
+            ca_key_pem=ca.key_pem.decode(), initial_cluster=initial_cluster, role="learner", leader=self._leader(),
+            members=sorted([*(m.name for m in members if m.name), request.node_id]),
+            client_urls=voter_client_urls(await etcd_members.members(self._client)))
+
+
+def voter_client_urls(members: list[etcd_members.MemberInfo]) -> list[str]:
+    """The mutual-TLS client URLs of the voters, for boxes whose own member cannot serve them."""
+    return sorted(url for m in members if not m.is_learner for url in m.client_urls if url.startswith("https://"))
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+async def reconcile_voters(client: aetcd.Client, live_nodes: set[str]) -> None:
+    """On the leader: promote live learners until the stack has its voter count (never demotes a voter)."""
+    members = await etcd_members.members(client)
+    voters = [m for m in members if not m.is_learner]
+    learners = sorted((m for m in members if m.is_learner and m.name in live_nodes), key=lambda m: m.name)
+    if learners and len(voters) < desired_voters(len(members)):
+        await etcd_members.promote(client, learners[0].id)
+        log.info("member_promoted", node=learners[0].name, voters=len(voters) + 1)

@@ -1,0 +1,165 @@
+"""Stacks of real agents on loopback, each with its own etcd, formed through join tokens."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.agent_process import RunningAgent, http_json, start_agent
+
+pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
+                                reason="etcd is not installed (Debian etcd-server; scripts/system-deps.sh installs it)")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_box(tmp_path: Path, name: str) -> RunningAgent:
+    return start_agent(tmp_path / name, env={
+        "THOX_CLUSTER_ENABLED": "true", "THOX_CLUSTER_NODE_ID": name,
+        "THOX_CLUSTER_ETCD_PEER_PORT": str(free_port()), "THOX_CLUSTER_ETCD_CLIENT_PORT": str(free_port()),
+        "THOX_CLUSTER_ETCD_CLIENT_TLS_PORT": str(free_port()),
+        "THOX_CLUSTER_PEER_PORT": str(free_port()), "THOX_ENGINE_THREADS": "1",
+    })
+
+
+@pytest.fixture
+def boxes(tmp_path: Path) -> Iterator[Callable[[str], RunningAgent]]:
+    started: list[RunningAgent] = []
+
+    def box(name: str) -> RunningAgent:
+        started.append(start_box(tmp_path, name))
+        return started[-1]
+
+    try:
+        yield box
+    finally:
+        for agent in started:
+            if agent.process.poll() is None:
+                agent.process.send_signal(signal.SIGKILL)  # a whole stack stopping politely takes seconds each
+            agent.process.wait(30)
+
+
+def call(agent: RunningAgent, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    status, _, answer = http_json(method, f"{agent.cluster_url}{path}", body)
+    return status, answer
+
+
+def token_for(agent: RunningAgent, ttl: float = 600) -> dict[str, Any]:
+    status, answer = call(agent, "POST", "/cluster/tokens", {"ttl_seconds": ttl})
+    assert status == 200, answer
+    return answer  # type: ignore[no-any-return]
+
+
+def join(agent: RunningAgent, token: dict[str, Any]) -> tuple[int, Any]:
+    return call(agent, "POST", "/cluster/join", {"token": token["token"], "server": token["server"]})
+
+
+def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except AssertionError as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached in {timeout}s; last: {last}")
+
+
+def topology(agent: RunningAgent) -> dict[str, Any]:
+    status, answer = call(agent, "GET", "/topology")
+    assert status == 200, answer
+    return answer  # type: ignore[no-any-return]
+
+
+def test_three_boxes_form_one_cluster_agree_on_a_leader_and_survive_losing_it(
+    boxes: Callable[[str], RunningAgent],
+) -> None:
+    first, second, third = boxes("box-a"), boxes("box-b"), boxes("box-c")
+    cluster_id = eventually(lambda: topology(first)["leader"] and topology(first)["cluster_id"], 15, "a leader")
+    for joiner in (second, third):
+        status, answer = join(joiner, token_for(first))
+        assert status == 200, answer
+        assert answer["cluster_id"] == cluster_id
+
+    def formed() -> bool:
+        summary = call(first, "GET", "/cluster")[1]
+        return summary.get("status") == "healthy" and summary["node_count"] == 3 and summary["voters"]["alive"] == 3
+
+    eventually(formed, 60, "three boxes, three voters")
+    views = [topology(agent) for agent in (first, second, third)]
+    assert {view["cluster_id"] for view in views} == {cluster_id}
+    assert len({view["leader"] for view in views}) == 1 and views[0]["leader"] is not None
+    assert sorted(n["id"] for n in views[0]["nodes"]) == ["box-a", "box-b", "box-c"]
+    assert {n["role"] for n in views[0]["nodes"]} == {"voter"}
+    status_text = subprocess.run([sys.executable, "-m", "agent.cli", "cluster", "status", "--home", str(first.home)],
+                                 capture_output=True, text=True, timeout=60, check=False)
+    assert status_text.returncode == 0 and "healthy" in status_text.stdout and "box-c" in status_text.stdout
+
+    leader_name = views[0]["leader"]
+    leader = {"box-a": first, "box-b": second, "box-c": third}[leader_name]
+    survivors = [agent for agent in (first, second, third) if agent is not leader]
+    killed = time.monotonic()
+    leader.process.send_signal(signal.SIGKILL)
+    leader.process.wait(10)
+
+    def new_leader() -> str | None:
+        found = topology(survivors[0])["leader"]
+        return found if found not in (None, leader_name) else None
+
+    successor = eventually(new_leader, 10, "a new leader")
+    took = time.monotonic() - killed
+    assert took < 3.0, f"new leader after {took:.2f}s"
+    assert topology(survivors[1])["leader"] == successor
+
+    def degraded() -> bool:
+        summary = call(survivors[0], "GET", "/cluster")[1]
+        return summary.get("status") == "degraded" and summary["node_count"] == 2
+
+    eventually(degraded, 10, "degraded with two of three voters")
+
+
+def test_bad_tokens_are_refused_and_change_nothing(boxes: Callable[[str], RunningAgent]) -> None:
+    first, joiner, stranger = boxes("box-a"), boxes("box-b"), boxes("box-c")
+    for agent in (first, joiner, stranger):
+        eventually(lambda agent=agent: topology(agent)["leader"], 15, "a leader")  # type: ignore[misc]
+    own_cluster = topology(joiner)["cluster_id"]
+    good = token_for(first)
+    prefix, _, secret = good["token"].rpartition(".")
+    wrong_secret = {**good, "token": f"{prefix}.{'a' * len(secret)}"}
+    stranger_token = token_for(stranger)
+    cases = [
+        (wrong_secret, 403, "token_invalid"),
+        ({**good, "server": stranger_token["server"]}, 403, "ca_mismatch"),  # a server of another cluster
+        ({**good, "token": "K10nonsense"}, 400, "token_malformed"),
+    ]
+    for token, status, code in cases:
+        answer = join(joiner, token)
+        assert answer[0] == status and answer[1]["error"]["code"] == code, (token, answer)
+    expiring = token_for(first, ttl=1)
+    time.sleep(1.5)
+    answer = join(joiner, expiring)
+    assert answer[0] == 403 and answer[1]["error"]["code"] == "token_expired", answer
+    assert topology(joiner)["cluster_id"] == own_cluster  # still in its own cluster: nothing changed
+    assert [n["id"] for n in topology(first)["nodes"]] == ["box-a"]
+
+    assert join(joiner, good)[0] == 200  # the good token still works after all those refusals
+    answer = join(stranger, good)
+    assert answer[0] == 403 and answer[1]["error"]["code"] == "token_used", answer
+    assert topology(stranger)["cluster_id"] != topology(first)["cluster_id"]

@@ -292,7 +292,9 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     live.add_applier(hardware.prepare_thresholds)
     listening: list[_Listening] = []
     cluster = ClusterNode(settings, lambda address: _placement(settings, listening, address),
-                          lambda: _local_facts(engine, hardware)) if settings.cluster.enabled else None
+                          lambda: _local_facts(engine, hardware),
+                          lambda: hardware.dock.subscribe() if hardware.dock is not None else None,
+                          ) if settings.cluster.enabled else None
     cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware, live, cluster), hardware,
                                     max_request_bytes=api.max_request_bytes, security=cluster_security)
     asyncio.get_running_loop().add_signal_handler(

@@ -44,6 +44,7 @@ from agent.cluster.pki import (
     write_identity,
 )
 from agent.cluster.tokens import JoinToken, TokenError, check_pin
+from agent.hardware.dock import JoinOfferEvent
 from agent.settings import Settings
 from drivers.aio import wait_for
 
@@ -199,8 +200,10 @@ class ClusterNode:
     """Owns this box's etcd member and its place in the cluster."""
 
     def __init__(self, settings: Settings, placement: Callable[[str], Placement],
-                 local_facts: Callable[[], Mapping[str, Any]]) -> None:
+                 local_facts: Callable[[], Mapping[str, Any]],
+                 join_offers: Callable[[], asyncio.Queue[JoinOfferEvent] | None] = lambda: None) -> None:
         self.settings = settings
+        self._join_offers = join_offers
         self._placement = placement
         self._local_facts = local_facts
         self.node_id = ""
@@ -214,6 +217,7 @@ class ClusterNode:
         self._tasks: list[asyncio.Task[None]] = []
         self._spawn: Spawn | None = None
         self._keeper: asyncio.Task[None] | None = None
+        self._docking: asyncio.Task[None] | None = None
         self._peer: contextlib.AsyncExitStack | None = None
         self._join_lock = asyncio.Lock()
         self.admission: Admission | None = None
@@ -252,6 +256,9 @@ class ClusterNode:
         else:
             await member.start_existing()
         await self._run(identity, member, founded=founding)
+        offers = self._join_offers()
+        if offers is not None:  # a box docked onto this one hands over its join offer by NFC
+            self._docking = self._spawn_task(self._join_on_dock(offers), "cluster-dock-join")
 
     @property
     def _tls_dir(self) -> Path:
@@ -361,6 +368,23 @@ class ClusterNode:
             except (aetcd.exceptions.ClientError, EtcdError, TimeoutError) as exc:
                 log.info("voter_check_failed", error=str(exc))
 
+    async def _join_on_dock(self, offers: asyncio.Queue[JoinOfferEvent]) -> None:
+        """Join the cluster of the box this one was docked onto, when its NFC offer carries a token."""
+        while True:
+            event = await offers.get()
+            offer = event.offer
+            if not offer.token:
+                continue  # the module only announced itself
+            try:
+                joined = await self.join(offer.token, offer.endpoint)
+            except (JoinRefused, TokenError, ClusterUnavailable, EtcdError) as exc:
+                code = getattr(exc, "code", type(exc).__name__)
+                level = log.info if code == "already_member" else log.warning
+                level("dock_join_refused", offer_node=offer.node_id, code=code, error=str(exc))
+                continue
+            log.info("dock_joined", cluster_id=joined["cluster_id"], offer_node=offer.node_id,
+                     dock_to_member_ms=round((asyncio.get_running_loop().time() - event.docked_at) * 1000))
+
     async def _leave(self) -> None:
         """Stop taking part: tasks (revoking leases hands leadership over at once), peer API, etcd."""
         keeper, self._keeper = self._keeper, None
@@ -378,6 +402,10 @@ class ClusterNode:
             await self.member.stop()
 
     async def stop(self) -> None:
+        docking, self._docking = self._docking, None
+        if docking is not None:
+            docking.cancel()
+            await asyncio.gather(docking, return_exceptions=True)
         await self._leave()
 
     # ------------------------------------------------------------------ joining another cluster

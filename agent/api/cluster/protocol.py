@@ -49,7 +49,7 @@ class SimOffer(_Body):
 
     node_id: str = Field(min_length=1, max_length=64)
     endpoint: str = Field(min_length=1, max_length=100)
-    token: str = Field("", max_length=120)
+    token: str = Field("", max_length=200)  # a cluster join token is 127 characters
     expires_at: int = Field(0, ge=0)
 
 

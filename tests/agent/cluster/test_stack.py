@@ -163,3 +163,26 @@ def test_bad_tokens_are_refused_and_change_nothing(boxes: Callable[[str], Runnin
     answer = join(stranger, good)
     assert answer[0] == 403 and answer[1]["error"]["code"] == "token_used", answer
     assert topology(stranger)["cluster_id"] != topology(first)["cluster_id"]
+
+
+def test_docking_onto_a_box_joins_its_cluster_by_nfc(boxes: Callable[[str], RunningAgent]) -> None:
+    base, docked = boxes("box-a"), boxes("box-b")
+    for agent in (base, docked):
+        eventually(lambda agent=agent: topology(agent)["leader"], 15, "a leader")  # type: ignore[misc]
+    token = token_for(base)
+    # The simulated NFC tag of the box below carries its join offer; docking makes the hardware layer read it.
+    status, answer = call(docked, "POST", "/sim/modules", {
+        "id": "box-a", "offer": {"node_id": "box-a", "endpoint": token["server"], "token": token["token"]}})
+    assert status == 201, answer
+
+    def joined() -> bool:
+        nodes = {n["id"]: n for n in topology(base)["nodes"]}
+        return "box-b" in nodes and nodes["box-b"]["alive"]
+
+    eventually(joined, 30, "the docked box in the base's topology")
+    assert topology(docked)["cluster_id"] == topology(base)["cluster_id"]
+    assert any(line.get("event") == "dock_joined" for line in docked.log_lines())
+    # Two boxes: one voter (the founder) and one learner, which reaches the cluster through the voter.
+    roles = {n["id"]: n["role"] for n in topology(docked)["nodes"]}
+    assert roles == {"box-a": "voter", "box-b": "learner"}
+    assert call(base, "GET", "/cluster")[1]["status"] == "healthy"

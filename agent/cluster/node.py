@@ -54,6 +54,9 @@ CLUSTER_KEY = b"/thox/cluster"
 NODE_ID_FILE = "node-id"
 VOTER_CHECK_SECONDS = 2.0
 CLIENT_CHECK_SECONDS = 1.0
+# A learner of a two-box stack re-forms alone after its voter has been unreachable this long (a few lease TTLs:
+# a voter that is merely slow or restarting comes back well within it).
+REFORM_AFTER_SECONDS = 5.0
 VOTERS_FILE = "voters.json"  # the voters' client URLs, for a learner that restarts
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
@@ -218,6 +221,7 @@ class ClusterNode:
         self._spawn: Spawn | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._docking: asyncio.Task[None] | None = None
+        self._member_count = 0  # as last seen; 0 = unknown (a box that restarted as a learner never re-forms)
         self._peer: contextlib.AsyncExitStack | None = None
         self._join_lock = asyncio.Lock()
         self.admission: Admission | None = None
@@ -325,9 +329,9 @@ class ClusterNode:
                              timeout=member.config.request_timeout_s)
 
     async def _keep_client(self, identity: Identity, member: EtcdMember) -> None:
-        """While using a voter's port: follow membership, move to another voter when it stops answering, and go
-        back to our own member once it has been promoted."""
-        failures = 0
+        """While using a voter's port: follow membership, move to another voter when it stops answering, go back
+        to our own member once promoted, and, in a two-box stack whose voter is gone, re-form alone."""
+        failures, unreachable_since = 0, None
         while True:
             await asyncio.sleep(CLIENT_CHECK_SECONDS)
             client = self._client
@@ -337,20 +341,45 @@ class ClusterNode:
                 own = await etcd_members.status(await member.client(), timeout=RPC_TIMEOUT_SECONDS)
                 if not own.is_learner:
                     log.info("etcd_client_switched", node=self.node_id, to="own member (promoted to voter)")
-                    await self._stop_tasks()
-                    await client.close()
-                    self._start_tasks(identity, await member.client())
+                    await self._switch_to_own_member(identity, member, client)
                     continue
-                urls = voter_client_urls(await wait_for(etcd_members.members(client), RPC_TIMEOUT_SECONDS))
-                failures = 0
+                current = await wait_for(etcd_members.members(client), RPC_TIMEOUT_SECONDS)
+                failures, unreachable_since = 0, None
+                self._member_count = len(current)
+                urls = voter_client_urls(current)
                 await client.use_endpoints(urls)
                 await asyncio.to_thread(_save_voter_urls, self.settings.cluster_dir, urls)
             except (aetcd.exceptions.ClientError, EtcdError, TimeoutError) as exc:
                 failures += 1
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if self._member_count == 2 and now - unreachable_since >= REFORM_AFTER_SECONDS:
+                    await self._reform_alone(identity, member, client)
+                    continue
                 if failures >= 2 and len(client.endpoints) > 1:
                     log.info("etcd_client_unanswered", endpoint=client.endpoint, error=str(exc))
                     await client.rotate()
                     failures = 0
+
+    async def _switch_to_own_member(self, identity: Identity, member: EtcdMember, client: TlsEtcdClient) -> None:
+        await self._stop_tasks()
+        await client.close()
+        self._start_tasks(identity, await member.client())
+
+    async def _reform_alone(self, identity: Identity, member: EtcdMember, client: TlsEtcdClient) -> None:
+        """The voter of a two-box stack is gone: carry on as a one-box cluster from this box's copy of the state.
+
+        Topology and placement are soft state, so a copy that may miss the last writes is acceptable; the
+        alternative is a box that serves no cluster at all until an operator steps in.
+        """
+        log.warning("cluster_voter_lost", node=self.node_id, unreachable_s=REFORM_AFTER_SECONDS,
+                    action="re-forming a single-box cluster from this box's copy")
+        await self._stop_tasks()
+        await client.close()
+        await member.force_new_cluster(cluster_id=identity.cluster_id)
+        self._member_count = 1
+        self._start_tasks(identity, await member.client())
+        log.info("cluster_reformed", node=self.node_id, cluster_id=identity.cluster_id)
 
     async def admit(self, request: JoinRequest) -> JoinGrant:
         """The peer API's join endpoint (JoinAuthority)."""
@@ -436,6 +465,7 @@ class ClusterNode:
             await self._leave()
             previous = await asyncio.to_thread(_retire, self.settings.cluster_dir)
             await asyncio.to_thread(_save_voter_urls, self.settings.cluster_dir, grant.client_urls)
+            self._member_count = len(grant.members)
             await asyncio.to_thread(write_identity, self._tls_dir, grant.ca_cert_pem.encode(),
                                     grant.node_cert_pem.encode(), key, grant.ca_key_pem.encode())
             identity = await asyncio.to_thread(read_identity, self._tls_dir)

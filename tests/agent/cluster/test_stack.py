@@ -186,3 +186,24 @@ def test_docking_onto_a_box_joins_its_cluster_by_nfc(boxes: Callable[[str], Runn
     roles = {n["id"]: n["role"] for n in topology(docked)["nodes"]}
     assert roles == {"box-a": "voter", "box-b": "learner"}
     assert call(base, "GET", "/cluster")[1]["status"] == "healthy"
+
+
+@pytest.mark.parametrize("lost", ["voter", "learner"])
+def test_a_two_box_stack_survives_losing_either_box(boxes: Callable[[str], RunningAgent], lost: str) -> None:
+    voter, learner = boxes("box-a"), boxes("box-b")
+    eventually(lambda: topology(voter)["leader"], 15, "a leader")
+    assert join(learner, token_for(voter))[0] == 200
+    eventually(lambda: {n["id"]: n["role"] for n in topology(voter)["nodes"] if n["alive"]}
+               == {"box-a": "voter", "box-b": "learner"}, 30, "a voter and a learner")
+    gone, survivor = (voter, learner) if lost == "voter" else (learner, voter)
+    gone.process.send_signal(signal.SIGKILL)
+    gone.process.wait(10)
+
+    def carries_on() -> bool:
+        view = topology(survivor)
+        alive = [n["id"] for n in view["nodes"] if n["alive"]]
+        return view["leader"] == survivor.home.name and alive == [survivor.home.name]
+
+    eventually(carries_on, 20, f"{survivor.home.name} leading alone")
+    token = token_for(survivor)  # the cluster state is writable again
+    assert token["cluster_id"] == topology(survivor)["cluster_id"]

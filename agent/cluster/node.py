@@ -166,6 +166,14 @@ def _pins(token: JoinToken, ca_pem: bytes) -> bool:
     return True
 
 
+async def _without_request_context(work: Coroutine[Any, Any, None]) -> None:
+    # Tasks started while serving a request (a join) inherit its logging context; they outlive the request, so
+    # their lines must not carry its request_id. The task runs in its own copy of the context: clearing it here
+    # touches nothing else.
+    structlog.contextvars.clear_contextvars()
+    await work
+
+
 def _load_voter_urls(cluster_dir: Path) -> list[str]:
     try:
         urls = json.loads((cluster_dir / VOTERS_FILE).read_text())
@@ -297,7 +305,7 @@ class ClusterNode:
 
     def _spawn_task(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         assert self._spawn is not None  # set by start()
-        return self._spawn(work, name)
+        return self._spawn(_without_request_context(work), name)
 
     def _start_tasks(self, identity: Identity, client: aetcd.Client) -> None:
         self._client = client

@@ -26,6 +26,7 @@ import agent
 from agent.api.app import build_cluster_app, build_inference_app
 from agent.api.cluster.routes import HealthSources
 from agent.api.openai.serving import OpenAIServing
+from agent.api.routing import routing_middleware
 from agent.api.security import AccessRules, SecurityPolicy
 from agent.atomic import atomic_write_bytes
 from agent.cluster.node import ClusterNode, Placement, cluster_subsystem
@@ -241,6 +242,10 @@ def _local_facts(engine: EngineHost, hardware: HardwareManager) -> dict[str, Any
             "tops": None}  # not known for this board yet: reported as unknown, never guessed
 
 
+def _serves(registry: ModelRegistry, model: str) -> bool:
+    return any(entry.id == model for entry in registry.all())
+
+
 def _report_progress(notifier: SystemdNotifier, stage: str, percent: int) -> None:
     # A first model conversion can outlast TimeoutStartSec: each step of progress buys another minute.
     notifier.extend_timeout(60)
@@ -281,8 +286,7 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     api = settings.api
     keys = await asyncio.to_thread(_open_key_store, settings)
     inference_security, cluster_security = _security_policies(settings, keys)
-    inference_app = build_inference_app(OpenAIServing(registry), max_request_bytes=api.max_request_bytes,
-                                        security=inference_security)
+    serving = OpenAIServing(registry)
     monitor = EventLoopMonitor()
     live = LiveConfig(settings, overrides)
     live.add_applier(_security_applier((inference_security, cluster_security)))
@@ -291,10 +295,15 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
         (lambda name: watchdog.register(name).beat) if watchdog is not None else None))
     live.add_applier(hardware.prepare_thresholds)
     listening: list[_Listening] = []
-    cluster = ClusterNode(settings, lambda address: _placement(settings, listening, address),
-                          lambda: _local_facts(engine, hardware),
-                          lambda: hardware.dock.subscribe() if hardware.dock is not None else None,
-                          ) if settings.cluster.enabled else None
+    cluster = ClusterNode(
+        settings, lambda address: _placement(settings, listening, address), lambda: _local_facts(engine, hardware),
+        lambda: hardware.dock.subscribe() if hardware.dock is not None else None,
+        # Other boxes' routers reach this box's models through the peer API (mutual TLS instead of a key).
+        lambda: build_inference_app(serving, max_request_bytes=api.max_request_bytes),
+    ) if settings.cluster.enabled else None
+    inference_app = build_inference_app(
+        serving, max_request_bytes=api.max_request_bytes, security=inference_security,
+        routing=routing_middleware(cluster.router, lambda model: _serves(registry, model)) if cluster else None)
     cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware, live, cluster), hardware,
                                     max_request_bytes=api.max_request_bytes, security=cluster_security)
     asyncio.get_running_loop().add_signal_handler(

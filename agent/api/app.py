@@ -28,10 +28,12 @@ def _middlewares(security: SecurityPolicy | None) -> list[Middleware]:
 
 
 def build_inference_app(
-    serving: OpenAIServing, *, max_request_bytes: int, security: SecurityPolicy | None = None
+    serving: OpenAIServing, *, max_request_bytes: int, security: SecurityPolicy | None = None,
+    routing: Middleware | None = None,
 ) -> web.Application:
-    """The OpenAI-compatible API (port 8080)."""
-    app = web.Application(middlewares=_middlewares(security), client_max_size=max_request_bytes)
+    """The OpenAI-compatible API (port 8080); `routing` sends requests for models served elsewhere there."""
+    middlewares = [*_middlewares(security), *([routing] if routing is not None else [])]
+    app = web.Application(middlewares=middlewares, client_max_size=max_request_bytes)
     app.on_response_prepare.append(add_rate_headers)
     app[SERVING_KEY] = serving
     app[MAX_MESSAGE_BYTES_KEY] = max_request_bytes

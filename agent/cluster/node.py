@@ -13,6 +13,7 @@ import json
 import secrets
 import shutil
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from typing import Any
 
 import aetcd
 import structlog
+from aiohttp import web
 
 import agent
 from agent.atomic import atomic_write_bytes
@@ -31,18 +33,20 @@ from agent.cluster.etcd import EtcdConfig, EtcdError, EtcdMember, MemberInfo, Pe
 from agent.cluster.etcd_client import ClientTls, TlsEtcdClient
 from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest
 from agent.cluster.join import join as join_cluster
-from agent.cluster.membership import RPC_TIMEOUT_SECONDS, LeaderElection, NodeRegistry
+from agent.cluster.membership import NODES_PREFIX, RPC_TIMEOUT_SECONDS, LeaderElection, NodeRegistry
 from agent.cluster.peer import build_peer_app, serve_peer_api
 from agent.cluster.pki import (
     ClusterCA,
     Identity,
     NodeKey,
     PkiError,
+    client_context_from_pem,
     make_csr,
     read_identity,
     server_context,
     write_identity,
 )
+from agent.cluster.router import Router
 from agent.cluster.tokens import JoinToken, TokenError, check_pin
 from agent.hardware.dock import JoinOfferEvent
 from agent.settings import Settings
@@ -166,6 +170,14 @@ def _pins(token: JoinToken, ca_pem: bytes) -> bool:
     return True
 
 
+def _record_of(raw: bytes) -> dict[str, Any]:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 async def _without_request_context(work: Coroutine[Any, Any, None]) -> None:
     # Tasks started while serving a request (a join) inherit its logging context; they outlive the request, so
     # their lines must not carry its request_id. The task runs in its own copy of the context: clearing it here
@@ -212,9 +224,14 @@ class ClusterNode:
 
     def __init__(self, settings: Settings, placement: Callable[[str], Placement],
                  local_facts: Callable[[], Mapping[str, Any]],
-                 join_offers: Callable[[], asyncio.Queue[JoinOfferEvent] | None] = lambda: None) -> None:
+                 join_offers: Callable[[], asyncio.Queue[JoinOfferEvent] | None] = lambda: None,
+                 inference_app: Callable[[], web.Application] | None = None) -> None:
         self.settings = settings
         self._join_offers = join_offers
+        self._inference_app = inference_app
+        self.live_nodes: dict[str, dict[str, Any]] = {}  # node records, kept current by a watch
+        self._client_ssl: tuple[Identity, ssl.SSLContext] | None = None
+        self.router = Router(lambda: self.node_id, lambda: self.live_nodes, self.client_ssl)
         self._placement = placement
         self._local_facts = local_facts
         self.node_id = ""
@@ -295,9 +312,12 @@ class ClusterNode:
         context = await asyncio.to_thread(server_context, identity.ca_path, identity.cert_path, identity.key_path,
                                           require_client_cert=False)
         self._peer = contextlib.AsyncExitStack()
+        self._client_ssl = (identity, await asyncio.to_thread(
+            client_context_from_pem, identity.ca_pem, identity.cert_pem, identity.key_pem))
+        inference = self._inference_app() if self._inference_app is not None else None
         self.peer_port = await self._peer.enter_async_context(serve_peer_api(
-            build_peer_app(self, identity.ca_pem), self.settings.bind_host, self.settings.cluster.peer_port,
-            context))
+            build_peer_app(self, identity.ca_pem, inference), self.settings.bind_host,
+            self.settings.cluster.peer_port, context))
         self._start_tasks(identity, client)
         self._keeper = self._spawn_task(self._keep_client(identity, member), "cluster-etcd-client")
         log.info("cluster_member_started", cluster_id=identity.cluster_id, node=self.node_id, address=self.address,
@@ -315,7 +335,35 @@ class ClusterNode:
         self.admission = Admission(client, identity, lambda: self.node_id if election.is_leader else None)
         self._tasks = [self._spawn_task(election.run(), "cluster-leader"),
                        self._spawn_task(self.registry.run(self._record), "cluster-node-record"),
-                       self._spawn_task(self._keep_voters(), "cluster-voters")]
+                       self._spawn_task(self._keep_voters(), "cluster-voters"),
+                       self._spawn_task(self._follow_nodes(client), "cluster-node-view")]
+
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """The TLS context this box reaches other boxes' peer APIs with (its cluster certificate)."""
+        return self._client_ssl[1] if self._client_ssl is not None else None
+
+    async def _follow_nodes(self, client: aetcd.Client) -> None:
+        """Keep `live_nodes` equal to the live records: a snapshot, then every change from a watch."""
+        while True:
+            try:
+                snapshot = await wait_for(client.get_prefix(NODES_PREFIX), RPC_TIMEOUT_SECONDS)
+                self.live_nodes = {kv.key[len(NODES_PREFIX):].decode(): _record_of(kv.value) for kv in snapshot}
+                watch = await wait_for(client.watch_prefix(NODES_PREFIX, start_revision=snapshot.header.revision + 1),
+                                       RPC_TIMEOUT_SECONDS)
+                try:
+                    async for event in watch:
+                        node_id = event.kv.key[len(NODES_PREFIX):].decode()
+                        if event.kind == "DELETE":
+                            self.live_nodes.pop(node_id, None)
+                        else:
+                            self.live_nodes[node_id] = _record_of(event.kv.value)
+                finally:
+                    await watch.cancel()
+            except (aetcd.exceptions.ClientError, TimeoutError) as exc:
+                # Unknown is not alive: route nowhere rather than to a node that may have gone meanwhile.
+                self.live_nodes = {}
+                log.info("node_view_lost", error=str(exc))
+                await asyncio.sleep(0.5)
 
     async def _stop_tasks(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -444,6 +492,7 @@ class ClusterNode:
             docking.cancel()
             await asyncio.gather(docking, return_exceptions=True)
         await self._leave()
+        await self.router.close()
 
     # ------------------------------------------------------------------ joining another cluster
 
@@ -500,7 +549,7 @@ class ClusterNode:
         place = self._placement(self.address)
         return {
             "address": place.address, "inference_port": place.inference_port, "cluster_port": place.cluster_port,
-            "ram_gb": self._memory_gb, "version": agent.__version__,
+            "peer_port": self.peer_port, "ram_gb": self._memory_gb, "version": agent.__version__,
             "updated": round(time.time(), 3), **self._local_facts(),
         }
 

@@ -99,6 +99,9 @@ def _verified_node_id(ca_cert_pem: bytes, ssl_object: ssl.SSLObject, der: bytes)
     return node_id
 
 
+INFERENCE_PREFIX = "/inference"
+
+
 def _require_node(ca_cert_pem: bytes) -> Middleware:
     @web.middleware
     async def require_node(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -141,7 +144,13 @@ class _Routes:
             return error_response(
                 400, "bad_request", f"a join request must be application/json, not {request.content_type!r}"
             )
-        raw = await request.read()  # over MAX_REQUEST_BYTES: 413 from aiohttp, enveloped by _envelopes
+        if (request.content_length or 0) > MAX_REQUEST_BYTES:
+            return error_response(413, "request_too_large",
+                                  f"the request body is larger than the join limit of {MAX_REQUEST_BYTES} bytes")
+        raw = await request.read()  # over the app's limit: 413 from aiohttp, enveloped by _envelopes
+        if len(raw) > MAX_REQUEST_BYTES:
+            return error_response(413, "request_too_large",
+                                  f"the request body is larger than the join limit of {MAX_REQUEST_BYTES} bytes")
         peer = request.remote
         try:
             join_request = JoinRequest.from_json(raw)
@@ -167,15 +176,23 @@ class _Routes:
         return web.json_response({"node_id": request[PEER_NODE_ID]})
 
 
-def build_peer_app(authority: JoinAuthority, ca_cert_pem: bytes) -> web.Application:
-    """The peer API app: serve it with `serve_peer_api` and a CERT_OPTIONAL server context from the cluster CA."""
-    app = web.Application(
-        client_max_size=MAX_REQUEST_BYTES, middlewares=[_envelopes, _require_node(ca_cert_pem)]
-    )
+def build_peer_app(authority: JoinAuthority, ca_cert_pem: bytes,
+                   inference: web.Application | None = None) -> web.Application:
+    """The peer API app: serve it with `serve_peer_api` and a CERT_OPTIONAL server context from the cluster CA.
+
+    `inference`, when given, is this box's OpenAI API mounted at INFERENCE_PREFIX for other members: requests
+    routed here by another box's router arrive over mutual TLS, so the cluster certificate stands in for a key.
+    """
+    # aiohttp applies the served app's body limit to every route, so with inference mounted it is the inference
+    # API's; the open join route keeps its own small limit (checked in the handler).
+    limit = max(MAX_REQUEST_BYTES, inference._client_max_size if inference is not None else 0)
+    app = web.Application(client_max_size=limit, middlewares=[_envelopes, _require_node(ca_cert_pem)])
     routes = _Routes(authority, ca_cert_pem)
     app.router.add_get(CA_PATH, routes.ca, name=_ROUTE_CA, allow_head=False)
     app.router.add_post(JOIN_PATH, routes.join, name=_ROUTE_JOIN)
     app.router.add_get(PING_PATH, routes.ping, name=_ROUTE_PING, allow_head=False)
+    if inference is not None:
+        app.add_subapp(INFERENCE_PREFIX, inference)
     return app
 
 

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
+import http.client
+import json
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from agent.models.bundled import BUNDLED_MODELS
 from tests.agent_process import RunningAgent, http_json, start_agent
+from tests.bundled import smollm2_gguf
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="etcd is not installed (Debian etcd-server; scripts/system-deps.sh installs it)")
@@ -26,8 +32,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_box(tmp_path: Path, name: str) -> RunningAgent:
-    return start_agent(tmp_path / name, env={
+def start_box(tmp_path: Path, name: str, extra: dict[str, str] | None = None) -> RunningAgent:
+    return start_agent(tmp_path / name, env={**(extra or {}),
         "THOX_CLUSTER_ENABLED": "true", "THOX_CLUSTER_NODE_ID": name,
         "THOX_CLUSTER_ETCD_PEER_PORT": str(free_port()), "THOX_CLUSTER_ETCD_CLIENT_PORT": str(free_port()),
         "THOX_CLUSTER_ETCD_CLIENT_TLS_PORT": str(free_port()),
@@ -36,11 +42,11 @@ def start_box(tmp_path: Path, name: str) -> RunningAgent:
 
 
 @pytest.fixture
-def boxes(tmp_path: Path) -> Iterator[Callable[[str], RunningAgent]]:
+def boxes(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
     started: list[RunningAgent] = []
 
-    def box(name: str) -> RunningAgent:
-        started.append(start_box(tmp_path, name))
+    def box(name: str, extra: dict[str, str] | None = None) -> RunningAgent:
+        started.append(start_box(tmp_path, name, extra))
         return started[-1]
 
     try:
@@ -207,3 +213,61 @@ def test_a_two_box_stack_survives_losing_either_box(boxes: Callable[[str], Runni
     eventually(carries_on, 20, f"{survivor.home.name} leading alone")
     token = token_for(survivor)  # the cluster state is writable again
     assert token["cluster_id"] == topology(survivor)["cluster_id"]
+
+
+def install_alias(home: Path, alias: str) -> None:
+    """Give a box the bundled chat model under another id (its manifest only; the file comes with the bundle), so
+    two boxes serve different models without a second model download."""
+    bundled = next(m for m in BUNDLED_MODELS if m.id == "smollm2-135m-instruct")
+    gguf = smollm2_gguf()
+    entry = {"id": alias, "file": f"{bundled.id}/{bundled.filename}", "size": gguf.stat().st_size,
+             "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(), "format": bundled.format,
+             "quantization": bundled.quantization, "capabilities": list(bundled.capabilities),
+             "source": "test alias of the bundled model", "license": bundled.license, "installed_at": 0,
+             "sampling_defaults": dict(bundled.sampling_defaults), "chat_template": bundled.chat_template}
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "manifest.json").write_text(json.dumps({"version": 1, "models": [entry]}))
+
+
+def test_requests_for_a_model_held_elsewhere_are_routed_and_streamed(
+    tmp_path: Path, boxes: Callable[..., RunningAgent],
+) -> None:
+    install_alias(tmp_path / "box-b", "smollm2-alias")
+    entry, replica = boxes("box-a"), boxes("box-b", {"THOX_DEFAULT_MODEL": "smollm2-alias"})
+    eventually(lambda: topology(entry)["leader"], 15, "a leader")
+    assert join(replica, token_for(entry))[0] == 200
+    eventually(lambda: any("smollm2-alias" in n.get("models", []) for n in topology(entry)["nodes"] if n["alive"]),
+               30, "the replica's record")
+    question = {"model": "smollm2-alias", "messages": [{"role": "user", "content": "Name a colour."}],
+                "max_tokens": 8, "temperature": 0}
+    status, headers, answer = http_json("POST", f"{entry.inference_url}/chat/completions", question)
+    assert status == 200, answer
+    assert headers["x-thox-node"] == "box-b" and answer["model"] == "smollm2-alias"
+    direct = http_json("POST", f"{replica.inference_url}/chat/completions", question)[2]
+    assert answer["choices"][0]["message"] == direct["choices"][0]["message"]  # the same greedy answer
+
+    # Streaming through the hop: every chunk arrives, in order, ending with [DONE].
+    streamed = http_raw(f"{entry.inference_url}/chat/completions", {**question, "stream": True})
+    assert streamed.endswith(b"data: [DONE]\n\n") and streamed.count(b"data: ") >= 3
+
+    # A model nobody serves is still this box's 404, not a routing error.
+    missing = http_json("POST", f"{entry.inference_url}/chat/completions", {**question, "model": "nope"})
+    assert missing[0] == 404 and missing[2]["error"]["code"] == "model_not_found"
+
+    # The replica gone: its record expires with its lease, and nothing is routed to it any more.
+    replica.process.send_signal(signal.SIGKILL)
+    replica.process.wait(10)
+    eventually(lambda: http_json("POST", f"{entry.inference_url}/chat/completions", question)[0] == 404, 10,
+               "no routing to the dead replica")
+
+
+def http_raw(url: str, body: dict[str, Any]) -> bytes:
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        connection.request("POST", parts.path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        return response.read()
+    finally:
+        connection.close()

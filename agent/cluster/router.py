@@ -1,0 +1,137 @@
+"""Routing inference requests to the box that holds the model: least outstanding requests, prefix affinity.
+
+A request that arrives at this box's port 8080 for a model it does not serve is forwarded to a live replica over
+the peer API (mutual TLS), and the answer is streamed back byte for byte. The choice is the replica with the
+fewest requests in flight (what it last published plus what this box has sent it since), except that a multi-turn
+chat goes back to the replica that served its earlier turns (its prompt prefix is cached there) unless that one
+is clearly busier. Only nodes whose records are live are candidates: a record disappears when its lease expires.
+
+A client that disconnects cancels the handler, which closes the upstream connection, which ends the generation
+on the replica. A replica that fails mid-stream ends the client's stream with an error event.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import ssl
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from agent.cluster.peer import INFERENCE_PREFIX
+from agent.errors import ClusterUnavailableError
+
+log = structlog.get_logger("agent.cluster.router")
+
+ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+# Stick to the replica that served a chat's earlier turns unless it has this many more requests in flight than
+# the least busy one (SGLang's cache-aware router balances at a similar absolute threshold).
+AFFINITY_SLACK = 4
+AFFINITY_ENTRIES = 4096
+_FORWARDED_HEADERS = ("Content-Type", "Accept", "X-Request-ID")
+_ANSWER_HEADERS = ("Content-Type", "Cache-Control", "X-Request-ID")
+
+
+def affinity_key(body: Mapping[str, Any]) -> str | None:
+    """A conversation's identity: its first system and user messages (the same on every turn)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or len(messages) < 3:
+        return None  # a first turn has no cached prefix worth following
+    head = [m for m in messages[:2] if isinstance(m, dict)]
+    return hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
+
+
+class Router:
+    """Picks a replica among the live node records and forwards requests to it."""
+
+    def __init__(self, self_id: Callable[[], str], live_nodes: Callable[[], Mapping[str, Mapping[str, Any]]],
+                 client_ssl: Callable[[], ssl.SSLContext | None]) -> None:
+        self._self_id = self_id
+        self._live_nodes = live_nodes
+        self._client_ssl = client_ssl
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._session: aiohttp.ClientSession | None = None
+        self._session_ssl: ssl.SSLContext | None = None
+
+    def pick(self, model: str, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """The replica to send this request to, or None when no other live node serves the model."""
+        me = self._self_id()
+        replicas = [n for node_id, n in self._live_nodes().items()
+                    if node_id != me and model in n.get("models", []) and n.get("peer_port")]
+        if not replicas:
+            return None
+
+        def load(node: Mapping[str, Any]) -> int:
+            published = int((node.get("load") or {}).get("active_streams") or 0)
+            return published + self.in_flight[str(node["id"])]
+
+        chosen = min(replicas, key=lambda n: (load(n), str(n["id"])))
+        key = affinity_key(body)
+        if key is not None:
+            sticky = next((n for n in replicas if n["id"] == self._affinity.get(key)), None)
+            if sticky is not None and load(sticky) <= load(chosen) + AFFINITY_SLACK:
+                chosen = sticky
+            self._affinity[key] = str(chosen["id"])
+            self._affinity.move_to_end(key)
+            while len(self._affinity) > AFFINITY_ENTRIES:
+                self._affinity.popitem(last=False)
+        return chosen
+
+    def _client(self) -> aiohttp.ClientSession:
+        context = self._client_ssl()
+        if context is None:
+            raise ClusterUnavailableError("this box has no cluster certificate to reach other boxes with")
+        if self._session is None or self._session.closed or context is not self._session_ssl:
+            # A new identity (after a join) needs a new connection pool; the old one is closed in the background
+            # of the next close(); connections are cheap on a LAN.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=0))
+            self._session_ssl = context
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def forward(self, request: web.Request, node: Mapping[str, Any], body: bytes) -> web.StreamResponse:
+        """Send the request to `node` and stream its answer back as it comes."""
+        node_id = str(node["id"])
+        host = str(node["address"])
+        url = f"https://{f'[{host}]' if ':' in host else host}:{node['peer_port']}{INFERENCE_PREFIX}{request.path_qs}"
+        headers = {name: request.headers[name] for name in _FORWARDED_HEADERS if name in request.headers}
+        headers["X-Forwarded-For"] = request.remote or ""
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=300)
+        response: web.StreamResponse | None = None
+        self.in_flight[node_id] += 1
+        try:
+            async with self._client().post(url, data=body, headers=headers, timeout=timeout) as upstream:
+                response = web.StreamResponse(status=upstream.status, headers={
+                    name: upstream.headers[name] for name in _ANSWER_HEADERS if name in upstream.headers})
+                response.headers["X-Thox-Node"] = node_id
+                if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    response.headers["X-Accel-Buffering"] = "no"
+                await response.prepare(request)
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                await response.write_eof()
+                return response
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("routed_request_failed", node=node_id, error=f"{type(exc).__name__}: {exc}",
+                        started=response is not None)
+            if response is None:
+                raise ClusterUnavailableError(f"the box serving this model ({node_id}) did not answer: {exc}",
+                                              code="replica_unavailable") from exc
+            if response.headers.get("Content-Type", "").startswith("text/event-stream"):
+                error = {"error": {"message": f"the box serving this stream ({node_id}) went away", "type":
+                                   "server_error", "param": None, "code": "replica_lost"}}
+                await response.write(f"data: {json.dumps(error)}\n\n".encode())
+            return response
+        finally:
+            self.in_flight[node_id] -= 1
+            if self.in_flight[node_id] <= 0:
+                del self.in_flight[node_id]

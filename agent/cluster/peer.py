@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Protocol
@@ -103,6 +104,8 @@ INFERENCE_PREFIX = "/inference"
 
 
 def _require_node(ca_cert_pem: bytes) -> Middleware:
+    verified: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+
     @web.middleware
     async def require_node(request: web.Request, handler: Handler) -> web.StreamResponse:
         # Decided by the route that will run, not by the path text, so no spelling of a path sneaks past.
@@ -119,7 +122,11 @@ def _require_node(ca_cert_pem: bytes) -> Middleware:
                 f"(only {CA_PATH} and {JOIN_PATH} are open)",
             )
         try:
-            node_id = await asyncio.to_thread(_verified_node_id, ca_cert_pem, ssl_object, der)
+            # Once per TLS connection, not per request: a routed stream must not pay a signature check each time.
+            node_id = verified.get(ssl_object)
+            if node_id is None:
+                node_id = await asyncio.to_thread(_verified_node_id, ca_cert_pem, ssl_object, der)
+                verified[ssl_object] = node_id
         except pki.PkiError as exc:
             log.warning("peer_refused", path=request.path, peer=request.remote, error=str(exc))
             return error_response(

@@ -162,6 +162,13 @@ def _status_lines(health: dict[str, Any], config: dict[str, Any] | None, inferen
         millivolts = (power or {}).get("contract_mV")
         out.print(f"dock     {docked}   power contract {(power or {}).get('contract_state')}"
                   f"{f' {millivolts / 1000:.1f} V' if millivolts else ''}")
+    membership = health.get("cluster")
+    if membership:
+        role = "leader" if membership.get("is_leader") else "member"
+        state = (f"{membership.get('cluster_id')}   node {membership.get('node_id')}   {role}"
+                 if membership.get("running")
+                 else f"[red]unavailable[/red]: {membership.get('unavailable', 'not running')}")
+        out.print(f"cluster  {state}   (thox cluster status)")
     pending = (config or health.get("config") or {}).get("restart_required")
     if pending:
         out.print(f"config   [yellow]restart needed[/yellow] for {', '.join(pending)}")

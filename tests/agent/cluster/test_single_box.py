@@ -6,6 +6,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -74,6 +76,9 @@ def test_a_lone_box_founds_a_cluster_and_keeps_it_across_restarts(tmp_path: Path
         health = agent.health()["cluster"]
         assert health == {"node_id": node["id"], "cluster_id": topology["cluster_id"], "running": True,
                           "is_leader": True}
+        status_text = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--home", str(agent.home)],
+                                     capture_output=True, text=True, timeout=60, check=False).stdout
+        assert f"cluster  {topology['cluster_id']}   node {node['id']}   leader" in status_text, status_text
         nodes = get(agent, "/nodes")["data"]
         assert [n["id"] for n in nodes] == [node["id"]] and nodes[0]["last_seen_seconds_ago"] < 3
     finally:

@@ -530,7 +530,8 @@ class ClusterNode:
             member = self._member_for(identity)
             try:
                 await member.start_joining(grant.initial_cluster)
-            except EtcdError:
+            except EtcdError as exc:
+                log.error("cluster_join_start_failed", cluster_id=grant.cluster_id, error=str(exc))
                 await member.stop()
                 await asyncio.to_thread(_restore, self.settings.cluster_dir, previous)
                 restored = await asyncio.to_thread(read_identity, self._tls_dir)
@@ -538,7 +539,9 @@ class ClusterNode:
                     old = self._member_for(restored)
                     await old.start_existing()
                     await self._run(restored, old, founded=False)
-                raise
+                raise JoinRefused(f"this box could not start as a member of {grant.cluster_id} and stays in its own "
+                                  "cluster; see `thox logs --filter etcd`", code="cluster_unavailable",
+                                  status=503) from None
             await self._run(identity, member, founded=False)
             log.info("cluster_joined", cluster_id=grant.cluster_id, node=self.node_id, role=grant.role,
                      members=grant.members)

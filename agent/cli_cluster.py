@@ -27,8 +27,9 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    """thox cluster join TOKEN --server HOST[:PORT]: this box joins the token's cluster."""
-    answer = call_cluster(args, "POST", "/cluster/join", {"token": args.token, "server": args.server})
+    """thox cluster join TOKEN [--server HOST[:PORT]]: this box joins the token's cluster."""
+    body = {"token": args.token, **({"server": args.server} if args.server else {})}
+    answer = call_cluster(args, "POST", "/cluster/join", body)
     if answer is None:
         return 1
     out.print(f"joined cluster {answer['cluster_id']} as a {answer['role']}; members: {', '.join(answer['members'])}")
@@ -77,7 +78,8 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     token.set_defaults(func=cmd_token)
     join = cluster.add_parser("join", parents=[common], help="join the cluster a token names")
     join.add_argument("token", help="the token from `thox cluster token` on a member")
-    join.add_argument("--server", required=True, help="a member's peer address, HOST[:PORT] (printed with the token)")
+    join.add_argument("--server", help="a member's peer address, HOST[:PORT] (printed with the token); "
+                      "default: found by mDNS")
     join.set_defaults(func=cmd_join)
     status = cluster.add_parser("status", parents=[common], help="the topology at a glance")
     status.add_argument("--json", action="store_true", help="machine-readable output")

@@ -225,6 +225,16 @@ async def _flush_key_use(keys: KeyStore) -> None:
         await asyncio.to_thread(keys.close)
 
 
+@asynccontextmanager
+async def _advertised(cluster: ClusterNode) -> AsyncIterator[None]:
+    """mDNS goes up once both APIs listen (the ports it advertises are known then), and down first on stop."""
+    await cluster.advertise()
+    try:
+        yield
+    finally:
+        await cluster.discovery.stop()
+
+
 def _placement(settings: Settings, listening: list[_Listening], address: str) -> Placement:
     """Where this box serves, for its cluster record: the bound ports once listening, the configured ones before."""
     ports = {item.name: item.port for item in listening}
@@ -321,6 +331,7 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
             ("inference-api", _http_api("inference", inference_app, host, api.inference_port,
                                         api.shutdown_grace_seconds, listening)),
             ("endpoints", _endpoints_file(settings, listening, notifier)),
+            *([("mdns", _advertised(cluster))] if cluster is not None else []),
         ])
     except DriverConfigError as exc:
         raise StartupError(f"hardware settings: {exc}") from exc

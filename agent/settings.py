@@ -143,6 +143,8 @@ class ClusterSettings(_Section):
     etcd_client_port: int = Field(5384, ge=1, le=65535, description="etcd client port for this box, on 127.0.0.1")
     etcd_client_tls_port: int = Field(5385, ge=1, le=65535, description="etcd client port for boxes whose own "
                                       "member cannot serve them (mutual TLS)")
+    mdns: bool = Field(True, description="Advertise thox.local, the OpenAI API and the cluster by mDNS, and find "
+                       "peers for `thox cluster join` without --server")
     lease_ttl_seconds: int = Field(1, ge=1, le=60, description="Leader and node liveness lease; a dead box "
                                    "leaves the topology within it")
 

@@ -24,11 +24,13 @@ from typing import Any
 import aetcd
 import structlog
 from aiohttp import web
+from zeroconf import Error as ZeroconfError
 
 import agent
 from agent.atomic import atomic_write_bytes
 from agent.cluster import etcd as etcd_members
 from agent.cluster.admission import Admission, desired_voters, reconcile_voters, voter_client_urls
+from agent.cluster.discovery import Discovery
 from agent.cluster.etcd import EtcdConfig, EtcdError, EtcdMember, MemberInfo, PeerTls
 from agent.cluster.etcd_client import ClientTls, TlsEtcdClient
 from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest
@@ -40,6 +42,7 @@ from agent.cluster.pki import (
     Identity,
     NodeKey,
     PkiError,
+    ca_fingerprint,
     client_context_from_pem,
     make_csr,
     read_identity,
@@ -61,6 +64,7 @@ CLIENT_CHECK_SECONDS = 1.0
 # A learner of a two-box stack re-forms alone after its voter has been unreachable this long (a few lease TTLs:
 # a voter that is merely slow or restarting comes back well within it).
 REFORM_AFTER_SECONDS = 5.0
+DISCOVERY_WAIT_SECONDS = 5.0
 VOTERS_FILE = "voters.json"  # the voters' client URLs, for a learner that restarts
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
@@ -232,6 +236,8 @@ class ClusterNode:
         self.live_nodes: dict[str, dict[str, Any]] = {}  # node records, kept current by a watch
         self._client_ssl: tuple[Identity, ssl.SSLContext] | None = None
         self.router = Router(lambda: self.node_id, lambda: self.live_nodes, self.client_ssl)
+        self.discovery = Discovery()
+        self._advertise = False
         self._placement = placement
         self._local_facts = local_facts
         self.node_id = ""
@@ -320,8 +326,25 @@ class ClusterNode:
             self.settings.cluster.peer_port, context))
         self._start_tasks(identity, client)
         self._keeper = self._spawn_task(self._keep_client(identity, member), "cluster-etcd-client")
+        if self._advertise:  # in the background: mDNS probing takes a second or two, a join should not wait for it
+            self._spawn_task(self._start_discovery(identity), "cluster-mdns")
         log.info("cluster_member_started", cluster_id=identity.cluster_id, node=self.node_id, address=self.address,
                  peer_port=self.peer_port, via=getattr(client, "endpoint", "own member"))
+
+    async def advertise(self) -> None:
+        """Start mDNS once the APIs listen (their ports are known then); a later join re-advertises."""
+        self._advertise = self.settings.cluster.mdns
+        if self._advertise and self.identity is not None and self.election is not None:
+            await self._start_discovery(self.identity)
+
+    async def _start_discovery(self, identity: Identity) -> None:
+        try:
+            await self.discovery.start(
+                node_id=self.node_id, address=self.address, peer_port=self.peer_port,
+                inference_port=self._placement(self.address).inference_port, cluster_id=identity.cluster_id,
+                ca_hash=ca_fingerprint(identity.ca_pem).removeprefix("sha256:"))
+        except (OSError, ValueError, ZeroconfError) as exc:  # e.g. no multicast interface: works without mDNS
+            log.warning("mdns_unavailable", error=f"{type(exc).__name__}: {exc}")
 
     def _spawn_task(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         assert self._spawn is not None  # set by start()
@@ -472,6 +495,7 @@ class ClusterNode:
 
     async def _leave(self) -> None:
         """Stop taking part: tasks (revoking leases hands leadership over at once), peer API, etcd."""
+        await self.discovery.stop()
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             keeper.cancel()
@@ -504,10 +528,20 @@ class ClusterNode:
         return {"token": str(token), "server": f"{_url_host(self.address)}:{self.peer_port}",
                 "expires_at": int(expires), "cluster_id": self.cluster_id}
 
-    async def join(self, token_text: str, server: str) -> dict[str, Any]:
-        """Leave this box's own (single-box) cluster and join the one the token names; refusals change nothing."""
+    async def join(self, token_text: str, server: str | None = None) -> dict[str, Any]:
+        """Leave this box's own (single-box) cluster and join the one the token names; refusals change nothing.
+
+        Without `server`, a box of that cluster is looked for by mDNS (its advertised CA must match the token).
+        """
         async with self._join_lock:
             token = JoinToken.parse(token_text)  # TokenError (token_malformed) for anything unreadable
+            if server is None:
+                peer = await self.discovery.find(token.ca_hash, DISCOVERY_WAIT_SECONDS)
+                if peer is None:
+                    raise JoinRefused("no box of that cluster was found on this network by mDNS within "
+                                      f"{DISCOVERY_WAIT_SECONDS:.0f} s; give its address with --server",
+                                      code="unreachable", status=503)
+                server = f"{_url_host(peer.address)}:{peer.port}"
             host, port = _split_server(server, self.settings.cluster.peer_port)
             if self.identity is not None and self.identity.ca_pem and _pins(token, self.identity.ca_pem):
                 raise JoinRefused(f"this box is already a member of cluster {self.cluster_id}",

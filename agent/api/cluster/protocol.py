@@ -84,7 +84,8 @@ class TokenRequestBody(_Body):
 
 
 class JoinRequestBody(_Body):
-    """POST /v1/cluster/join: the token and the peer address (host or host:port) of a box in that cluster."""
+    """POST /v1/cluster/join: the token and the peer address (host or host:port) of a box in that cluster;
+    without a server, one is looked for by mDNS."""
 
     token: str = Field(min_length=1, max_length=512)
-    server: str = Field(min_length=1, max_length=300)
+    server: str | None = Field(None, min_length=1, max_length=300)

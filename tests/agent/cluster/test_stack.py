@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from zeroconf import IPVersion, Zeroconf
 
 from agent.models.bundled import BUNDLED_MODELS
 from tests.agent_process import RunningAgent, http_json, start_agent
@@ -187,7 +188,7 @@ def test_docking_onto_a_box_joins_its_cluster_by_nfc(boxes: Callable[[str], Runn
 
     eventually(joined, 30, "the docked box in the base's topology")
     assert topology(docked)["cluster_id"] == topology(base)["cluster_id"]
-    assert any(line.get("event") == "dock_joined" for line in docked.log_lines())
+    eventually(lambda: any(line.get("event") == "dock_joined" for line in docked.log_lines()), 10, "dock_joined")
     # Two boxes: one voter (the founder) and one learner, which reaches the cluster through the voter.
     roles = {n["id"]: n["role"] for n in topology(docked)["nodes"]}
     assert roles == {"box-a": "voter", "box-b": "learner"}
@@ -271,3 +272,21 @@ def http_raw(url: str, body: dict[str, Any]) -> bytes:
         return response.read()
     finally:
         connection.close()
+
+
+def test_mdns_advertises_the_box_and_finds_the_cluster_for_a_join(boxes: Callable[..., RunningAgent]) -> None:
+    base, joiner = boxes("box-a"), boxes("box-b")
+    for agent in (base, joiner):
+        eventually(lambda agent=agent: topology(agent)["leader"], 15, "a leader")  # type: ignore[misc]
+    zeroconf = Zeroconf(ip_version=IPVersion.V4Only)
+    try:
+        info = zeroconf.get_service_info("_http._tcp.local.", "box-a._http._tcp.local.", timeout=5000)
+        assert info is not None, "the OpenAI API is not advertised"
+        assert info.server == "thox.local." and info.properties[b"path"] == b"/v1"
+        assert info.port == int(base.inference_url.rsplit(":", 1)[1].split("/")[0])
+    finally:
+        zeroconf.close()
+    token = token_for(base)
+    status, answer = call(joiner, "POST", "/cluster/join", {"token": token["token"]})  # no server: found by mDNS
+    assert status == 200, answer
+    assert answer["cluster_id"] == topology(base)["cluster_id"]

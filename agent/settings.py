@@ -145,8 +145,10 @@ class ClusterSettings(_Section):
                                       "member cannot serve them (mutual TLS)")
     mdns: bool = Field(True, description="Advertise thox.local, the OpenAI API and the cluster by mDNS, and find "
                        "peers for `thox cluster join` without --server")
-    lease_ttl_seconds: int = Field(1, ge=1, le=60, description="Leader and node liveness lease; a dead box "
-                                   "leaves the topology within it")
+    lease_ttl_seconds: int = Field(1, ge=1, le=60, description="Leader lease: a dead leader is replaced within it "
+                                   "(plus an etcd election)")
+    node_ttl_seconds: int = Field(3, ge=1, le=60, description="Node liveness lease: a dead box leaves the topology "
+                                  "within it; longer than the leader's so a busy box is not dropped by mistake")
 
 
 class Settings(_Section):

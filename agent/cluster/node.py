@@ -318,6 +318,7 @@ class ClusterNode:
         context = await asyncio.to_thread(server_context, identity.ca_path, identity.cert_path, identity.key_path,
                                           require_client_cert=False)
         self._peer = contextlib.AsyncExitStack()
+        await self.router.close()  # its connections use the previous identity (before a join)
         self._client_ssl = (identity, await asyncio.to_thread(
             client_context_from_pem, identity.ca_pem, identity.cert_pem, identity.key_pem))
         inference = self._inference_app() if self._inference_app is not None else None
@@ -354,7 +355,7 @@ class ClusterNode:
         self._client = client
         ttl = self.settings.cluster.lease_ttl_seconds
         election = self.election = LeaderElection(client, self.node_id, ttl)
-        self.registry = NodeRegistry(client, self.node_id, ttl)
+        self.registry = NodeRegistry(client, self.node_id, self.settings.cluster.node_ttl_seconds)
         self.admission = Admission(client, identity, lambda: self.node_id if election.is_leader else None)
         self._tasks = [self._spawn_task(election.run(), "cluster-leader"),
                        self._spawn_task(self.registry.run(self._record), "cluster-node-record"),

@@ -88,15 +88,15 @@ class Router:
         if context is None:
             raise ClusterUnavailableError("this box has no cluster certificate to reach other boxes with")
         if self._session is None or self._session.closed or context is not self._session_ssl:
-            # A new identity (after a join) needs a new connection pool; the old one is closed in the background
-            # of the next close(); connections are cheap on a LAN.
+            # A new identity (after a join) needs a new connection pool; ClusterNode closes the old one first.
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=0))
             self._session_ssl = context
         return self._session
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
 
     async def forward(self, request: web.Request, node: Mapping[str, Any], body: bytes) -> web.StreamResponse:
         """Send the request to `node` and stream its answer back as it comes."""

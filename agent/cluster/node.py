@@ -46,7 +46,7 @@ from agent.cluster.pki import (
     client_context_from_pem,
     make_csr,
     read_identity,
-    server_context,
+    server_context_from_pem,
     write_identity,
 )
 from agent.cluster.router import Router
@@ -315,8 +315,8 @@ class ClusterNode:
         if founded:
             record = {"cluster_id": identity.cluster_id, "founded_by": self.node_id, "founded": time.time()}
             await wait_for(client.put(CLUSTER_KEY, json.dumps(record).encode()), RPC_TIMEOUT_SECONDS)
-        context = await asyncio.to_thread(server_context, identity.ca_path, identity.cert_path, identity.key_path,
-                                          require_client_cert=False)
+        context = await asyncio.to_thread(server_context_from_pem, identity.ca_pem, identity.cert_pem,
+                                          identity.key_pem, require_client_cert=False)
         self._peer = contextlib.AsyncExitStack()
         await self.router.close()  # its connections use the previous identity (before a join)
         self._client_ssl = (identity, await asyncio.to_thread(

@@ -415,33 +415,22 @@ def _base_context(protocol: ssl._SSLMethod) -> ssl.SSLContext:
 def server_context(
     ca_cert_pem_path: Path, cert_path: Path, key_path: Path, *, require_client_cert: bool
 ) -> ssl.SSLContext:
-    """A TLS 1.2+ server context trusting only the cluster CA; client certificates required or optional."""
-    context = _base_context(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(certfile=cert_path, keyfile=key_path)
-    context.load_verify_locations(cafile=ca_cert_pem_path)
-    # CERT_OPTIONAL serves the join endpoint, where the joiner has no certificate yet; a certificate that is
-    # presented must still verify against the cluster CA.
-    context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
-    return context
+    """`server_context_from_pem` from the identity files."""
+    return server_context_from_pem(ca_cert_pem_path.read_bytes(), cert_path.read_bytes(), key_path.read_bytes(),
+                                   require_client_cert=require_client_cert)
 
 
 def client_context(ca_path: Path, cert_path: Path | None, key_path: Path | None) -> ssl.SSLContext:
-    """A TLS 1.2+ client context trusting only the cluster CA, presenting our node certificate when given."""
+    """`client_context_from_pem` from the identity files."""
     if (cert_path is None) != (key_path is None):
         raise PkiError("a client certificate needs both its certificate file and its key file")
-    context = _base_context(ssl.PROTOCOL_TLS_CLIENT)
-    # Off on purpose, see the comment above server_context: identity is the CA plus the peer's CN.
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(cafile=ca_path)
-    if cert_path is not None and key_path is not None:
-        context.load_cert_chain(certfile=cert_path, keyfile=key_path)
-    return context
+    return client_context_from_pem(ca_path.read_bytes(), cert_path.read_bytes() if cert_path else None,
+                                   key_path.read_bytes() if key_path else None)
 
 
-# The same contexts from PEM bytes held in memory (a joiner's pinned CA, a certificate just issued, tests).
-# Blocking like the rest of this module: the `ssl` module loads a certificate chain only from files, so the
-# certificate and key pass through a private temporary directory (0700, files 0600) that is removed at once.
+# Contexts are built from PEM bytes (a joiner's pinned CA, a node's identity already read). Blocking like the rest
+# of this module: the `ssl` module loads a certificate chain only from files, so the certificate and key pass
+# through a private temporary directory (0700, files 0600) that is removed at once.
 
 
 def _trust_only(context: ssl.SSLContext, ca_cert_pem: bytes) -> None:
@@ -470,19 +459,22 @@ def _load_chain_pem(context: ssl.SSLContext, cert_pem: bytes, key_pem: bytes) ->
 def server_context_from_pem(
     ca_cert_pem: bytes, cert_pem: bytes, key_pem: bytes, *, require_client_cert: bool
 ) -> ssl.SSLContext:
-    """`server_context` from PEM bytes instead of files."""
+    """A TLS 1.2+ server context trusting only the cluster CA; client certificates required or optional."""
     context = _base_context(ssl.PROTOCOL_TLS_SERVER)
     _load_chain_pem(context, cert_pem, key_pem)
     _trust_only(context, ca_cert_pem)
+    # CERT_OPTIONAL serves the join endpoint, where the joiner has no certificate yet; a certificate that is
+    # presented must still verify against the cluster CA.
     context.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
     return context
 
 
 def client_context_from_pem(ca_cert_pem: bytes, cert_pem: bytes | None, key_pem: bytes | None) -> ssl.SSLContext:
-    """`client_context` from PEM bytes instead of files (no certificate of our own when both are None)."""
+    """A TLS 1.2+ client context trusting only the cluster CA, presenting our node certificate when given."""
     if (cert_pem is None) != (key_pem is None):
         raise PkiError("a client certificate needs both its certificate and its key")
     context = _base_context(ssl.PROTOCOL_TLS_CLIENT)
+    # Off on purpose, see the comment above _base_context: identity is the CA plus the peer's CN.
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
     _trust_only(context, ca_cert_pem)

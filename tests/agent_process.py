@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -34,6 +35,20 @@ def http_json(
         return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(raw) if raw else None
     finally:
         connection.close()
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def cluster_env(node_id: str | None = None) -> dict[str, str]:
+    """Environment for an agent with the cluster layer on, on ports of its own (several run side by side)."""
+    ports = {f"THOX_CLUSTER_{name}": str(free_port())
+             for name in ("PEER_PORT", "ETCD_PEER_PORT", "ETCD_CLIENT_PORT", "ETCD_CLIENT_TLS_PORT")}
+    return {"THOX_CLUSTER_ENABLED": "true", **ports, **({"THOX_CLUSTER_NODE_ID": node_id} if node_id else {})}
 
 
 @dataclass

@@ -18,7 +18,8 @@ def routing_middleware(router: Router, serves: Callable[[str], bool]) -> Middlew
 
     @web.middleware
     async def route(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.method != "POST" or request.path not in ROUTED_PATHS:
+        # A lone box (the common case) pays nothing: no second parse of the body on the hot path.
+        if request.method != "POST" or request.path not in ROUTED_PATHS or not router.has_peers():
             return await handler(request)
         raw = await request.read()  # cached by aiohttp: the local handler reads the same bytes again
         try:

@@ -20,6 +20,7 @@ from agent.cluster import etcd as etcd_members
 from agent.cluster.etcd import EtcdError
 from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest
 from agent.cluster.membership import RPC_TIMEOUT_SECONDS
+from agent.cluster.net import host_port
 from agent.cluster.pki import ClusterCA, Identity, PkiError
 from agent.cluster.tokens import DEFAULT_TOKEN_TTL_SECONDS, JoinToken, TokenError, TokenRecord, TokenRecordError
 from agent.cluster.tokens import check as check_token
@@ -125,7 +126,7 @@ class Admission:
         if learners and desired_voters(len(members) + 1) > len(members) - len(learners):
             # etcd allows one learner at a time: the waiting one becomes a voter before the next box comes in.
             await etcd_members.promote(self._client, learners[0].id)
-        peer_url = f"https://{_url_host(request.address)}:{request.etcd_peer_port}"
+        peer_url = f"https://{host_port(request.address, request.etcd_peer_port)}"
         try:
             _, initial_cluster = await etcd_members.add_learner(self._client, request.node_id, peer_url)
         except EtcdError as exc:
@@ -142,10 +143,6 @@ class Admission:
 def voter_client_urls(members: list[etcd_members.MemberInfo]) -> list[str]:
     """The mutual-TLS client URLs of the voters, for boxes whose own member cannot serve them."""
     return sorted(url for m in members if not m.is_learner for url in m.client_urls if url.startswith("https://"))
-
-
-def _url_host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
 
 
 async def reconcile_voters(client: aetcd.Client, live_nodes: set[str]) -> None:

@@ -40,6 +40,8 @@ import aetcd
 import structlog
 from aetcd import rpc
 
+from agent.cluster.net import url_host
+
 log = structlog.get_logger("agent.cluster.etcd")
 _SETPRIV = shutil.which("setpriv")  # looked up once at import, never on the event loop
 
@@ -142,7 +144,7 @@ class EtcdConfig:
     @property
     def peer_url(self) -> str:
         """The URL other members reach this member's peer port at."""
-        return f"https://{_url_host(self.peer_host)}:{self.peer_port}"
+        return f"https://{url_host(self.peer_host)}:{self.peer_port}"
 
     @property
     def client_url(self) -> str:
@@ -154,7 +156,7 @@ class EtcdConfig:
         """This member's client URL for other boxes (mutual TLS), if it serves them."""
         if self.client_tls_port is None:
             return None
-        return f"https://{_url_host(self.peer_host)}:{self.client_tls_port}"
+        return f"https://{url_host(self.peer_host)}:{self.client_tls_port}"
 
     @property
     def peer_listen_host(self) -> str:
@@ -195,10 +197,6 @@ class EtcdStatus:
     is_learner: bool
     version: str
     db_size: int
-
-
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 class _BoundedLog:
@@ -402,7 +400,7 @@ class EtcdMember:
         return [
             "--name", cfg.name, "--data-dir", str(cfg.data_dir),
             *self._client_flags(),
-            "--listen-peer-urls", f"https://{_url_host(cfg.peer_listen_host)}:{cfg.peer_port}",
+            "--listen-peer-urls", f"https://{url_host(cfg.peer_listen_host)}:{cfg.peer_port}",
             "--initial-advertise-peer-urls", cfg.peer_url,
             "--peer-client-cert-auth", "--peer-trusted-ca-file", str(cfg.tls.ca),
             "--peer-cert-file", str(cfg.tls.cert), "--peer-key-file", str(cfg.tls.key),
@@ -419,7 +417,7 @@ class EtcdMember:
         cfg = self.config
         if cfg.client_tls_url is None:
             return ["--listen-client-urls", cfg.client_url, "--advertise-client-urls", cfg.client_url]
-        listen_tls = f"https://{_url_host(cfg.peer_listen_host)}:{cfg.client_tls_port}"
+        listen_tls = f"https://{url_host(cfg.peer_listen_host)}:{cfg.client_tls_port}"
         # Loopback stays plain HTTP for this box's agent; the TLS listener requires a cluster certificate.
         return ["--listen-client-urls", f"{cfg.client_url},{listen_tls}",
                 "--advertise-client-urls", f"{cfg.client_url},{cfg.client_tls_url}",

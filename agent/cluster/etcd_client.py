@@ -20,6 +20,8 @@ import structlog
 from aetcd import rpc
 from aetcd.watcher import Watcher
 
+from agent.cluster.net import host_port
+
 log = structlog.get_logger("agent.cluster.etcd")
 
 GRPC_OPTIONS = {
@@ -66,8 +68,7 @@ class TlsEtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type 
         if self._connected.is_set():
             return
         host, port = split_endpoint(self.endpoint)
-        target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.channel = rpc.secure_channel(target, self._credentials, options=self._options.items())
+        self.channel = rpc.secure_channel(host_port(host, port), self._credentials, options=self._options.items())
         self.kvstub = rpc.KVStub(self.channel)
         self.clusterstub = rpc.ClusterStub(self.channel)
         self.leasestub = rpc.LeaseStub(self.channel)

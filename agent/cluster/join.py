@@ -37,6 +37,7 @@ import aiohttp
 from yarl import URL
 
 from agent.cluster import pki
+from agent.cluster.net import host_port
 from agent.cluster.tokens import JoinToken, TokenError, check_pin
 
 CA_PATH = "/cluster/ca"
@@ -217,10 +218,6 @@ class JoinGrant:
                    list(members), list(client_urls))
 
 
-def _where(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _url(host: str, port: int, path: str) -> URL:
     return URL.build(scheme="https", host=host, port=port, path=path)
 
@@ -278,7 +275,7 @@ async def fetch_ca(host: str, port: int, *, timeout: float = 5.0) -> bytes:
 
     JoinRefused(code unreachable) when nothing usable answers there.
     """
-    where = _where(host, port)
+    where = host_port(host, port)
     context = await asyncio.to_thread(_unverified_context)
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
@@ -360,7 +357,7 @@ async def join(
     sent), JoinRefused if the cluster refuses or cannot be reached or answers something unusable, PkiError if
     `node_id` or `key_pem` are invalid. `timeout` bounds the whole exchange.
     """
-    where = _where(host, port)
+    where = host_port(host, port)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     ca_pem = await fetch_ca(host, port, timeout=timeout)

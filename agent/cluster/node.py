@@ -36,6 +36,7 @@ from agent.cluster.etcd_client import ClientTls, TlsEtcdClient
 from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest
 from agent.cluster.join import join as join_cluster
 from agent.cluster.membership import NODES_PREFIX, RPC_TIMEOUT_SECONDS, LeaderElection, NodeRegistry
+from agent.cluster.net import host_port
 from agent.cluster.peer import build_peer_app, serve_peer_api
 from agent.cluster.pki import (
     ClusterCA,
@@ -140,10 +141,6 @@ def found_cluster(settings: Settings, node_id: str, address: str) -> Identity:
 
 def _addresses(address: str) -> list[str]:
     return sorted({address, "127.0.0.1"})
-
-
-def _url_host(address: str) -> str:
-    return f"[{address}]" if ":" in address else address
 
 
 def _split_server(server: str, default_port: int) -> tuple[str, int]:
@@ -526,7 +523,7 @@ class ClusterNode:
         if self.admission is None:
             raise ClusterUnavailable(f"cluster unavailable: {self.unavailable_reason or 'not running'}")
         token, expires = await self.admission.issue_token(ttl_seconds)
-        return {"token": str(token), "server": f"{_url_host(self.address)}:{self.peer_port}",
+        return {"token": str(token), "server": host_port(self.address, self.peer_port),
                 "expires_at": int(expires), "cluster_id": self.cluster_id}
 
     async def join(self, token_text: str, server: str | None = None) -> dict[str, Any]:
@@ -542,7 +539,7 @@ class ClusterNode:
                     raise JoinRefused("no box of that cluster was found on this network by mDNS within "
                                       f"{DISCOVERY_WAIT_SECONDS:.0f} s; give its address with --server",
                                       code="unreachable", status=503)
-                server = f"{_url_host(peer.address)}:{peer.port}"
+                server = host_port(peer.address, peer.port)
             host, port = _split_server(server, self.settings.cluster.peer_port)
             if self.identity is not None and self.identity.ca_pem and _pins(token, self.identity.ca_pem):
                 raise JoinRefused(f"this box is already a member of cluster {self.cluster_id}",

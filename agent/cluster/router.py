@@ -23,6 +23,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from agent.cluster.net import host_port
 from agent.cluster.peer import INFERENCE_PREFIX
 from agent.errors import ClusterUnavailableError
 
@@ -58,6 +59,11 @@ class Router:
         self._affinity: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._session: aiohttp.ClientSession | None = None
         self._session_ssl: ssl.SSLContext | None = None
+
+    def has_peers(self) -> bool:
+        """Whether any other box is live (else nothing can be routed and requests need no inspection)."""
+        me = self._self_id()
+        return any(node_id != me for node_id in self._live_nodes())
 
     def pick(self, model: str, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """The replica to send this request to, or None when no other live node serves the model."""
@@ -101,8 +107,7 @@ class Router:
     async def forward(self, request: web.Request, node: Mapping[str, Any], body: bytes) -> web.StreamResponse:
         """Send the request to `node` and stream its answer back as it comes."""
         node_id = str(node["id"])
-        host = str(node["address"])
-        url = f"https://{f'[{host}]' if ':' in host else host}:{node['peer_port']}{INFERENCE_PREFIX}{request.path_qs}"
+        url = f"https://{host_port(str(node['address']), int(node['peer_port']))}{INFERENCE_PREFIX}{request.path_qs}"
         headers = {name: request.headers[name] for name in _FORWARDED_HEADERS if name in request.headers}
         headers["X-Forwarded-For"] = request.remote or ""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=300)

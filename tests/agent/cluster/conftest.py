@@ -1,13 +1,7 @@
-"""Fixtures for cluster tests: free loopback ports and throwaway certificate authorities for peer mutual TLS.
-
-The CA here is built with `cryptography` directly so these tests stand on their own; the agent's own PKI
-(agent/cluster/pki.py) is tested separately.
-"""
+"""Fixtures for cluster tests: free loopback ports and throwaway cluster CAs (the agent's own PKI) on disk."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -15,12 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.cluster.etcd import PeerTls
+from agent.cluster.pki import ClusterCA, NodeKey, make_csr
 
 
 @pytest.fixture
@@ -37,74 +28,43 @@ def free_ports() -> Callable[[int], list[int]]:
     return take
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
-
-
 @dataclass
 class TestCa:
-    """A CA that issues node certificates usable for both ends of a peer connection."""
+    """A cluster CA in a folder, issuing node certificates (server and client use, as etcd peers need)."""
 
     __test__ = False  # not a test class, whatever its name
 
     directory: Path
-    key: ec.EllipticCurvePrivateKey
-    cert: x509.Certificate
+    ca: ClusterCA
 
     @property
     def ca_file(self) -> Path:
         return self.directory / "ca.crt"
 
     @classmethod
-    def create(cls, directory: Path, common_name: str) -> TestCa:
+    def create(cls, directory: Path, cluster_id: str) -> TestCa:
         directory.mkdir(parents=True, exist_ok=True)
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                             content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                             key_agreement=False, encipher_only=False, decipher_only=False),
-                               critical=True)
-                .sign(key, hashes.SHA256()))
-        ca = cls(directory, key, cert)
-        ca.ca_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return ca
+        ca = ClusterCA.create(cluster_id)
+        (directory / "ca.crt").write_bytes(ca.cert_pem)
+        return cls(directory, ca)
 
     def issue(self, node: str, host: str = "127.0.0.1") -> PeerTls:
-        """A node certificate (CN = node id, SAN = its address) for server and client use, as etcd peers need."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        cert = (x509.CertificateBuilder().subject_name(_name(node)).issuer_name(self.cert.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host)),
-                                                            x509.DNSName(node)]), critical=False)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                      ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-                .sign(self.key, hashes.SHA256()))
+        """A node certificate (CN = node id, SAN = its address and id) and its key, as files."""
+        key = NodeKey.create()
         cert_file, key_file = self.directory / f"{node}.crt", self.directory / f"{node}.key"
-        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(key_file, key)
+        cert_file.write_bytes(self.ca.issue(make_csr(key, node), node, [host], [node]))
+        key_file.write_bytes(key)
+        key_file.chmod(0o600)
         return PeerTls(ca=self.ca_file, cert=cert_file, key=key_file)
 
 
 @pytest.fixture(scope="session")
 def cluster_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCa:
     """The stack's CA: members with its certificates may talk to each other."""
-    return TestCa.create(tmp_path_factory.mktemp("cluster-ca"), "thox test cluster CA")
+    return TestCa.create(tmp_path_factory.mktemp("cluster-ca"), "test-cluster")
 
 
 @pytest.fixture(scope="session")
 def other_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCa:
     """A different CA, as a box from another stack (or an attacker) would hold."""
-    return TestCa.create(tmp_path_factory.mktemp("other-ca"), "some other CA")
+    return TestCa.create(tmp_path_factory.mktemp("other-ca"), "other-cluster")

@@ -19,16 +19,11 @@ import aetcd
 import pytest
 
 from agent.cluster.membership import CLAIM_MARGIN_SECONDS, DEFAULT_TTL_SECONDS, LeaderElection, NodeRegistry
+from tests.agent_process import free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="etcd is not installed (Debian etcd-server; scripts/system-deps.sh installs it)")
 REPO = Path(__file__).resolve().parents[3]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

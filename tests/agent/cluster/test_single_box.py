@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,22 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_process import RunningAgent, http_json, start_agent
+from tests.agent_process import RunningAgent, cluster_env, http_json, start_agent
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="etcd is not installed (Debian etcd-server; scripts/system-deps.sh installs it)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def cluster_env() -> dict[str, str]:
-    return {"THOX_CLUSTER_ENABLED": "true", "THOX_CLUSTER_ETCD_PEER_PORT": str(free_port()),
-            "THOX_CLUSTER_ETCD_CLIENT_PORT": str(free_port()), "THOX_CLUSTER_ETCD_CLIENT_TLS_PORT": str(free_port()),
-            "THOX_CLUSTER_PEER_PORT": str(free_port())}
 
 
 def get(agent: RunningAgent, path: str) -> dict:  # type: ignore[type-arg]

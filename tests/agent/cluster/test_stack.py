@@ -7,7 +7,6 @@ import http.client
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,26 +19,15 @@ import pytest
 from zeroconf import IPVersion, Zeroconf
 
 from agent.models.bundled import BUNDLED_MODELS
-from tests.agent_process import RunningAgent, http_json, start_agent
+from tests.agent_process import RunningAgent, cluster_env, http_json, start_agent
 from tests.bundled import smollm2_gguf
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
                                 reason="etcd is not installed (Debian etcd-server; scripts/system-deps.sh installs it)")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_box(tmp_path: Path, name: str, extra: dict[str, str] | None = None) -> RunningAgent:
-    return start_agent(tmp_path / name, env={**(extra or {}),
-        "THOX_CLUSTER_ENABLED": "true", "THOX_CLUSTER_NODE_ID": name,
-        "THOX_CLUSTER_ETCD_PEER_PORT": str(free_port()), "THOX_CLUSTER_ETCD_CLIENT_PORT": str(free_port()),
-        "THOX_CLUSTER_ETCD_CLIENT_TLS_PORT": str(free_port()),
-        "THOX_CLUSTER_PEER_PORT": str(free_port()), "THOX_ENGINE_THREADS": "1",
-    })
+    return start_agent(tmp_path / name, env={**(extra or {}), **cluster_env(name), "THOX_ENGINE_THREADS": "1"})
 
 
 @pytest.fixture

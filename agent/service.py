@@ -26,7 +26,7 @@ import agent
 from agent.api.app import build_cluster_app, build_inference_app
 from agent.api.cluster.routes import HealthSources
 from agent.api.openai.serving import OpenAIServing
-from agent.api.routing import routing_middleware
+from agent.api.routing import LocalLoad, routing_middleware
 from agent.api.security import AccessRules, SecurityPolicy
 from agent.atomic import atomic_write_bytes
 from agent.cluster.node import ClusterNode, Placement, cluster_subsystem
@@ -35,6 +35,7 @@ from agent.hardware.manager import HardwareManager, hardware_subsystem
 from agent.live_config import Applier, ConfigReloadError, LiveConfig
 from agent.logs import log_file_of, under_journald
 from agent.models import InstalledModel, ModelStore, ModelStoreError
+from agent.models.loader import ModelLoader
 from agent.models.registry import CHAT, EMBEDDINGS, ChatModel, EmbeddingModel, EmbeddingTokenizer, ModelRegistry
 from agent.monitor import EventLoopMonitor
 from agent.security.keys import KeyStore, KeyStoreError
@@ -242,18 +243,33 @@ def _placement(settings: Settings, listening: list[_Listening], address: str) ->
                      ports.get("cluster", settings.api.cluster_port))
 
 
-def _local_facts(engine: EngineHost, hardware: HardwareManager) -> dict[str, Any]:
+def _local_facts(registry: ModelRegistry, hardware: HardwareManager) -> dict[str, Any]:
     """What this box tells the cluster about itself besides where it listens."""
-    health = engine.health()
+    engines = [engine.health() for engine in registry.engines()]
     report = hardware.report()
     return {"temperature_c": report["temperature_c"], "thermal_level": (report["thermal"] or {}).get("level"),
-            "engine_state": health["state"], "models": [health["model"]],
-            "load": {"active_streams": health["active_streams"], "concurrency": health["concurrency"]["limit"]},
+            "engine_state": engines[0]["state"],
+            "models": [m.id for m in registry.all() if isinstance(m, ChatModel)],
+            "load": {"active_streams": sum(e["active_streams"] for e in engines),
+                     "concurrency": sum(e["concurrency"]["limit"] for e in engines)},
             "tops": None}  # not known for this board yet: reported as unknown, never guessed
 
 
-def _serves(registry: ModelRegistry, model: str) -> bool:
-    return any(entry.id == model for entry in registry.all())
+@asynccontextmanager
+async def _placed_models(loader: ModelLoader) -> AsyncIterator[None]:
+    """Models the cluster places here run beside the default one; they stop before it does."""
+    await loader.refresh_store_facts()
+    try:
+        yield
+    finally:
+        await loader.stop()
+
+
+def _local_load(registry: ModelRegistry, model: str) -> LocalLoad | None:
+    served = next((entry for entry in registry.all() if entry.id == model), None)
+    if served is None:
+        return None
+    return LocalLoad(served.engine.in_flight, served.engine.saturated)
 
 
 def _report_progress(notifier: SystemdNotifier, stage: str, percent: int) -> None:
@@ -305,15 +321,18 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
         (lambda name: watchdog.register(name).beat) if watchdog is not None else None))
     live.add_applier(hardware.prepare_thresholds)
     listening: list[_Listening] = []
+    loader = ModelLoader(settings, ModelStore(settings.models_dir), registry,
+                         lambda work, name: supervisor.spawn(work, name=name), hardware.attach_engine,
+                         hardware.detach_engine)
     cluster = ClusterNode(
-        settings, lambda address: _placement(settings, listening, address), lambda: _local_facts(engine, hardware),
+        settings, lambda address: _placement(settings, listening, address), lambda: _local_facts(registry, hardware),
         lambda: hardware.dock.subscribe() if hardware.dock is not None else None,
         # Other boxes' routers reach this box's models through the peer API (mutual TLS instead of a key).
-        lambda: build_inference_app(serving, max_request_bytes=api.max_request_bytes),
+        lambda: build_inference_app(serving, max_request_bytes=api.max_request_bytes), loader,
     ) if settings.cluster.enabled else None
     inference_app = build_inference_app(
         serving, max_request_bytes=api.max_request_bytes, security=inference_security,
-        routing=routing_middleware(cluster.router, lambda model: _serves(registry, model)) if cluster else None)
+        routing=routing_middleware(cluster.router, lambda model: _local_load(registry, model)) if cluster else None)
     cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware, live, cluster), hardware,
                                     max_request_bytes=api.max_request_bytes, security=cluster_security)
     asyncio.get_running_loop().add_signal_handler(
@@ -325,6 +344,7 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
             ("key-store", _background(supervisor, lambda: _flush_key_use(keys), "key-store")),
             ("hardware", hardware_subsystem(hardware, lambda work, name: supervisor.spawn(work, name=name))),
             ("engine", _background(supervisor, engine.run, "engine")),
+            ("placed-models", _placed_models(loader)),
             *([("cluster", cluster_subsystem(cluster, lambda work, name: supervisor.spawn(work, name=name)))]
               if cluster is not None else []),
             ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),

@@ -149,6 +149,10 @@ class ClusterSettings(_Section):
                                    "(plus an etcd election)")
     node_ttl_seconds: int = Field(3, ge=1, le=60, description="Node liveness lease: a dead box leaves the topology "
                                   "within it; longer than the leader's so a busy box is not dropped by mistake")
+    model_memory_gb: float | None = Field(None, gt=0, description="Memory this box offers to the models the "
+                                          "cluster places on it; default: all of its RAM")
+    remove_after_seconds: float = Field(60.0, ge=5, le=86400, description="A member gone this long (no live "
+                                        "record) is removed from etcd and a learner takes its vote")
 
 
 class Settings(_Section):

@@ -6,6 +6,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 import agent.api.cluster.config
+import agent.api.cluster.models
 import agent.api.cluster.power
 import agent.api.cluster.routes
 import agent.api.cluster.sim
@@ -58,6 +59,8 @@ def build_cluster_app(
     if health.cluster is not None:
         app[CLUSTER_NODE_KEY] = health.cluster
         agent.api.cluster.topology.setup_routes(app)
+        if health.cluster.loader is not None:
+            agent.api.cluster.models.setup_routes(app)
     if hardware is not None:
         app[HARDWARE_KEY] = hardware
         agent.api.cluster.power.setup_routes(app)

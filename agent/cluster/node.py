@@ -50,9 +50,23 @@ from agent.cluster.pki import (
     server_context_from_pem,
     write_identity,
 )
+from agent.cluster.placement import (
+    PLACEMENT_PREFIX,
+    ClusterPlacement,
+    PlacementRefused,
+    PlacementSpec,
+    Placer,
+    assignment_key,
+    check_fits,
+    pull_key,
+    replica_state,
+    view,
+)
+from agent.cluster.replicas import ReplicaKeeper
 from agent.cluster.router import Router
 from agent.cluster.tokens import JoinToken, TokenError, check_pin
 from agent.hardware.dock import JoinOfferEvent
+from agent.models.loader import ModelLoader
 from agent.settings import Settings
 from drivers.aio import wait_for
 
@@ -61,6 +75,7 @@ log = structlog.get_logger("agent.cluster")
 CLUSTER_KEY = b"/thox/cluster"
 NODE_ID_FILE = "node-id"
 VOTER_CHECK_SECONDS = 2.0
+PLACEMENT_CHECK_SECONDS = 1.0
 CLIENT_CHECK_SECONDS = 1.0
 # A learner of a two-box stack re-forms alone after its voter has been unreachable this long (a few lease TTLs:
 # a voter that is merely slow or restarting comes back well within it).
@@ -226,8 +241,11 @@ class ClusterNode:
     def __init__(self, settings: Settings, placement: Callable[[str], Placement],
                  local_facts: Callable[[], Mapping[str, Any]],
                  join_offers: Callable[[], asyncio.Queue[JoinOfferEvent] | None] = lambda: None,
-                 inference_app: Callable[[], web.Application] | None = None) -> None:
+                 inference_app: Callable[[], web.Application] | None = None,
+                 loader: ModelLoader | None = None) -> None:
         self.settings = settings
+        self.loader = loader
+        self.replicas: ReplicaKeeper | None = None
         self._join_offers = join_offers
         self._inference_app = inference_app
         self.live_nodes: dict[str, dict[str, Any]] = {}  # node records, kept current by a watch
@@ -255,6 +273,7 @@ class ClusterNode:
         self.admission: Admission | None = None
         self.peer_port = 0
         self.unavailable_reason: str | None = None
+        self._last_leader: str | None = None  # as last read by the placement loop (pull sources prefer it)
 
     @property
     def cluster_id(self) -> str | None:
@@ -320,7 +339,8 @@ class ClusterNode:
             client_context_from_pem, identity.ca_pem, identity.cert_pem, identity.key_pem))
         inference = self._inference_app() if self._inference_app is not None else None
         self.peer_port = await self._peer.enter_async_context(serve_peer_api(
-            build_peer_app(self, identity.ca_pem, inference), self.settings.bind_host,
+            build_peer_app(self, identity.ca_pem, inference, self.loader.store if self.loader else None),
+            self.settings.bind_host,
             self.settings.cluster.peer_port, context))
         self._start_tasks(identity, client)
         self._keeper = self._spawn_task(self._keep_client(identity, member), "cluster-etcd-client")
@@ -358,6 +378,12 @@ class ClusterNode:
                        self._spawn_task(self.registry.run(self._record), "cluster-node-record"),
                        self._spawn_task(self._keep_voters(), "cluster-voters"),
                        self._spawn_task(self._follow_nodes(client), "cluster-node-view")]
+        if self.loader is not None:
+            self.replicas = ReplicaKeeper(self.node_id, self.loader, lambda: self.live_nodes,
+                                          lambda: self.node_id if election.is_leader else self._last_leader,
+                                          self.router.session, self._spawn_task)
+            self._tasks += [self._spawn_task(self.replicas.run(client), "cluster-replicas"),
+                            self._spawn_task(self._place_models(client), "cluster-placement")]
 
     def client_ssl(self) -> ssl.SSLContext | None:
         """The TLS context this box reaches other boxes' peer APIs with (its cluster certificate)."""
@@ -463,6 +489,22 @@ class ClusterNode:
         if self.admission is None:
             raise JoinRefused("this box's cluster layer is not running", code="cluster_unavailable", status=503)
         return await self.admission.admit(request)
+
+    async def _place_models(self, client: aetcd.Client) -> None:
+        """Every second: learn the leader; on the leader, make the assignments match the requests and live boxes."""
+        placer = Placer(client, self.settings.engine.kv_budget_tokens)
+        while True:
+            await asyncio.sleep(PLACEMENT_CHECK_SECONDS)
+            election = self.election
+            if election is None:
+                continue
+            self._last_leader = await election.current_leader()
+            if not election.is_leader:
+                continue
+            try:
+                await placer.reconcile(dict(self.live_nodes))
+            except (aetcd.exceptions.ClientError, TimeoutError) as exc:
+                log.info("placement_check_failed", error=str(exc))
 
     async def _keep_voters(self) -> None:
         while True:
@@ -582,10 +624,13 @@ class ClusterNode:
 
     def _record(self) -> dict[str, Any]:
         place = self._placement(self.address)
+        offered = self.settings.cluster.model_memory_gb or self._memory_gb
         return {
             "address": place.address, "inference_port": place.inference_port, "cluster_port": place.cluster_port,
-            "peer_port": self.peer_port, "ram_gb": self._memory_gb, "version": agent.__version__,
-            "updated": round(time.time(), 3), **self._local_facts(),
+            "peer_port": self.peer_port, "ram_gb": self._memory_gb, "model_memory_gb": offered,
+            "version": agent.__version__, "updated": round(time.time(), 3), **self._local_facts(),
+            **({"store": self.loader.store_facts} if self.loader is not None else {}),
+            **(self.replicas.report() if self.replicas is not None else {}),
         }
 
     # ------------------------------------------------------------------ views
@@ -650,6 +695,91 @@ class ClusterNode:
             "total_tops": sum(t for t in tops if isinstance(t, (int, float))) if any(tops) else None,
             "active_model": models[0] if len(models) == 1 else (models or None),
         }
+
+
+    # ------------------------------------------------------------------ model placement
+
+    async def _live_view(self) -> dict[str, dict[str, Any]]:
+        registry = self._require()[1]
+        try:
+            return await registry.nodes()
+        except (aetcd.exceptions.ClientError, TimeoutError) as exc:
+            raise ClusterUnavailable(f"cluster state cannot be read (no quorum reachable?): {exc}") from exc
+
+    async def load_model(self, spec: PlacementSpec) -> dict[str, Any]:
+        """Ask for `spec` (replaces an earlier request for the model; failed replicas are tried again)."""
+        client = self._require()[2]
+        nodes = await self._live_view()
+        check_fits(nodes, spec.model, self.settings.engine.kv_budget_tokens)
+        unknown = sorted(set(spec.nodes) - set(nodes))
+        if unknown:
+            raise PlacementRefused(f"not live boxes of this cluster: {', '.join(unknown)}", code="node_not_found",
+                                   status=404)
+        if spec.nodes and spec.replicas > len(spec.nodes):
+            raise PlacementRefused(f"{spec.replicas} replicas cannot fit on the {len(spec.nodes)} box(es) named",
+                                   code="invalid_value")
+        try:
+            current = await ClusterPlacement.read(client)
+            for node_id in current.assignments.get(spec.model, {}):  # asking again retries failed replicas
+                if replica_state(nodes, node_id, spec.model).get("state") == "failed":
+                    await wait_for(client.delete(assignment_key(node_id, spec.model)), RPC_TIMEOUT_SECONDS)
+            await wait_for(client.put(PLACEMENT_PREFIX + spec.model.encode(), spec.to_json()), RPC_TIMEOUT_SECONDS)
+        except (aetcd.exceptions.ClientError, TimeoutError) as exc:
+            raise ClusterUnavailable(f"the placement could not be written (no quorum reachable?): {exc}") from exc
+        log.info("model_placement_requested", model=spec.model, replicas=spec.replicas, nodes=list(spec.nodes))
+        return await self.model_placement(spec.model)
+
+    async def unload_model(self, model: str) -> dict[str, Any]:
+        """Withdraw the request for `model`: the leader unassigns it and its boxes unload it."""
+        client = self._require()[2]
+        try:
+            deleted = await wait_for(client.delete(PLACEMENT_PREFIX + model.encode()), RPC_TIMEOUT_SECONDS)
+        except (aetcd.exceptions.ClientError, TimeoutError) as exc:
+            raise ClusterUnavailable(f"the placement could not be removed (no quorum reachable?): {exc}") from exc
+        if not deleted:
+            raise PlacementRefused(f"{model!r} is not placed in this cluster (a box's default model stays loaded "
+                                   "there)", code="model_not_placed", status=404)
+        log.info("model_unload_requested", model=model)
+        return {"model": model, "status": "unloading"}
+
+    async def model_placement(self, model: str | None = None) -> dict[str, Any]:
+        """Placement requests with each replica's state (all models, or one)."""
+        client = self._require()[2]
+        nodes = await self._live_view()
+        try:
+            current = await ClusterPlacement.read(client)
+        except (aetcd.exceptions.ClientError, TimeoutError) as exc:
+            raise ClusterUnavailable(f"cluster state cannot be read (no quorum reachable?): {exc}") from exc
+        if model is not None:
+            spec = current.specs.get(model)
+            if spec is None:
+                raise PlacementRefused(f"{model!r} is not placed in this cluster", code="model_not_placed",
+                                       status=404)
+            return view(spec, current.assignments.get(model, {}), nodes)
+        return {"object": "list", "data": [view(spec, current.assignments.get(name, {}), nodes)
+                                           for name, spec in sorted(current.specs.items())]}
+
+    async def request_pull(self, model: str, targets: list[str] | None) -> list[str]:
+        """Ask boxes (named, else every live box without it) to copy `model` into their stores; returns them."""
+        client = self._require()[2]
+        nodes = await self._live_view()
+        if not any(model in (n.get("store") or {}) for n in nodes.values()):
+            raise PlacementRefused(f"no box of this cluster has {model!r} in its model store", code="model_not_found",
+                                   status=404)
+        unknown = sorted(set(targets or ()) - set(nodes))
+        if unknown:
+            raise PlacementRefused(f"not live boxes of this cluster: {', '.join(unknown)}", code="node_not_found",
+                                   status=404)
+        lacking = [node_id for node_id, record in nodes.items() if model not in (record.get("store") or {})]
+        chosen = sorted(targets or lacking)
+        try:
+            for node_id in chosen:
+                await wait_for(client.put(pull_key(node_id, model), json.dumps({"at": time.time()}).encode()),
+                               RPC_TIMEOUT_SECONDS)
+        except (aetcd.exceptions.ClientError, TimeoutError) as exc:
+            raise ClusterUnavailable(f"the pull could not be requested (no quorum reachable?): {exc}") from exc
+        log.info("model_pull_requested", model=model, nodes=chosen)
+        return chosen
 
 
 @asynccontextmanager

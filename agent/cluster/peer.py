@@ -10,6 +10,9 @@ Routes:
 - GET  /cluster/ca    open: the cluster CA certificate (PEM, text/plain), which a joiner pins against its token.
 - POST /cluster/join  open: a `JoinRequest`; the `JoinAuthority` admits it (`JoinGrant`) or refuses it.
 - GET  /cluster/ping  members only: `{"node_id": <the caller's node id>}`.
+- GET  /cluster/models/<id>               members only: a model's manifest record and files (agent/models/pull.py).
+- GET  /cluster/models/<id>/files/<path>  members only: one file of it (Range requests resume a copy).
+- /inference/...      members only: this box's OpenAI API, for requests other boxes route here.
 
 Errors are `{"error": {"message", "type", "param", "code"}}` like the agent's other APIs.
 """
@@ -29,6 +32,8 @@ from aiohttp.typedefs import Handler, Middleware
 
 from agent.cluster import pki
 from agent.cluster.join import CA_PATH, JOIN_PATH, PING_PATH, JoinGrant, JoinRefused, JoinRequest
+from agent.models import pull
+from agent.models.store import InstalledModel, ModelStore
 
 log = structlog.get_logger("agent.cluster.peer")
 
@@ -43,7 +48,7 @@ _ROUTE_JOIN = "cluster-join"
 _ROUTE_PING = "cluster-ping"
 _OPEN_ROUTES = frozenset({_ROUTE_CA, _ROUTE_JOIN})
 
-# The same types as agent.errors.ClusterJoinError uses for these statuses.
+# The same types as agent.errors.ClusterRequestError uses for these statuses.
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
@@ -183,8 +188,43 @@ class _Routes:
         return web.json_response({"node_id": request[PEER_NODE_ID]})
 
 
-def build_peer_app(authority: JoinAuthority, ca_cert_pem: bytes,
-                   inference: web.Application | None = None) -> web.Application:
+class _ModelFiles:
+    """Serves this box's model store to members that copy a model (`agent/models/pull.py`)."""
+
+    def __init__(self, store: ModelStore) -> None:
+        self._store = store
+
+    async def _model(self, request: web.Request) -> InstalledModel:
+        model = await asyncio.to_thread(self._store.get, request.match_info["model"])
+        if model is None:
+            raise _NotHere(f"this box's store has no model {request.match_info['model']!r}")
+        return model
+
+    async def listing(self, request: web.Request) -> web.Response:
+        try:
+            model = await self._model(request)
+        except _NotHere as exc:
+            return error_response(404, "model_not_found", str(exc))
+        return web.json_response(await asyncio.to_thread(pull.listing, self._store, model))
+
+    async def file(self, request: web.Request) -> web.StreamResponse:
+        try:
+            model = await self._model(request)
+        except _NotHere as exc:
+            return error_response(404, "model_not_found", str(exc))
+        path = await asyncio.to_thread(pull.served_file, model, request.match_info["path"])
+        if path is None:
+            return error_response(404, "not_found", f"{model.id} has no file {request.match_info['path']!r}")
+        log.info("model_file_served", model=model.id, to=request[PEER_NODE_ID], range=request.headers.get("Range"))
+        return web.FileResponse(path)
+
+
+class _NotHere(Exception):
+    pass
+
+
+def build_peer_app(authority: JoinAuthority, ca_cert_pem: bytes, inference: web.Application | None = None,
+                   store: ModelStore | None = None) -> web.Application:
     """The peer API app: serve it with `serve_peer_api` and a CERT_OPTIONAL server context from the cluster CA.
 
     `inference`, when given, is this box's OpenAI API mounted at INFERENCE_PREFIX for other members: requests
@@ -198,6 +238,10 @@ def build_peer_app(authority: JoinAuthority, ca_cert_pem: bytes,
     app.router.add_get(CA_PATH, routes.ca, name=_ROUTE_CA, allow_head=False)
     app.router.add_post(JOIN_PATH, routes.join, name=_ROUTE_JOIN)
     app.router.add_get(PING_PATH, routes.ping, name=_ROUTE_PING, allow_head=False)
+    if store is not None:
+        files = _ModelFiles(store)
+        app.router.add_get(f"{pull.MODELS_PATH}/{{model}}", files.listing, allow_head=False)
+        app.router.add_get(f"{pull.MODELS_PATH}/{{model}}/files/{{path:.+}}", files.file, allow_head=False)
     if inference is not None:
         app.add_subapp(INFERENCE_PREFIX, inference)
     return app

@@ -65,17 +65,20 @@ class Router:
         me = self._self_id()
         return any(node_id != me for node_id in self._live_nodes())
 
-    def pick(self, model: str, body: Mapping[str, Any]) -> Mapping[str, Any] | None:
-        """The replica to send this request to, or None when no other live node serves the model."""
+    def pick(self, model: str, body: Mapping[str, Any], below: int | None = None) -> Mapping[str, Any] | None:
+        """The replica to send this request to, or None when no other live node serves the model (with fewer than
+        `below` requests in flight, when given: a saturated box hands work only to a less busy one)."""
         me = self._self_id()
-        replicas = [n for node_id, n in self._live_nodes().items()
-                    if node_id != me and model in n.get("models", []) and n.get("peer_port")]
-        if not replicas:
-            return None
 
         def load(node: Mapping[str, Any]) -> int:
             published = int((node.get("load") or {}).get("active_streams") or 0)
             return published + self.in_flight[str(node["id"])]
+
+        replicas = [n for node_id, n in self._live_nodes().items()
+                    if node_id != me and model in n.get("models", []) and n.get("peer_port")
+                    and (below is None or load(n) < below)]
+        if not replicas:
+            return None
 
         chosen = min(replicas, key=lambda n: (load(n), str(n["id"])))
         key = affinity_key(body)
@@ -89,7 +92,8 @@ class Router:
                 self._affinity.popitem(last=False)
         return chosen
 
-    def _client(self) -> aiohttp.ClientSession:
+    def session(self) -> aiohttp.ClientSession:
+        """The connection pool to other boxes' peer APIs (this box's cluster certificate as client identity)."""
         context = self._client_ssl()
         if context is None:
             raise ClusterUnavailableError("this box has no cluster certificate to reach other boxes with")
@@ -114,7 +118,7 @@ class Router:
         response: web.StreamResponse | None = None
         self.in_flight[node_id] += 1
         try:
-            async with self._client().post(url, data=body, headers=headers, timeout=timeout) as upstream:
+            async with self.session().post(url, data=body, headers=headers, timeout=timeout) as upstream:
                 response = web.StreamResponse(status=upstream.status, headers={
                     name: upstream.headers[name] for name in _ANSWER_HEADERS if name in upstream.headers})
                 response.headers["X-Thox-Node"] = node_id

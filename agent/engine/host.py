@@ -73,6 +73,8 @@ class EngineHostConfig:
     # The embedding model served by the same host, if any.
     encoder_id: str | None = None
     encoder_dir: Path | None = None
+    # Each host of one agent needs its own socket (the default model's and one per model placed on the box).
+    socket_name: str = "engine.sock"
 
 
 @dataclass(frozen=True)
@@ -198,11 +200,11 @@ class EngineHost:
 
     def _socket_path(self) -> Path:
         """Blocking: a fresh socket path in a private directory."""
-        path = self.config.run_dir / "engine.sock"
+        path = self.config.run_dir / self.config.socket_name
         if len(str(path)) > _MAX_SOCKET_PATH:
             if self._fallback_socket_dir is None:  # one private directory for all restarts
                 self._fallback_socket_dir = Path(tempfile.mkdtemp(prefix="thox-"))
-            path = self._fallback_socket_dir / "engine.sock"
+            path = self._fallback_socket_dir / self.config.socket_name
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         path.unlink(missing_ok=True)
         return path
@@ -364,6 +366,16 @@ class EngineHost:
             yield
         finally:
             self._admitted -= 1
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted (decoding or waiting for a slot)."""
+        return self._admitted
+
+    @property
+    def saturated(self) -> bool:
+        """Every decode slot the thermal policy allows is taken: a new request would wait here."""
+        return self._admitted >= self.concurrency
 
     async def _writer_when_ready(self) -> asyncio.StreamWriter:
         await self.wait_ready()

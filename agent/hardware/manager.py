@@ -214,6 +214,18 @@ class HardwareManager:
             self.coordinators["dock_controller"] = Coordinator("dock_controller", link, link.status,
                                                                hw.serial_poll_seconds)
 
+    def attach_engine(self, engine: EngineHost) -> None:
+        """An engine host started while the agent runs (a model placed here): thermal policy applies to it too."""
+        self.engines.append(engine)
+        if self.thermal is not None:
+            self.thermal.attach(engine)
+
+    def detach_engine(self, engine: EngineHost) -> None:
+        if engine in self.engines:
+            self.engines.remove(engine)
+        if self.thermal is not None:
+            self.thermal.detach(engine)
+
     def _peer_module(self) -> str | None:
         if self.dock is not None and self.dock.offer is not None:
             return self.dock.offer.node_id

@@ -70,6 +70,15 @@ class ThermalControl:
         self._fan_profile = "default"
         self._fan_lock = asyncio.Lock()
 
+    def attach(self, engine: InferenceControl) -> None:
+        """An engine started after the box came up (a model placed here) follows the current thermal level."""
+        self._engines.append(engine)
+        self._apply_to(engine, self.actions, resuming=False)
+
+    def detach(self, engine: InferenceControl) -> None:
+        if engine in self._engines:
+            self._engines.remove(engine)
+
     def set_thresholds(self, config: GovernorConfig) -> None:
         """New governor thresholds (a live config change); they decide from the next reading on."""
         self.governor.reconfigure(config)
@@ -109,20 +118,23 @@ class ThermalControl:
     def _apply(self, actions: ThermalActions) -> None:
         previous, self.actions = self.actions, actions
         for engine in self._engines:
-            if actions.stop_inference:
-                engine.suspend(f"the box is too hot ({self._hottest()}); inference resumes when it has cooled",
-                               code="thermal_emergency", retry_after=_EMERGENCY_RETRY_AFTER_S)
-            else:
-                if previous.stop_inference:
-                    engine.resume()
-                engine.set_concurrency(actions.max_concurrency)
-            engine.pause_builds(actions.builds_paused)
+            self._apply_to(engine, actions, resuming=previous.stop_inference)
         log.info("thermal_actions_applied", max_concurrency=actions.max_concurrency,
                  builds_paused=actions.builds_paused, fan_profile=actions.fan_profile,
                  inference_stopped=actions.stop_inference)
         if self._fan is not None and actions.fan_profile != self._fan_profile:
             self._fan_profile = actions.fan_profile
             self._spawn(self._set_fan(actions.fan_profile), "fan-profile")
+
+    def _apply_to(self, engine: InferenceControl, actions: ThermalActions, *, resuming: bool) -> None:
+        if actions.stop_inference:
+            engine.suspend(f"the box is too hot ({self._hottest()}); inference resumes when it has cooled",
+                           code="thermal_emergency", retry_after=_EMERGENCY_RETRY_AFTER_S)
+        else:
+            if resuming:
+                engine.resume()
+            engine.set_concurrency(actions.max_concurrency)
+        engine.pause_builds(actions.builds_paused)
 
     async def _set_fan(self, profile: str) -> None:
         assert self._fan is not None

@@ -70,6 +70,24 @@ class ModelRegistry:
             raise ValueError(f"default model {default_chat!r} is not loaded")
         self.default_id = default_chat
 
+    def add_chat(self, model: ChatModel) -> None:
+        """Serve another chat model (placed on this box by the cluster) from now on."""
+        self._chat[model.id] = model
+
+    def remove_chat(self, model_id: str) -> ChatModel | None:
+        """Stop serving a placed chat model (new requests no longer find it); the default stays."""
+        if model_id == self.default_id:
+            return None
+        return self._chat.pop(model_id, None)
+
+    def engines(self) -> list[EngineHost]:
+        """Every engine host serving a model here, each once."""
+        found: dict[int, EngineHost] = {}
+        models: list[ChatModel | EmbeddingModel] = [*self._chat.values(), *self._embeddings.values()]
+        for model in models:
+            found.setdefault(id(model.engine), model.engine)
+        return list(found.values())
+
     def all(self) -> list[ChatModel | EmbeddingModel]:
         """Loaded models, the default first."""
         chat = sorted(self._chat.values(), key=lambda m: m.id != self.default_id)

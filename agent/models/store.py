@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.atomic import atomic_copy_tree_with_sha256, atomic_copy_with_sha256, atomic_write_bytes, tree_size
+from agent.atomic import (
+    atomic_copy_tree_with_sha256,
+    atomic_copy_with_sha256,
+    atomic_write_bytes,
+    fsync_dir,
+    tree_size,
+)
 from agent.models.bundled import BUNDLED_MODELS, BundledModel
 from engines.text import CHATML_TEMPLATE, ChatTemplate, TextPipeline
 from engines.text.wordpiece import WordPieceTokenizer
@@ -77,7 +85,7 @@ class ModelStore:
         try:
             data = json.loads(self._manifest.read_text())
             entries = data["models"]
-            return [self._entry(e) for e in entries]
+            return [self.entry_from_record(e) for e in entries]
         except (ValueError, KeyError, TypeError) as exc:
             raise ModelStoreError(f"model manifest {self._manifest} is unreadable: {exc}") from exc
 
@@ -117,6 +125,27 @@ class ModelStore:
         self._write(self._replaced(model))
         return model
 
+    def staging_dir(self, model_id: str) -> Path:
+        """Where a model being pulled from another box is assembled; kept across restarts so a pull resumes."""
+        return self.root / ".partial" / model_id
+
+    def install_staged(self, entry: InstalledModel, staged: Path) -> InstalledModel:
+        """Move a pulled, verified model from its staging folder into the store and list it in the manifest.
+
+        `entry` is the source box's manifest entry; its path is rewritten to this store. The files are in place
+        before the manifest names them, so a power cut leaves either no model or a complete one.
+        """
+        target = self.root / entry.id / entry.path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(staged, target)
+        fsync_dir(target.parent)
+        model = dataclasses.replace(entry, path=target, installed_at=int(time.time()),
+                                    source=f"{entry.source} (pulled from the cluster)")
+        self._write(self._replaced(model))
+        return model
+
     def _replaced(self, model: InstalledModel) -> list[InstalledModel]:
         """The manifest with `model` in its old place, or added at the end."""
         models = self.installed()
@@ -131,7 +160,14 @@ class ModelStore:
                 self.install_bundled(bundled)
         return self.installed()
 
-    def _entry(self, raw: dict[str, Any]) -> InstalledModel:
+    def manifest_record(self, model: InstalledModel) -> dict[str, Any]:
+        """A model as the manifest lists it: its file relative to the store."""
+        record = model.to_json()
+        record.pop("path")
+        record["file"] = model.path.relative_to(self.root).as_posix()
+        return record
+
+    def entry_from_record(self, raw: dict[str, Any]) -> InstalledModel:
         return InstalledModel(
             id=raw["id"], path=self.root / raw["file"], size=int(raw["size"]), sha256=raw["sha256"],
             format=raw["format"], quantization=raw["quantization"], capabilities=tuple(raw["capabilities"]),
@@ -141,11 +177,6 @@ class ModelStore:
         )
 
     def _write(self, models: list[InstalledModel]) -> None:
-        entries = []
-        for model in models:
-            record = model.to_json()
-            record.pop("path")
-            record["file"] = str(model.path.relative_to(self.root))
-            entries.append(record)
+        entries = [self.manifest_record(model) for model in models]
         payload = {"version": MANIFEST_VERSION, "models": entries}
         atomic_write_bytes(self._manifest, json.dumps(payload, indent=2).encode() + b"\n")

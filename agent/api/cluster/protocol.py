@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -89,3 +89,39 @@ class JoinRequestBody(_Body):
 
     token: str = Field(min_length=1, max_length=512)
     server: str | None = Field(None, min_length=1, max_length=300)
+
+
+_MODEL_ID = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+_NODE_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class LoadOptions(_Body):
+    """How a placed model is served."""
+
+    context_length: int | None = Field(None, ge=64, le=1_048_576)
+
+
+class ModelLoadBody(_Body):
+    """POST /v1/models/load: serve a model on `replicas` boxes (only on `nodes` when given)."""
+
+    model: str = Field(pattern=_MODEL_ID)
+    options: LoadOptions = Field(default_factory=LoadOptions)
+    replicas: int = Field(1, ge=1, le=16)
+    nodes: list[Annotated[str, Field(pattern=_NODE_ID)]] | None = Field(None, min_length=1, max_length=16)
+    wait: bool = True
+    timeout_seconds: float = Field(300.0, gt=0, le=3600)
+
+
+class ModelUnloadBody(_Body):
+    """POST /v1/models/unload: stop serving a placed model everywhere."""
+
+    model: str = Field(pattern=_MODEL_ID)
+
+
+class ModelPullBody(_Body):
+    """POST /v1/models/pull: copy a model into the stores of boxes that lack it (or of the `nodes` named)."""
+
+    model: str = Field(pattern=_MODEL_ID)
+    nodes: list[Annotated[str, Field(pattern=_NODE_ID)]] | None = Field(None, min_length=1, max_length=16)
+    stream: bool = True
+    timeout_seconds: float = Field(1800.0, gt=0, le=86400)

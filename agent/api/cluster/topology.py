@@ -12,7 +12,7 @@ from agent.api.cluster.protocol import JoinRequestBody, TokenRequestBody
 from agent.cluster.join import JoinRefused
 from agent.cluster.node import ClusterNode, ClusterUnavailable
 from agent.cluster.tokens import TokenError
-from agent.errors import ClusterJoinError, ClusterUnavailableError
+from agent.errors import ClusterRequestError, ClusterUnavailableError
 
 CLUSTER_NODE_KEY = web.AppKey("cluster_node", ClusterNode)
 
@@ -56,10 +56,10 @@ async def join_cluster(request: web.Request) -> web.Response:
     try:
         return await _answer(lambda: request.app[CLUSTER_NODE_KEY].join(body.token, body.server))
     except TokenError as exc:
-        raise ClusterJoinError(exc.message, code=exc.code,
+        raise ClusterRequestError(exc.message, code=exc.code,
                                status=403 if exc.code == "ca_mismatch" else 400) from exc
     except JoinRefused as exc:
-        raise ClusterJoinError(exc.message, code=exc.code, status=exc.status) from exc
+        raise ClusterRequestError(exc.message, code=exc.code, status=exc.status) from exc
 
 
 def setup_routes(app: web.Application) -> None:

@@ -1,9 +1,11 @@
-"""Fixtures for cluster tests: free loopback ports and throwaway cluster CAs (the agent's own PKI) on disk."""
+"""Fixtures for cluster tests: free loopback ports, throwaway cluster CAs (the agent's own PKI) on disk, and
+stacks of real agents."""
 
 from __future__ import annotations
 
+import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,8 @@ import pytest
 
 from agent.cluster.etcd import PeerTls
 from agent.cluster.pki import ClusterCA, NodeKey, make_csr
+from tests.agent.cluster.stack import start_box
+from tests.agent_process import RunningAgent
 
 
 @pytest.fixture
@@ -68,3 +72,21 @@ def cluster_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCa:
 def other_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCa:
     """A different CA, as a box from another stack (or an attacker) would hold."""
     return TestCa.create(tmp_path_factory.mktemp("other-ca"), "other-cluster")
+
+
+@pytest.fixture
+def boxes(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
+    """Start real agents with the cluster layer on (`boxes(name, env)`); all are SIGKILLed at the end."""
+    started: list[RunningAgent] = []
+
+    def box(name: str, extra: dict[str, str] | None = None) -> RunningAgent:
+        started.append(start_box(tmp_path, name, extra))
+        return started[-1]
+
+    try:
+        yield box
+    finally:
+        for agent in started:
+            if agent.process.poll() is None:
+                agent.process.send_signal(signal.SIGKILL)  # a whole stack stopping politely takes seconds each
+            agent.process.wait(30)

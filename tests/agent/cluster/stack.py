@@ -1,0 +1,88 @@
+"""Shared by the tests that run stacks of real agents: starting boxes, forming clusters, waiting for states."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import shutil
+import time
+import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.models.bundled import BUNDLED_MODELS
+from tests.agent_process import RunningAgent, cluster_env, http_json, start_agent
+from tests.bundled import smollm2_gguf
+
+needs_etcd = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed (Debian etcd-server; "
+                                "scripts/system-deps.sh installs it)")
+
+
+def start_box(tmp_path: Path, name: str, extra: dict[str, str] | None = None) -> RunningAgent:
+    return start_agent(tmp_path / name, env={**(extra or {}), **cluster_env(name), "THOX_ENGINE_THREADS": "1"})
+
+
+def call(agent: RunningAgent, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    status, _, answer = http_json(method, f"{agent.cluster_url}{path}", body)
+    return status, answer
+
+
+def token_for(agent: RunningAgent, ttl: float = 600) -> dict[str, Any]:
+    status, answer = call(agent, "POST", "/cluster/tokens", {"ttl_seconds": ttl})
+    assert status == 200, answer
+    return answer  # type: ignore[no-any-return]
+
+
+def join(agent: RunningAgent, token: dict[str, Any]) -> tuple[int, Any]:
+    return call(agent, "POST", "/cluster/join", {"token": token["token"], "server": token["server"]})
+
+
+def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except AssertionError as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not reached in {timeout}s; last: {last}")
+
+
+def topology(agent: RunningAgent) -> dict[str, Any]:
+    status, answer = call(agent, "GET", "/topology")
+    assert status == 200, answer
+    return answer  # type: ignore[no-any-return]
+
+
+def install_alias(home: Path, alias: str) -> None:
+    """Give a box the bundled chat model under another id (its manifest only; the file comes with the bundle), so
+    two boxes serve different models without a second model download."""
+    bundled = next(m for m in BUNDLED_MODELS if m.id == "smollm2-135m-instruct")
+    gguf = smollm2_gguf()
+    entry = {"id": alias, "file": f"{bundled.id}/{bundled.filename}", "size": gguf.stat().st_size,
+             "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(), "format": bundled.format,
+             "quantization": bundled.quantization, "capabilities": list(bundled.capabilities),
+             "source": "test alias of the bundled model", "license": bundled.license, "installed_at": 0,
+             "sampling_defaults": dict(bundled.sampling_defaults), "chat_template": bundled.chat_template}
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "manifest.json").write_text(json.dumps({"version": 1, "models": [entry]}))
+
+
+def http_raw(url: str, body: dict[str, Any]) -> bytes:
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:
+        connection.request("POST", parts.path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200
+        return response.read()
+    finally:
+        connection.close()

@@ -145,6 +145,43 @@ def voter_client_urls(members: list[etcd_members.MemberInfo]) -> list[str]:
     return sorted(url for m in members if not m.is_learner for url in m.client_urls if url.startswith("https://"))
 
 
+class AbsenceClock:
+    """On the leader: since when each member has had no live record (a box gone, or a learner never started)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._since: dict[int, float] = {}
+
+    def gone_for(self, members: list[etcd_members.MemberInfo], live_nodes: set[str]) -> dict[int, float]:
+        now = self._clock()
+        absent = {m.id for m in members if m.name not in live_nodes}
+        self._since = {member_id: self._since.get(member_id, now) for member_id in absent}
+        return {member_id: now - since for member_id, since in self._since.items()}
+
+
+async def remove_departed(client: aetcd.Client, live_nodes: set[str], absence: AbsenceClock,
+                          remove_after: float) -> list[str]:
+    """On the leader: remove members gone longer than `remove_after`, never the last voter; returns their names.
+
+    A member that is gone for good otherwise keeps its vote (a 3-voter stack that lost one stays one failure away
+    from no quorum, with a learner standing by that cannot be promoted) and blocks the next admission.
+    """
+    members = await etcd_members.members(client)
+    gone = absence.gone_for(members, live_nodes)
+    removed = []
+    for member in members:
+        if gone.get(member.id, 0.0) < remove_after:
+            continue
+        voters_left = sum(not m.is_learner for m in members if m.name not in removed and m.id != member.id)
+        if not member.is_learner and voters_left == 0:
+            continue
+        await etcd_members.remove(client, member.id)
+        removed.append(member.name or f"{member.id:x}")
+        log.warning("member_removed", node=member.name or None, member_id=f"{member.id:x}",
+                    role="learner" if member.is_learner else "voter", gone_s=round(gone[member.id], 1))
+    return removed
+
+
 async def reconcile_voters(client: aetcd.Client, live_nodes: set[str]) -> None:
     """On the leader: promote live learners until the stack has its voter count (never demotes a voter)."""
     members = await etcd_members.members(client)

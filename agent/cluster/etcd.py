@@ -56,6 +56,7 @@ _BACKOFF_MAX_S = 10.0
 _STABLE_AFTER_S = 30.0
 _TAIL_LINES = 40
 _ERROR_TAIL_LINES = 8
+_REMOVED_MESSAGE = b"the member has been permanently removed from the cluster"
 _READ_CHUNK = 64 * 1024
 # The gRPC channel to our own member is on loopback: reconnect fast after an etcd restart instead of gRPC's default
 # backoff, which grows to two minutes and would keep the agent off a member that is long back.
@@ -74,6 +75,10 @@ _Mode = Literal["new", "join", "existing", "force"]
 
 class EtcdError(Exception):
     """etcd cannot be started, did not become ready, or refused a membership change; the message says why."""
+
+
+class MemberRemoved(EtcdError):
+    """This box's member was removed from its cluster (it was gone longer than cluster.remove_after_seconds)."""
 
 
 class EtcdRpcError(EtcdError):
@@ -235,6 +240,7 @@ class EtcdMember:
         self._started_at = 0.0
         self._stopping = False
         self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
+        self._removed = False  # etcd said this member was removed from its cluster
         self._log = _BoundedLog(config.log_file, config.log_max_bytes)
         self._client: aetcd.Client | None = None
         self._lock = asyncio.Lock()
@@ -447,6 +453,7 @@ class EtcdMember:
 
     async def _launch(self, args: list[str]) -> None:
         self._tail.clear()
+        self._removed = False
         # etcd must not outlive the agent, even one killed with SIGKILL (a box "yanked" in a test, an OOM kill):
         # an orphaned member would keep answering for a node that is gone. setpriv (util-linux, present on every
         # Debian/Ubuntu/JetPack image) asks the kernel to SIGKILL etcd when its parent dies, then execs etcd under
@@ -470,6 +477,8 @@ class EtcdMember:
             lines = (partial + chunk).split(b"\n")
             partial = lines.pop()[-4096:]
             self._tail.extend(line.decode("utf-8", "replace") for line in lines if line.strip())
+            # Said once, then buried under tens of shutdown lines: remembered here, not looked for in the tail.
+            self._removed = self._removed or any(_REMOVED_MESSAGE in line for line in lines)
             await asyncio.to_thread(self._log.append, chunk)
         if partial.strip():
             self._tail.append(partial.decode("utf-8", "replace"))
@@ -517,8 +526,8 @@ class EtcdMember:
         if in_use:
             return EtcdError(f"etcd member {self.config.name} cannot listen on {in_use.group(1)}: the port is in use "
                              "by another process; stop it or choose another port")
-        if "permanently removed from the cluster" in text:
-            return EtcdError(f"etcd member {self.config.name} was removed from the cluster; clear "
+        if self._removed:
+            return MemberRemoved(f"etcd member {self.config.name} was removed from the cluster; clear "
                              f"{self.config.data_dir} and join again")
         if "data-dir" in text and ("permission denied" in text or "cannot access" in text):
             return EtcdError(f"etcd data dir {self.config.data_dir} is unusable; etcd said: {self._said()}")

@@ -29,9 +29,16 @@ from zeroconf import Error as ZeroconfError
 import agent
 from agent.atomic import atomic_write_bytes
 from agent.cluster import etcd as etcd_members
-from agent.cluster.admission import Admission, desired_voters, reconcile_voters, voter_client_urls
+from agent.cluster.admission import (
+    AbsenceClock,
+    Admission,
+    desired_voters,
+    reconcile_voters,
+    remove_departed,
+    voter_client_urls,
+)
 from agent.cluster.discovery import Discovery
-from agent.cluster.etcd import EtcdConfig, EtcdError, EtcdMember, MemberInfo, PeerTls
+from agent.cluster.etcd import EtcdConfig, EtcdError, EtcdMember, MemberInfo, MemberRemoved, PeerTls
 from agent.cluster.etcd_client import ClientTls, TlsEtcdClient
 from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest
 from agent.cluster.join import join as join_cluster
@@ -305,7 +312,17 @@ class ClusterNode:
         if founding:
             await member.start_new(identity.cluster_id)
         else:
-            await member.start_existing()
+            try:
+                await member.start_existing()
+            except MemberRemoved:
+                # Gone longer than the stack waits for a box: its place was given away. Carry on as a box of its
+                # own (its old cluster is kept aside); docking it again or `thox cluster join` brings it back.
+                previous = await asyncio.to_thread(_retire, settings.cluster_dir)
+                log.warning("cluster_member_removed", cluster_id=identity.cluster_id, node=self.node_id,
+                            kept_in=str(previous), action="founding a cluster of its own; join the stack again")
+                identity = await asyncio.to_thread(found_cluster, settings, self.node_id, self.address)
+                member, founding = self._member_for(identity), True
+                await member.start_new(identity.cluster_id)
         await self._run(identity, member, founded=founding)
         offers = self._join_offers()
         if offers is not None:  # a box docked onto this one hands over its join offer by NFC
@@ -507,12 +524,16 @@ class ClusterNode:
                 log.info("placement_check_failed", error=str(exc))
 
     async def _keep_voters(self) -> None:
+        absence = AbsenceClock()
         while True:
             await asyncio.sleep(VOTER_CHECK_SECONDS)
             if self.election is None or self.registry is None or self._client is None or not self.election.is_leader:
+                absence = AbsenceClock()  # absences count from when this box leads, never from an older term
                 continue
             try:
-                await reconcile_voters(self._client, set(await self.registry.nodes()))
+                live = set(await self.registry.nodes())
+                await remove_departed(self._client, live, absence, self.settings.cluster.remove_after_seconds)
+                await reconcile_voters(self._client, live)
             except (aetcd.exceptions.ClientError, EtcdError, TimeoutError) as exc:
                 log.info("voter_check_failed", error=str(exc))
 

@@ -196,3 +196,38 @@ def test_mdns_advertises_the_box_and_finds_the_cluster_for_a_join(boxes: Callabl
     status, answer = call(joiner, "POST", "/cluster/join", {"token": token["token"]})  # no server: found by mDNS
     assert status == 200, answer
     assert answer["cluster_id"] == topology(base)["cluster_id"]
+
+
+def test_a_box_gone_for_good_is_removed_and_a_learner_takes_its_vote(boxes: Callable[..., RunningAgent]) -> None:
+    quick = {"THOX_CLUSTER_REMOVE_AFTER_SECONDS": "5"}
+    first = boxes("box-a", quick)
+    eventually(lambda: topology(first)["leader"] == "box-a", 15, "box-a leading")
+    others = {name: boxes(name, quick) for name in ("box-b", "box-c", "box-d")}
+    for name, joiner in others.items():
+        assert join(joiner, token_for(first))[0] == 200, name
+        if name == "box-c":  # the fourth box joins as the one learner once three boxes vote
+            eventually(lambda: call(first, "GET", "/cluster")[1]["voters"]["alive"] == 3, 60, "three voters")
+    cluster_id = topology(first)["cluster_id"]
+    roles = eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"]}
+                       if topology(first)["node_count"] == 4 else None, 60, "four live boxes")
+    assert roles == {"box-a": "voter", "box-b": "voter", "box-c": "voter", "box-d": "learner"}
+
+    others["box-c"].process.send_signal(signal.SIGKILL)  # a voter pulled out and never brought back
+    others["box-c"].process.wait(30)
+
+    def taken_over() -> bool:
+        nodes = {n["id"]: n for n in topology(first)["nodes"]}
+        return "box-c" not in nodes and nodes["box-d"]["role"] == "voter"
+
+    eventually(taken_over, 60, "box-c removed and box-d voting")
+    summary = call(first, "GET", "/cluster")[1]
+    assert summary["status"] == "healthy" and summary["voters"] == {"alive": 3, "expected": 3}
+    assert any(line.get("event") == "member_removed" and line.get("node") == "box-c" for line in first.log_lines())
+
+    # Brought back after all: its place was given away, so it carries on as a cluster of its own.
+    returned = boxes("box-c", quick)
+    alone = eventually(lambda: topology(returned) if topology(returned)["leader"] == "box-c" else None, 30,
+                       "the returned box leading its own cluster")
+    assert alone["cluster_id"] != cluster_id and alone["node_count"] == 1
+    assert any(line.get("event") == "cluster_member_removed" for line in returned.log_lines())
+    assert sorted(n["id"] for n in topology(first)["nodes"]) == ["box-a", "box-b", "box-d"]

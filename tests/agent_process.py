@@ -91,8 +91,12 @@ class RunningAgent:
         return self.process.wait(timeout)
 
 
-def start_agent(home: Path, *, env: dict[str, str] | None = None, timeout: float = 900.0) -> RunningAgent:
-    """Start `thox serve` with ports 0 and wait until its endpoints file appears and the engine is ready."""
+def start_agent(home: Path, *, env: dict[str, str] | None = None, timeout: float = 900.0,
+                command_prefix: list[str] | None = None) -> RunningAgent:
+    """Start `thox serve` with ports 0 and wait until its endpoints file appears and the engine is ready.
+
+    `command_prefix` runs the agent under another command (`ip netns exec NS`: a box of its own network).
+    """
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "agent.log"
     child_env = {
@@ -106,12 +110,14 @@ def start_agent(home: Path, *, env: dict[str, str] | None = None, timeout: float
         "THOX_CLUSTER_ENABLED": "false",
         **(env or {}),
     }
+    endpoints = home / "run" / "endpoints.json"
+    endpoints.unlink(missing_ok=True)  # left behind by an agent of this home that was killed
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "serve", "--inference-port", "0", "--cluster-port", "0"],
+            [*(command_prefix or []),
+             sys.executable, "-m", "agent.cli", "serve", "--inference-port", "0", "--cluster-port", "0"],
             env=child_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         )
-    endpoints = home / "run" / "endpoints.json"
     deadline = time.monotonic() + timeout
     while not endpoints.exists():
         if process.poll() is not None:

@@ -326,7 +326,7 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
                          hardware.detach_engine)
     cluster = ClusterNode(
         settings, lambda address: _placement(settings, listening, address), lambda: _local_facts(registry, hardware),
-        lambda: hardware.dock.subscribe() if hardware.dock is not None else None,
+        lambda: hardware.dock,
         # Other boxes' routers reach this box's models through the peer API (mutual TLS instead of a key).
         lambda: build_inference_app(serving, max_request_bytes=api.max_request_bytes), loader,
     ) if settings.cluster.enabled else None

@@ -30,6 +30,7 @@ log = structlog.get_logger("agent.cluster.admission")
 
 TOKENS_PREFIX = b"/thox/tokens/"
 MAX_VOTERS = 3
+PRUNE_AFTER_SECONDS = 3600.0
 
 
 def desired_voters(member_count: int) -> int:
@@ -51,11 +52,24 @@ class Admission:
     async def issue_token(self, ttl_seconds: float = DEFAULT_TOKEN_TTL_SECONDS) -> tuple[JoinToken, float]:
         """A new one-time token pinning our CA; returns it and its expiry (unix seconds)."""
         token = JoinToken.generate(self._identity_ca().fingerprint)
+        await self._prune()
         record = TokenRecord.for_token(token, ttl_seconds, self._clock())
         await wait_for(self._client.put(TOKENS_PREFIX + token.token_id.encode(), record.to_json().encode()),
                        RPC_TIMEOUT_SECONDS)
         log.info("join_token_issued", token_id=token.token_id, expires=record.expires)
         return token, record.expires
+
+    async def _prune(self) -> None:
+        """Forget token records that expired a while ago (a box presenting offers by NFC makes one every few
+        minutes); kept for PRUNE_AFTER_SECONDS first, so a late joiner still hears "expired", not "unknown"."""
+        horizon = self._clock() - PRUNE_AFTER_SECONDS
+        for kv in await wait_for(self._client.get_prefix(TOKENS_PREFIX), RPC_TIMEOUT_SECONDS):
+            try:
+                expired = TokenRecord.from_json(kv.value).expires < horizon
+            except TokenRecordError:
+                expired = True
+            if expired:
+                await wait_for(self._client.delete(kv.key), RPC_TIMEOUT_SECONDS)
 
     def _identity_ca(self) -> ClusterCA:
         ca = self._identity.ca()

@@ -72,16 +72,20 @@ from agent.cluster.placement import (
 from agent.cluster.replicas import ReplicaKeeper
 from agent.cluster.router import Router
 from agent.cluster.tokens import JoinToken, TokenError, check_pin
-from agent.hardware.dock import JoinOfferEvent
+from agent.hardware.dock import DockPipeline, JoinOfferEvent
 from agent.models.loader import ModelLoader
 from agent.settings import Settings
 from drivers.aio import wait_for
+from drivers.base import JoinOffer
 
 log = structlog.get_logger("agent.cluster")
 
 CLUSTER_KEY = b"/thox/cluster"
 NODE_ID_FILE = "node-id"
 VOTER_CHECK_SECONDS = 2.0
+# The token a box presents by NFC: long enough that presenting does not churn etcd, renewed before it lapses.
+OFFER_TOKEN_TTL_SECONDS = 600.0
+OFFER_RENEW_BEFORE_SECONDS = 60.0
 PLACEMENT_CHECK_SECONDS = 1.0
 CLIENT_CHECK_SECONDS = 1.0
 # A learner of a two-box stack re-forms alone after its voter has been unreachable this long (a few lease TTLs:
@@ -247,13 +251,14 @@ class ClusterNode:
 
     def __init__(self, settings: Settings, placement: Callable[[str], Placement],
                  local_facts: Callable[[], Mapping[str, Any]],
-                 join_offers: Callable[[], asyncio.Queue[JoinOfferEvent] | None] = lambda: None,
+                 dock: Callable[[], DockPipeline | None] = lambda: None,
                  inference_app: Callable[[], web.Application] | None = None,
                  loader: ModelLoader | None = None) -> None:
         self.settings = settings
         self.loader = loader
         self.replicas: ReplicaKeeper | None = None
-        self._join_offers = join_offers
+        self._dock = dock
+        self._offered: tuple[str, float] | None = None  # the token this box presents by NFC, and its expiry
         self._inference_app = inference_app
         self.live_nodes: dict[str, dict[str, Any]] = {}  # node records, kept current by a watch
         self._client_ssl: tuple[Identity, ssl.SSLContext] | None = None
@@ -324,9 +329,27 @@ class ClusterNode:
                 member, founding = self._member_for(identity), True
                 await member.start_new(identity.cluster_id)
         await self._run(identity, member, founded=founding)
-        offers = self._join_offers()
-        if offers is not None:  # a box docked onto this one hands over its join offer by NFC
-            self._docking = self._spawn_task(self._join_on_dock(offers), "cluster-dock-join")
+        dock = self._dock()
+        if dock is not None:
+            # Docked onto another box: join its cluster with the offer its NFC presents. Undocked: present ours.
+            self._docking = self._spawn_task(self._join_on_dock(dock.subscribe()), "cluster-dock-join")
+            dock.present_own_offers(self.own_join_offer)
+
+    async def own_join_offer(self, fresh: bool) -> JoinOffer | None:
+        """The join offer this box presents on its NFC antenna: a one-time token, new once the last was read."""
+        if self.admission is None or self.peer_port == 0:
+            return None
+        now = time.time()
+        if fresh or self._offered is None or self._offered[1] - now < OFFER_RENEW_BEFORE_SECONDS:
+            try:
+                token, expires = await self.admission.issue_token(OFFER_TOKEN_TTL_SECONDS)
+            except (aetcd.exceptions.ClientError, TimeoutError, JoinRefused) as exc:
+                log.info("join_offer_unavailable", error=str(exc))
+                return None
+            self._offered = (str(token), expires)
+        token_text, expires = self._offered
+        return JoinOffer(node_id=self.node_id, endpoint=host_port(self.address, self.peer_port), token=token_text,
+                         expires_at=int(expires))
 
     @property
     def _tls_dir(self) -> Path:
@@ -344,6 +367,7 @@ class ClusterNode:
 
     async def _run(self, identity: Identity, member: EtcdMember, *, founded: bool) -> None:
         """With etcd serving: the peer API, then campaign, publish our record, admit others, keep the voters."""
+        self._offered = None  # a token of the cluster this box was in before is worth nothing now
         client = await self._pick_client(identity, member)
         if founded:
             record = {"cluster_id": identity.cluster_id, "founded_by": self.node_id, "founded": time.time()}

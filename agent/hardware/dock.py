@@ -3,6 +3,10 @@
 The dock switch says *that* something arrived; the NFC tag says *who* (research/hardware.md section 4). The offer
 is only a hint to the cluster layer, which authenticates the join itself. Offers go to every subscriber's queue
 (bounded: a subscriber that does not keep up loses the oldest offers, never blocks the dock).
+
+The other direction: while nothing is docked, the box presents its own join offer (from the cluster layer) in
+short windows, so a box docked onto it reads it. One antenna cannot read and present at once: a dock cancels the
+window at once, the read goes first, and presenting resumes when the box is undocked again.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +27,11 @@ log = structlog.get_logger("agent.hardware.dock")
 _REOPEN_DELAY_S = 5.0
 _NFC_ATTEMPTS = 3
 _QUEUE_SIZE = 16
+_PRESENT_WINDOW_S = 2.0
+_PRESENT_RETRY_S = 5.0
+
+# The cluster layer's join offer for this box; `fresh` asks for a new token (the last one was read).
+OfferSource = Callable[[bool], Awaitable[JoinOffer | None]]
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,10 @@ class DockPipeline:
         self.offer_read_at: float | None = None
         self.last_error: str | None = None
         self._subscribers: list[asyncio.Queue[JoinOfferEvent]] = []
+        self._own_offer: OfferSource | None = None
+        self._may_present = asyncio.Event()
+        self._window: asyncio.Task[bool] | None = None
+        self.own_offers_read = 0
 
     def subscribe(self) -> asyncio.Queue[JoinOfferEvent]:
         """A queue that receives every join offer read from now on."""
@@ -52,7 +66,48 @@ class DockPipeline:
         self._subscribers.append(queue)
         return queue
 
+    def present_own_offers(self, source: OfferSource) -> None:
+        """Present this box's join offer from `source` whenever nothing is docked."""
+        self._own_offer = source
+        if self.docked is False:
+            self._may_present.set()
+
     async def run(self) -> None:
+        """Follow the dock (and present this box's offer between docks) until cancelled."""
+        await asyncio.gather(self._follow(), self._present())
+
+    async def _present(self) -> None:
+        if self.nfc is None:
+            return
+        nfc, fresh = self.nfc, True
+        while True:
+            await self._may_present.wait()
+            source = self._own_offer
+            offer = await source(fresh) if source is not None else None
+            if offer is None:
+                await asyncio.sleep(_PRESENT_RETRY_S)
+                continue
+            fresh = False
+            try:
+                if nfc.state is not DriverState.OPEN:
+                    await nfc.open()
+                window = self._window = asyncio.ensure_future(nfc.offer(offer, _PRESENT_WINDOW_S))
+                try:
+                    await asyncio.wait({window})
+                finally:
+                    window.cancel()
+                    self._window = None
+                if window.cancelled():
+                    continue  # a dock took the antenna
+                if window.result():
+                    self.own_offers_read += 1
+                    log.info("own_join_offer_read", node=offer.node_id)
+                    fresh = True  # its token is the reader's now
+            except DriverError as exc:
+                log.warning("nfc_offer_failed", driver=nfc.name, error=str(exc))
+                await asyncio.sleep(_PRESENT_RETRY_S)
+
+    async def _follow(self) -> None:
         """Follow the dock until cancelled; a failing dock driver is reopened every few seconds."""
         while True:
             try:
@@ -77,8 +132,13 @@ class DockPipeline:
             if self.docked:
                 log.info("module_undocked", offer_node=self.offer.node_id if self.offer else None)
             self.docked, self.offer, self.offer_read_at = False, None, None
+            if self._own_offer is not None:
+                self._may_present.set()
             return
         self.docked = True
+        self._may_present.clear()
+        if self._window is not None:  # reading the docked module comes first
+            self._window.cancel()
         log.info("module_docked")
         offer = await self._read_offer()
         if offer is None or not self.docked:

@@ -18,7 +18,11 @@ from agent.errors import HardwareUnavailableError, InvalidRequestError, NotFound
 from drivers.base import JoinOffer
 from drivers.power.pdo import decode_pdo, encode_fixed_pdo, encode_pps_apdo
 from drivers.sim.board import SimBoard
+from drivers.sim.nfc import SimNfc
 from drivers.sim.world import DEFAULT_PDOS, SimModule
+
+# A reader held to the box waits this long for the antenna's next presenting window.
+TAP_WAIT_SECONDS = 5.0
 
 
 def _board(request: web.Request) -> SimBoard:
@@ -89,6 +93,18 @@ async def set_thermal(request: web.Request) -> web.Response:
     return web.json_response(sim_world.snapshot())
 
 
+async def tap_nfc(request: web.Request) -> web.Response:
+    """POST /v1/sim/nfc/tap: hold a simulated reader to the box; answers the join offer its antenna presents."""
+    nfc = request.app[HARDWARE_KEY].drivers.nfc
+    if not isinstance(nfc, SimNfc):
+        raise HardwareUnavailableError("this box has no simulated NFC antenna")
+    offer = await nfc.tap(timeout=TAP_WAIT_SECONDS)
+    if offer is None:
+        raise NotFoundError(f"the box presented no join offer within {TAP_WAIT_SECONDS:.0f} s", code="no_offer")
+    return web.json_response({"node_id": offer.node_id, "endpoint": offer.endpoint, "token": offer.token,
+                              "expires_at": offer.expires_at})
+
+
 async def inject_fault(request: web.Request) -> web.Response:
     """POST /v1/sim/faults: start injecting a fault into one twin."""
     body = parse_body(SimFaultBody, await read_json_body(request))
@@ -111,6 +127,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/sim/modules", stack_module)
     app.router.add_delete("/v1/sim/modules/{module_id}", unstack_module)
     app.router.add_put("/v1/sim/thermal", set_thermal)
+    app.router.add_post("/v1/sim/nfc/tap", tap_nfc)
     app.router.add_post("/v1/sim/faults", inject_fault)
     app.router.add_delete("/v1/sim/faults", clear_faults)
 

@@ -108,10 +108,12 @@ def test_docking_onto_a_box_joins_its_cluster_by_nfc(boxes: Callable[[str], Runn
     base, docked = boxes("box-a"), boxes("box-b")
     for agent in (base, docked):
         eventually(lambda agent=agent: topology(agent)["leader"], 15, "a leader")  # type: ignore[misc]
-    token = token_for(base)
-    # The simulated NFC tag of the box below carries its join offer; docking makes the hardware layer read it.
-    status, answer = call(docked, "POST", "/sim/modules", {
-        "id": "box-a", "offer": {"node_id": "box-a", "endpoint": token["server"], "token": token["token"]}})
+    # The box below presents its own join offer on its NFC antenna (a reader held to it reads a one-time token).
+    status, offer = call(base, "POST", "/sim/nfc/tap")
+    assert status == 200, offer
+    assert offer["node_id"] == "box-a" and offer["token"].startswith("K10") and offer["expires_at"] > time.time()
+    # Docking puts that offer under the docked box's antenna; its hardware layer reads it and the cluster joins.
+    status, answer = call(docked, "POST", "/sim/modules", {"id": "box-a", "offer": offer})
     assert status == 201, answer
 
     def joined() -> bool:
@@ -125,6 +127,10 @@ def test_docking_onto_a_box_joins_its_cluster_by_nfc(boxes: Callable[[str], Runn
     roles = {n["id"]: n["role"] for n in topology(docked)["nodes"]}
     assert roles == {"box-a": "voter", "box-b": "learner"}
     assert call(base, "GET", "/cluster")[1]["status"] == "healthy"
+    # The token that was read is spent: the base presents a new one for the next box.
+    status, next_offer = call(base, "POST", "/sim/nfc/tap")
+    assert status == 200 and next_offer["token"] != offer["token"]
+    assert any(line.get("event") == "own_join_offer_read" for line in base.log_lines())
 
 
 @pytest.mark.parametrize("lost", ["voter", "learner"])

@@ -186,3 +186,43 @@ async def test_thermal_polls_feed_the_watchdog_only_when_there_are_thermal_sourc
     assert sorted(set(beats)) == registered
     if registered:
         assert len(beats) >= 3
+
+
+async def test_the_box_presents_its_own_offer_between_docks_and_a_dock_takes_the_antenna_first(
+    hardware: tuple[HardwareManager, RecordingEngine],
+) -> None:
+    from drivers.base import JoinOffer
+    from drivers.sim.nfc import SimNfc
+
+    manager, _ = hardware
+    assert manager.dock is not None and manager.board is not None
+    nfc = manager.drivers.nfc
+    assert isinstance(nfc, SimNfc)
+    asked: list[bool] = []
+
+    async def own_offer(fresh: bool) -> JoinOffer:
+        asked.append(fresh)
+        return JoinOffer("box-a", "10.0.0.1:5382", token=f"K10token-{len(asked)}")
+
+    manager.dock.present_own_offers(own_offer)
+    first = await nfc.tap(timeout=5)
+    assert first is not None and first.node_id == "box-a"
+    # A read token is spent: the next window presents a fresh one (a reader tapping again within the same window
+    # reads the same message, as with a real antenna).
+    deadline = asyncio.get_running_loop().time() + 5
+    while (second := await nfc.tap(timeout=5)) is not None and second.token == first.token:
+        assert asyncio.get_running_loop().time() < deadline, "no fresh offer after the first was read"
+        await asyncio.sleep(0.05)
+    assert second is not None and asked[0] is True and True in asked[1:]
+
+    # A module docks: the reading of its tag is not held up by a presenting window, and nothing is presented
+    # while it stays docked.
+    offers = manager.dock.subscribe()
+    theirs = JoinOffer("thox-7f3a", "10.0.0.7:5382", token="K10abc::secret")
+    manager.board.world.stack(SimModule("thox-7f3a", (encode_fixed_pdo(5000, 3000),), theirs))
+    event = await asyncio.wait_for(offers.get(), 5)
+    assert event.offer == theirs and event.read_at - event.docked_at < 0.3
+    assert await nfc.tap(timeout=0.5) is None
+
+    manager.board.world.unstack("thox-7f3a")
+    assert await nfc.tap(timeout=5) is not None  # presenting again once undocked

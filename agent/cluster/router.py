@@ -34,6 +34,7 @@ ROUTED_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embedd
 # the least busy one (SGLang's cache-aware router balances at a similar absolute threshold).
 AFFINITY_SLACK = 4
 AFFINITY_ENTRIES = 4096
+_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=300)
 _FORWARDED_HEADERS = ("Content-Type", "Accept", "X-Request-ID")
 _ANSWER_HEADERS = ("Content-Type", "Cache-Control", "X-Request-ID")
 
@@ -99,7 +100,10 @@ class Router:
             raise ClusterUnavailableError("this box has no cluster certificate to reach other boxes with")
         if self._session is None or self._session.closed or context is not self._session_ssl:
             # A new identity (after a join) needs a new connection pool; ClusterNode closes the old one first.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=0))
+            # No cookies and no decompression: answers pass through byte for byte, with nothing done per request
+            # that a proxy hop does not need.
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=0),
+                                                  cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
             self._session_ssl = context
         return self._session
 
@@ -114,11 +118,10 @@ class Router:
         url = f"https://{host_port(str(node['address']), int(node['peer_port']))}{INFERENCE_PREFIX}{request.path_qs}"
         headers = {name: request.headers[name] for name in _FORWARDED_HEADERS if name in request.headers}
         headers["X-Forwarded-For"] = request.remote or ""
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=300)
         response: web.StreamResponse | None = None
         self.in_flight[node_id] += 1
         try:
-            async with self.session().post(url, data=body, headers=headers, timeout=timeout) as upstream:
+            async with self.session().post(url, data=body, headers=headers, timeout=_TIMEOUT) as upstream:
                 response = web.StreamResponse(status=upstream.status, headers={
                     name: upstream.headers[name] for name in _ANSWER_HEADERS if name in upstream.headers})
                 response.headers["X-Thox-Node"] = node_id

@@ -137,6 +137,11 @@ class Admission:
         except PkiError as exc:
             raise JoinRefused(f"the certificate request was refused: {exc}", code="bad_request", status=400) from exc
         learners = [member for member in members if member.is_learner]
+        if learners and len(members) - len(learners) >= MAX_VOTERS:
+            # etcd 3.4 takes one learner at a time and this stack has its three voters: a fifth box would need to
+            # run as an etcd client only, which is not built yet.
+            raise JoinRefused(f"this stack already has {MAX_VOTERS} voters and a standby member; boxes beyond the "
+                              "fourth are not supported yet", code="cluster_full", status=409)
         if learners and desired_voters(len(members) + 1) > len(members) - len(learners):
             # etcd allows one learner at a time: the waiting one becomes a voter before the next box comes in.
             await etcd_members.promote(self._client, learners[0].id)

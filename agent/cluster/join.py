@@ -60,6 +60,7 @@ REFUSAL_STATUS = {
     "token_unknown": 403,
     "bad_request": 400,
     "already_member": 409,
+    "cluster_full": 409,
     "cluster_unavailable": 503,
 }
 _JOINER_SIDE_STATUS = 502
@@ -69,9 +70,9 @@ class JoinRefused(Exception):
     """A join did not happen: refused by the cluster, or the cluster could not be reached or be trusted.
 
     `code` is machine-readable: token_invalid, token_used, token_expired, token_unknown, bad_request,
-    already_member, cluster_unavailable (and internal_error, 500, for a fault of the cluster's) come from the
-    server; unreachable, bad_answer and bad_grant are the joiner's own findings. `message` is for the user,
-    `status` is the HTTP status the peer API uses for it.
+    already_member, cluster_full, cluster_unavailable (and internal_error, 500, for a fault of the cluster's)
+    come from the server; unreachable, bad_answer and bad_grant are the joiner's own findings. `message` is for
+    the user, `status` is the HTTP status the peer API uses for it.
     """
 
     def __init__(self, message: str, *, code: str, status: int | None = None) -> None:

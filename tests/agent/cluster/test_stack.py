@@ -217,6 +217,11 @@ def test_a_box_gone_for_good_is_removed_and_a_learner_takes_its_vote(boxes: Call
     roles = eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"]}
                        if topology(first)["node_count"] == 4 else None, 60, "four live boxes")
     assert roles == {"box-a": "voter", "box-b": "voter", "box-c": "voter", "box-d": "learner"}
+    # A fifth box: etcd takes one learner at a time, so it is refused clearly, and its token is not spent.
+    fifth, token = boxes("box-e", quick), token_for(first)
+    status, answer = join(fifth, token)
+    assert status == 409 and answer["error"]["code"] == "cluster_full", answer
+    assert topology(fifth)["node_count"] == 1
 
     others["box-c"].process.send_signal(signal.SIGKILL)  # a voter pulled out and never brought back
     others["box-c"].process.wait(30)
@@ -229,6 +234,8 @@ def test_a_box_gone_for_good_is_removed_and_a_learner_takes_its_vote(boxes: Call
     summary = call(first, "GET", "/cluster")[1]
     assert summary["status"] == "healthy" and summary["voters"] == {"alive": 3, "expected": 3}
     assert any(line.get("event") == "member_removed" and line.get("node") == "box-c" for line in first.log_lines())
+    status, answer = join(fifth, token)  # room again: the same token lets the fifth box in as the standby
+    assert status == 200 and answer["role"] == "learner", answer
 
     # Brought back after all: its place was given away, so it carries on as a cluster of its own.
     returned = boxes("box-c", quick)
@@ -236,4 +243,4 @@ def test_a_box_gone_for_good_is_removed_and_a_learner_takes_its_vote(boxes: Call
                        "the returned box leading its own cluster")
     assert alone["cluster_id"] != cluster_id and alone["node_count"] == 1
     assert any(line.get("event") == "cluster_member_removed" for line in returned.log_lines())
-    assert sorted(n["id"] for n in topology(first)["nodes"]) == ["box-a", "box-b", "box-d"]
+    assert sorted(n["id"] for n in topology(first)["nodes"]) == ["box-a", "box-b", "box-d", "box-e"]

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 import agent
-from agent import cli_cluster, cli_config, cli_keys, cli_logs
+from agent import cli_cluster, cli_config, cli_keys, cli_logs, cli_placement
 from agent.cli_common import auth_headers, call_cluster, cluster_url, err, home_of, inference_url, out
 from agent.settings import SettingsError, load_settings
 
@@ -358,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = models.add_parser(
         "prepare", parents=[common], help="install bundled models and convert them (shows progress)")
     prepare.set_defaults(func=cmd_models_prepare)
+    cli_placement.add_parsers(models, common)
 
     status = sub.add_parser("status", parents=[common], help="health of the running agent")
     status.add_argument("--json", action="store_true", help="machine-readable output")

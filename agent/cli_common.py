@@ -50,20 +50,22 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-async def request_json(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session, session.request(
+async def request_json(method: str, url: str, body: dict[str, Any] | None = None,
+                       timeout: float = 300) -> tuple[int, Any]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session, session.request(
         method, url, json=body, headers=auth_headers()
     ) as response:
         return response.status, await response.json(content_type=None)
 
 
-def call_cluster(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+def call_cluster(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None,
+                 timeout: float = 300) -> Any:
     """Call the cluster API; prints the error envelope's message and returns None on failure."""
     url = f"{cluster_url(home_of(args))}{path}"
     try:
-        status, payload = asyncio.run(request_json(method, url, body))
-    except aiohttp.ClientError as exc:
-        err.print(f"[red]error:[/red] no agent answers at {url}: {exc}")
+        status, payload = asyncio.run(request_json(method, url, body, timeout))
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        err.print(f"[red]error:[/red] no agent answers at {url}: {exc or 'timed out'}")
         return None
     if status >= 400:
         message = payload.get("error", {}).get("message", payload) if isinstance(payload, dict) else payload

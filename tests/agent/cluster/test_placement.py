@@ -7,6 +7,8 @@ import hashlib
 import http.client
 import json
 import signal
+import subprocess
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -21,6 +23,11 @@ pytestmark = needs_etcd
 
 ALIAS = "smollm2-alias"
 DEFAULT = "smollm2-135m-instruct"
+
+
+def thox(agent: RunningAgent, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--home", str(agent.home)],
+                          capture_output=True, text=True, timeout=120, check=False)
 
 
 def ndjson_post(url: str, body: dict[str, Any]) -> tuple[int, str, list[dict[str, Any]]]:
@@ -92,6 +99,8 @@ def test_models_are_pulled_placed_replaced_after_a_box_dies_and_unloaded(
     assert placed["status"] == "ready" and sorted(r["node"] for r in placed["replicas"]) == ["box-a", "box-c"]
     assert all(r["state"] == "ready" and r["context_length"] == 512 for r in placed["replicas"])
     assert ALIAS in served_models(third) and ALIAS not in served_models(second)
+    listing = thox(second, "models", "placement")
+    assert listing.returncode == 0 and ALIAS in listing.stdout and "2/2" in listing.stdout, listing
     status, headers, answer = ask(third, ALIAS)
     assert status == 200 and "x-thox-node" not in headers, answer  # served where it is placed
     eventually(lambda: ALIAS in next(n for n in topology(second)["nodes"] if n["id"] == "box-c").get("models", []),
@@ -133,6 +142,8 @@ def test_a_model_no_single_box_can_hold_is_refused_and_nothing_is_placed(
     error = answer["error"]
     assert error["code"] == "model_too_large" and "no single box can hold it" in error["message"]
     assert "0.50 GB" in error["message"]
+    refused = thox(box, "models", "load", DEFAULT)
+    assert refused.returncode == 1 and "no single box can hold it" in refused.stderr
     assert call(box, "GET", "/models/placement")[1]["data"] == []
     # The pooled figure stays honest: the box's real RAM, not what it offers to models.
     summary = call(box, "GET", "/cluster")[1]

@@ -241,6 +241,8 @@ class EtcdMember:
         self._stopping = False
         self._tail: deque[str] = deque(maxlen=_TAIL_LINES)
         self._removed = False  # etcd said this member was removed from its cluster
+        # Told when the running member is removed from its cluster: restarting it cannot help, its owner decides.
+        self.on_removed: Callable[[], None] | None = None
         self._log = _BoundedLog(config.log_file, config.log_max_bytes)
         self._client: aetcd.Client | None = None
         self._lock = asyncio.Lock()
@@ -547,6 +549,10 @@ class EtcdMember:
                 log.warning("etcd_exited", member=self.config.name, pid=proc.pid, code=code,
                             stderr_tail=self.stderr_tail(_ERROR_TAIL_LINES))
                 self._proc = None
+                if self._removed and self.on_removed is not None:
+                    log.error("etcd_member_removed", member=self.config.name)
+                    self.on_removed()
+                    return
                 if time.monotonic() - self._started_at >= _STABLE_AFTER_S:
                     delay = _BACKOFF_MIN_S
             log.warning("etcd_restarting", member=self.config.name, delay_s=delay, restarts=self.restarts + 1)

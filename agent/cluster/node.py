@@ -316,19 +316,14 @@ class ClusterNode:
         member = self._member_for(identity)
         if founding:
             await member.start_new(identity.cluster_id)
+            await self._run(identity, member, founded=True)
         else:
             try:
                 await member.start_existing()
             except MemberRemoved:
-                # Gone longer than the stack waits for a box: its place was given away. Carry on as a box of its
-                # own (its old cluster is kept aside); docking it again or `thox cluster join` brings it back.
-                previous = await asyncio.to_thread(_retire, settings.cluster_dir)
-                log.warning("cluster_member_removed", cluster_id=identity.cluster_id, node=self.node_id,
-                            kept_in=str(previous), action="founding a cluster of its own; join the stack again")
-                identity = await asyncio.to_thread(found_cluster, settings, self.node_id, self.address)
-                member, founding = self._member_for(identity), True
-                await member.start_new(identity.cluster_id)
-        await self._run(identity, member, founded=founding)
+                await self._found_anew(identity)
+            else:
+                await self._run(identity, member, founded=False)
         dock = self._dock()
         if dock is not None:
             # Docked onto another box: join its cluster with the offer its NFC presents. Undocked: present ours.
@@ -351,6 +346,29 @@ class ClusterNode:
         return JoinOffer(node_id=self.node_id, endpoint=host_port(self.address, self.peer_port), token=token_text,
                          expires_at=int(expires))
 
+    async def _found_anew(self, removed_from: Identity) -> None:
+        """This box was removed from its cluster (gone longer than the stack waits for a box): carry on as a box of
+        its own, the old cluster kept aside; docking it again or `thox cluster join` brings it back."""
+        previous = await asyncio.to_thread(_retire, self.settings.cluster_dir)
+        log.warning("cluster_member_removed", cluster_id=removed_from.cluster_id, node=self.node_id,
+                    kept_in=str(previous), action="founding a cluster of its own; join the stack again")
+        identity = await asyncio.to_thread(found_cluster, self.settings, self.node_id, self.address)
+        log.info("cluster_founded", cluster_id=identity.cluster_id, node=self.node_id)
+        member = self._member_for(identity)
+        await member.start_new(identity.cluster_id)
+        await self._run(identity, member, founded=True)
+
+    async def _removed_while_running(self) -> None:
+        async with self._join_lock:
+            identity = self.identity
+            await self._leave()
+            if identity is not None:
+                try:
+                    await self._found_anew(identity)
+                except (EtcdError, PkiError, OSError) as exc:
+                    self.unavailable_reason = str(exc)
+                    log.error("cluster_unavailable", error=str(exc))
+
     @property
     def _tls_dir(self) -> Path:
         return self.settings.cluster_dir / "tls"
@@ -363,7 +381,11 @@ class ClusterNode:
             tls=PeerTls(identity.ca_path, identity.cert_path, identity.key_path),
             peer_port=cluster.etcd_peer_port, client_port=cluster.etcd_client_port,
             client_tls_port=cluster.etcd_client_tls_port))
+        self.member.on_removed = self._on_member_removed
         return self.member
+
+    def _on_member_removed(self) -> None:
+        self._spawn_task(self._removed_while_running(), "cluster-refound")
 
     async def _run(self, identity: Identity, member: EtcdMember, *, founded: bool) -> None:
         """With etcd serving: the peer API, then campaign, publish our record, admit others, keep the voters."""

@@ -333,7 +333,8 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     inference_app = build_inference_app(
         serving, max_request_bytes=api.max_request_bytes, security=inference_security,
         routing=routing_middleware(cluster.router, lambda model: _local_load(registry, model)) if cluster else None)
-    cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware, live, cluster), hardware,
+    cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware, live, cluster,
+                                                  loader.engines), hardware,
                                     max_request_bytes=api.max_request_bytes, security=cluster_security)
     asyncio.get_running_loop().add_signal_handler(
         signal.SIGHUP, lambda: supervisor.spawn(_reload_on_signal(live), name="config-reload"))

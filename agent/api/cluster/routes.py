@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ class HealthSources:
     hardware: HardwareManager | None = None
     config: LiveConfig | None = None
     cluster: ClusterNode | None = None
+    # Engine hosts of models the cluster placed on this box (they come and go while the agent runs).
+    placed_engines: Callable[[], Sequence[EngineHost]] = tuple
 
 
 HEALTH_KEY = web.AppKey("health_sources", HealthSources)
@@ -33,7 +36,8 @@ HEALTH_KEY = web.AppKey("health_sources", HealthSources)
 
 def health_report(sources: HealthSources) -> dict[str, Any]:
     """The /v1/health body: `status` is "ok" only while every engine is ready and no thermal limit applies."""
-    states = {engine.state for engine in sources.engines}
+    placed = sources.placed_engines()
+    states = {engine.state for engine in (*sources.engines, *placed)}
     if states == {EngineState.READY}:
         status = "ok"
     elif states <= {EngineState.STARTING, EngineState.READY}:
@@ -49,6 +53,7 @@ def health_report(sources: HealthSources) -> dict[str, Any]:
         "uptime_seconds": round(time.monotonic() - sources.started_monotonic, 3),
         "version": agent.__version__,
         "engine": engines[0] if len(engines) == 1 else {"state": status, "models": engines},
+        **({"placed_models": [engine.health() for engine in placed]} if placed else {}),
         "event_loop": sources.event_loop.report(),
         **({"temperature_c": hardware.pop("temperature_c"), "hardware": hardware} if hardware else {}),
         **({"config": {"restart_required": sources.config.restart_required}} if sources.config else {}),

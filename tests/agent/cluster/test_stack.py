@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import json
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from zeroconf import IPVersion, Zeroconf
@@ -179,11 +183,44 @@ def test_requests_for_a_model_held_elsewhere_are_routed_and_streamed(
     missing = http_json("POST", f"{entry.inference_url}/chat/completions", {**question, "model": "nope"})
     assert missing[0] == 404 and missing[2]["error"]["code"] == "model_not_found"
 
+    # A client that hangs up mid-stream cancels the generation on the replica, not only on the box it called.
+    long_question = {**question, "max_tokens": 1500, "stream": True,
+                     "messages": [{"role": "user", "content": "Count from 1 to 2000, separated by commas."}]}
+    with routed_stream(entry, long_question) as (_, first_events):
+        assert first_events and b"[DONE]" not in first_events
+        assert replica.health()["engine"]["active_streams"] == 1
+    eventually(lambda: replica.health()["engine"]["active_streams"] == 0, 3, "the replica's generation cancelled")
+
+    # The replica dies mid-stream: the client's stream ends with a clean error event, not a hang or a cut.
+    with routed_stream(entry, long_question) as (response, first_events):
+        replica.process.send_signal(signal.SIGKILL)
+        replica.process.wait(10)
+        rest = first_events + response.read()
+    events = [line[len(b"data: "):] for line in rest.split(b"\n") if line.startswith(b"data: ")]
+    assert events[-1] != b"[DONE]"
+    assert json.loads(events[-1])["error"]["code"] == "replica_lost"
+
     # The replica gone: its record expires with its lease, and nothing is routed to it any more.
-    replica.process.send_signal(signal.SIGKILL)
-    replica.process.wait(10)
     eventually(lambda: http_json("POST", f"{entry.inference_url}/chat/completions", question)[0] == 404, 10,
                "no routing to the dead replica")
+
+
+@contextlib.contextmanager
+def routed_stream(agent: RunningAgent, body: dict[str, Any]) -> Iterator[tuple[http.client.HTTPResponse, bytes]]:
+    """A streamed request, open, with its first few events read; closing the connection hangs up."""
+    connection = http.client.HTTPConnection("127.0.0.1", int(agent.inference_url.split(":")[2].split("/")[0]),
+                                            timeout=60)
+    try:
+        connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                           headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        assert response.status == 200 and response.getheader("X-Thox-Node") == "box-b"
+        first = b""
+        while first.count(b"data: ") < 4:
+            first += response.read1(65536)
+        yield response, first
+    finally:
+        connection.close()
 
 
 def test_mdns_advertises_the_box_and_finds_the_cluster_for_a_join(boxes: Callable[..., RunningAgent]) -> None:

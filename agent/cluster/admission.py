@@ -18,8 +18,8 @@ import structlog
 
 from agent.cluster import etcd as etcd_members
 from agent.cluster.etcd import EtcdError
-from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest
-from agent.cluster.membership import RPC_TIMEOUT_SECONDS
+from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest, Role
+from agent.cluster.membership import NODES_PREFIX, RPC_TIMEOUT_SECONDS
 from agent.cluster.net import host_port
 from agent.cluster.pki import ClusterCA, Identity, PkiError
 from agent.cluster.tokens import DEFAULT_TOKEN_TTL_SECONDS, JoinToken, TokenError, TokenRecord, TokenRecordError
@@ -131,6 +131,9 @@ class Admission:
         if any(member.name == request.node_id for member in members):
             raise JoinRefused(f"a box named {request.node_id} is already a member of this cluster",
                               code="already_member", status=409)
+        if await wait_for(self._client.get(NODES_PREFIX + request.node_id.encode()), RPC_TIMEOUT_SECONDS):
+            raise JoinRefused(f"a box named {request.node_id} is already live in this cluster",
+                              code="already_member", status=409)
         try:
             cert = await asyncio.to_thread(ca.issue, request.csr_pem.encode(), request.node_id,
                                            sorted({request.address}), [request.node_id])
@@ -138,10 +141,10 @@ class Admission:
             raise JoinRefused(f"the certificate request was refused: {exc}", code="bad_request", status=400) from exc
         learners = [member for member in members if member.is_learner]
         if learners and len(members) - len(learners) >= MAX_VOTERS:
-            # etcd 3.4 takes one learner at a time and this stack has its three voters: a fifth box would need to
-            # run as an etcd client only, which is not built yet.
-            raise JoinRefused(f"this stack already has {MAX_VOTERS} voters and a standby member; boxes beyond the "
-                              "fourth are not supported yet", code="cluster_full", status=409)
+            # etcd 3.4 takes one learner at a time and this stack has its three voters and its standby: boxes
+            # beyond the fourth run no etcd member and reach the cluster through the voters' client ports.
+            log.info("join_admitted", node=request.node_id, address=request.address, role="client")
+            return self._grant(ca, request, cert, "client", "", members, voter_client_urls(members))
         if learners and desired_voters(len(members) + 1) > len(members) - len(learners):
             # etcd allows one learner at a time: the waiting one becomes a voter before the next box comes in.
             await etcd_members.promote(self._client, learners[0].id)
@@ -152,11 +155,15 @@ class Admission:
             raise JoinRefused(f"the cluster cannot take a member now: {exc}", code="cluster_unavailable",
                               status=503) from exc
         log.info("join_admitted", node=request.node_id, address=request.address, role="learner")
+        return self._grant(ca, request, cert, "learner", initial_cluster, members,
+                           voter_client_urls(await etcd_members.members(self._client)))
+
+    def _grant(self, ca: ClusterCA, request: JoinRequest, cert: bytes, role: Role, initial_cluster: str,
+               members: list[etcd_members.MemberInfo], client_urls: list[str]) -> JoinGrant:
         return JoinGrant(
             cluster_id=self._identity.cluster_id, node_cert_pem=cert.decode(), ca_cert_pem=ca.cert_pem.decode(),
-            ca_key_pem=ca.key_pem.decode(), initial_cluster=initial_cluster, role="learner", leader=self._leader(),
-            members=sorted([*(m.name for m in members if m.name), request.node_id]),
-            client_urls=voter_client_urls(await etcd_members.members(self._client)))
+            ca_key_pem=ca.key_pem.decode(), initial_cluster=initial_cluster, role=role, leader=self._leader(),
+            members=sorted([*(m.name for m in members if m.name), request.node_id]), client_urls=client_urls)
 
 
 def voter_client_urls(members: list[etcd_members.MemberInfo]) -> list[str]:

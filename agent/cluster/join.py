@@ -15,7 +15,8 @@ Wire format (JSON objects):
 
 - request  `{"token_id", "secret", "node_id", "csr_pem", "address", "etcd_peer_port"}`
 - grant    `{"cluster_id", "node_cert_pem", "ca_cert_pem", "ca_key_pem", "initial_cluster", "role", "leader",
-  "members"}`
+  "members", "client_urls"}`; role "client" (a box beyond the fourth, no etcd member of its own) comes with an
+  empty initial_cluster and the voters' client URLs
 - refusal  `{"error": {"message", "type", "param": null, "code"}}` with the status `JoinRefused.status` gives.
 """
 
@@ -48,8 +49,8 @@ MAX_CA_BYTES = 64 * 1024
 MAX_GRANT_BYTES = 256 * 1024
 MAX_PEM_CHARS = 16 * 1024
 
-Role = Literal["voter", "learner"]
-ROLES: tuple[Role, ...] = ("voter", "learner")
+Role = Literal["voter", "learner", "client"]
+ROLES: tuple[Role, ...] = ("voter", "learner", "client")
 
 # The HTTP status the peer API answers each refusal with. Codes not listed (the joiner's own findings, such as
 # "unreachable" or "bad_grant") never travel over the wire and get 502: the fault is on the far side.
@@ -60,7 +61,6 @@ REFUSAL_STATUS = {
     "token_unknown": 403,
     "bad_request": 400,
     "already_member": 409,
-    "cluster_full": 409,
     "cluster_unavailable": 503,
 }
 _JOINER_SIDE_STATUS = 502
@@ -70,7 +70,7 @@ class JoinRefused(Exception):
     """A join did not happen: refused by the cluster, or the cluster could not be reached or be trusted.
 
     `code` is machine-readable: token_invalid, token_used, token_expired, token_unknown, bad_request,
-    already_member, cluster_full, cluster_unavailable (and internal_error, 500, for a fault of the cluster's)
+    already_member, cluster_unavailable (and internal_error, 500, for a fault of the cluster's)
     come from the server; unreachable, bad_answer and bad_grant are the joiner's own findings. `message` is for
     the user, `status` is the HTTP status the peer API uses for it.
     """
@@ -196,9 +196,11 @@ class JoinGrant:
         """
         what = "join grant"
         data = _decode_object(text, what, _bad_grant)
-        for name in ("cluster_id", "initial_cluster"):
-            if not isinstance(data.get(name), str) or not data[name]:
-                _bad_grant(f"{what}'s {name!r} must be a non-empty string")
+        if not isinstance(data.get("cluster_id"), str) or not data["cluster_id"]:
+            _bad_grant(f"{what}'s 'cluster_id' must be a non-empty string")
+        member = data.get("role") != "client"  # a client runs no etcd member: it has no cluster to start with
+        if not isinstance(data.get("initial_cluster"), str) or (member and not data["initial_cluster"]):
+            _bad_grant(f"{what}'s 'initial_cluster' must be a non-empty string")
         node_cert_pem = _pem_field(data, "node_cert_pem", "CERTIFICATE", what, _bad_grant)
         ca_cert_pem = _pem_field(data, "ca_cert_pem", "CERTIFICATE", what, _bad_grant)
         ca_key_pem = _pem_field(data, "ca_key_pem", "PRIVATE KEY", what, _bad_grant)
@@ -215,6 +217,8 @@ class JoinGrant:
         if not isinstance(client_urls, list) or not all(
                 isinstance(url, str) and url.startswith("https://") for url in client_urls):
             _bad_grant(f"{what}'s 'client_urls' must be a list of https URLs")
+        if not member and not client_urls:
+            _bad_grant(f"{what} makes this box a client but names no voter to reach the cluster through")
         return cls(data["cluster_id"], node_cert_pem, ca_cert_pem, ca_key_pem, data["initial_cluster"], role, leader,
                    list(members), list(client_urls))
 

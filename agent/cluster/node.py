@@ -93,6 +93,7 @@ CLIENT_CHECK_SECONDS = 1.0
 REFORM_AFTER_SECONDS = 5.0
 DISCOVERY_WAIT_SECONDS = 5.0
 VOTERS_FILE = "voters.json"  # the voters' client URLs, for a learner that restarts
+CLIENT_FILE = "client-only"  # present on a box beyond the fourth: it runs no etcd member of its own
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 
@@ -230,7 +231,7 @@ def _retire(cluster_dir: Path) -> Path:
     """Blocking: move this box's own cluster (etcd data, certificates) aside before it joins another."""
     previous = cluster_dir / f"previous-{int(time.time())}"
     previous.mkdir(mode=0o700)
-    for name in ("etcd", "tls", "etcd.pid", "etcd.log", VOTERS_FILE):
+    for name in ("etcd", "tls", "etcd.pid", "etcd.log", VOTERS_FILE, CLIENT_FILE):
         if (cluster_dir / name).exists():
             (cluster_dir / name).rename(previous / name)
     return previous
@@ -238,7 +239,7 @@ def _retire(cluster_dir: Path) -> Path:
 
 def _restore(cluster_dir: Path, previous: Path) -> None:
     """Blocking: a join that failed after the switch puts the box's own cluster back."""
-    for name in ("etcd", "tls", "etcd.pid", "etcd.log", VOTERS_FILE):
+    for name in ("etcd", "tls", "etcd.pid", "etcd.log", VOTERS_FILE, CLIENT_FILE):
         if (cluster_dir / name).exists():
             shutil.rmtree(cluster_dir / name) if (cluster_dir / name).is_dir() else (cluster_dir / name).unlink()
         if (previous / name).exists():
@@ -313,17 +314,24 @@ class ClusterNode:
         if identity is None:
             identity = await asyncio.to_thread(found_cluster, settings, self.node_id, self.address)
             log.info("cluster_founded", cluster_id=identity.cluster_id, node=self.node_id)
-        member = self._member_for(identity)
-        if founding:
+        if not founding and await asyncio.to_thread((settings.cluster_dir / CLIENT_FILE).exists):
+            self.identity, self.member = identity, None  # a box beyond the fourth: no etcd member of its own
+            await self._run(identity, None, founded=False)
+        elif founding:
+            member = self._member_for(identity)
             await member.start_new(identity.cluster_id)
             await self._run(identity, member, founded=True)
         else:
+            member = self._member_for(identity)
             try:
                 await member.start_existing()
             except MemberRemoved:
                 await self._found_anew(identity)
             else:
                 await self._run(identity, member, founded=False)
+        self._watch_dock()
+
+    def _watch_dock(self) -> None:
         dock = self._dock()
         if dock is not None:
             # Docked onto another box: join its cluster with the offer its NFC presents. Undocked: present ours.
@@ -387,7 +395,7 @@ class ClusterNode:
     def _on_member_removed(self) -> None:
         self._spawn_task(self._removed_while_running(), "cluster-refound")
 
-    async def _run(self, identity: Identity, member: EtcdMember, *, founded: bool) -> None:
+    async def _run(self, identity: Identity, member: EtcdMember | None, *, founded: bool) -> None:
         """With etcd serving: the peer API, then campaign, publish our record, admit others, keep the voters."""
         self._offered = None  # a token of the cluster this box was in before is worth nothing now
         client = await self._pick_client(identity, member)
@@ -483,18 +491,20 @@ class ClusterNode:
         self.election = self.registry = None
         self.admission = None
 
-    async def _pick_client(self, identity: Identity, member: EtcdMember) -> aetcd.Client:
-        """Our own member if it is a voter; a voter's client port over mutual TLS while ours is a learner."""
-        local = await member.client()
-        if not (await etcd_members.status(local, timeout=RPC_TIMEOUT_SECONDS)).is_learner:
-            return local
+    async def _pick_client(self, identity: Identity, member: EtcdMember | None) -> aetcd.Client:
+        """Our own member if it is a voter; a voter's client port over mutual TLS while ours is a learner, or for
+        good on a box that runs no member (beyond the fourth)."""
+        if member is not None:
+            local = await member.client()
+            if not (await etcd_members.status(local, timeout=RPC_TIMEOUT_SECONDS)).is_learner:
+                return local
         urls = await asyncio.to_thread(_load_voter_urls, self.settings.cluster_dir)
         if not urls:
-            raise EtcdError("this box's etcd member is a learner and no voter's client URL is known")
+            raise EtcdError("this box reaches the cluster through a voter and no voter's client URL is known")
         return TlsEtcdClient(urls, ClientTls(identity.ca_pem, identity.cert_pem, identity.key_pem),
-                             timeout=member.config.request_timeout_s)
+                             timeout=EtcdConfig.request_timeout_s)
 
-    async def _keep_client(self, identity: Identity, member: EtcdMember) -> None:
+    async def _keep_client(self, identity: Identity, member: EtcdMember | None) -> None:
         """While using a voter's port: follow membership, move to another voter when it stops answering, go back
         to our own member once promoted, and, in a two-box stack whose voter is gone, re-form alone."""
         failures, unreachable_since = 0, None
@@ -504,11 +514,12 @@ class ClusterNode:
             if not isinstance(client, TlsEtcdClient):
                 continue
             try:
-                own = await etcd_members.status(await member.client(), timeout=RPC_TIMEOUT_SECONDS)
-                if not own.is_learner:
-                    log.info("etcd_client_switched", node=self.node_id, to="own member (promoted to voter)")
-                    await self._switch_to_own_member(identity, member, client)
-                    continue
+                if member is not None:
+                    own = await etcd_members.status(await member.client(), timeout=RPC_TIMEOUT_SECONDS)
+                    if not own.is_learner:
+                        log.info("etcd_client_switched", node=self.node_id, to="own member (promoted to voter)")
+                        await self._switch_to_own_member(identity, member, client)
+                        continue
                 current = await wait_for(etcd_members.members(client), RPC_TIMEOUT_SECONDS)
                 failures, unreachable_since = 0, None
                 self._member_count = len(current)
@@ -519,7 +530,7 @@ class ClusterNode:
                 failures += 1
                 now = time.monotonic()
                 unreachable_since = unreachable_since or now
-                if self._member_count == 2 and now - unreachable_since >= REFORM_AFTER_SECONDS:
+                if member is not None and self._member_count == 2 and now - unreachable_since >= REFORM_AFTER_SECONDS:
                     await self._reform_alone(identity, member, client)
                     continue
                 if failures >= 2 and len(client.endpoints) > 1:
@@ -668,26 +679,35 @@ class ClusterNode:
                                     grant.node_cert_pem.encode(), key, grant.ca_key_pem.encode())
             identity = await asyncio.to_thread(read_identity, self._tls_dir)
             assert identity is not None  # just written
-            member = self._member_for(identity)
-            try:
-                await member.start_joining(grant.initial_cluster)
-            except EtcdError as exc:
-                log.error("cluster_join_start_failed", cluster_id=grant.cluster_id, error=str(exc))
-                await member.stop()
-                await asyncio.to_thread(_restore, self.settings.cluster_dir, previous)
-                restored = await asyncio.to_thread(read_identity, self._tls_dir)
-                if restored is not None:
-                    old = self._member_for(restored)
-                    await old.start_existing()
-                    await self._run(restored, old, founded=False)
-                raise JoinRefused(f"this box could not start as a member of {grant.cluster_id} and stays in its own "
-                                  "cluster; see `thox logs --filter etcd`", code="cluster_unavailable",
-                                  status=503) from None
+            member: EtcdMember | None = None
+            if grant.role == "client":  # beyond the fourth box: no etcd member, the voters' client ports only
+                await asyncio.to_thread(atomic_write_bytes, self.settings.cluster_dir / CLIENT_FILE, b"")
+                self.identity, self.member = identity, None
+            else:
+                member = self._member_for(identity)
+                await self._start_joining(member, grant, previous)
             await self._run(identity, member, founded=False)
             log.info("cluster_joined", cluster_id=grant.cluster_id, node=self.node_id, role=grant.role,
                      members=grant.members)
             return {"cluster_id": grant.cluster_id, "role": grant.role, "members": grant.members,
                     "leader": grant.leader}
+
+    async def _start_joining(self, member: EtcdMember, grant: JoinGrant, previous: Path) -> None:
+        """Start this box's member in the cluster it was admitted to; on failure put its own cluster back."""
+        try:
+            await member.start_joining(grant.initial_cluster)
+        except EtcdError as exc:
+            log.error("cluster_join_start_failed", cluster_id=grant.cluster_id, error=str(exc))
+            await member.stop()
+            await asyncio.to_thread(_restore, self.settings.cluster_dir, previous)
+            restored = await asyncio.to_thread(read_identity, self._tls_dir)
+            if restored is not None:
+                old = self._member_for(restored)
+                await old.start_existing()
+                await self._run(restored, old, founded=False)
+            raise JoinRefused(f"this box could not start as a member of {grant.cluster_id} and stays in its own "
+                              "cluster; see `thox logs --filter etcd`", code="cluster_unavailable",
+                              status=503) from None
 
     def _record(self) -> dict[str, Any]:
         place = self._placement(self.address)

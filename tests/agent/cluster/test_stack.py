@@ -241,7 +241,9 @@ def test_mdns_advertises_the_box_and_finds_the_cluster_for_a_join(boxes: Callabl
     assert answer["cluster_id"] == topology(base)["cluster_id"]
 
 
-def test_a_box_gone_for_good_is_removed_and_a_learner_takes_its_vote(boxes: Callable[..., RunningAgent]) -> None:
+def test_boxes_beyond_the_fourth_are_clients_and_a_box_gone_for_good_is_removed(
+    boxes: Callable[..., RunningAgent],
+) -> None:
     quick = {"THOX_CLUSTER_REMOVE_AFTER_SECONDS": "5"}
     first = boxes("box-a", quick)
     eventually(lambda: topology(first)["leader"] == "box-a", 15, "box-a leading")
@@ -254,11 +256,13 @@ def test_a_box_gone_for_good_is_removed_and_a_learner_takes_its_vote(boxes: Call
     roles = eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"]}
                        if topology(first)["node_count"] == 4 else None, 60, "four live boxes")
     assert roles == {"box-a": "voter", "box-b": "voter", "box-c": "voter", "box-d": "learner"}
-    # A fifth box: etcd takes one learner at a time, so it is refused clearly, and its token is not spent.
-    fifth, token = boxes("box-e", quick), token_for(first)
-    status, answer = join(fifth, token)
-    assert status == 409 and answer["error"]["code"] == "cluster_full", answer
-    assert topology(fifth)["node_count"] == 1
+    # A fifth box: etcd takes one learner at a time, so it joins as a client of the voters (no etcd member).
+    fifth = boxes("box-e", quick)
+    status, answer = join(fifth, token_for(first))
+    assert status == 200 and answer["role"] == "client", answer
+    eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"] if n["alive"]}.get("box-e") == "client",
+               30, "box-e live as a client")
+    assert topology(fifth)["cluster_id"] == cluster_id
 
     others["box-c"].process.send_signal(signal.SIGKILL)  # a voter pulled out and never brought back
     others["box-c"].process.wait(30)
@@ -271,21 +275,28 @@ def test_a_box_gone_for_good_is_removed_and_a_learner_takes_its_vote(boxes: Call
     summary = call(first, "GET", "/cluster")[1]
     assert summary["status"] == "healthy" and summary["voters"] == {"alive": 3, "expected": 3}
     assert any(line.get("event") == "member_removed" and line.get("node") == "box-c" for line in first.log_lines())
-    status, answer = join(fifth, token)  # room again: the same token lets the fifth box in as the standby
-    assert status == 200 and answer["role"] == "learner", answer
-    eventually(lambda: any(n["id"] == "box-e" and n["alive"] for n in topology(first)["nodes"]), 30, "box-e live")
+    # The client box restarts as a client of the same cluster (it has no member to bring back).
+    fifth.process.send_signal(signal.SIGKILL)
+    fifth.process.wait(30)
+    fifth = boxes("box-e", quick)
+    eventually(lambda: topology(fifth)["cluster_id"] == cluster_id and any(
+        n["id"] == "box-e" and n["alive"] for n in topology(first)["nodes"]), 30, "box-e back as a client")
 
     # A box that is frozen (or cut off) longer than the stack waits is removed while its etcd still runs; when it
     # wakes up its member has been refused by the others, and it carries on as a cluster of its own.
-    fifth.process.send_signal(signal.SIGSTOP)
+    frozen = others["box-d"]
+    frozen.process.send_signal(signal.SIGSTOP)
     try:
-        eventually(lambda: "box-e" not in {n["id"] for n in topology(first)["nodes"]}, 60, "box-e removed")
+        eventually(lambda: "box-d" not in {n["id"] for n in topology(first)["nodes"]}, 60, "box-d removed")
     finally:
-        fifth.process.send_signal(signal.SIGCONT)
-    woken = eventually(lambda: topology(fifth) if topology(fifth)["leader"] == "box-e" else None, 60,
+        frozen.process.send_signal(signal.SIGCONT)
+    woken = eventually(lambda: topology(frozen) if topology(frozen)["leader"] == "box-d" else None, 60,
                        "the woken box leading its own cluster")
     assert woken["cluster_id"] != cluster_id and woken["node_count"] == 1
-    assert any(line.get("event") == "etcd_member_removed" for line in fifth.log_lines())
+    assert any(line.get("event") == "etcd_member_removed" for line in frozen.log_lines())
+    # Two voters left and no standby: a client box is not turned into a member (not built), so the stack says so.
+    summary = call(first, "GET", "/cluster")[1]
+    assert summary["status"] == "degraded" and summary["voters"] == {"alive": 2, "expected": 3}
 
     # Brought back after all: its place was given away, so it carries on as a cluster of its own.
     returned = boxes("box-c", quick)
@@ -293,4 +304,4 @@ def test_a_box_gone_for_good_is_removed_and_a_learner_takes_its_vote(boxes: Call
                        "the returned box leading its own cluster")
     assert alone["cluster_id"] != cluster_id and alone["node_count"] == 1
     assert any(line.get("event") == "cluster_member_removed" for line in returned.log_lines())
-    assert sorted(n["id"] for n in topology(first)["nodes"]) == ["box-a", "box-b", "box-d"]
+    assert sorted(n["id"] for n in topology(first)["nodes"]) == ["box-a", "box-b", "box-e"]

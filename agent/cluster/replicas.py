@@ -51,6 +51,8 @@ class ReplicaKeeper:
         self._work: dict[str, asyncio.Task[None]] = {}
         self._pulling: dict[str, asyncio.Task[None]] = {}
         self._assigned_at: dict[str, Any] = {}
+        # One copy of a model at a time: an assignment and a pull request for it must not share a staging file.
+        self._copying: dict[str, asyncio.Lock] = {}
 
     def report(self) -> dict[str, Any]:
         """This box's part of its node record."""
@@ -114,7 +116,13 @@ class ReplicaKeeper:
             log.warning("replica_failed", model=model, error=str(exc))
 
     async def _copy(self, model: str, state: dict[str, Any]) -> None:
-        """Pull `model` from the leader's store, or from another live box that has it."""
+        """Pull `model` from the leader's store, or from another live box that has it (unless a copy that ran
+        meanwhile already brought it)."""
+        async with self._copying.setdefault(model, asyncio.Lock()):
+            if await asyncio.to_thread(self._loader.store.get, model) is None:
+                await self._copy_now(model, state)
+
+    async def _copy_now(self, model: str, state: dict[str, Any]) -> None:
         source = self._source(model)
         if source is None:
             raise PullError(f"no other live box has {model!r} in its store to copy it from")
@@ -145,8 +153,7 @@ class ReplicaKeeper:
     async def _pull(self, client: aetcd.Client, model: str) -> None:
         state = self.pulls[model]
         try:
-            if await asyncio.to_thread(self._loader.store.get, model) is None:
-                await self._copy(model, state)
+            await self._copy(model, state)
             state.update(state="done", progress=1.0)
         except (PullError, ClusterUnavailableError) as exc:
             state.update(state="failed", error=str(exc))

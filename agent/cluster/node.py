@@ -611,9 +611,14 @@ class ClusterNode:
             log.info("dock_joined", cluster_id=joined["cluster_id"], offer_node=offer.node_id,
                      dock_to_member_ms=round((asyncio.get_running_loop().time() - event.docked_at) * 1000))
 
-    async def _leave(self) -> None:
-        """Stop taking part: tasks (revoking leases hands leadership over at once), peer API, etcd."""
-        await self.discovery.stop()
+    async def _leave(self, *, withdraw_mdns: bool = True) -> None:
+        """Stop taking part: tasks (revoking leases hands leadership over at once), peer API, etcd.
+
+        A join keeps the mDNS advertisement (`withdraw_mdns=False`): the one for the new cluster replaces it in the
+        background, and stopping it here would wait for a first registration still probing (up to 2 s).
+        """
+        if withdraw_mdns:
+            await self.discovery.stop()
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             keeper.cancel()
@@ -671,7 +676,7 @@ class ClusterNode:
             key = await asyncio.to_thread(NodeKey.create)
             grant = await join_cluster(host, port, token, node_id=self.node_id, key_pem=key, address=self.address,
                                        etcd_peer_port=self.settings.cluster.etcd_peer_port)
-            await self._leave()
+            await self._leave(withdraw_mdns=False)
             previous = await asyncio.to_thread(_retire, self.settings.cluster_dir)
             await asyncio.to_thread(_save_voter_urls, self.settings.cluster_dir, grant.client_urls)
             self._member_count = len(grant.members)

@@ -802,7 +802,6 @@ class ClusterNode:
         """Ask for `spec` (replaces an earlier request for the model; failed replicas are tried again)."""
         client = self._require()[2]
         nodes = await self._live_view()
-        check_fits(nodes, spec.model, self.settings.engine.kv_budget_tokens)
         unknown = sorted(set(spec.nodes) - set(nodes))
         if unknown:
             raise PlacementRefused(f"not live boxes of this cluster: {', '.join(unknown)}", code="node_not_found",
@@ -810,6 +809,10 @@ class ClusterNode:
         if spec.nodes and spec.replicas > len(spec.nodes):
             raise PlacementRefused(f"{spec.replicas} replicas cannot fit on the {len(spec.nodes)} box(es) named",
                                    code="invalid_value")
+        if spec.replicas > len(nodes):
+            raise PlacementRefused(f"{spec.replicas} replicas need as many boxes; {len(nodes)} are live (one replica "
+                                   "per box)", code="invalid_value")
+        check_fits(nodes, spec.model, self.settings.engine.kv_budget_tokens)
         try:
             current = await ClusterPlacement.read(client)
             for node_id in current.assignments.get(spec.model, {}):  # asking again retries failed replicas

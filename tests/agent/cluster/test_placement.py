@@ -155,6 +155,8 @@ def test_a_model_no_single_box_can_hold_is_refused_and_nothing_is_placed(
     assert call(box, "POST", "/models/load", {"model": "nope"})[1]["error"]["code"] == "model_not_found"
     assert call(box, "POST", "/models/load", {"model": "all-minilm-l6-v2"})[1]["error"]["code"] == \
         "model_not_supported"
+    too_many = call(box, "POST", "/models/load", {"model": DEFAULT, "replicas": 2})
+    assert too_many[0] == 400 and "1 are live" in too_many[1]["error"]["message"]
     bad = call(box, "POST", "/models/load", {"model": DEFAULT, "replicas": 0})
     assert bad[0] == 400 and bad[1]["error"]["param"] == "replicas"
 

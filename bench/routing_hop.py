@@ -1,4 +1,4 @@
-"""The cost of the routing hop itself: the agent's router and routing middleware, with nothing else running.
+"""The cost of the routing hop itself: the entry box's middleware chain and router, with nothing else running.
 
 Usage:
   .venv/bin/python -m bench.routing_hop [--requests 500]
@@ -6,8 +6,8 @@ Usage:
 bench/cluster.py measures routing through real agents; on a small machine that figure also holds the scheduling
 of three agents, three etcd members and their engines competing for the cores. This isolates what the hop adds:
 one process runs an upstream that answers a streamed chat request at once (over the peer API's mutual TLS, and
-over plain HTTP for the direct path), a front server with the real `routing_middleware` and `Router`, and the
-client. Time to first body byte, direct versus through the hop, p50 each, alternating. Results also go to
+over plain HTTP for the direct path), a front server with the agent's middleware chain on 8080 (request ids,
+access policy with default settings, `routing_middleware` with the real `Router`), and the client. Time to first body byte, direct versus through the hop, p50 each, alternating. Results also go to
 bench/results/routing_hop.json.
 """
 
@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from agent.api.middleware import request_context
 from agent.api.routing import routing_middleware
+from agent.api.security import AccessRules, SecurityPolicy, add_rate_headers, security_middleware
 from agent.cluster import pki
 from agent.cluster.peer import INFERENCE_PREFIX
 from agent.cluster.pki import ClusterCA, NodeKey, make_csr
 from agent.cluster.router import Router
+from agent.security.keys import KeyStore
+from agent.settings import ApiSettings
 
 RESULTS = Path(__file__).parent / "results" / "routing_hop.json"
 PATH = "/v1/chat/completions"
@@ -69,7 +74,12 @@ async def run(requests: int) -> dict[str, Any]:
     replica = {"id": "box-b", "address": "127.0.0.1", "peer_port": peer_port, "models": ["m"], "load": {}}
     client_tls = pki.client_context_from_pem(ca.cert_pem, client_cert, client_key)
     router = Router(lambda: "box-a", lambda: {"box-b": replica}, lambda: client_tls)
-    front = web.Application(middlewares=[routing_middleware(router, lambda model: None)])
+    # The entry box's real middleware chain on 8080: request ids, access policy (default settings), routing.
+    keys = KeyStore(Path(tempfile.mkdtemp(prefix="thox-bench-keys-")) / "keys.json")
+    policy = SecurityPolicy(AccessRules.from_settings(ApiSettings(), "inference"), keys, "inference")
+    front = web.Application(middlewares=[request_context, security_middleware(policy),
+                                         routing_middleware(router, lambda model: None)])
+    front.on_response_prepare.append(add_rate_headers)
     front.router.add_post(PATH, _not_here)
     hop = web.AppRunner(front, access_log=None)
     await hop.setup()

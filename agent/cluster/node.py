@@ -850,9 +850,9 @@ class ClusterNode:
             if spec is None:
                 raise PlacementRefused(f"{model!r} is not placed in this cluster", code="model_not_placed",
                                        status=404)
-            return view(spec, current.assignments.get(model, {}), nodes)
-        return {"object": "list", "data": [view(spec, current.assignments.get(name, {}), nodes)
-                                           for name, spec in sorted(current.specs.items())]}
+            return view(spec, current.assignments, nodes, self.settings.engine.kv_budget_tokens)
+        return {"object": "list", "data": [view(spec, current.assignments, nodes, self.settings.engine.kv_budget_tokens)
+                                           for spec in sorted(current.specs.values(), key=lambda s: s.model)]}
 
     async def request_pull(self, model: str, targets: list[str] | None) -> list[str]:
         """Ask boxes (named, else every live box without it) to copy `model` into their stores; returns them."""

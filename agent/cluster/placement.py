@@ -165,6 +165,23 @@ def assignment_key(node: str, model: str) -> bytes:
     return ASSIGNMENTS_PREFIX + f"{node}/{model}".encode()
 
 
+def candidates(spec: PlacementSpec, needed: int, everything: Mapping[str, Mapping[str, Any]],
+               nodes: NodeRecords, kv_budget_tokens: int) -> list[str]:
+    """Boxes that could take another replica of `spec.model`, best first: it fits beside what they serve and are
+    assigned, boxes already holding the file first (no copy), then the least loaded, then the most free memory."""
+    assigned = everything.get(spec.model, {})
+    ranked = []
+    for node_id, node in nodes.items():
+        if node_id in assigned or (spec.nodes and node_id not in spec.nodes):
+            continue
+        pending = {model for model, on in everything.items() if node_id in on}
+        free = capacity_bytes(node) - used_bytes(node, kv_budget_tokens, pending)
+        if needed <= free:
+            has_file = spec.model in (node.get("store") or {})
+            ranked.append((not has_file, len(node.get("models") or []), -free, node_id))
+    return [node_id for *_, node_id in sorted(ranked)]
+
+
 class Placer:
     """On the leader: makes the assignments match the specs and the live boxes."""
 
@@ -199,17 +216,8 @@ class Placer:
         facts = model_facts(nodes, spec.model)
         if facts is None or need == 0:
             return
-        needed = model_bytes(facts, self._kv_budget_tokens)
-        candidates = []
-        for node_id, node in nodes.items():
-            if node_id in assigned or (spec.nodes and node_id not in spec.nodes):
-                continue
-            pending = {m for m, on in everything.items() if node_id in on}
-            free = capacity_bytes(node) - used_bytes(node, self._kv_budget_tokens, pending)
-            if needed <= free:
-                has_file = spec.model in (node.get("store") or {})
-                candidates.append((not has_file, len(node.get("models") or []), -free, node_id))
-        for *_, node_id in sorted(candidates)[:need]:
+        for node_id in candidates(spec, model_bytes(facts, self._kv_budget_tokens), everything, nodes,
+                                  self._kv_budget_tokens)[:need]:
             record = {"context_length": spec.context_length, "assigned_at": round(time.time(), 3)}
             await wait_for(self._client.put(assignment_key(node_id, spec.model), json.dumps(record).encode()),
                            RPC_TIMEOUT_SECONDS)
@@ -240,8 +248,11 @@ def pull_key(node: str, model: str) -> bytes:
     return PULLS_PREFIX + f"{node}/{model}".encode()
 
 
-def view(spec: PlacementSpec, assigned: Mapping[str, Mapping[str, Any]], nodes: NodeRecords) -> dict[str, Any]:
-    """One model's placement as the API shows it: the request, each replica's state, and an overall status."""
+def view(spec: PlacementSpec, everything: Mapping[str, Mapping[str, Mapping[str, Any]]], nodes: NodeRecords,
+         kv_budget_tokens: int) -> dict[str, Any]:
+    """One model's placement as the API shows it: the request, each replica's state, an overall status, and why
+    replicas are missing when no box can take them."""
+    assigned = everything.get(spec.model, {})
     replicas = [{"node": node_id, **replica_state(nodes, node_id, spec.model)} for node_id in sorted(assigned)]
     ready = sum(r["state"] == "ready" for r in replicas)
     if ready >= spec.replicas:
@@ -250,5 +261,14 @@ def view(spec: PlacementSpec, assigned: Mapping[str, Mapping[str, Any]], nodes: 
         status = "failed"
     else:
         status = "placing"
-    return {"model": spec.model, "status": status, "replicas_wanted": spec.replicas, "replicas_ready": ready,
-            "context_length": spec.context_length, "nodes": list(spec.nodes) or None, "replicas": replicas}
+    placed = {"model": spec.model, "status": status, "replicas_wanted": spec.replicas, "replicas_ready": ready,
+              "context_length": spec.context_length, "nodes": list(spec.nodes) or None, "replicas": replicas}
+    working = sum(r["state"] != "failed" for r in replicas)
+    facts = model_facts(nodes, spec.model)
+    if working < spec.replicas and facts is not None:
+        needed = model_bytes(facts, kv_budget_tokens)
+        if not candidates(spec, needed, everything, nodes, kv_budget_tokens):
+            among = "of the boxes named" if spec.nodes else "live"
+            placed["waiting"] = (f"{spec.replicas - working} more replica(s) wanted, but no box {among} without one "
+                                 f"has {needed / 1e9:.2f} GB free for it")
+    return placed

@@ -163,7 +163,7 @@ def test_a_model_no_single_box_can_hold_is_refused_and_nothing_is_placed(
 
 def test_a_saturated_box_hands_requests_to_a_less_busy_replica(boxes: Callable[..., RunningAgent]) -> None:
     busy = boxes("box-a", {"THOX_ENGINE_MAX_BATCH": "1"})
-    spare = boxes("box-b")
+    spare = boxes("box-b", {"THOX_CLUSTER_MODEL_MEMORY_GB": "1.0"})  # room for its default model only
     eventually(lambda: topology(busy)["leader"], 15, "a leader")
     assert join(spare, token_for(busy))[0] == 200
     eventually(lambda: topology(busy)["node_count"] == 2, 60, "two live boxes")
@@ -189,3 +189,9 @@ def test_a_saturated_box_hands_requests_to_a_less_busy_replica(boxes: Callable[.
     # Idle again, box-a serves its own requests.
     status, headers, _ = ask(busy, DEFAULT)
     assert status == 200 and "x-thox-node" not in headers
+
+    # Two replicas wanted, room for one: the answer says which is missing and why, instead of waiting silently.
+    status, placed = call(busy, "POST", "/models/load", {"model": DEFAULT, "replicas": 2, "timeout_seconds": 3})
+    assert status == 202 and placed["status"] == "placing", placed
+    assert [(r["node"], r["state"]) for r in placed["replicas"]] == [("box-a", "ready")]
+    assert "1 more replica(s) wanted" in placed["waiting"] and "GB free" in placed["waiting"]

@@ -526,6 +526,8 @@ class ClusterNode:
                 urls = voter_client_urls(current)
                 await client.use_endpoints(urls)
                 await asyncio.to_thread(_save_voter_urls, self.settings.cluster_dir, urls)
+                if member is None and self._first_client_without_standby(current):
+                    member = await self._become_member(identity, client)
             except (aetcd.exceptions.ClientError, EtcdError, TimeoutError) as exc:
                 failures += 1
                 now = time.monotonic()
@@ -537,6 +539,38 @@ class ClusterNode:
                     log.info("etcd_client_unanswered", endpoint=client.endpoint, error=str(exc))
                     await client.rotate()
                     failures = 0
+
+    def _first_client_without_standby(self, members: list[MemberInfo]) -> bool:
+        """A client box should become the standby member: the stack has none, and this is the live client with
+        the lowest id (the others wait their turn, so they do not race for etcd's one learner place)."""
+        if any(m.is_learner or not m.name for m in members):
+            return False
+        named = {m.name for m in members}
+        clients = sorted(node_id for node_id in self.live_nodes if node_id not in named)
+        return bool(clients) and clients[0] == self.node_id
+
+    async def _become_member(self, identity: Identity, client: TlsEtcdClient) -> EtcdMember | None:
+        """Turn this client box into the stack's standby (a learner the leader promotes when a vote is free)."""
+        peer_url = f"https://{host_port(self.address, self.settings.cluster.etcd_peer_port)}"
+        try:
+            member_id, initial_cluster = await etcd_members.add_learner(client, self.node_id, peer_url)
+        except EtcdError as exc:
+            log.info("standby_not_added", node=self.node_id, error=str(exc))
+            return None
+        member = self._member_for(identity)
+        try:
+            await member.start_joining(initial_cluster)
+        except EtcdError as exc:
+            log.error("standby_start_failed", node=self.node_id, error=str(exc))
+            await member.stop()
+            self.member = None
+            with contextlib.suppress(aetcd.exceptions.ClientError, EtcdError, TimeoutError):
+                await wait_for(etcd_members.remove(client, member_id), RPC_TIMEOUT_SECONDS)
+            await asyncio.to_thread(shutil.rmtree, self.settings.cluster_dir / "etcd", True)
+            return None
+        await asyncio.to_thread((self.settings.cluster_dir / CLIENT_FILE).unlink, True)
+        log.info("client_became_member", node=self.node_id, role="learner")
+        return member
 
     async def _switch_to_own_member(self, identity: Identity, member: EtcdMember, client: TlsEtcdClient) -> None:
         await self._stop_tasks()

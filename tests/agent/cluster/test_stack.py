@@ -275,12 +275,15 @@ def test_boxes_beyond_the_fourth_are_clients_and_a_box_gone_for_good_is_removed(
     summary = call(first, "GET", "/cluster")[1]
     assert summary["status"] == "healthy" and summary["voters"] == {"alive": 3, "expected": 3}
     assert any(line.get("event") == "member_removed" and line.get("node") == "box-c" for line in first.log_lines())
-    # The client box restarts as a client of the same cluster (it has no member to bring back).
+    # The client box restarts as a client of the same cluster (it has no member to bring back); the stack has had
+    # no standby since box-d took box-c's vote, so the client becomes the standby member.
     fifth.process.send_signal(signal.SIGKILL)
     fifth.process.wait(30)
     fifth = boxes("box-e", quick)
-    eventually(lambda: topology(fifth)["cluster_id"] == cluster_id and any(
-        n["id"] == "box-e" and n["alive"] for n in topology(first)["nodes"]), 30, "box-e back as a client")
+    eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"] if n["alive"]}.get("box-e") == "learner",
+               60, "box-e back, as the standby")
+    assert topology(fifth)["cluster_id"] == cluster_id
+    assert any(line.get("event") == "client_became_member" for line in fifth.log_lines())
 
     # A box that is frozen (or cut off) longer than the stack waits is removed while its etcd still runs; when it
     # wakes up its member has been refused by the others, and it carries on as a cluster of its own.
@@ -294,9 +297,11 @@ def test_boxes_beyond_the_fourth_are_clients_and_a_box_gone_for_good_is_removed(
                        "the woken box leading its own cluster")
     assert woken["cluster_id"] != cluster_id and woken["node_count"] == 1
     assert any(line.get("event") == "etcd_member_removed" for line in frozen.log_lines())
-    # Two voters left and no standby: a client box is not turned into a member (not built), so the stack says so.
-    summary = call(first, "GET", "/cluster")[1]
-    assert summary["status"] == "degraded" and summary["voters"] == {"alive": 2, "expected": 3}
+    # The standby (the former client) takes the free vote.
+    eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"]}.get("box-e") == "voter", 60,
+               "box-e voting")
+    eventually(lambda: call(first, "GET", "/cluster")[1]["status"] == "healthy", 30, "healthy again")
+    assert call(first, "GET", "/cluster")[1]["voters"] == {"alive": 3, "expected": 3}
 
     # Brought back after all: its place was given away, so it carries on as a cluster of its own.
     returned = boxes("box-c", quick)

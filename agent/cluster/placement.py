@@ -201,7 +201,8 @@ class Placer:
                     await self._delete(node_id, model, "node_lost")
                     del assigned[node_id]
         for model, spec in state.specs.items():
-            await self._place(spec, state.assignments.get(model, {}), state.assignments, nodes)
+            # setdefault: assignments made for one model count against the boxes' memory for the next.
+            await self._place(spec, state.assignments.setdefault(model, {}), state.assignments, nodes)
 
     async def _place(self, spec: PlacementSpec, assigned: dict[str, Mapping[str, Any]],
                      everything: Mapping[str, Mapping[str, Mapping[str, Any]]], nodes: NodeRecords) -> None:
@@ -221,6 +222,7 @@ class Placer:
             record = {"context_length": spec.context_length, "assigned_at": round(time.time(), 3)}
             await wait_for(self._client.put(assignment_key(node_id, spec.model), json.dumps(record).encode()),
                            RPC_TIMEOUT_SECONDS)
+            assigned[node_id] = record
             log.info("replica_assigned", model=spec.model, node=node_id)
 
     async def _delete(self, node_id: str, model: str, reason: str) -> None:
@@ -268,7 +270,7 @@ def view(spec: PlacementSpec, everything: Mapping[str, Mapping[str, Mapping[str,
     if working < spec.replicas and facts is not None:
         needed = model_bytes(facts, kv_budget_tokens)
         if not candidates(spec, needed, everything, nodes, kv_budget_tokens):
-            among = "of the boxes named" if spec.nodes else "live"
-            placed["waiting"] = (f"{spec.replicas - working} more replica(s) wanted, but no box {among} without one "
+            which = "named" if spec.nodes else "live"
+            placed["waiting"] = (f"{spec.replicas - working} more replica(s) wanted, but no {which} box without one "
                                  f"has {needed / 1e9:.2f} GB free for it")
     return placed

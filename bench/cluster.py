@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import signal
@@ -36,7 +35,7 @@ from typing import Any
 
 import aiohttp
 
-from agent.models.bundled import BUNDLED_MODELS
+from tests.bundled import install_alias
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = REPO / ".cache" / "test-models"
@@ -49,26 +48,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _alias(home: Path, alias: str) -> None:
-    """The bundled chat model under another id (manifest only), so boxes serve different model ids."""
-    bundled = next(m for m in BUNDLED_MODELS if m.id == "smollm2-135m-instruct")
-    source = bundled.locate()
-    assert source is not None, "the bundled model package is not installed (make setup)"
-    entry = {"id": alias, "file": f"{bundled.id}/{bundled.filename}", "size": source.stat().st_size,
-             "sha256": hashlib.sha256(source.read_bytes()).hexdigest(), "format": bundled.format,
-             "quantization": bundled.quantization, "capabilities": list(bundled.capabilities),
-             "source": "bench alias of the bundled model", "license": bundled.license, "installed_at": 0,
-             "sampling_defaults": dict(bundled.sampling_defaults), "chat_template": bundled.chat_template}
-    (home / "models").mkdir(parents=True)
-    (home / "models" / "manifest.json").write_text(json.dumps({"version": 1, "models": [entry]}))
-
-
 class Box:
     def __init__(self, root: Path, name: str, model: str | None) -> None:
         self.name, self.home = name, root / name
         self.home.mkdir(parents=True)
         if model is not None:
-            _alias(self.home, model)
+            install_alias(self.home, model, purpose="bench")
         env = {**os.environ, "THOX_HOME": str(self.home), "THOX_LOG_FORMAT": "json",
                "THOX_CACHE_DIR": str(MODEL_CACHE), "THOX_ENGINE_THREADS": "1", "THOX_CLUSTER_NODE_ID": name,
                **({"THOX_DEFAULT_MODEL": model} if model else {}),
@@ -200,9 +185,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=40)
     args = parser.parse_args()
-    report = asyncio.run(run(args.requests))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    save_report(RESULTS, asyncio.run(run(args.requests)))
+
+
+def save_report(path: Path, report: dict[str, Any]) -> None:
+    """Keep a benchmark's JSON report under bench/results and print it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
@@ -34,6 +33,7 @@ from agent.cluster.pki import ClusterCA, NodeKey, make_csr
 from agent.cluster.router import Router
 from agent.security.keys import KeyStore
 from agent.settings import ApiSettings
+from bench.cluster import save_report
 
 RESULTS = Path(__file__).parent / "results" / "routing_hop.json"
 PATH = "/v1/chat/completions"
@@ -116,10 +116,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=500)
     args = parser.parse_args()
-    report = asyncio.run(run(args.requests))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    save_report(RESULTS, asyncio.run(run(args.requests)))
 
 
 if __name__ == "__main__":

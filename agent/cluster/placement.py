@@ -36,7 +36,6 @@ log = structlog.get_logger("agent.cluster.placement")
 PLACEMENT_PREFIX = b"/thox/placement/"
 ASSIGNMENTS_PREFIX = b"/thox/assignments/"
 PULLS_PREFIX = b"/thox/pulls/"
-MAX_REPLICAS = 16
 
 NodeRecords = Mapping[str, Mapping[str, Any]]
 

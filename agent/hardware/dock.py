@@ -58,7 +58,6 @@ class DockPipeline:
         self._own_offer: OfferSource | None = None
         self._may_present = asyncio.Event()
         self._window: asyncio.Task[bool] | None = None
-        self.own_offers_read = 0
 
     def subscribe(self) -> asyncio.Queue[JoinOfferEvent]:
         """A queue that receives every join offer read from now on."""
@@ -100,7 +99,6 @@ class DockPipeline:
                 if window.cancelled():
                     continue  # a dock took the antenna
                 if window.result():
-                    self.own_offers_read += 1
                     log.info("own_join_offer_read", node=offer.node_id)
                     fresh = True  # its token is the reader's now
             except DriverError as exc:

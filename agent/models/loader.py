@@ -12,7 +12,7 @@ import asyncio
 import itertools
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -54,12 +54,10 @@ class ModelLoadError(Exception):
     """A model could not be loaded here; the message says why."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Loaded:
     model: ChatModel
     task: asyncio.Task[None]
-    context_length: int | None
-    loaded_at: float = field(default_factory=time.time)
 
 
 class ModelLoader:
@@ -85,9 +83,6 @@ class ModelLoader:
     def loaded(self) -> list[str]:
         """Ids of the models placed and ready here (not the default)."""
         return sorted(self._loaded)
-
-    def serves(self, model_id: str) -> bool:
-        return any(model.id == model_id for model in self.registry.all())
 
     async def load(self, model_id: str, context_length: int | None = None) -> int:
         """Serve an installed chat model here (no-op when already served); returns its context length."""
@@ -127,7 +122,7 @@ class ModelLoader:
             await asyncio.gather(task, return_exceptions=True)
             self._detach(engine)
             raise
-        self._loaded[installed.id] = _Loaded(ChatModel(installed, text, engine), task, context_length)
+        self._loaded[installed.id] = _Loaded(ChatModel(installed, text, engine), task)
         self.registry.add_chat(self._loaded[installed.id].model)
         log.info("model_loaded", model=installed.id, max_context=engine.max_context, pid=engine.pid)
         return engine.max_context

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import shutil
@@ -14,9 +13,7 @@ from typing import Any
 
 import pytest
 
-from agent.models.bundled import BUNDLED_MODELS
 from tests.agent_process import RunningAgent, cluster_env, http_json, start_agent
-from tests.bundled import smollm2_gguf
 
 needs_etcd = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed (Debian etcd-server; "
                                 "scripts/system-deps.sh installs it)")
@@ -60,20 +57,6 @@ def topology(agent: RunningAgent) -> dict[str, Any]:
     status, answer = call(agent, "GET", "/topology")
     assert status == 200, answer
     return answer  # type: ignore[no-any-return]
-
-
-def install_alias(home: Path, alias: str) -> None:
-    """Give a box the bundled chat model under another id (its manifest only; the file comes with the bundle), so
-    two boxes serve different models without a second model download."""
-    bundled = next(m for m in BUNDLED_MODELS if m.id == "smollm2-135m-instruct")
-    gguf = smollm2_gguf()
-    entry = {"id": alias, "file": f"{bundled.id}/{bundled.filename}", "size": gguf.stat().st_size,
-             "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(), "format": bundled.format,
-             "quantization": bundled.quantization, "capabilities": list(bundled.capabilities),
-             "source": "test alias of the bundled model", "license": bundled.license, "installed_at": 0,
-             "sampling_defaults": dict(bundled.sampling_defaults), "chat_template": bundled.chat_template}
-    (home / "models").mkdir(parents=True)
-    (home / "models" / "manifest.json").write_text(json.dumps({"version": 1, "models": [entry]}))
 
 
 def http_raw(url: str, body: dict[str, Any]) -> bytes:

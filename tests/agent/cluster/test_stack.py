@@ -20,13 +20,13 @@ from tests.agent.cluster.stack import (
     call,
     eventually,
     http_raw,
-    install_alias,
     join,
     needs_etcd,
     token_for,
     topology,
 )
 from tests.agent_process import RunningAgent, http_json
+from tests.bundled import install_alias
 
 pytestmark = needs_etcd
 

@@ -1,28 +1,17 @@
-"""HTTP routes of the OpenAI-compatible API (port 8080): parsing, SSE and WebSocket framing only.
+"""HTTP routes of the OpenAI-compatible API (port 8080): parsing, SSE framing, and the WebSocket's entry point.
 
-WebSocket `/v1/stream` event format (one JSON text message per event):
-  client -> server   a chat completion request body (`model` optional, `messages`, sampling parameters; `stream`
-                     and `stream_options` are implied and may be omitted), optionally with a client `"id"` that is
-                     echoed in every event of that request; or `{"type": "cancel"}` to stop the current request.
-  server -> client   `{"type": "chunk", "request": <client id or null>, "id", "object": "chat.completion.chunk",
-                     "created", "model", "choices": [{"index": 0, "delta": {"content": "..."}, ...}]}`, every
-                     chunk carrying text in `choices[0].delta.content` (the first also `role: "assistant"`);
-                     then `{"type": "done", "request", "id", "model", "finish_reason", "usage": {...}}`;
-                     or `{"type": "error", "request", "error": {"message", "type", "param", "code"}}`.
-Requests on one connection run one after another in the order sent; a bad request gets an error event and the
-connection stays open.
+The WebSocket `/v1/stream` and its event format live in `agent.api.openai.stream_socket`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
 import structlog
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from agent.api.body import parse_body, read_json_body
 from agent.api.middleware import REQUEST_ID_HEADER, REQUEST_ID_KEY
@@ -38,7 +27,8 @@ from agent.api.openai.serving import (
     now,
     usage_chunk,
 )
-from agent.errors import AgentError, InvalidRequestError
+from agent.api.openai.stream_socket import stream_socket as serve_stream_socket
+from agent.errors import AgentError
 
 log = structlog.get_logger("agent.api.openai")
 
@@ -178,92 +168,9 @@ async def _completion_events(
 # ------------------------------------------------------------------------ websocket
 
 
-async def _ws_run_one(ws: web.WebSocketResponse, serving: OpenAIServing, payload: dict[str, Any]) -> None:
-    client_id = payload.pop("id", None)
-    payload.pop("type", None)
-    payload.setdefault("stream", True)
-    try:
-        body = parse_body(ChatCompletionRequest, payload)
-        prepared = await serving.prepare_chat(body)
-        completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
-        first = True
-        async with prepared.model.engine.admission(), aclosing(serving.generate_text(prepared)) as stream:
-            async for item in stream:
-                if isinstance(item, Finish):
-                    await ws.send_json({"type": "done", "request": client_id, "id": completion_id, "model": model,
-                                        "finish_reason": item.finish_reason, "usage": item.usage()})
-                    return
-                delta = {"role": "assistant", "content": item} if first else {"content": item}
-                first = False
-                event = chat_chunk(completion_id, created, model, delta, None, with_usage_field=False)
-                await ws.send_json({"type": "chunk", "request": client_id, **event})
-    except AgentError as exc:
-        await ws.send_json({"type": "error", "request": client_id, **exc.envelope()})
-
-
-async def _ws_send_error(ws: web.WebSocketResponse, client_id: Any, error: AgentError) -> None:
-    await ws.send_json({"type": "error", "request": client_id, **error.envelope()})
-
-
-async def _ws_worker(ws: web.WebSocketResponse, serving: OpenAIServing, queue: asyncio.Queue[dict[str, Any]],
-                     current: list[asyncio.Task[None]]) -> None:
-    """Run queued requests one at a time; a client cancel ends only the request in progress."""
-    while True:
-        payload = await queue.get()
-        client_id = payload.get("id")
-        task = asyncio.create_task(_ws_run_one(ws, serving, payload))
-        current[:] = [task]
-        try:
-            await task
-        except asyncio.CancelledError:
-            if not task.cancelled():  # the worker itself is being cancelled, not just this request
-                task.cancel()
-                raise
-            if not ws.closed:
-                await ws.send_json({"type": "done", "request": client_id, "finish_reason": "cancelled",
-                                    "usage": None})
-        finally:
-            current.clear()
-
-
 async def stream_socket(request: web.Request) -> web.WebSocketResponse:
-    """WebSocket /v1/stream: chat completions as JSON events (format in the module docstring)."""
-    serving = request.app[SERVING_KEY]
-    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=request.app[MAX_MESSAGE_BYTES_KEY])
-    ws.headers[REQUEST_ID_HEADER] = request[REQUEST_ID_KEY]
-    await ws.prepare(request)
-    log.info("stream_socket_opened")
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    current: list[asyncio.Task[None]] = []
-    worker = asyncio.create_task(_ws_worker(ws, serving, queue, current), name="ws-worker")
-    try:
-        async for message in ws:
-            if message.type == WSMsgType.BINARY:
-                await _ws_send_error(ws, None, InvalidRequestError(
-                    "send requests as JSON text messages", code="invalid_json"))
-                continue
-            if message.type != WSMsgType.TEXT:
-                continue
-            try:
-                payload = json.loads(message.data)
-            except ValueError as exc:
-                await _ws_send_error(ws, None, InvalidRequestError(
-                    f"message is not valid JSON: {exc}", code="invalid_json"))
-                continue
-            if not isinstance(payload, dict):
-                await _ws_send_error(ws, None, InvalidRequestError(
-                    "each message must be a JSON object", code="invalid_json"))
-            elif payload.get("type") == "cancel":
-                for task in current:
-                    task.cancel()
-            else:
-                queue.put_nowait(payload)
-    finally:
-        # The client left (or the server stops): whatever is generating for it is cancelled.
-        worker.cancel()
-        await asyncio.gather(worker, return_exceptions=True)
-        log.info("stream_socket_closed")
-    return ws
+    """WebSocket /v1/stream: chat completions as JSON events (format in agent.api.openai.stream_socket)."""
+    return await serve_stream_socket(request, request.app[SERVING_KEY], request.app[MAX_MESSAGE_BYTES_KEY])
 
 
 async def embeddings(request: web.Request) -> web.Response:

@@ -1,0 +1,162 @@
+"""WebSocket `/v1/stream`: chat completions as JSON events over one long-lived connection.
+
+Event format (one JSON text message per event):
+  client -> server   a chat completion request body (`model` optional, `messages`, sampling parameters; `stream`
+                     and `stream_options` are implied and may be omitted), optionally with a client `"id"` that is
+                     echoed in every event of that request; or `{"type": "cancel"}` to stop the current request.
+  server -> client   `{"type": "chunk", "request": <client id or null>, "id", "object": "chat.completion.chunk",
+                     "created", "model", "choices": [{"index": 0, "delta": {"content": "..."}, ...}]}`, every
+                     chunk carrying text in `choices[0].delta.content` (the first also `role: "assistant"`);
+                     then `{"type": "done", "request", "id", "model", "finish_reason", "usage": {...}}`;
+                     a cancelled request ends with `{"type": "done", "request", "finish_reason": "cancelled",
+                     "usage": null}`;
+                     or `{"type": "error", "request", "error": {"message", "type", "param", "code"}}`.
+Requests on one connection run one after another in the order sent; a bad request gets an error event and the
+connection stays open. When the client goes away, the request in progress is cancelled (its generation leaves the
+engine's batch) and nothing the connection started outlives it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import aclosing
+from typing import Any
+
+import structlog
+from aiohttp import WSMsgType, web
+
+from agent.api.body import parse_body
+from agent.api.middleware import REQUEST_ID_HEADER, REQUEST_ID_KEY
+from agent.api.openai.protocol import ChatCompletionRequest
+from agent.api.openai.serving import Finish, OpenAIServing, chat_chunk, new_id, now
+from agent.errors import AgentError, InvalidRequestError
+
+log = structlog.get_logger("agent.api.openai")
+
+
+class _Connection:
+    """One socket: the handler reads messages, a worker runs the queued requests one at a time."""
+
+    def __init__(self, ws: web.WebSocketResponse, serving: OpenAIServing) -> None:
+        self.ws = ws
+        self.serving = serving
+        self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._current: asyncio.Task[None] | None = None
+        # Set only by a client's cancel message: the one reason a request task may end cancelled while the
+        # worker itself goes on.
+        self._client_cancelled = False
+
+    def cancel_current(self) -> None:
+        """The client asked to stop the request in progress (a no-op when none runs)."""
+        task = self._current
+        if task is not None and not task.done():
+            self._client_cancelled = True
+            task.cancel()
+
+    async def send(self, event: dict[str, Any]) -> None:
+        await self.ws.send_json(event)
+
+    async def run_requests(self) -> None:
+        """Run queued requests in order until cancelled (the socket closed); re-raises its own cancellation."""
+        while True:
+            payload = await self.queue.get()
+            client_id = payload.get("id")
+            self._client_cancelled = False
+            task = asyncio.create_task(self._run_one(payload), name="ws-request")
+            self._current = task
+            try:
+                # Not `await task`: that would turn the worker's own cancellation into the request's and the
+                # worker could not tell them apart.
+                await asyncio.wait({task})
+            except asyncio.CancelledError:
+                task.cancel()
+                await asyncio.wait({task})
+                raise
+            finally:
+                self._current = None
+            event = self._closing_event(task, client_id)
+            if event is None or self.ws.closed:
+                continue
+            try:
+                await self.send(event)
+            except ConnectionError:  # the client went away meanwhile; the handler cancels this worker
+                continue
+
+    def _closing_event(self, task: asyncio.Task[None], client_id: Any) -> dict[str, Any] | None:
+        """The event that ends a finished request whose task could not send one itself."""
+        if task.cancelled():
+            if self._client_cancelled:
+                return {"type": "done", "request": client_id, "finish_reason": "cancelled", "usage": None}
+            return None
+        failure = task.exception()
+        if failure is None or isinstance(failure, ConnectionError):  # done, or the client went away mid-send
+            return None
+        log.error("stream_request_crashed", exc_info=failure)
+        return {"type": "error", "request": client_id,
+                **AgentError("internal error while generating; see the agent log").envelope()}
+
+    async def _run_one(self, payload: dict[str, Any]) -> None:
+        client_id = payload.pop("id", None)
+        payload.pop("type", None)
+        payload.setdefault("stream", True)
+        try:
+            body = parse_body(ChatCompletionRequest, payload)
+            prepared = await self.serving.prepare_chat(body)
+            completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
+            first = True
+            async with prepared.model.engine.admission(), \
+                    aclosing(self.serving.generate_text(prepared)) as stream:
+                async for item in stream:
+                    if isinstance(item, Finish):
+                        await self.send({"type": "done", "request": client_id, "id": completion_id, "model": model,
+                                         "finish_reason": item.finish_reason, "usage": item.usage()})
+                        return
+                    delta = {"role": "assistant", "content": item} if first else {"content": item}
+                    first = False
+                    event = chat_chunk(completion_id, created, model, delta, None, with_usage_field=False)
+                    await self.send({"type": "chunk", "request": client_id, **event})
+        except AgentError as exc:
+            await self.send({"type": "error", "request": client_id, **exc.envelope()})
+
+
+def _refusal(message: str) -> dict[str, Any]:
+    return {"type": "error", "request": None, **InvalidRequestError(message, code="invalid_json").envelope()}
+
+
+async def stream_socket(request: web.Request, serving: OpenAIServing, max_message_bytes: int
+                        ) -> web.WebSocketResponse:
+    """Serve one WebSocket connection until the client closes it (format in the module docstring)."""
+    ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max_message_bytes)
+    ws.headers[REQUEST_ID_HEADER] = request[REQUEST_ID_KEY]
+    await ws.prepare(request)
+    log.info("stream_socket_opened")
+    connection = _Connection(ws, serving)
+    worker = asyncio.create_task(connection.run_requests(), name="ws-worker")
+    try:
+        async for message in ws:
+            if message.type == WSMsgType.BINARY:
+                await connection.send(_refusal("send requests as JSON text messages"))
+                continue
+            if message.type != WSMsgType.TEXT:
+                continue
+            try:
+                payload = json.loads(message.data)
+            except ValueError as exc:
+                await connection.send(_refusal(f"message is not valid JSON: {exc}"))
+                continue
+            if not isinstance(payload, dict):
+                await connection.send(_refusal("each message must be a JSON object"))
+            elif payload.get("type") == "cancel":
+                connection.cancel_current()
+            else:
+                connection.queue.put_nowait(payload)
+    finally:
+        # The client left (or the server stops): whatever is generating for it is cancelled, and waited for
+        # unless aiohttp cancels this handler too once the connection is gone (the worker still ends on its own).
+        worker.cancel()
+        try:
+            await asyncio.gather(worker, return_exceptions=True)
+        finally:
+            log.info("stream_socket_closed")
+    return ws

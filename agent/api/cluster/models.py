@@ -5,6 +5,15 @@
 - POST /v1/models/pull     {model, nodes, stream, timeout_seconds}: progress as NDJSON lines while streaming
 - GET  /v1/models/placement           every placed model with its replicas' states
 - GET  /v1/models/placement/{model}   one of them
+
+The pull stream (`application/x-ndjson`, one JSON object per line), exactly:
+- first `{"status": "started", "model", "nodes": [box ids]}`;
+- then, whenever a box's state changes, `{"status": "queued" | "pulling" | "done" | "failed", "model", "node",
+  "completed": bytes the box holds, "total": bytes of the model, "progress": completed / total}`, with `"error"`
+  on a failed line. Every such line carries all three counts; a `done` line has `completed == total`;
+  `completed` never decreases for a box (a resumed copy counts what it already had);
+- last `{"status": "success" | "error", "model", "nodes"}`, with `"errors": {box: message}` on an error.
+Without `stream`, the answer is that last line alone (a 500 model_pull_failed when a box did not get the model).
 """
 
 from __future__ import annotations
@@ -12,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -20,7 +29,7 @@ from aiohttp import web
 from agent.api.body import parse_body, read_json_body
 from agent.api.cluster.protocol import ModelLoadBody, ModelPullBody, ModelUnloadBody
 from agent.api.cluster.topology import CLUSTER_NODE_KEY
-from agent.cluster.node import ClusterNode, ClusterUnavailable
+from agent.cluster.node import ClusterUnavailable
 from agent.cluster.placement import PlacementRefused, PlacementSpec
 from agent.errors import ClusterRequestError, ClusterUnavailableError
 
@@ -76,23 +85,57 @@ async def placement(request: web.Request) -> web.Response:
     return web.json_response(await _cluster_call(lambda: node.model_placement(model)))
 
 
-def _pull_states(node: ClusterNode, model: str, targets: list[str], since: float) -> dict[str, dict[str, Any]]:
-    """Each target's pull as its node record shows it; a box that has not picked the request up yet is queued."""
-    states: dict[str, dict[str, Any]] = {}
+def model_size(live_nodes: Mapping[str, Mapping[str, Any]], model: str) -> int:
+    """The model's size in bytes, as the stores that hold it report it (0 when none does)."""
+    for record in live_nodes.values():
+        facts = (record.get("store") or {}).get(model)
+        if isinstance(facts, dict) and isinstance(facts.get("size"), int):
+            return int(facts["size"])
+    return 0
+
+
+def pull_line(model: str, node: str, status: str, completed: int, total: int, error: str | None = None
+              ) -> dict[str, Any]:
+    """One box's line of the pull stream (the contract in the module docstring)."""
+    if status == "done":
+        completed = total  # done means every byte is there, however the box's record last counted them
+    elif total:
+        completed = min(completed, total)
+    line: dict[str, Any] = {"status": status, "model": model, "node": node, "completed": completed,
+                            "total": total, "progress": round(completed / total, 4) if total else 0.0}
+    if error is not None:
+        line["error"] = error
+    return line
+
+
+def pull_lines(live_nodes: Mapping[str, Mapping[str, Any]], model: str, targets: list[str], since: float,
+               earlier: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each target's pull line as its node record shows it (a box that has not picked the request up is queued).
+
+    `earlier` holds the lines sent before: a box's count never goes back (a record read in between may be older)
+    and a box that left the cluster fails with what it had.
+    """
+    total = model_size(live_nodes, model)
+    lines: dict[str, dict[str, Any]] = {}
     for target in targets:
-        record = node.live_nodes.get(target)
+        before = earlier.get(target)
+        had = int(before["completed"]) if before else 0
+        record = live_nodes.get(target)
         if record is None:
-            states[target] = {"state": "failed", "error": f"{target} left the cluster"}
+            lines[target] = pull_line(model, target, "failed", had, total, f"{target} left the cluster")
             continue
         state = (record.get("pulls") or {}).get(model)
         finished = isinstance(state, dict) and float(state.get("finished") or 0) >= since - 1
         if isinstance(state, dict) and (state.get("state") == "pulling" or finished):
-            states[target] = state
+            status = str(state.get("state"))
+            error = str(state.get("error")) if status == "failed" else None
+            lines[target] = pull_line(model, target, status, max(had, int(state.get("completed") or 0)),
+                                      int(state.get("total") or total), error)
         elif model in (record.get("store") or {}):
-            states[target] = {"state": "done", "progress": 1.0}
+            lines[target] = pull_line(model, target, "done", total, total)
         else:
-            states[target] = {"state": "queued", "progress": 0.0}
-    return states
+            lines[target] = pull_line(model, target, "queued", had, total)
+    return lines
 
 
 async def pull(request: web.Request) -> web.StreamResponse:
@@ -107,20 +150,18 @@ async def pull(request: web.Request) -> web.StreamResponse:
         await stream.prepare(request)
         await stream.write(json.dumps({"status": "started", "model": body.model, "nodes": targets}).encode() + b"\n")
     deadline = time.monotonic() + body.timeout_seconds
-    last: dict[str, dict[str, Any]] = {}
+    sent: dict[str, dict[str, Any]] = {}
     while True:
-        states = _pull_states(node, body.model, targets, since)
+        lines = pull_lines(node.live_nodes, body.model, targets, since, sent)
         if stream is not None:
-            for target, state in states.items():
-                if state != last.get(target):
-                    line = {"status": state["state"], "model": body.model, "node": target,
-                            **{k: v for k, v in state.items() if k not in ("state", "finished")}}
+            for target, line in lines.items():
+                if line != sent.get(target):
                     await stream.write(json.dumps(line).encode() + b"\n")
-        last = states
-        if all(s["state"] in ("done", "failed") for s in states.values()) or time.monotonic() > deadline:
+        sent = lines
+        if all(line["status"] in ("done", "failed") for line in lines.values()) or time.monotonic() > deadline:
             break
         await asyncio.sleep(POLL_SECONDS)
-    failed = {t: s.get("error", "timed out") for t, s in states.items() if s["state"] != "done"}
+    failed = {t: line.get("error", "timed out") for t, line in lines.items() if line["status"] != "done"}
     summary = {"status": "success" if not failed else "error", "model": body.model, "nodes": targets,
                **({"errors": failed} if failed else {})}
     if stream is None:

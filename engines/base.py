@@ -39,6 +39,50 @@ class SamplingParams:
     frequency_penalty: float = 0.0
 
 
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One sequence to generate: prompt token ids, sampling settings and the ids that end it."""
+
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+
+
+# What a running generation reports (the scheduler emits these; the engine host sends them to the agent).
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Tokens sampled for one sequence since its last report."""
+
+    id: int
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Done:
+    """A sequence ended: "stop" (a stop id), "length" (max_tokens or the context) or "cancelled"."""
+
+    id: int
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A request failed; the others carry on. `code`: bad_request, context_length_exceeded, overloaded,
+    engine_error. `id` is None for a frame that did not say whose it was."""
+
+    id: int | None
+    code: str
+    message: str
+
+
+GenerationEvent = Tokens | Done | Failed
+
+
 class SequenceState(Protocol):
     """An executor's per-sequence state (its KV cache); opaque to everything but the executor."""
 

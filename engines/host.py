@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import logging
 import os
@@ -22,12 +21,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engines.base import EngineError, SamplingParams
+from engines.base import EngineError, Failed, GenerationRequest
 from engines.convert import ensure_converted
 from engines.encoder import OrtEncoder
 from engines.onnxruntime import OrtExecutor
-from engines.runtime.scheduler import GenerationRequest, Scheduler, SchedulerLimits
-from engines.wire import Frame, encode_frame, read_frame
+from engines.runtime.scheduler import Scheduler, SchedulerLimits
+from engines.wire import (
+    Cancel,
+    Embed,
+    Embeddings,
+    Fatal,
+    FrameError,
+    Limit,
+    Limited,
+    Progress,
+    Ready,
+    Stats,
+    ToAgent,
+    ToHost,
+    decode_to_host,
+    encode,
+    read_payload,
+)
 
 log = logging.getLogger("engines.host")
 
@@ -53,24 +68,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _request_from_frame(frame: Frame) -> GenerationRequest:
-    """Build a request from a generate frame; KeyError/TypeError/ValueError on a malformed frame."""
-    params = SamplingParams(
-        max_tokens=int(frame["max_tokens"]),
-        temperature=float(frame.get("temperature", 1.0)),
-        top_p=float(frame.get("top_p", 1.0)),
-        seed=None if frame.get("seed") is None else int(frame["seed"]),
-        presence_penalty=float(frame.get("presence_penalty", 0.0)),
-        frequency_penalty=float(frame.get("frequency_penalty", 0.0)),
-    )
-    return GenerationRequest(
-        id=int(frame["id"]),
-        prompt=[int(t) for t in frame["prompt"]],
-        params=params,
-        stop_ids=frozenset(int(t) for t in frame.get("stop_ids", ())),
-    )
-
-
 class _Connection:
     """The one agent connection: frames go out through a single writer."""
 
@@ -78,9 +75,9 @@ class _Connection:
         self.reader = reader
         self.writer = writer
 
-    def send(self, frame: Frame) -> None:
+    def send(self, message: ToAgent) -> None:
         if not self.writer.is_closing():
-            self.writer.write(encode_frame(frame))
+            self.writer.write(encode(message))
 
 
 @dataclass
@@ -104,13 +101,12 @@ async def _load(args: argparse.Namespace, conn: _Connection) -> _Models:
         now = time.monotonic()
         if done == total or now - last_sent[0] > 0.2:
             last_sent[0] = now
-            frame = {"op": "progress", "stage": stage, "done": done, "total": total}
-            loop.call_soon_threadsafe(conn.send, frame)
+            loop.call_soon_threadsafe(conn.send, Progress(stage, done, total))
 
     started = time.monotonic()
     converted = await asyncio.to_thread(
         ensure_converted, args.gguf, args.cache_dir, sha256=args.sha256, progress=progress)
-    conn.send({"op": "progress", "stage": "load", "done": 0, "total": 1})
+    conn.send(Progress("load", 0, 1))
     executor = await asyncio.to_thread(
         OrtExecutor, converted, args.threads, max_context=args.max_context, max_batch=args.max_batch)
     encoder = None
@@ -128,23 +124,17 @@ async def _load(args: argparse.Namespace, conn: _Connection) -> _Models:
     return _Models(executor, encoder, info)
 
 
-async def _embed(frame: Frame, models: _Models, scheduler: Scheduler, conn: _Connection) -> None:
-    request_id = frame.get("id")
+async def _embed(request: Embed, models: _Models, scheduler: Scheduler, conn: _Connection) -> None:
     encoder = models.encoder
     if encoder is None:
-        conn.send({"op": "error", "id": request_id, "code": "bad_request", "message": "no embedding model is loaded"})
+        conn.send(Failed(request.id, "bad_request", "no embedding model is loaded"))
         return
     try:
-        inputs = [[int(t) for t in item] for item in frame["inputs"]]
-        vectors = await scheduler.call(lambda: encoder.embed(inputs))
-    except (EngineError, KeyError, TypeError, ValueError) as exc:
-        conn.send({"op": "error", "id": request_id, "code": "bad_request", "message": f"embedding failed: {exc}"})
+        vectors = await scheduler.call(lambda: encoder.embed(request.inputs))
+    except (EngineError, ValueError) as exc:
+        conn.send(Failed(request.id, "bad_request", f"embedding failed: {exc}"))
         return
-    conn.send({
-        "op": "embeddings", "id": request_id, "shape": list(vectors.shape),
-        "data": base64.b64encode(vectors.astype("<f4").tobytes()).decode(),
-        "tokens": sum(len(item) for item in inputs),
-    })
+    conn.send(Embeddings(request.id, vectors, sum(len(item) for item in request.inputs)))
 
 
 async def _report_stats(scheduler: Scheduler, conn: _Connection) -> None:
@@ -153,7 +143,7 @@ async def _report_stats(scheduler: Scheduler, conn: _Connection) -> None:
         await asyncio.sleep(_STATS_INTERVAL_S)
         stats = scheduler.stats()
         if stats != last:
-            conn.send({"op": "stats", "scheduler": stats})
+            conn.send(Stats(stats))
             last = stats
 
 
@@ -164,37 +154,42 @@ async def _serve_connection(args: argparse.Namespace, conn: _Connection) -> None
     scheduler = Scheduler(models.executor, conn.send, limits)
     encoder_info = None if models.encoder is None else {
         "dimensions": models.encoder.dimensions, "max_tokens": models.encoder.max_tokens}
-    conn.send({"op": "ready", "model": models.info, "encoder": encoder_info,
-               "max_context": models.executor.max_context, "pid": os.getpid()})
+    conn.send(Ready(models.info, encoder_info, models.executor.max_context, os.getpid()))
     background = {asyncio.create_task(scheduler.run(), name="scheduler"),
                   asyncio.create_task(_report_stats(scheduler, conn), name="stats")}
     try:
-        while (frame := await read_frame(conn.reader)) is not None:
-            op = frame["op"]
-            if op == "generate":
-                try:
-                    request = _request_from_frame(frame)
-                except (KeyError, TypeError, ValueError) as exc:
-                    conn.send({"op": "error", "id": frame.get("id"), "message": f"bad generate frame: {exc}",
-                               "code": "bad_request"})
-                    continue
-                scheduler.submit(request)
-            elif op == "cancel":
-                scheduler.cancel(int(frame["id"]))
-            elif op == "limit":
-                conn.send({"op": "limited", "max_batch": scheduler.set_concurrency(int(frame["max_batch"]))})
-            elif op == "embed":
-                task = asyncio.create_task(_embed(frame, models, scheduler, conn))
-                background.add(task)
-                task.add_done_callback(background.discard)
-            else:
-                log.warning("ignoring unknown op %r", op)
+        while True:
+            try:
+                payload = await read_payload(conn.reader)
+                if payload is None:
+                    break
+                message = decode_to_host(payload)
+            except FrameError as exc:
+                # The framing is intact: answer this one frame and serve the next.
+                log.warning("malformed frame from the agent: %s", exc)
+                conn.send(Failed(exc.request_id, "bad_request", str(exc)))
+                continue
+            _dispatch(message, models, scheduler, conn, background)
             await conn.writer.drain()
     finally:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         models.close()
+
+
+def _dispatch(message: ToHost, models: _Models, scheduler: Scheduler, conn: _Connection,
+              background: set[asyncio.Task[None]]) -> None:
+    if isinstance(message, GenerationRequest):
+        scheduler.submit(message)
+    elif isinstance(message, Cancel):
+        scheduler.cancel(message.id)
+    elif isinstance(message, Limit):
+        conn.send(Limited(scheduler.set_concurrency(message.max_batch)))
+    else:
+        task = asyncio.create_task(_embed(message, models, scheduler, conn))
+        background.add(task)
+        task.add_done_callback(background.discard)
 
 
 async def _main(args: argparse.Namespace) -> int:
@@ -214,7 +209,7 @@ async def _main(args: argparse.Namespace) -> int:
         except Exception as exc:  # the agent must learn why; it restarts us with backoff
             log.exception("engine host stopping")
             failed.set()
-            conn.send({"op": "fatal", "message": f"{type(exc).__name__}: {exc}"})
+            conn.send(Fatal(f"{type(exc).__name__}: {exc}"))
             with contextlib.suppress(OSError):
                 await writer.drain()
         finally:

@@ -9,7 +9,6 @@ backoff; requests that arrive meanwhile wait briefly for it and then get a 503.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import enum
 import itertools
@@ -23,13 +22,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import structlog
 
 from agent.errors import EngineFailedError, EngineOverloadedError, EngineUnavailableError, InvalidRequestError
-from engines.base import SamplingParams
-from engines.wire import Frame, ProtocolError, encode_frame, read_frame
+from engines.base import Done, Failed, GenerationRequest, SamplingParams, Tokens
+from engines.wire import (
+    Cancel,
+    Embed,
+    Embeddings,
+    Fatal,
+    FrameError,
+    Limit,
+    Limited,
+    Progress,
+    ProtocolError,
+    Ready,
+    Stats,
+    ToAgent,
+    decode_to_agent,
+    encode,
+    read_payload,
+)
 
 log = structlog.get_logger("agent.engine")
 
@@ -77,24 +90,7 @@ class EngineHostConfig:
     socket_name: str = "engine.sock"
 
 
-@dataclass(frozen=True)
-class EngineDone:
-    """The end of one generation."""
-
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class EmbeddingResult:
-    """Vectors for a batch of inputs, and the tokens they took."""
-
-    vectors: npt.NDArray[np.float32]
-    tokens: int
-
-
-_Event = list[int] | EngineDone | EmbeddingResult | Exception
+_Event = Tokens | Done | Embeddings | Exception
 
 
 class EngineHost:
@@ -221,48 +217,48 @@ class EngineHost:
                 await asyncio.sleep(0.05)
 
     async def _await_ready(self, reader: asyncio.StreamReader) -> None:
-        """Read start-up frames until "ready"; the start timeout does not run while builds are paused."""
+        """Read start-up messages until Ready; the start timeout does not run while builds are paused."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.start_timeout
-        next_frame: asyncio.Task[Frame | None] | None = None
+        next_message: asyncio.Task[ToAgent | None] | None = None
         try:
             while True:
-                if next_frame is None:
-                    next_frame = asyncio.create_task(read_frame(reader))
+                if next_message is None:
+                    next_message = asyncio.create_task(_read_message(reader))
                 waited_from = loop.time()
-                done, _ = await asyncio.wait({next_frame}, timeout=min(1.0, max(0.0, deadline - waited_from)))
+                done, _ = await asyncio.wait({next_message}, timeout=min(1.0, max(0.0, deadline - waited_from)))
                 if self.builds_paused:
                     deadline += loop.time() - waited_from
                 if not done:
                     if loop.time() >= deadline:
                         raise asyncio.TimeoutError
                     continue
-                frame, next_frame = next_frame.result(), None
-                if frame is None:
+                message, next_message = next_message.result(), None
+                if message is None:
                     raise ProtocolError("engine host closed the connection while starting")
-                if frame["op"] == "progress":
-                    self._log_progress(frame)
-                    self._building = frame["stage"] != "load"
+                if isinstance(message, Progress):
+                    self._log_progress(message)
+                    self._building = message.stage != "load"
                     self._apply_build_pause()
-                elif frame["op"] == "ready":
+                elif isinstance(message, Ready):
                     self._building = False
-                    self.max_context = int(frame["max_context"])
-                    self.encoder_info = dict(frame.get("encoder") or {})
-                    self.model_info = dict(frame.get("model", {}))
+                    self.max_context = message.max_context
+                    self.encoder_info = dict(message.encoder or {})
+                    self.model_info = dict(message.model)
                     self.state = EngineState.READY
                     self.last_error = None
                     self._ready.set()
-                    log.info("engine_ready", pid=frame.get("pid"), model=self.config.model_id, **self.model_info)
+                    log.info("engine_ready", pid=message.pid, model=self.config.model_id, **self.model_info)
                     return
-                elif frame["op"] == "fatal":
-                    raise EngineStartError(str(frame.get("message")))
+                elif isinstance(message, Fatal):
+                    raise EngineStartError(message.message)
         finally:
             self._building = False
-            if next_frame is not None:
-                next_frame.cancel()
+            if next_message is not None:
+                next_message.cancel()
 
-    def _log_progress(self, frame: Frame) -> None:
-        stage, done, total = str(frame["stage"]), int(frame["done"]), max(int(frame["total"]), 1)
+    def _log_progress(self, progress: Progress) -> None:
+        stage, done, total = progress.stage, progress.done, max(progress.total, 1)
         percent = done * 100 // total
         last_stage, last_percent = self._progress_logged
         # One line per stage change and per 10%, not per frame.
@@ -274,40 +270,43 @@ class EngineHost:
 
     async def _read_frames(self, reader: asyncio.StreamReader) -> None:
         try:
-            while (frame := await read_frame(reader)) is not None:
-                if frame["op"] == "stats":
-                    self.stats = dict(frame.get("scheduler", {}))
+            while True:
+                try:
+                    message = await _read_message(reader)
+                except FrameError as exc:
+                    # One unreadable frame fails the request it names (if any); the others carry on.
+                    log.error("engine_frame_unreadable", error=str(exc))
+                    queue = self._streams.get(exc.request_id) if exc.request_id is not None else None
+                    if queue is not None:
+                        queue.put_nowait(EngineFailedError(f"the engine sent an unreadable answer: {exc}"))
                     continue
-                if frame["op"] == "limited":
-                    self._on_concurrency_applied(int(frame["max_batch"]))
-                    continue
-                queue = self._streams.get(frame.get("id", -1))
-                if queue is None:
-                    continue  # a stream we already abandoned
-                op = frame["op"]
-                if op == "tokens":
-                    queue.put_nowait([int(t) for t in frame["ids"]])
-                elif op == "done":
-                    queue.put_nowait(EngineDone(
-                        str(frame["finish_reason"]), int(frame["prompt_tokens"]), int(frame["completion_tokens"])))
-                elif op == "error":
-                    queue.put_nowait(self._error_from_frame(frame))
-                elif op == "embeddings":
-                    shape = tuple(int(n) for n in frame["shape"])
-                    vectors = np.frombuffer(base64.b64decode(frame["data"]), dtype="<f4").reshape(shape)
-                    queue.put_nowait(EmbeddingResult(vectors, int(frame["tokens"])))
+                if message is None:
+                    return
+                self._on_message(message)
         except ProtocolError as exc:
             self.last_error = f"engine protocol error: {exc}"
             log.error("engine_protocol_error", error=str(exc))
 
+    def _on_message(self, message: ToAgent) -> None:
+        if isinstance(message, Stats):
+            self.stats = dict(message.scheduler)
+        elif isinstance(message, Limited):
+            self._on_concurrency_applied(message.max_batch)
+        elif isinstance(message, (Tokens, Done, Embeddings, Failed)):
+            queue = self._streams.get(message.id) if message.id is not None else None
+            if queue is None:
+                if isinstance(message, Failed) and message.id is None:
+                    log.error("engine_refused_frame", code=message.code, message=message.message)
+                return  # a stream we already abandoned
+            queue.put_nowait(self._error_from(message) if isinstance(message, Failed) else message)
+
     @staticmethod
-    def _error_from_frame(frame: Frame) -> Exception:
-        message, code = str(frame.get("message")), str(frame.get("code"))
-        if code in ("context_length_exceeded", "bad_request"):
-            return InvalidRequestError(message, code=code)
-        if code == "overloaded":
-            return EngineOverloadedError(f"the engine is at capacity: {message}")
-        return EngineFailedError(message)
+    def _error_from(failed: Failed) -> Exception:
+        if failed.code in ("context_length_exceeded", "bad_request"):
+            return InvalidRequestError(failed.message, code=failed.code)
+        if failed.code == "overloaded":
+            return EngineOverloadedError(f"the engine is at capacity: {failed.message}")
+        return EngineFailedError(failed.message)
 
     async def _stop_process(self, proc: asyncio.subprocess.Process) -> None:
         if self._build_stopped:  # a paused build must run again to see its socket close and exit
@@ -384,56 +383,50 @@ class EngineHost:
             raise EngineUnavailableError("the inference engine is restarting; retry shortly")
         return writer
 
-    async def embed(self, inputs: list[list[int]]) -> EmbeddingResult:
+    async def embed(self, inputs: list[list[int]]) -> Embeddings:
         """Embed token sequences with the host's encoder."""
         writer = await self._writer_when_ready()
         request_id = next(self._ids)
         queue: asyncio.Queue[_Event] = asyncio.Queue()
         self._streams[request_id] = queue
         try:
-            writer.write(encode_frame({"op": "embed", "id": request_id, "inputs": inputs}))
+            writer.write(encode(Embed(request_id, inputs)))
             event = await queue.get()
         finally:
             self._streams.pop(request_id, None)
         if isinstance(event, Exception):
             raise event
-        if not isinstance(event, EmbeddingResult):
+        if not isinstance(event, Embeddings):
             raise EngineFailedError("the engine answered an embedding request with something else")
         return event
 
     async def generate(
         self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int]
-    ) -> AsyncGenerator[list[int] | EngineDone, None]:
-        """Stream token-id batches, then one EngineDone. Leaving early cancels the generation in the host."""
+    ) -> AsyncGenerator[list[int] | Done, None]:
+        """Stream token-id batches, then one Done. Leaving early cancels the generation in the host."""
         writer = await self._writer_when_ready()
         request_id = next(self._ids)
         queue: asyncio.Queue[_Event] = asyncio.Queue()
         self._streams[request_id] = queue
-        frame = {
-            "op": "generate", "id": request_id, "prompt": prompt, "stop_ids": sorted(stop_ids),
-            "max_tokens": params.max_tokens, "temperature": params.temperature, "top_p": params.top_p,
-            "seed": params.seed, "presence_penalty": params.presence_penalty,
-            "frequency_penalty": params.frequency_penalty,
-        }
         finished = False
         try:
-            writer.write(encode_frame(frame))
+            writer.write(encode(GenerationRequest(request_id, prompt, params, stop_ids)))
             while True:
                 event = await queue.get()
                 if isinstance(event, Exception):
                     finished = True
                     raise event
-                if isinstance(event, EngineDone):
+                if isinstance(event, Done):
                     finished = True
                     yield event
                     return
-                if isinstance(event, EmbeddingResult):
+                if isinstance(event, Embeddings):
                     raise EngineFailedError("the engine answered a generation with embeddings")
-                yield event
+                yield list(event.ids)
         finally:
             self._streams.pop(request_id, None)
             if not finished and self._writer is writer and not writer.is_closing():
-                writer.write(encode_frame({"op": "cancel", "id": request_id}))
+                writer.write(encode(Cancel(request_id)))
 
     # ----------------------------------------------------------------- thermal policy
 
@@ -449,7 +442,7 @@ class EngineHost:
     def _send_concurrency(self) -> None:
         writer = self._writer
         if writer is not None and not writer.is_closing():
-            writer.write(encode_frame({"op": "limit", "max_batch": self.concurrency}))
+            writer.write(encode(Limit(self.concurrency)))
 
     def _on_concurrency_applied(self, applied: int) -> None:
         self.concurrency_applied = applied
@@ -465,7 +458,7 @@ class EngineHost:
         writer = self._writer
         if writer is not None and not writer.is_closing():
             for request_id in self._streams:
-                writer.write(encode_frame({"op": "cancel", "id": request_id}))
+                writer.write(encode(Cancel(request_id)))
         self._fail_streams(error)
 
     def resume(self) -> None:
@@ -510,3 +503,9 @@ class EngineHost:
             **({"scheduler": self.stats} if self.stats else {}),
         }
 
+
+
+async def _read_message(reader: asyncio.StreamReader) -> ToAgent | None:
+    """The engine host's next message; None at a clean end of its stream."""
+    payload = await read_payload(reader)
+    return None if payload is None else decode_to_agent(payload)

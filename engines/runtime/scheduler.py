@@ -17,23 +17,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from engines.base import ContextOverflowError, EngineError, Executor, SamplingParams, SequenceState
+from engines.base import (
+    ContextOverflowError,
+    Done,
+    EngineError,
+    Executor,
+    Failed,
+    GenerationEvent,
+    GenerationRequest,
+    SequenceState,
+    Tokens,
+)
 from engines.runtime.prefix_cache import PrefixCache
 from engines.runtime.sampler import Sampler
-from engines.wire import Frame
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One sequence to generate: prompt token ids, sampling settings and the ids that end it."""
-
-    id: int
-    prompt: list[int]
-    params: SamplingParams
-    stop_ids: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -68,10 +67,10 @@ class _Sequence:
 
 
 class Scheduler:
-    """Runs requests on one executor and reports every outcome through `emit` as wire frames."""
+    """Runs requests on one executor and reports every outcome through `emit` as typed events."""
 
-    def __init__(self, executor: Executor, emit: Callable[[Frame], None], limits: SchedulerLimits | None = None
-                 ) -> None:
+    def __init__(self, executor: Executor, emit: Callable[[GenerationEvent], None],
+                 limits: SchedulerLimits | None = None) -> None:
         self._executor = executor
         self._emit = emit
         self.limits = limits or SchedulerLimits()
@@ -91,17 +90,16 @@ class Scheduler:
     # ------------------------------------------------------------------ intake
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request; problems with it are reported as an error frame, never raised."""
+        """Queue a request; problems with it are reported as a Failed event, never raised."""
         problem = self._refusal(request)
         if problem is not None:
             code, message = problem
-            self._emit({"op": "error", "id": request.id, "code": code, "message": message})
+            self._emit(Failed(request.id, code, message))
             return
         try:
             sampler = Sampler(request.params)
         except (ValueError, EngineError) as exc:
-            self._emit({"op": "error", "id": request.id, "code": "bad_request",
-                        "message": f"bad sampling parameters: {exc}"})
+            self._emit(Failed(request.id, "bad_request", f"bad sampling parameters: {exc}"))
             return
         reserved = min(len(request.prompt) + request.params.max_tokens, self._executor.max_context)
         seq = _Sequence(request=request, sampler=sampler, reserved=reserved)
@@ -251,7 +249,7 @@ class Scheduler:
             self._finish(seq, "stop")
             return
         seq.generated_ids.append(token)
-        self._emit({"op": "tokens", "id": seq.request.id, "ids": [token]})
+        self._emit(Tokens(seq.request.id, (token,)))
         # Prompt plus completion never exceed the context (OpenAI's rule), so the last token fits too.
         if seq.generated >= seq.request.params.max_tokens or (
             len(seq.request.prompt) + seq.generated >= self._executor.max_context
@@ -270,14 +268,11 @@ class Scheduler:
             except EngineError:
                 log.exception("could not keep the prefix of request %s", seq.request.id)
         self._release(seq)
-        self._emit({
-            "op": "done", "id": seq.request.id, "finish_reason": reason,
-            "prompt_tokens": len(seq.request.prompt), "completion_tokens": seq.generated,
-        })
+        self._emit(Done(seq.request.id, reason, len(seq.request.prompt), seq.generated))
 
     def _fail(self, seq: _Sequence, message: str) -> None:
         self._release(seq)
-        self._emit({"op": "error", "id": seq.request.id, "message": message, "code": "engine_error"})
+        self._emit(Failed(seq.request.id, "engine_error", message))
 
     def _release(self, seq: _Sequence) -> None:
         self._by_id.pop(seq.request.id, None)

@@ -9,9 +9,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from engines.base import ContextOverflowError, EngineError, Logits, Logits2D, SamplingParams
-from engines.runtime.scheduler import GenerationRequest, Scheduler, SchedulerLimits
-from engines.wire import Frame
+from engines.base import (
+    ContextOverflowError,
+    Done,
+    EngineError,
+    Failed,
+    GenerationEvent,
+    GenerationRequest,
+    Logits,
+    Logits2D,
+    SamplingParams,
+    Tokens,
+)
+from engines.runtime.scheduler import Scheduler, SchedulerLimits
 
 VOCAB = 64
 STOP = 0
@@ -129,22 +139,34 @@ async def until(condition: Callable[[], bool]) -> None:
     raise AssertionError("condition never became true")
 
 
-async def run_until_done(scheduler: Scheduler, frames: list[Frame], count: int) -> None:
+async def run_until_done(scheduler: Scheduler, frames: list[GenerationEvent], count: int) -> None:
     task = asyncio.create_task(scheduler.run())
     try:
-        await until(lambda: sum(f["op"] in ("done", "error") for f in frames) >= count)
+        await until(lambda: sum(isinstance(f, (Done, Failed)) for f in frames) >= count)
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
 
 
-def tokens_of(frames: list[Frame], rid: int) -> list[int]:
-    return [t for f in frames if f["op"] == "tokens" and f["id"] == rid for t in f["ids"]]
+def tokens_of(frames: list[GenerationEvent], rid: int) -> list[int]:
+    return [t for f in frames if isinstance(f, Tokens) and f.id == rid for t in f.ids]
 
 
-def end_of(frames: list[Frame], rid: int) -> Frame:
-    [end] = [f for f in frames if f["op"] in ("done", "error") and f["id"] == rid]
+def end_of(frames: list[GenerationEvent], rid: int) -> Done | Failed:
+    [end] = [f for f in frames if isinstance(f, (Done, Failed)) and f.id == rid]
+    return end
+
+
+def done_of(frames: list[GenerationEvent], rid: int) -> Done:
+    end = end_of(frames, rid)
+    assert isinstance(end, Done), end
+    return end
+
+
+def failure_of(frames: list[GenerationEvent], rid: int) -> Failed:
+    end = end_of(frames, rid)
+    assert isinstance(end, Failed), end
     return end
 
 
@@ -159,19 +181,18 @@ def alone(prompt: list[int], max_tokens: int = 10) -> list[int]:
 
 async def test_stop_id_ends_the_sequence_and_is_not_emitted() -> None:
     executor = ScriptedExecutor(stop_after={1: 2})
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append)
     scheduler.submit(request(1, [1, 2, 3]))
     await run_until_done(scheduler, frames, 1)
     assert tokens_of(frames, 1) == alone([1, 2, 3], 2)
-    assert end_of(frames, 1) == {"op": "done", "id": 1, "finish_reason": "stop", "prompt_tokens": 3,
-                                 "completion_tokens": 2}
+    assert end_of(frames, 1) == Done(id=1, finish_reason="stop", prompt_tokens=3, completion_tokens=2)
     assert executor.live == []
 
 
 async def test_requests_share_decode_steps_and_outputs_do_not_depend_on_company() -> None:
     executor = ScriptedExecutor()
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append)
     prompts = {rid: [rid, rid + 1, rid * 3] for rid in range(1, 9)}
     for rid, prompt in prompts.items():
@@ -179,7 +200,7 @@ async def test_requests_share_decode_steps_and_outputs_do_not_depend_on_company(
     await run_until_done(scheduler, frames, 8)
     for rid, prompt in prompts.items():
         assert tokens_of(frames, rid) == alone(prompt, 5 + rid)
-        assert end_of(frames, rid)["finish_reason"] == "length"
+        assert done_of(frames, rid).finish_reason == "length"
     assert max(executor.decode_batches) == 8  # all eight decoded together
     assert executor.decode_batches == sorted(executor.decode_batches, reverse=True)  # finished ones leave
     assert executor.live == []
@@ -187,13 +208,13 @@ async def test_requests_share_decode_steps_and_outputs_do_not_depend_on_company(
 
 async def test_new_requests_join_a_running_batch() -> None:
     executor = ScriptedExecutor()
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append)
     scheduler.submit(request(1, [1], max_tokens=200))
     task = asyncio.create_task(scheduler.run())
     await until(lambda: len(tokens_of(frames, 1)) >= 5)
     scheduler.submit(request(2, [2], max_tokens=3))
-    await until(lambda: any(f["op"] == "done" and f["id"] == 2 for f in frames))
+    await until(lambda: any(isinstance(f, Done) and f.id == 2 for f in frames))
     assert len(tokens_of(frames, 1)) < 200  # request 2 finished while request 1 was still running
     assert tokens_of(frames, 2) == alone([2], 3)
     task.cancel()
@@ -204,7 +225,7 @@ async def test_new_requests_join_a_running_batch() -> None:
 
 async def test_max_batch_makes_requests_wait_their_turn() -> None:
     executor = ScriptedExecutor()
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append, SchedulerLimits(max_batch=2))
     for rid in range(1, 5):
         scheduler.submit(request(rid, [rid], max_tokens=4))
@@ -215,7 +236,7 @@ async def test_max_batch_makes_requests_wait_their_turn() -> None:
 
 async def test_kv_budget_limits_the_batch() -> None:
     executor = ScriptedExecutor()
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     # Each request reserves 1 + 9 = 10 tokens; a budget of 25 fits two of them, not three.
     scheduler = Scheduler(executor, frames.append, SchedulerLimits(kv_budget_tokens=25))
     for rid in range(1, 4):
@@ -226,40 +247,40 @@ async def test_kv_budget_limits_the_batch() -> None:
 
 async def test_a_full_queue_refuses_with_overloaded() -> None:
     executor = ScriptedExecutor()
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     # Two in the batch plus one waiting fill it; the fourth is refused at once.
     scheduler = Scheduler(executor, frames.append, SchedulerLimits(max_batch=2, max_queue=1))
     for rid in range(1, 5):
         scheduler.submit(request(rid, [rid]))
-    assert [f["code"] for f in frames] == ["overloaded"]
-    assert frames[0]["id"] == 4
+    [refusal] = frames
+    assert isinstance(refusal, Failed) and refusal.code == "overloaded" and refusal.id == 4
 
 
 async def test_max_tokens_and_context_give_length() -> None:
     executor = ScriptedExecutor(max_context=8)
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append)
     scheduler.submit(request(1, [1, 1, 1], max_tokens=100))
     scheduler.submit(request(2, [2], max_tokens=3))
     scheduler.submit(request(3, [3] * 8))
     await run_until_done(scheduler, frames, 3)
-    assert end_of(frames, 1)["finish_reason"] == "length"
-    assert end_of(frames, 1)["completion_tokens"] == 5  # 3 + 5 fill the 8-token context exactly
-    assert end_of(frames, 2)["completion_tokens"] == 3
-    assert end_of(frames, 3)["code"] == "context_length_exceeded"
+    assert done_of(frames, 1).finish_reason == "length"
+    assert done_of(frames, 1).completion_tokens == 5  # 3 + 5 fill the 8-token context exactly
+    assert done_of(frames, 2).completion_tokens == 3
+    assert failure_of(frames, 3).code == "context_length_exceeded"
 
 
 async def test_cancel_frees_the_slot_at_the_next_token() -> None:
     executor = ScriptedExecutor()
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append)
     scheduler.submit(request(1, [1], max_tokens=200))
     scheduler.submit(request(2, [2], max_tokens=200))
     task = asyncio.create_task(scheduler.run())
     await until(lambda: len(tokens_of(frames, 1)) >= 3)
     scheduler.cancel(1)
-    await until(lambda: any(f["op"] == "done" and f["id"] == 1 for f in frames))
-    assert end_of(frames, 1)["finish_reason"] == "cancelled"
+    await until(lambda: any(isinstance(f, Done) and f.id == 1 for f in frames))
+    assert done_of(frames, 1).finish_reason == "cancelled"
     assert len(executor.live) == 1  # request 2 goes on, request 1's KV is gone
     assert scheduler.stats()["live"] == 1
     task.cancel()
@@ -269,55 +290,55 @@ async def test_cancel_frees_the_slot_at_the_next_token() -> None:
 
 async def test_cancel_while_waiting() -> None:
     executor = ScriptedExecutor()
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append, SchedulerLimits(max_batch=1))
     scheduler.submit(request(1, [1], max_tokens=50))
     scheduler.submit(request(2, [2], max_tokens=50))
     scheduler.cancel(2)
     await run_until_done(scheduler, frames, 2)
-    assert end_of(frames, 2)["finish_reason"] == "cancelled"
+    assert done_of(frames, 2).finish_reason == "cancelled"
     assert tokens_of(frames, 2) == []
 
 
 async def test_a_prefill_fault_fails_only_that_request() -> None:
     executor = ScriptedExecutor(fail_prefill_on=13)
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append)
     scheduler.submit(request(1, [13, 1]))
     scheduler.submit(request(2, [2], max_tokens=3))
     await run_until_done(scheduler, frames, 2)
-    assert end_of(frames, 1)["op"] == "error" and "device fault" in end_of(frames, 1)["message"]
+    assert "device fault" in failure_of(frames, 1).message
     assert tokens_of(frames, 2) == alone([2], 3)
     assert executor.live == []
 
 
 async def test_a_decode_fault_fails_the_batch_cleanly() -> None:
     executor = ScriptedExecutor(fail_decode=True)
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append)
     scheduler.submit(request(1, [1]))
     scheduler.submit(request(2, [2]))
     await run_until_done(scheduler, frames, 2)
-    assert {end_of(frames, r)["code"] for r in (1, 2)} == {"engine_error"}
+    assert {failure_of(frames, r).code for r in (1, 2)} == {"engine_error"}
     assert executor.live == []
 
 
 async def test_bad_requests_are_refused_without_harm() -> None:
     executor = ScriptedExecutor()
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append)
     scheduler.submit(request(1, [1], max_tokens=2))
     scheduler.submit(request(1, [1]))
     scheduler.submit(request(2, []))
     scheduler.submit(GenerationRequest(3, [1], SamplingParams(max_tokens=2, temperature=-1), frozenset()))
-    assert [f["code"] for f in frames] == ["bad_request"] * 3
+    assert [f.code for f in frames if isinstance(f, Failed)] == ["bad_request"] * 3 and len(frames) == 3
     await run_until_done(scheduler, frames, 4)
-    assert [f["finish_reason"] for f in frames if f["op"] == "done"] == ["length"]
+    assert [f.finish_reason for f in frames if isinstance(f, Done)] == ["length"]
 
 
 async def test_next_chat_turn_reuses_the_previous_kv() -> None:
     executor = ScriptedExecutor()
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append)
     first = list(range(1, 30))
     scheduler.submit(request(1, first, max_tokens=6))
@@ -336,7 +357,7 @@ async def test_next_chat_turn_reuses_the_previous_kv() -> None:
 
 async def test_a_shared_system_prompt_is_reused_across_conversations() -> None:
     executor = ScriptedExecutor()
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append, SchedulerLimits(max_batch=1))
     system = list(range(100, 140))
     for rid, user in enumerate(([1, 2, 3], [4, 5, 6], [7, 8, 9]), start=1):
@@ -349,7 +370,7 @@ async def test_a_shared_system_prompt_is_reused_across_conversations() -> None:
 
 async def test_prefix_reuse_can_be_turned_off() -> None:
     executor = ScriptedExecutor()
-    frames: list[Frame] = []
+    frames: list[GenerationEvent] = []
     scheduler = Scheduler(executor, frames.append, SchedulerLimits(prefix_cache_tokens=0))
     prompt = list(range(1, 30))
     scheduler.submit(request(1, prompt, max_tokens=2))

@@ -20,7 +20,6 @@ from typing import Any
 import structlog
 
 from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
-from agent.engine import EngineDone
 from agent.errors import (
     ContextLengthError,
     EngineFailedError,
@@ -28,7 +27,7 @@ from agent.errors import (
     UnsupportedParameterError,
 )
 from agent.models.registry import ChatModel, EmbeddingModel, ModelRegistry
-from engines.base import SamplingParams
+from engines.base import Done, SamplingParams
 from engines.text import ChatTemplateError, IncrementalDetokenizer, StopMatcher
 
 log = structlog.get_logger("agent.api.openai")
@@ -247,7 +246,7 @@ class OpenAIServing:
         try:
             async with aclosing(engine.generate(prepared.prompt_ids, prepared.params, tokenizer.stop_ids)) as events:
                 async for event in events:
-                    if isinstance(event, EngineDone):
+                    if isinstance(event, Done):
                         tail, _ = matcher.push(detokenizer.flush())
                         tail += matcher.flush()
                         if tail:

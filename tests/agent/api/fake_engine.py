@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from agent.api.openai.serving import OpenAIServing
-from agent.engine import EngineDone, EngineHost, EngineHostConfig, EngineState
+from agent.engine import EngineHost, EngineHostConfig, EngineState
 from agent.models.bundled import BUNDLED_MODELS
 from agent.models.registry import ChatModel, ModelRegistry
 from agent.models.store import InstalledModel
-from engines.base import SamplingParams
+from engines.base import Done, SamplingParams
 from tests.bundled import smollm2_gguf
 from tests.engines.text_model import smollm_pipeline
 
@@ -44,7 +44,7 @@ class ScriptedEngine(EngineHost):
 
     async def generate(
         self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int]
-    ) -> AsyncGenerator[list[int] | EngineDone, None]:
+    ) -> AsyncGenerator[list[int] | Done, None]:
         self.started += 1
         request_id = next(self._ids)
         # Registered like a real stream, so that suspend() and a crash end it the way they end real ones.
@@ -57,7 +57,7 @@ class ScriptedEngine(EngineHost):
                 if position == 0 and self.hold:
                     await self._held(failures)
             completed = True
-            yield EngineDone("length" if params.max_tokens <= len(self.answer) else "stop", len(prompt),
+            yield Done(request_id, "length" if params.max_tokens <= len(self.answer) else "stop", len(prompt),
                              min(params.max_tokens, len(self.answer)))
         finally:
             self._streams.pop(request_id, None)

@@ -28,6 +28,7 @@ from agent.api.cluster.routes import HealthSources
 from agent.api.openai.serving import OpenAIServing
 from agent.api.routing import LocalLoad, routing_middleware
 from agent.api.security import AccessRules, SecurityPolicy
+from agent.api.server import EnvelopeAppRunner
 from agent.atomic import atomic_write_bytes
 from agent.cluster.node import ClusterNode, Placement, cluster_subsystem
 from agent.engine import EngineHost, EngineHostConfig
@@ -121,7 +122,7 @@ async def _http_api(
     name: str, app: web.Application, host: str, port: int, grace: float, listening: list[_Listening]
 ) -> AsyncIterator[None]:
     # handler_cancellation: a client that disconnects cancels its handler, and so its generation.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=grace, access_log=None)
+    runner = EnvelopeAppRunner(app, handler_cancellation=True, shutdown_timeout=grace, access_log=None)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port)

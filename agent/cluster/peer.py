@@ -30,6 +30,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from agent.api.server import EnvelopeAppRunner
 from agent.cluster import pki
 from agent.cluster.join import CA_PATH, JOIN_PATH, PING_PATH, JoinGrant, JoinRefused, JoinRequest
 from agent.models import pull
@@ -259,7 +260,7 @@ async def serve_peer_api(
     """Serve `app` over TLS on host:port (0 picks a free port) while inside; yields the bound port."""
     # No handler_cancellation: a joiner that hangs up must not cut an admission short between consuming its
     # token and adding it to etcd.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    runner = EnvelopeAppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     try:
         site = web.TCPSite(runner, host, port, ssl_context=ssl_context)

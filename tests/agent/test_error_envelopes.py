@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import socket
+import urllib.parse
 from typing import Any
 
 import openai
 import pytest
 
 from tests.agent_process import RunningAgent, http_json
+from tests.waiting import eventually
 
 QUESTION = [{"role": "user", "content": "Hi"}]
 
@@ -132,3 +136,34 @@ def test_sdk_sees_typed_errors(client: openai.OpenAI) -> None:
     assert info.value.code == "unsupported_parameter"
     assert info.value.param == "n"
     assert info.value.request_id  # X-Request-ID reaches the SDK
+
+
+def raw_exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are (no client library would send a NUL in a header) and read the whole answer."""
+    parts = urllib.parse.urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in header_lines)}
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("api", ["inference_url", "cluster_url"])
+def test_a_request_the_http_parser_refuses_gets_the_envelope_and_one_warning(running_agent: RunningAgent,
+                                                                             api: str) -> None:
+    status, headers, body = raw_exchange(getattr(running_agent, api),
+                                         b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Bad: a\x00b\r\n\r\n")
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    assert_envelope(json.loads(body), type_="invalid_request_error", param=None, code="bad_http_request")
+    request_id = headers["x-request-id"]
+
+    def logged() -> list[dict[str, Any]]:
+        return [line for line in running_agent.log_lines() if line.get("request_id") == request_id]
+
+    [line] = eventually(logged, "the refusal logged")
+    assert line["event"] == "http_request_unparsable" and line["level"] == "warning"
+    assert not [line for line in running_agent.log_lines() if line.get("logger") == "aiohttp.server"]

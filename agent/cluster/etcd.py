@@ -1,8 +1,10 @@
-"""etcd as a supervised child of the agent: one member per box, peers over mutual TLS, the client on loopback.
+"""etcd as a supervised child of the agent: one member per box, peers and clients over mutual TLS.
 
-Each agent runs its own etcd member (Debian `etcd-server`, 3.4) and talks only to that member, through `aetcd` on
-127.0.0.1. Members talk to each other over HTTPS with client certificates from the cluster CA, so a box without a
-certificate from that CA can neither join nor eavesdrop. The agent decides membership (research/cluster.md,
+Each agent runs its own etcd member (Debian `etcd-server`, 3.4) and talks to it through `aetcd` on 127.0.0.1.
+Members talk to each other over HTTPS with client certificates from the cluster CA, so a box without a
+certificate from that CA can neither join nor eavesdrop; every client listener (loopback included) requires a
+cluster certificate too, so a local user without the node's key (0600, the agent's user) cannot read or write
+cluster state. The agent decides membership (research/cluster.md,
 sections 2 and 6): a single box bootstraps a one-voter cluster (`start_new`); a joining box is added as a learner
 by an existing member (`add_learner`), starts with `start_joining`, and is promoted to voter (`promote`) when the
 stack wants another voter (at most 3); the survivor of a 2-box stack re-forms a one-voter cluster from its own copy
@@ -40,6 +42,7 @@ import aetcd
 import structlog
 from aetcd import rpc
 
+from agent.cluster.etcd_client import ClientTls, TlsEtcdClient
 from agent.cluster.net import url_host
 
 log = structlog.get_logger("agent.cluster.etcd")
@@ -58,13 +61,6 @@ _TAIL_LINES = 40
 _ERROR_TAIL_LINES = 8
 _REMOVED_MESSAGE = b"the member has been permanently removed from the cluster"
 _READ_CHUNK = 64 * 1024
-# The gRPC channel to our own member is on loopback: reconnect fast after an etcd restart instead of gRPC's default
-# backoff, which grows to two minutes and would keep the agent off a member that is long back.
-_GRPC_OPTIONS = {
-    "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
-    "grpc.max_reconnect_backoff_ms": 1000,
-}
 # etcd 3.4 refuses to start on any GOARCH but amd64 and ppc64le unless ETCD_UNSUPPORTED_ARCH names the running one;
 # Jetson boxes are arm64, where Debian's etcd-server otherwise exits at once.
 _GOARCH = {"aarch64": "arm64", "arm64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386", "i386": "386",
@@ -108,9 +104,9 @@ class EtcdConfig:
     peer_host: str  # the address other members reach this one at (an IP, or a name they resolve)
     tls: PeerTls
     peer_port: int = DEFAULT_PEER_PORT
-    # Clients listen on 127.0.0.1 only, over plain HTTP: the only client of a member is the agent on the same box,
-    # which reaches cluster state through its own member, so nothing off the box needs the client port, and
-    # loopback needs no TLS. Other boxes see the stack through the agents' own authenticated APIs.
+    # This box's agent reaches its member on 127.0.0.1, over mutual TLS like everything else: on a shared box a
+    # plain loopback port would let any local user write cluster state. Other boxes see the stack through the
+    # agents' own authenticated APIs.
     client_port: int = DEFAULT_CLIENT_PORT
     # Boxes whose member cannot serve them (a learner answers no writes or linearizable reads; boxes beyond the
     # one learner etcd 3.4 allows run no member) reach a voter's client API over mutual TLS on this port.
@@ -153,8 +149,8 @@ class EtcdConfig:
 
     @property
     def client_url(self) -> str:
-        """This member's client URL, on loopback."""
-        return f"http://127.0.0.1:{self.client_port}"
+        """This member's client URL, on loopback (mutual TLS)."""
+        return f"https://127.0.0.1:{self.client_port}"
 
     @property
     def client_tls_url(self) -> str | None:
@@ -353,10 +349,12 @@ class EtcdMember:
         return await self._wait_ready(self.config.start_timeout_s if timeout is None else timeout)
 
     async def client(self) -> aetcd.Client:
-        """This member's aetcd client, on loopback (one per member, created on first use, closed by `stop()`)."""
+        """This member's aetcd client, on loopback over mutual TLS (one per member, created on first use, closed
+        by `stop()`)."""
         if self._client is None:
-            self._client = aetcd.Client(host="127.0.0.1", port=self.config.client_port,
-                                        timeout=self.config.request_timeout_s, options=dict(_GRPC_OPTIONS))
+            tls = await asyncio.to_thread(_read_client_tls, self.config.tls)
+            self._client = TlsEtcdClient([self.config.client_url], tls, timeout=self.config.request_timeout_s,
+                                         server_name=self.config.name)
         await self._client.connect()
         return self._client
 
@@ -423,12 +421,12 @@ class EtcdMember:
 
     def _client_flags(self) -> list[str]:
         cfg = self.config
-        if cfg.client_tls_url is None:
-            return ["--listen-client-urls", cfg.client_url, "--advertise-client-urls", cfg.client_url]
-        listen_tls = f"https://{url_host(cfg.peer_listen_host)}:{cfg.client_tls_port}"
-        # Loopback stays plain HTTP for this box's agent; the TLS listener requires a cluster certificate.
-        return ["--listen-client-urls", f"{cfg.client_url},{listen_tls}",
-                "--advertise-client-urls", f"{cfg.client_url},{cfg.client_tls_url}",
+        listen, advertise = [cfg.client_url], cfg.client_url
+        if cfg.client_tls_url is not None:
+            listen.append(f"https://{url_host(cfg.peer_listen_host)}:{cfg.client_tls_port}")
+            advertise = cfg.client_tls_url  # the loopback URL means nothing to another box
+        # --client-cert-auth applies to every client listener: no certificate from the cluster CA, no handshake.
+        return ["--listen-client-urls", ",".join(listen), "--advertise-client-urls", advertise,
                 "--cert-file", str(cfg.tls.cert), "--key-file", str(cfg.tls.key),
                 "--client-cert-auth", "--trusted-ca-file", str(cfg.tls.ca)]
 
@@ -744,6 +742,13 @@ def _set_aside(data_dir: Path) -> Path:
         shutil.rmtree(aside)
     os.replace(data_dir, aside)
     return aside
+
+
+def _read_client_tls(tls: PeerTls) -> ClientTls:
+    try:
+        return ClientTls(tls.ca.read_bytes(), tls.cert.read_bytes(), tls.key.read_bytes())
+    except OSError as exc:
+        raise EtcdError(f"the node's TLS files for etcd cannot be read: {exc}") from exc
 
 
 def _write_pid(path: Path, pid: int) -> None:

@@ -1,12 +1,14 @@
-"""An etcd client for boxes whose own member cannot serve them: mutual TLS to a voter's client port.
+"""etcd clients over mutual TLS: every client listener of every member requires a cluster certificate.
 
-A learner answers neither writes nor linearizable reads, and boxes beyond the single learner etcd 3.4 allows run
-no member at all; their agents reach the cluster through a voter instead. aetcd 1.0 opens only insecure channels,
-so this subclass opens a gRPC channel with the node's cluster certificate (the voter's listener requires one).
+aetcd 1.0 opens only insecure channels, so `TlsEtcdClient` opens a gRPC channel with the node's cluster
+certificate. The agent reaches its own member on loopback this way (a local user without the node's key cannot
+read or write cluster state), and `VoterEtcdClient` reaches a voter's client port on another box: a learner answers
+neither writes nor linearizable reads, and boxes beyond the single learner etcd 3.4 allows run no member at all.
 
-gRPC checks the server certificate against the address dialled, and every node certificate carries its node's
-address as an IP SAN, so each channel dials one voter by IP. `rotate()` moves to the next voter when the current
-one stops answering; the caller (ClusterNode) decides when.
+gRPC checks the server certificate against the name dialled. Every node certificate carries its node id as a DNS
+name and its address as an IP SAN: the loopback channel names the member's node id (`server_name`), the channels
+to voters dial one voter by IP each. `VoterEtcdClient.rotate()` moves to the next voter when the current one stops
+answering; the caller (ClusterNode) decides when.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from agent.cluster.net import host_port
 
 log = structlog.get_logger("agent.cluster.etcd")
 
+# Reconnect fast after an etcd restart instead of gRPC's default backoff, which grows to two minutes and would keep
+# the agent off a member that is long back.
 GRPC_OPTIONS = {
     "grpc.initial_reconnect_backoff_ms": 100,
     "grpc.min_reconnect_backoff_ms": 100,
@@ -48,13 +52,17 @@ def split_endpoint(url: str) -> tuple[str, int]:
 
 
 class TlsEtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type information
-    """aetcd's client over mutual TLS, dialling one of several voters' client URLs at a time."""
+    """aetcd's client over mutual TLS to one of `endpoints` (the first until told otherwise)."""
 
-    def __init__(self, endpoints: list[str], tls: ClientTls, *, timeout: float) -> None:
+    def __init__(self, endpoints: list[str], tls: ClientTls, *, timeout: float, server_name: str | None = None
+                 ) -> None:
         if not endpoints:
             raise ValueError("no etcd client endpoints to connect to")
         host, port = split_endpoint(endpoints[0])
-        super().__init__(host=host, port=port, timeout=timeout, options=dict(GRPC_OPTIONS))
+        options: dict[str, int | str] = dict(GRPC_OPTIONS)
+        if server_name is not None:
+            options["grpc.ssl_target_name_override"] = server_name
+        super().__init__(host=host, port=port, timeout=timeout, options=options)
         self.endpoints = list(endpoints)
         self._index = 0
         self._credentials = grpc.ssl_channel_credentials(
@@ -75,6 +83,10 @@ class TlsEtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type 
         self.maintenancestub = rpc.MaintenanceStub(self.channel)
         self._watcher = Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
         self._connected.set()
+
+
+class VoterEtcdClient(TlsEtcdClient):
+    """The client of a box whose own member cannot serve it: one of the voters' client ports at a time."""
 
     async def rotate(self) -> str:
         """Close the channel and dial the next voter; returns its URL."""

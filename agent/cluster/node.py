@@ -39,7 +39,7 @@ from agent.cluster.admission import (
 )
 from agent.cluster.discovery import Discovery
 from agent.cluster.etcd import EtcdConfig, EtcdError, EtcdMember, MemberInfo, MemberRemoved, PeerTls
-from agent.cluster.etcd_client import ClientTls, TlsEtcdClient
+from agent.cluster.etcd_client import ClientTls, VoterEtcdClient
 from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest
 from agent.cluster.join import join as join_cluster
 from agent.cluster.membership import NODES_PREFIX, RPC_TIMEOUT_SECONDS, LeaderElection, NodeRegistry
@@ -501,7 +501,7 @@ class ClusterNode:
         urls = await asyncio.to_thread(_load_voter_urls, self.settings.cluster_dir)
         if not urls:
             raise EtcdError("this box reaches the cluster through a voter and no voter's client URL is known")
-        return TlsEtcdClient(urls, ClientTls(identity.ca_pem, identity.cert_pem, identity.key_pem),
+        return VoterEtcdClient(urls, ClientTls(identity.ca_pem, identity.cert_pem, identity.key_pem),
                              timeout=EtcdConfig.request_timeout_s)
 
     async def _keep_client(self, identity: Identity, member: EtcdMember | None) -> None:
@@ -511,7 +511,7 @@ class ClusterNode:
         while True:
             await asyncio.sleep(CLIENT_CHECK_SECONDS)
             client = self._client
-            if not isinstance(client, TlsEtcdClient):
+            if not isinstance(client, VoterEtcdClient):
                 continue
             try:
                 if member is not None:
@@ -549,7 +549,7 @@ class ClusterNode:
         clients = sorted(node_id for node_id in self.live_nodes if node_id not in named)
         return bool(clients) and clients[0] == self.node_id
 
-    async def _become_member(self, identity: Identity, client: TlsEtcdClient) -> EtcdMember | None:
+    async def _become_member(self, identity: Identity, client: VoterEtcdClient) -> EtcdMember | None:
         """Turn this client box into the stack's standby (a learner the leader promotes when a vote is free)."""
         peer_url = f"https://{host_port(self.address, self.settings.cluster.etcd_peer_port)}"
         try:
@@ -572,12 +572,12 @@ class ClusterNode:
         log.info("client_became_member", node=self.node_id, role="learner")
         return member
 
-    async def _switch_to_own_member(self, identity: Identity, member: EtcdMember, client: TlsEtcdClient) -> None:
+    async def _switch_to_own_member(self, identity: Identity, member: EtcdMember, client: VoterEtcdClient) -> None:
         await self._stop_tasks()
         await client.close()
         self._start_tasks(identity, await member.client())
 
-    async def _reform_alone(self, identity: Identity, member: EtcdMember, client: TlsEtcdClient) -> None:
+    async def _reform_alone(self, identity: Identity, member: EtcdMember, client: VoterEtcdClient) -> None:
         """The voter of a two-box stack is gone: carry on as a one-box cluster from this box's copy of the state.
 
         Topology and placement are soft state, so a copy that may miss the last writes is acceptable; the
@@ -658,7 +658,7 @@ class ClusterNode:
             keeper.cancel()
             await asyncio.gather(keeper, return_exceptions=True)
         await self._stop_tasks()
-        if isinstance(self._client, TlsEtcdClient):
+        if isinstance(self._client, VoterEtcdClient):
             await self._client.close()
         self._client = None
         if self._peer is not None:

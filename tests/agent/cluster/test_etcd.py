@@ -192,6 +192,32 @@ async def test_peer_port_refuses_certificates_from_another_ca(
     await client.put(b"/thox/k", b"still-writable")
 
 
+async def test_client_ports_refuse_clients_without_a_cluster_certificate(
+        make_member: MakeMember, free_ports: Callable[[int], list[int]], cluster_ca: TestCa, other_ca: TestCa
+) -> None:
+    # Loopback included: on a shared box any local user can reach 127.0.0.1, only the agent's user holds the key.
+    member = make_member("n1", client_tls_port=free_ports(1)[0])
+    await member.start_new("cluster-clients")
+    await (await member.client()).put(b"/thox/k", b"v")
+    for port in (member.config.client_port, member.config.client_tls_port):
+        assert port is not None
+        assert b"etcdserver" in await _tls_probe(port, cluster_ca.ca_file, cluster_ca.issue("probe"))
+        with pytest.raises(ssl.SSLError):
+            await _tls_probe(port, cluster_ca.ca_file, other_ca.issue("intruder"))
+        with pytest.raises(ssl.SSLError):
+            await _tls_probe(port, cluster_ca.ca_file, None)
+    plain = aetcd.Client("127.0.0.1", member.config.client_port, timeout=2)
+    try:
+        with pytest.raises(aetcd.exceptions.ClientError):
+            await plain.put(b"/thox/k", b"overwritten")
+    finally:
+        await plain.close()
+    assert (await (await member.client()).get(b"/thox/k")).value == b"v"
+    status_ = await status(await member.client())
+    [me] = await members(await member.client())
+    assert me.id == status_.member_id and me.client_urls == (member.config.client_tls_url,)  # loopback not offered
+
+
 async def test_sigkill_of_the_leader_fails_over_within_three_seconds(make_member: MakeMember) -> None:
     nodes = [make_member(name) for name in ("n1", "n2", "n3")]
     await nodes[0].start_new("cluster-failover")
@@ -353,7 +379,8 @@ async def test_start_reaps_an_etcd_left_behind_by_a_dead_agent(make_member: Make
     orphan = await asyncio.create_subprocess_exec(
         shutil.which("etcd") or "etcd", "--name", cfg.name, "--data-dir", str(cfg.data_dir),
         "--listen-client-urls", cfg.client_url, "--advertise-client-urls", cfg.client_url,
-        "--listen-peer-urls", f"http://127.0.0.1:{cfg.peer_port}",
+        "--cert-file", str(cfg.tls.cert), "--key-file", str(cfg.tls.key), "--client-cert-auth",
+        "--trusted-ca-file", str(cfg.tls.ca), "--listen-peer-urls", f"http://127.0.0.1:{cfg.peer_port}",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
     try:
         await asyncio.to_thread(cfg.pid_file.write_text, f"{orphan.pid}\n")

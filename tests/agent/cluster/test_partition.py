@@ -43,7 +43,7 @@ POLL_SECONDS = 0.05
 # Runs inside a box's namespace: polls the agent's health (is this box claiming leadership?), its etcd member's
 # status (is it the raft leader?) and, where asked, its cluster views; prints one JSON line per answer.
 POLLER = r"""
-import http.client, json, sys, threading, time
+import http.client, json, ssl, sys, threading, time
 
 lock = threading.Lock()
 
@@ -54,11 +54,21 @@ def fields(what, body):
         return {"raft_leader": body.get("leader") == body["header"]["member_id"], "term": body.get("raftTerm")}
     return {"leader": body.get("leader"), "state": body.get("status")}
 
-def poll(what, method, host, port, path, every):
+def connect(host, port, tls):
+    if tls is None:
+        return http.client.HTTPConnection(host, port, timeout=10)
+    # etcd's client port takes only clients with a cluster certificate: the box's own (the server is checked
+    # against the cluster CA; its certificate names the node, not 127.0.0.1)
+    context = ssl.create_default_context(cafile=tls["ca"])
+    context.check_hostname = False
+    context.load_cert_chain(tls["cert"], tls["key"])
+    return http.client.HTTPSConnection(host, port, timeout=10, context=context)
+
+def poll(what, method, host, port, path, every, tls=None):
     while True:
         sent = time.monotonic()
         record = {"what": what, "sent": sent}
-        connection = http.client.HTTPConnection(host, port, timeout=10)
+        connection = connect(host, port, tls)
         try:
             connection.request(method, path, body=b"{}" if method == "POST" else None)
             reply = connection.getresponse()
@@ -104,6 +114,12 @@ class Box:
         assert self.agent is not None
         return self.agent
 
+    @property
+    def etcd_tls(self) -> dict[str, str]:
+        """The box's own cluster certificate, which its etcd member's client port asks for."""
+        folder = self.running.home / "cluster" / "tls"
+        return {"ca": str(folder / "ca.pem"), "cert": str(folder / "node.pem"), "key": str(folder / "node-key.pem")}
+
     def samples(self, what: str) -> list[dict[str, Any]]:
         assert self.poll_log is not None
         found = []
@@ -144,7 +160,7 @@ class Lab:
         cluster_port = urllib.parse.urlsplit(box.running.cluster_url).port
         plan: list[list[Any]] = [
             ["health", "GET", box.address, cluster_port, "/v1/health", POLL_SECONDS],
-            ["raft", "POST", "127.0.0.1", ETCD_CLIENT_PORT, "/v3/maintenance/status", 0.1],
+            ["raft", "POST", "127.0.0.1", ETCD_CLIENT_PORT, "/v3/maintenance/status", 0.1, box.etcd_tls],
         ]
         if with_views:
             plan += [["topology", "GET", box.address, cluster_port, "/v1/topology", 0.25],
@@ -248,11 +264,15 @@ def _claims(box: Box) -> list[dict[str, Any]]:
 
 def etcd(box: Box, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     """A call to the box's etcd member (its JSON gateway on the loopback client port), from inside its namespace."""
-    script = ("import http.client, sys; c = http.client.HTTPConnection('127.0.0.1', int(sys.argv[1]), timeout=10); "
+    script = ("import http.client, json, ssl, sys; tls = json.loads(sys.argv[4]); "
+              "x = ssl.create_default_context(cafile=tls['ca']); x.check_hostname = False; "
+              "x.load_cert_chain(tls['cert'], tls['key']); "
+              "c = http.client.HTTPSConnection('127.0.0.1', int(sys.argv[1]), timeout=10, context=x); "
               "c.request('POST', sys.argv[2], body=sys.argv[3]); r = c.getresponse(); print(r.status); "
               "print(r.read().decode())")
     done = subprocess.run(["ip", "netns", "exec", box.netns, sys.executable, "-c", script, str(ETCD_CLIENT_PORT),
-                           path, json.dumps(body or {})], capture_output=True, text=True, timeout=30, check=False)
+                           path, json.dumps(body or {}), json.dumps(box.etcd_tls)], capture_output=True, text=True,
+                          timeout=30, check=False)
     status, _, answer = done.stdout.partition("\n")
     assert status == "200", (box.name, path, done.stdout, done.stderr)
     return json.loads(answer)  # type: ignore[no-any-return]

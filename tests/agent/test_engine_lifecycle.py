@@ -47,6 +47,36 @@ def alive(pid: int) -> bool:
     return True
 
 
+def proc_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_health_reports_the_agent_process(agent: RunningAgent) -> None:
+    process = agent.wait_healthy()["process"]
+    pid = agent.process.pid
+    assert process["pid"] == pid  # the agent itself, not its engine host child
+    # Seen from outside at about the same moment; a connection opening or closing in between moves it a little.
+    assert abs(process["open_fds"] - len(os.listdir(f"/proc/{pid}/fd"))) <= 4
+    assert process["open_fds"] > 3
+    assert abs(process["rss_bytes"] - proc_rss_bytes(pid)) <= 0.1 * proc_rss_bytes(pid)
+    idle_tasks = process["asyncio_tasks"]
+    assert idle_tasks > 1  # the health request's own task plus the agent's long-lived ones
+    with sdk(agent).chat.completions.with_streaming_response.create(
+        messages=LONG, model="smollm2-135m-instruct", max_tokens=1000, stream=True  # type: ignore[arg-type]
+    ) as response:
+        lines = response.iter_lines()
+        for _ in range(3):
+            next(lines)
+        # A stream in flight is served by a task of the agent's loop: the count must see it.
+        assert agent.health()["process"]["asyncio_tasks"] > idle_tasks
+    deadline = time.monotonic() + 10  # the next tests count streams: let this one leave the engine first
+    while agent.health()["engine"]["active_streams"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_engine_killed_mid_stream_gives_an_error_event_and_recovers(agent: RunningAgent) -> None:
     pid = engine_pid(agent)
     restarts = agent.health()["engine"]["restarts"]

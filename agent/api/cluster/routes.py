@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -34,7 +36,7 @@ class HealthSources:
 HEALTH_KEY = web.AppKey("health_sources", HealthSources)
 
 
-def health_report(sources: HealthSources) -> dict[str, Any]:
+def health_report(sources: HealthSources, process: dict[str, int | None] | None = None) -> dict[str, Any]:
     """The /v1/health body: `status` is "ok" only while every engine is ready and no thermal limit applies."""
     placed = sources.placed_engines()
     states = {engine.state for engine in (*sources.engines, *placed)}
@@ -58,7 +60,31 @@ def health_report(sources: HealthSources) -> dict[str, Any]:
         **({"temperature_c": hardware.pop("temperature_c"), "hardware": hardware} if hardware else {}),
         **({"config": {"restart_required": sources.config.restart_required}} if sources.config else {}),
         **({"cluster": _cluster_part(sources.cluster)} if sources.cluster else {}),
+        **({"process": process} if process is not None else {}),
     }
+
+
+def _process_figures() -> dict[str, int | None]:
+    """pid, resident memory and open descriptors of the agent process: blocking /proc reads, run it in a thread."""
+    rss_bytes: int | None = None
+    open_fds: int | None = None
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    rss_bytes = int(line.split()[1]) * 1024  # the kernel reports kB
+                    break
+        # Less the descriptor this very listing holds open on /proc/self/fd.
+        open_fds = len(os.listdir("/proc/self/fd")) - 1
+    except OSError:
+        pass  # no procfs (not Linux): health must still answer, with the figures it cannot know left out as null
+    return {"pid": os.getpid(), "rss_bytes": rss_bytes, "open_fds": open_fds}
+
+
+async def _process_part() -> dict[str, int | None]:
+    figures = await asyncio.to_thread(_process_figures)
+    # Counted here, on the loop thread: all_tasks() only sees the loop it runs on. Includes this request's own task.
+    return {**figures, "asyncio_tasks": len(asyncio.all_tasks())}
 
 
 def _cluster_part(node: ClusterNode) -> dict[str, Any]:
@@ -71,7 +97,7 @@ def _cluster_part(node: ClusterNode) -> dict[str, Any]:
 
 async def health(request: web.Request) -> web.Response:
     """GET /v1/health: always answers, also while the engine is down (that is when it matters)."""
-    return web.json_response(health_report(request.app[HEALTH_KEY]))
+    return web.json_response(health_report(request.app[HEALTH_KEY], await _process_part()))
 
 
 def setup_routes(app: web.Application) -> None:

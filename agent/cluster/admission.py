@@ -21,7 +21,7 @@ from agent.cluster.etcd import EtcdError
 from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest, Role
 from agent.cluster.membership import NODES_PREFIX, RPC_TIMEOUT_SECONDS
 from agent.cluster.net import host_port
-from agent.cluster.pki import ClusterCA, Identity, PkiError
+from agent.cluster.pki import ClusterCA, Identity, PkiError, ca_fingerprint
 from agent.cluster.tokens import DEFAULT_TOKEN_TTL_SECONDS, JoinToken, TokenError, TokenRecord, TokenRecordError
 from agent.cluster.tokens import check as check_token
 from drivers.aio import wait_for
@@ -39,9 +39,9 @@ def desired_voters(member_count: int) -> int:
 
 
 class Admission:
-    """Issues tokens and admits boxes into this node's cluster (any member can: each holds the CA)."""
+    """Issues tokens (any box) and admits boxes into this node's cluster (a box holding the CA key)."""
 
-    def __init__(self, client: aetcd.Client, identity: Identity, leader: Callable[[], str | None],
+    def __init__(self, client: aetcd.Client, identity: Callable[[], Identity], leader: Callable[[], str | None],
                  clock: Callable[[], float] = time.time) -> None:
         self._client = client
         self._identity = identity
@@ -51,7 +51,7 @@ class Admission:
 
     async def issue_token(self, ttl_seconds: float = DEFAULT_TOKEN_TTL_SECONDS) -> tuple[JoinToken, float]:
         """A new one-time token pinning our CA; returns it and its expiry (unix seconds)."""
-        token = JoinToken.generate(self._identity_ca().fingerprint)
+        token = JoinToken.generate(ca_fingerprint(self._identity().ca_pem))
         await self._prune()
         record = TokenRecord.for_token(token, ttl_seconds, self._clock())
         await wait_for(self._client.put(TOKENS_PREFIX + token.token_id.encode(), record.to_json().encode()),
@@ -72,9 +72,9 @@ class Admission:
                 await wait_for(self._client.delete(kv.key), RPC_TIMEOUT_SECONDS)
 
     def _identity_ca(self) -> ClusterCA:
-        ca = self._identity.ca()
+        ca = self._identity().ca()
         if ca is None:
-            raise JoinRefused("this box does not hold the cluster CA and cannot admit boxes; ask another member",
+            raise JoinRefused("this box does not hold the cluster CA key and cannot admit boxes; ask a voter",
                               code="cluster_unavailable", status=503)
         return ca
 
@@ -155,15 +155,20 @@ class Admission:
             raise JoinRefused(f"the cluster cannot take a member now: {exc}", code="cluster_unavailable",
                               status=503) from exc
         log.info("join_admitted", node=request.node_id, address=request.address, role="learner")
+        # The joiner of a one-box stack becomes the standby of a two-box stack, which holds the CA key: it takes
+        # the key with it at once, for if the voter went before the custodian's first round, the box that
+        # re-forms alone could admit no one.
         return self._grant(ca, request, cert, "learner", initial_cluster, members,
-                           voter_client_urls(await etcd_members.members(self._client)))
+                           voter_client_urls(await etcd_members.members(self._client)), with_key=len(members) == 1)
 
     def _grant(self, ca: ClusterCA, request: JoinRequest, cert: bytes, role: Role, initial_cluster: str,
-               members: list[etcd_members.MemberInfo], client_urls: list[str]) -> JoinGrant:
+               members: list[etcd_members.MemberInfo], client_urls: list[str], *, with_key: bool = False
+               ) -> JoinGrant:
         return JoinGrant(
-            cluster_id=self._identity.cluster_id, node_cert_pem=cert.decode(), ca_cert_pem=ca.cert_pem.decode(),
-            ca_key_pem=ca.key_pem.decode(), initial_cluster=initial_cluster, role=role, leader=self._leader(),
-            members=sorted([*(m.name for m in members if m.name), request.node_id]), client_urls=client_urls)
+            cluster_id=self._identity().cluster_id, node_cert_pem=cert.decode(), ca_cert_pem=ca.cert_pem.decode(),
+            ca_key_pem=ca.key_pem.decode() if with_key else None, initial_cluster=initial_cluster, role=role,
+            leader=self._leader(), members=sorted([*(m.name for m in members if m.name), request.node_id]),
+            client_urls=client_urls)
 
 
 def voter_client_urls(members: list[etcd_members.MemberInfo]) -> list[str]:

@@ -9,14 +9,18 @@ The joiner holds a `JoinToken` (from `thox cluster token` or an NFC join offer) 
    POSTed over TLS that trusts only the pinned CA; a server with a certificate from anything else fails the
    handshake before the request is written.
 4. The `JoinGrant` that comes back is checked before anything is kept: our certificate must be for our node id
-   and our key, issued by the pinned CA, and the CA certificate and key must be the pinned CA's.
+   and our key, issued by the pinned CA, and the CA certificate (and the CA key, when the grant carries it) must
+   be the pinned CA's.
+
+A box that holds no CA key relays the request to one that does (`forward`, agent/cluster/ca_custody.py).
 
 Wire format (JSON objects):
 
 - request  `{"token_id", "secret", "node_id", "csr_pem", "address", "etcd_peer_port"}`
 - grant    `{"cluster_id", "node_cert_pem", "ca_cert_pem", "ca_key_pem", "initial_cluster", "role", "leader",
-  "members", "client_urls"}`; role "client" (a box beyond the fourth, no etcd member of its own) comes with an
-  empty initial_cluster and the voters' client URLs
+  "members", "client_urls"}`; `ca_key_pem` is null unless the joiner is to hold the CA key at once (the standby of
+  a two-box stack); role "client" (a box beyond the fourth, no etcd member of its own) comes with an empty
+  initial_cluster and the voters' client URLs
 - refusal  `{"error": {"message", "type", "param": null, "code"}}` with the status `JoinRefused.status` gives.
 """
 
@@ -169,12 +173,13 @@ class JoinRequest:
 
 @dataclass(frozen=True)
 class JoinGrant:
-    """What an admitted joiner gets: its certificate, the cluster CA (certificate and key), the etcd membership."""
+    """What an admitted joiner gets: its certificate, the cluster CA certificate (and its key, for a box that is to
+    hold it), the etcd membership."""
 
     cluster_id: str
     node_cert_pem: str
     ca_cert_pem: str
-    ca_key_pem: str = field(repr=False)
+    ca_key_pem: str | None = field(repr=False)
     # etcd's --initial-cluster for the joiner's first start: "name=https://ip:port,...", the joiner included.
     initial_cluster: str
     role: Role
@@ -203,7 +208,8 @@ class JoinGrant:
             _bad_grant(f"{what}'s 'initial_cluster' must be a non-empty string")
         node_cert_pem = _pem_field(data, "node_cert_pem", "CERTIFICATE", what, _bad_grant)
         ca_cert_pem = _pem_field(data, "ca_cert_pem", "CERTIFICATE", what, _bad_grant)
-        ca_key_pem = _pem_field(data, "ca_key_pem", "PRIVATE KEY", what, _bad_grant)
+        ca_key_pem = None if data.get("ca_key_pem") is None else _pem_field(data, "ca_key_pem", "PRIVATE KEY", what,
+                                                                             _bad_grant)
         role = data.get("role")
         if role not in ROLES:
             _bad_grant(f"{what}'s 'role' must be one of {list(ROLES)}, not {role!r}")
@@ -337,12 +343,14 @@ def _check_grant(grant: JoinGrant, pinned_ca: bytes, node_id: str, key_pem: byte
         _bad_grant(f"the certificate it issued is for node {issued_to!r}, not for this node {node_id!r}")
     if not pki.cert_matches_key(grant.node_cert_pem.encode(), key_pem):
         _bad_grant("the certificate it issued is not for this node's key")
-    try:
-        ca = pki.ClusterCA.load(pinned_ca, grant.ca_key_pem.encode())
-    except pki.PkiError as exc:
-        _bad_grant(str(exc))
-    if grant.cluster_id != ca.cluster_id:
-        _bad_grant(f"it names cluster {grant.cluster_id!r}, but the pinned CA is cluster {ca.cluster_id!r}")
+    if grant.ca_key_pem is not None:
+        try:
+            pki.ClusterCA.load(pinned_ca, grant.ca_key_pem.encode())
+        except pki.PkiError as exc:
+            _bad_grant(str(exc))
+    cluster_id = pki.cluster_id_of(pinned_ca)
+    if grant.cluster_id != cluster_id:
+        _bad_grant(f"it names cluster {grant.cluster_id!r}, but the pinned CA is cluster {cluster_id!r}")
 
 
 async def join(
@@ -403,3 +411,23 @@ async def join(
     grant = JoinGrant.from_json(body)
     await asyncio.to_thread(_check_grant, grant, ca_pem, node_id, key_pem)
     return grant
+
+
+async def forward(session: aiohttp.ClientSession, base_url: str, request: JoinRequest, *, timeout: float = 30.0
+                  ) -> JoinGrant:
+    """Relay a join request to the peer API at `base_url` (a box holding the CA key) over the session's mutual TLS;
+    its grant, or its refusal as a JoinRefused with the same code and status."""
+    where = base_url.removeprefix("https://")
+    try:
+        async with session.post(f"{base_url}{JOIN_PATH}", data=request.to_json(),
+                                headers={"Content-Type": "application/json"}, allow_redirects=False,
+                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            body = await _read_limited(response, MAX_GRANT_BYTES, where)
+            status = response.status
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        refused = _unreachable(where, exc, timeout)
+        raise JoinRefused(f"the box holding the cluster CA could not be asked: {refused.message}",
+                          code="cluster_unavailable", status=503) from None
+    if status != 200:
+        raise _refusal(status, body, where)
+    return JoinGrant.from_json(body)

@@ -37,10 +37,12 @@ from agent.cluster.admission import (
     remove_departed,
     voter_client_urls,
 )
+from agent.cluster.ca_custody import CaCustodian, CaKeyRefused, forget_retired_key, holders
 from agent.cluster.discovery import Discovery
 from agent.cluster.etcd import EtcdConfig, EtcdError, EtcdMember, MemberInfo, MemberRemoved, PeerTls
 from agent.cluster.etcd_client import ClientTls, VoterEtcdClient
 from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest
+from agent.cluster.join import forward as forward_join
 from agent.cluster.join import join as join_cluster
 from agent.cluster.membership import NODES_PREFIX, RPC_TIMEOUT_SECONDS, LeaderElection, NodeRegistry
 from agent.cluster.net import host_port
@@ -284,6 +286,7 @@ class ClusterNode:
         self._peer: contextlib.AsyncExitStack | None = None
         self._join_lock = asyncio.Lock()
         self.admission: Admission | None = None
+        self.custodian: CaCustodian | None = None
         self.peer_port = 0
         self.unavailable_reason: str | None = None
         self._last_leader: str | None = None  # as last read by the placement loop (pull sources prefer it)
@@ -358,6 +361,7 @@ class ClusterNode:
         """This box was removed from its cluster (gone longer than the stack waits for a box): carry on as a box of
         its own, the old cluster kept aside; docking it again or `thox cluster join` brings it back."""
         previous = await asyncio.to_thread(_retire, self.settings.cluster_dir)
+        await asyncio.to_thread(forget_retired_key, previous)  # the stack that removed us keeps its key to itself
         log.warning("cluster_member_removed", cluster_id=removed_from.cluster_id, node=self.node_id,
                     kept_in=str(previous), action="founding a cluster of its own; join the stack again")
         identity = await asyncio.to_thread(found_cluster, self.settings, self.node_id, self.address)
@@ -410,7 +414,7 @@ class ClusterNode:
             client_context_from_pem, identity.ca_pem, identity.cert_pem, identity.key_pem))
         inference = self._inference_app() if self._inference_app is not None else None
         self.peer_port = await self._peer.enter_async_context(serve_peer_api(
-            build_peer_app(self, identity.ca_pem, inference, self.loader.store if self.loader else None),
+            build_peer_app(self, identity.ca_pem, inference, self.loader.store if self.loader else None, ca_keys=self),
             self.settings.bind_host,
             self.settings.cluster.peer_port, context))
         self._start_tasks(identity, client)
@@ -444,17 +448,26 @@ class ClusterNode:
         ttl = self.settings.cluster.lease_ttl_seconds
         election = self.election = LeaderElection(client, self.node_id, ttl)
         self.registry = NodeRegistry(client, self.node_id, self.settings.cluster.node_ttl_seconds)
-        self.admission = Admission(client, identity, lambda: self.node_id if election.is_leader else None)
+        self.admission = Admission(client, lambda: self.identity or identity,
+                                   lambda: self.node_id if election.is_leader else None)
+        self.custodian = CaCustodian(self.node_id, client, lambda: self.identity or identity, self._adopt_identity,
+                                     lambda: self.live_nodes, self._leader_hint, self.router.session)
         self._tasks = [self._spawn_task(election.run(), "cluster-leader"),
+                       self._spawn_task(self.custodian.run(), "cluster-ca-key"),
                        self._spawn_task(self.registry.run(self._record), "cluster-node-record"),
                        self._spawn_task(self._keep_voters(), "cluster-voters"),
                        self._spawn_task(self._follow_nodes(client), "cluster-node-view")]
         if self.loader is not None:
-            self.replicas = ReplicaKeeper(self.node_id, self.loader, lambda: self.live_nodes,
-                                          lambda: self.node_id if election.is_leader else self._last_leader,
+            self.replicas = ReplicaKeeper(self.node_id, self.loader, lambda: self.live_nodes, self._leader_hint,
                                           self.router.session, self._spawn_task)
             self._tasks += [self._spawn_task(self.replicas.run(client), "cluster-replicas"),
                             self._spawn_task(self._place_models(client), "cluster-placement")]
+
+    def _leader_hint(self) -> str | None:
+        """The leader as last known, without asking etcd (a source to prefer, not a decision)."""
+        if self.election is not None and self.election.is_leader:
+            return self.node_id
+        return self._last_leader
 
     def client_ssl(self) -> ssl.SSLContext | None:
         """The TLS context this box reaches other boxes' peer APIs with (its cluster certificate)."""
@@ -490,6 +503,7 @@ class ClusterNode:
         await asyncio.gather(*tasks, return_exceptions=True)
         self.election = self.registry = None
         self.admission = None
+        self.custodian = None
 
     async def _pick_client(self, identity: Identity, member: EtcdMember | None) -> aetcd.Client:
         """Our own member if it is a voter; a voter's client port over mutual TLS while ours is a learner, or for
@@ -593,10 +607,28 @@ class ClusterNode:
         log.info("cluster_reformed", node=self.node_id, cluster_id=identity.cluster_id)
 
     async def admit(self, request: JoinRequest) -> JoinGrant:
-        """The peer API's join endpoint (JoinAuthority)."""
-        if self.admission is None:
+        """The peer API's join endpoint (JoinAuthority): admitted here if this box holds the CA key, else relayed to
+        a box that does (the leader first)."""
+        if self.admission is None or self.identity is None:
             raise JoinRefused("this box's cluster layer is not running", code="cluster_unavailable", status=503)
-        return await self.admission.admit(request)
+        if self.identity.ca_key_pem is not None:
+            return await self.admission.admit(request)
+        sources = holders(self.live_nodes, self._leader_hint(), self.node_id)
+        if not sources:
+            raise JoinRefused("no box of this cluster that holds its CA key is live to admit the join; retry shortly",
+                              code="cluster_unavailable", status=503)
+        log.info("join_forwarded", node=request.node_id, to=sources[0])
+        return await forward_join(self.router.session(), sources[0], request)
+
+    async def ca_key_for(self, caller: str) -> bytes:
+        """The peer API's CA key endpoint (CaKeySource)."""
+        if self.custodian is None:
+            raise CaKeyRefused("this box's cluster layer is not running", code="cluster_unavailable", status=503)
+        return await self.custodian.key_for(caller)
+
+    def _adopt_identity(self, identity: Identity) -> None:
+        """The custodian received or dropped the CA key: the same identity, with or without it."""
+        self.identity = identity
 
     async def _place_models(self, client: aetcd.Client) -> None:
         """Every second: learn the leader; on the leader, make the assignments match the requests and live boxes."""
@@ -715,7 +747,8 @@ class ClusterNode:
             await asyncio.to_thread(_save_voter_urls, self.settings.cluster_dir, grant.client_urls)
             self._member_count = len(grant.members)
             await asyncio.to_thread(write_identity, self._tls_dir, grant.ca_cert_pem.encode(),
-                                    grant.node_cert_pem.encode(), key, grant.ca_key_pem.encode())
+                                    grant.node_cert_pem.encode(), key,
+                                    None if grant.ca_key_pem is None else grant.ca_key_pem.encode())
             identity = await asyncio.to_thread(read_identity, self._tls_dir)
             assert identity is not None  # just written
             member: EtcdMember | None = None
@@ -726,6 +759,7 @@ class ClusterNode:
                 member = self._member_for(identity)
                 await self._start_joining(member, grant, previous)
             await self._run(identity, member, founded=False)
+            await asyncio.to_thread(forget_retired_key, previous)  # our own old cluster is gone for good now
             log.info("cluster_joined", cluster_id=grant.cluster_id, node=self.node_id, role=grant.role,
                      members=grant.members)
             return {"cluster_id": grant.cluster_id, "role": grant.role, "members": grant.members,
@@ -755,6 +789,7 @@ class ClusterNode:
             "address": place.address, "inference_port": place.inference_port, "cluster_port": place.cluster_port,
             "peer_port": self.peer_port, "ram_gb": self._memory_gb, "model_memory_gb": offered,
             "version": agent.__version__, "updated": round(time.time(), 3), **self._local_facts(),
+            "holds_ca_key": self.identity is not None and self.identity.ca_key_pem is not None,
             **({"store": self.loader.store_facts} if self.loader is not None else {}),
             **(self.replicas.report() if self.replicas is not None else {}),
         }

@@ -10,6 +10,8 @@ Routes:
 - GET  /cluster/ca    open: the cluster CA certificate (PEM, text/plain), which a joiner pins against its token.
 - POST /cluster/join  open: a `JoinRequest`; the `JoinAuthority` admits it (`JoinGrant`) or refuses it.
 - GET  /cluster/ping  members only: `{"node_id": <the caller's node id>}`.
+- GET  /cluster/ca-key  members only: the cluster CA's key (PEM), for a caller that should hold it
+  (agent/cluster/ca_custody.py); 403 not_entitled for any other, 503 no_ca_key from a box that holds none.
 - GET  /cluster/models/<id>               members only: a model's manifest record and files (agent/models/pull.py).
 - GET  /cluster/models/<id>/files/<path>  members only: one file of it (Range requests resume a copy).
 - /inference/...      members only: this box's OpenAI API, for requests other boxes route here.
@@ -32,6 +34,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from agent.api.server import EnvelopeAppRunner
 from agent.cluster import pki
+from agent.cluster.ca_custody import CA_KEY_PATH, CaKeyRefused
 from agent.cluster.join import CA_PATH, JOIN_PATH, PING_PATH, JoinGrant, JoinRefused, JoinRequest
 from agent.models import pull
 from agent.models.store import InstalledModel, ModelStore
@@ -66,6 +69,14 @@ class JoinAuthority(Protocol):
 
     async def admit(self, request: JoinRequest) -> JoinGrant:
         """The grant for an admitted joiner; JoinRefused (with its code and status) when it may not join."""
+        ...
+
+
+class CaKeySource(Protocol):
+    """Hands the CA key to the boxes that should hold it (agent/cluster/ca_custody.py)."""
+
+    async def ca_key_for(self, caller: str) -> bytes:
+        """The key for the box `caller`; CaKeyRefused (with its code and status) when it may not have it."""
         ...
 
 
@@ -189,6 +200,18 @@ class _Routes:
         return web.json_response({"node_id": request[PEER_NODE_ID]})
 
 
+class _CaKey:
+    def __init__(self, source: CaKeySource) -> None:
+        self._source = source
+
+    async def get(self, request: web.Request) -> web.Response:
+        try:
+            key = await self._source.ca_key_for(request[PEER_NODE_ID])
+        except CaKeyRefused as exc:
+            return error_response(exc.status, exc.code, exc.message)
+        return web.Response(body=key, content_type="text/plain", headers={"Cache-Control": "no-store"})
+
+
 class _ModelFiles:
     """Serves this box's model store to members that copy a model (`agent/models/pull.py`)."""
 
@@ -225,7 +248,7 @@ class _NotHere(Exception):
 
 
 def build_peer_app(authority: JoinAuthority, ca_cert_pem: bytes, inference: web.Application | None = None,
-                   store: ModelStore | None = None) -> web.Application:
+                   store: ModelStore | None = None, ca_keys: CaKeySource | None = None) -> web.Application:
     """The peer API app: serve it with `serve_peer_api` and a CERT_OPTIONAL server context from the cluster CA.
 
     `inference`, when given, is this box's OpenAI API mounted at INFERENCE_PREFIX for other members: requests
@@ -239,6 +262,8 @@ def build_peer_app(authority: JoinAuthority, ca_cert_pem: bytes, inference: web.
     app.router.add_get(CA_PATH, routes.ca, name=_ROUTE_CA, allow_head=False)
     app.router.add_post(JOIN_PATH, routes.join, name=_ROUTE_JOIN)
     app.router.add_get(PING_PATH, routes.ping, name=_ROUTE_PING, allow_head=False)
+    if ca_keys is not None:
+        app.router.add_get(CA_KEY_PATH, _CaKey(ca_keys).get, allow_head=False)
     if store is not None:
         files = _ModelFiles(store)
         app.router.add_get(f"{pull.MODELS_PATH}/{{model}}", files.listing, allow_head=False)

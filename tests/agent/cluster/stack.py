@@ -28,6 +28,11 @@ def call(agent: RunningAgent, method: str, path: str, body: dict[str, Any] | Non
     return status, answer
 
 
+def holds_ca_key(agent: RunningAgent) -> bool:
+    """Whether the box keeps the cluster CA's private key (only voters and a two-box stack's standby do)."""
+    return (agent.home / "cluster" / "tls" / "ca-key.pem").exists()
+
+
 def token_for(agent: RunningAgent, ttl: float = 600) -> dict[str, Any]:
     status, answer = call(agent, "POST", "/cluster/tokens", {"ttl_seconds": ttl})
     assert status == 200, answer

@@ -19,6 +19,7 @@ from zeroconf import IPVersion, Zeroconf
 from tests.agent.cluster.stack import (
     call,
     eventually,
+    holds_ca_key,
     http_raw,
     join,
     needs_etcd,
@@ -144,6 +145,8 @@ def test_a_two_box_stack_survives_losing_either_box(boxes: Callable[[str], Runni
     assert join(learner, token_for(voter))[0] == 200
     eventually(lambda: {n["id"]: n["role"] for n in topology(voter)["nodes"] if n["alive"]}
                == {"box-a": "voter", "box-b": "learner"}, 30, "a voter and a learner")
+    # The standby of a two-box stack takes the CA key with it: it may have to admit boxes alone.
+    assert holds_ca_key(voter) and holds_ca_key(learner)
     gone, survivor = (voter, learner) if lost == "voter" else (learner, voter)
     gone.process.send_signal(signal.SIGKILL)
     gone.process.wait(10)
@@ -156,6 +159,9 @@ def test_a_two_box_stack_survives_losing_either_box(boxes: Callable[[str], Runni
     eventually(carries_on, 20, f"{survivor.home.name} leading alone")
     token = token_for(survivor)  # the cluster state is writable again
     assert token["cluster_id"] == topology(survivor)["cluster_id"]
+    if lost == "voter":  # the former standby admits the next box on its own
+        assert join(boxes("box-c"), token)[0] == 200
+        eventually(lambda: topology(survivor)["node_count"] == 2, 30, "box-c admitted by the survivor")
 
 
 def test_requests_for_a_model_held_elsewhere_are_routed_and_streamed(
@@ -256,10 +262,17 @@ def test_boxes_beyond_the_fourth_are_clients_and_a_box_gone_for_good_is_removed(
     roles = eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"]}
                        if topology(first)["node_count"] == 4 else None, 60, "four live boxes")
     assert roles == {"box-a": "voter", "box-b": "voter", "box-c": "voter", "box-d": "learner"}
-    # A fifth box: etcd takes one learner at a time, so it joins as a client of the voters (no etcd member).
+    # The CA key lives on the voters only (the promoted ones fetched it); the standby of a bigger stack has none.
+    eventually(lambda: all(holds_ca_key(b) for b in (first, others["box-b"], others["box-c"])), 30,
+               "the three voters holding the CA key")
+    assert not holds_ca_key(others["box-d"])
+    # A fifth box: etcd takes one learner at a time, so it joins as a client of the voters (no etcd member). Its
+    # token comes from the standby, which cannot sign: the standby relays the join to a box that can.
     fifth = boxes("box-e", quick)
-    status, answer = join(fifth, token_for(first))
+    status, answer = join(fifth, token_for(others["box-d"]))
     assert status == 200 and answer["role"] == "client", answer
+    assert any(line.get("event") == "join_forwarded" for line in others["box-d"].log_lines())
+    assert not holds_ca_key(fifth)
     eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"] if n["alive"]}.get("box-e") == "client",
                30, "box-e live as a client")
     assert topology(fifth)["cluster_id"] == cluster_id
@@ -272,6 +285,7 @@ def test_boxes_beyond_the_fourth_are_clients_and_a_box_gone_for_good_is_removed(
         return "box-c" not in nodes and nodes["box-d"]["role"] == "voter"
 
     eventually(taken_over, 60, "box-c removed and box-d voting")
+    eventually(lambda: holds_ca_key(others["box-d"]), 30, "the promoted voter holding the CA key")
     summary = call(first, "GET", "/cluster")[1]
     assert summary["status"] == "healthy" and summary["voters"] == {"alive": 3, "expected": 3}
     assert any(line.get("event") == "member_removed" and line.get("node") == "box-c" for line in first.log_lines())
@@ -299,6 +313,7 @@ def test_boxes_beyond_the_fourth_are_clients_and_a_box_gone_for_good_is_removed(
                        "the woken box leading its own cluster")
     assert woken["cluster_id"] != cluster_id and woken["node_count"] == 1
     assert any(line.get("event") == "etcd_member_removed" for line in frozen.log_lines())
+    assert not list(frozen.home.glob("cluster/previous-*/tls/ca-key.pem"))  # the removed box keeps no key of ours
     # The standby (the former client) takes the free vote.
     eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"]}.get("box-e") == "voter", 60,
                "box-e voting")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli_logs import LineSelector, topic_matches
+from agent.cli.logs import LineSelector, topic_matches
 from tests.agent_process import start_agent
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from rich.table import Table
 
-from agent.cli_common import call_cluster, out
+from agent.cli.common import call_cluster, out
 
 
 def cmd_token(args: argparse.Namespace) -> int:

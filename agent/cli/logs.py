@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from agent.cli_common import endpoints, err, home_of
+from agent.cli.common import endpoints, err, home_of
 from agent.logs import log_file_of
 
 UNIT = "thox-agent.service"
@@ -234,7 +234,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
+def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     """Register `thox logs`."""
     logs = sub.add_parser("logs", parents=[common], help="the agent's log lines (journal or log file)")
     logs.add_argument("--filter", action="append", metavar="TOPIC",

@@ -15,8 +15,8 @@ from typing import Any
 import aiohttp
 from rich.table import Table
 
-from agent import cli_keys
-from agent.cli_common import cluster_url, endpoints, err, home_of, out, request_json
+from agent.cli import keys
+from agent.cli.common import cluster_url, endpoints, err, home_of, out, request_json
 from agent.config_file import ConfigFile
 from agent.settings import SettingsError, env_var
 
@@ -62,7 +62,7 @@ def _tell_agent(args: argparse.Namespace, key: str) -> None:
 def cmd_get(args: argparse.Namespace) -> int:
     """thox config get KEY: the effective value and where it comes from."""
     if args.key == "api.key":
-        return cli_keys.config_get_key(args)
+        return keys.config_get_key(args)
     try:
         value, source = _config(args).get(args.key)
     except SettingsError as exc:
@@ -75,7 +75,7 @@ def cmd_get(args: argparse.Namespace) -> int:
 def cmd_set(args: argparse.Namespace) -> int:
     """thox config set KEY VALUE: validated against the schema, written atomically, applied if the agent runs."""
     if args.key == "api.key":  # a secret: it goes into the hashed key store, never into config.toml
-        return cli_keys.config_set_key(args, args.value)
+        return keys.config_set_key(args, args.value)
     try:
         stored = _config(args).set(args.key, args.value)
     except SettingsError as exc:

@@ -1,4 +1,5 @@
-"""`thox models load|unload|pull|placement`: place models across the stack through the local cluster API."""
+"""`thox models list|prepare` (this box's store) and `load|unload|pull|placement` (across the stack, through the
+local cluster API)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,85 @@ import json
 from typing import Any
 
 import aiohttp
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from agent.cli_common import auth_headers, call_cluster, cluster_url, err, home_of, out
+from agent.cli.common import auth_headers, call_cluster, cluster_url, err, home_of, out
+from agent.settings import SettingsError, load_settings
+
+
+def _human_size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{size} B"
+        value /= 1024
+    return f"{size} B"
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    """thox models list: what is installed in the store."""
+    from agent.models import ModelStore, ModelStoreError
+
+    home = home_of(args)
+    try:
+        models = ModelStore(home / "models").installed()
+    except ModelStoreError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 1
+    if args.json:
+        out.print_json(data=[m.to_json() for m in models])
+        return 0
+    if not models:
+        out.print(f"No models installed in {home / 'models'}. Run `thox models prepare` "
+                  "(or `thox serve`, which installs the bundled model on first start).")
+        return 0
+    table = Table(title=f"Models in {home / 'models'}")
+    for column in ("id", "size", "quantization", "sha256", "source"):
+        table.add_column(column, overflow="fold")
+    for m in models:
+        table.add_row(m.id, _human_size(m.size), m.quantization, m.sha256, m.source)
+    out.print(table)
+    return 0
+
+
+def cmd_models_prepare(args: argparse.Namespace) -> int:
+    """thox models prepare: install bundled models and convert them for the engine, with progress."""
+    from agent.models import ModelStore, ModelStoreError
+    from engines.base import EngineError
+    from engines.convert import ensure_converted
+    from engines.convert.bert import ensure_converted_encoder
+
+    try:
+        settings = load_settings(home=home_of(args))
+        models = ModelStore(settings.models_dir).ensure_bundled()
+    except (SettingsError, ModelStoreError) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 1
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err) as progress:
+        for model in models:
+            tasks: dict[str, TaskID] = {}
+
+            def report(
+                stage: str, done: int, total: int, model_id: str = model.id, tasks: dict[str, TaskID] = tasks
+            ) -> None:
+                if stage not in tasks:
+                    tasks[stage] = progress.add_task(f"{model_id}: {stage}", total=total)
+                progress.update(tasks[stage], completed=done, total=total)
+
+            try:
+                if model.format == "gguf":
+                    directory = ensure_converted(
+                        model.path, settings.model_cache_dir, sha256=model.sha256, progress=report).directory
+                else:
+                    directory = ensure_converted_encoder(
+                        model.path, settings.model_cache_dir, progress=report).directory
+            except EngineError as exc:
+                err.print(f"[red]error:[/red] {model.id}: {exc}")
+                return 1
+            progress.console.print(f"{model.id}: ready ({directory})")
+    return 0
 
 
 def _replica_cell(replica: dict[str, Any]) -> str:
@@ -113,8 +190,15 @@ def cmd_pull(args: argparse.Namespace) -> int:
         return 1
 
 
-def add_parsers(models: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
-    """Register the placement commands under `thox models`."""
+def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
+    """Register `thox models ...`."""
+    models = sub.add_parser("models", help="the model store").add_subparsers(dest="models_command", required=True)
+    listing = models.add_parser("list", parents=[common], help="installed models with size and sha256")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(func=cmd_models_list)
+    prepare = models.add_parser(
+        "prepare", parents=[common], help="install bundled models and convert them (shows progress)")
+    prepare.set_defaults(func=cmd_models_prepare)
     load = models.add_parser("load", parents=[common], help="serve a model on boxes of the stack")
     load.add_argument("model")
     load.add_argument("--replicas", type=int, default=1, help="how many boxes serve it (default 1)")

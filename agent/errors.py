@@ -1,6 +1,16 @@
-"""The agent's one error tree. Each error knows its HTTP status and its OpenAI error-envelope fields.
+"""The agent's one error tree.
 
-Serving code raises these; `agent.api.middleware` turns them into `{"error": {message, type, param, code}}`.
+`ThoxError` is the root of every exception the `agent` package defines. Two kinds hang from it:
+
+- `AgentError` and its subclasses are what a client sees: each knows its HTTP status and its OpenAI error-envelope
+  fields; serving code raises them and `agent.api.middleware` turns them into
+  `{"error": {message, type, param, code}}`.
+- Every other error (settings, start-up, keys, PKI, tokens, etcd, placement, model store, ...) is an internal
+  condition of one subsystem, defined beside it; at the seam where a request meets it, it is translated into an
+  `AgentError` (or a peer API refusal), never passed through as a 500 and never swallowed.
+
+Errors of `drivers` (DriverError) and `engines` (EngineError) root in their own packages, which never import
+`agent`; the agent translates them the same way.
 """
 
 from __future__ import annotations
@@ -9,8 +19,12 @@ from collections.abc import Iterable
 from typing import Any
 
 
-class AgentError(Exception):
-    """Base of every error the agent reports to a client."""
+class ThoxError(Exception):
+    """Root of every exception the agent package defines."""
+
+
+class AgentError(ThoxError):
+    """Base of every error the agent reports to a client (an HTTP status and an OpenAI error envelope)."""
 
     status = 500
     type = "server_error"

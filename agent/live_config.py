@@ -18,6 +18,7 @@ from typing import Any
 
 import structlog
 
+from agent.errors import ThoxError
 from agent.settings import Settings, SettingsError, env_var, known_keys, load_settings, setting_value
 
 log = structlog.get_logger("agent.config")
@@ -36,7 +37,7 @@ LIVE_KEYS = frozenset({
 Applier = Callable[[Settings], Callable[[], None]]
 
 
-class ConfigReloadError(Exception):
+class ConfigReloadError(ThoxError):
     """The configuration on disk cannot be applied; the running agent keeps what it has."""
 
 

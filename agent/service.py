@@ -32,6 +32,7 @@ from agent.api.server import EnvelopeAppRunner
 from agent.atomic import atomic_write_bytes
 from agent.cluster.node import ClusterNode, Placement, cluster_subsystem
 from agent.engine import EngineHost, EngineHostConfig
+from agent.errors import ThoxError
 from agent.hardware.manager import HardwareManager, hardware_subsystem
 from agent.live_config import Applier, ConfigReloadError, LiveConfig
 from agent.logs import log_file_of, under_journald
@@ -54,7 +55,7 @@ log = structlog.get_logger("agent.service")
 ENDPOINTS_FILE = "endpoints.json"
 
 
-class StartupError(Exception):
+class StartupError(ThoxError):
     """The agent cannot start; the message says what to do."""
 
 

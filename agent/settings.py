@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from agent.errors import ThoxError
 from agent.hardware.governor import GovernorConfig
 from agent.security.policy import AllowList
 
@@ -26,7 +27,7 @@ else:  # pragma: no cover - Python 3.10 on JetPack 6
 Profile = Literal["sim", "device"]
 
 
-class SettingsError(Exception):
+class SettingsError(ThoxError):
     """A setting is unknown or has a bad value; the message names the key and the source."""
 
 
@@ -140,7 +141,8 @@ class ClusterSettings(_Section):
                                   "address, or the first non-loopback address when binding all interfaces")
     peer_port: int = Field(5382, ge=1, le=65535, description="Peer API (mutual TLS; join endpoint)")
     etcd_peer_port: int = Field(5383, ge=1, le=65535, description="etcd peer traffic (mutual TLS)")
-    etcd_client_port: int = Field(5384, ge=1, le=65535, description="etcd client port for this box, on 127.0.0.1 (mutual TLS)")
+    etcd_client_port: int = Field(5384, ge=1, le=65535,
+                                  description="etcd client port for this box, on 127.0.0.1 (mutual TLS)")
     etcd_client_tls_port: int = Field(5385, ge=1, le=65535, description="etcd client port for boxes whose own "
                                       "member cannot serve them (mutual TLS)")
     mdns: bool = Field(True, description="Advertise thox.local, the OpenAI API and the cluster by mDNS, and find "

@@ -16,10 +16,12 @@ from typing import Any
 
 import structlog
 
+from agent.errors import ThoxError
+
 log = structlog.get_logger("agent.supervisor")
 
 
-class SubsystemFailed(Exception):
+class SubsystemFailed(ThoxError):
     """A supervised background task ended with an error."""
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from agent.cli.common import endpoints, err, home_of
+from agent.errors import ThoxError
 from agent.logs import log_file_of
 
 UNIT = "thox-agent.service"
@@ -31,7 +32,7 @@ _CURSOR_PREFIX = "-- cursor: "
 _FOLLOW_POLL_SECONDS = 0.25
 
 
-class LogSourceError(Exception):
+class LogSourceError(ThoxError):
     """No log could be found or read; the message says where it looked."""
 
 

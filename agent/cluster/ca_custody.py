@@ -31,6 +31,7 @@ from agent.cluster.etcd import EtcdError, MemberInfo
 from agent.cluster.membership import RPC_TIMEOUT_SECONDS
 from agent.cluster.net import host_port
 from agent.cluster.pki import CA_KEY_FILE, SECRET_FILE_MODE, ClusterCA, Identity, PkiError, read_identity
+from agent.errors import ThoxError
 from drivers.aio import wait_for
 
 log = structlog.get_logger("agent.cluster.ca")
@@ -41,7 +42,7 @@ CHECK_SECONDS = 2.0
 MAX_KEY_BYTES = 16 * 1024
 
 
-class CaKeyRefused(Exception):
+class CaKeyRefused(ThoxError):
     """The CA key is not handed to this caller (`code`, `status` as the peer API answers them)."""
 
     def __init__(self, message: str, *, code: str, status: int) -> None:

@@ -44,6 +44,7 @@ from aetcd import rpc
 
 from agent.cluster.etcd_client import ClientTls, TlsEtcdClient
 from agent.cluster.net import url_host
+from agent.errors import ThoxError
 
 log = structlog.get_logger("agent.cluster.etcd")
 _SETPRIV = shutil.which("setpriv")  # looked up once at import, never on the event loop
@@ -69,7 +70,7 @@ _GOARCH = {"aarch64": "arm64", "arm64": "arm64", "armv7l": "arm", "armv6l": "arm
 _Mode = Literal["new", "join", "existing", "force"]
 
 
-class EtcdError(Exception):
+class EtcdError(ThoxError):
     """etcd cannot be started, did not become ready, or refused a membership change; the message says why."""
 
 

@@ -44,6 +44,7 @@ from yarl import URL
 from agent.cluster import pki
 from agent.cluster.net import host_port
 from agent.cluster.tokens import JoinToken, TokenError, check_pin
+from agent.errors import ThoxError
 
 CA_PATH = "/cluster/ca"
 JOIN_PATH = "/cluster/join"
@@ -70,7 +71,7 @@ REFUSAL_STATUS = {
 _JOINER_SIDE_STATUS = 502
 
 
-class JoinRefused(Exception):
+class JoinRefused(ThoxError):
     """A join did not happen: refused by the cluster, or the cluster could not be reached or be trusted.
 
     `code` is machine-readable: token_invalid, token_used, token_expired, token_unknown, bad_request,

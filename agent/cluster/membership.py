@@ -21,6 +21,7 @@ from typing import Any
 import aetcd
 import structlog
 
+from agent.errors import ThoxError
 from drivers.aio import wait_for
 
 log = structlog.get_logger("agent.cluster.membership")
@@ -36,7 +37,7 @@ CLAIM_MARGIN_SECONDS = 0.3
 RPC_TIMEOUT_SECONDS = 1.0
 
 
-class LeaseLost(Exception):
+class LeaseLost(ThoxError):
     """The lease is gone (expired or revoked) or could not be renewed in time."""
 
 

@@ -74,6 +74,7 @@ from agent.cluster.placement import (
 from agent.cluster.replicas import ReplicaKeeper
 from agent.cluster.router import Router
 from agent.cluster.tokens import JoinToken, TokenError, check_pin
+from agent.errors import ThoxError
 from agent.hardware.dock import DockPipeline, JoinOfferEvent
 from agent.models.loader import ModelLoader
 from agent.settings import Settings
@@ -100,7 +101,7 @@ CLIENT_FILE = "client-only"  # present on a box beyond the fourth: it runs no et
 Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 
 
-class ClusterUnavailable(Exception):
+class ClusterUnavailable(ThoxError):
     """The cluster layer is not running (disabled, etcd missing) or cannot answer now (no quorum)."""
 
 

@@ -36,6 +36,7 @@ from agent.api.server import EnvelopeAppRunner
 from agent.cluster import pki
 from agent.cluster.ca_custody import CA_KEY_PATH, CaKeyRefused
 from agent.cluster.join import CA_PATH, JOIN_PATH, PING_PATH, JoinGrant, JoinRefused, JoinRequest
+from agent.errors import ThoxError
 from agent.models import pull
 from agent.models.store import InstalledModel, ModelStore
 
@@ -243,7 +244,7 @@ class _ModelFiles:
         return web.FileResponse(path)
 
 
-class _NotHere(Exception):
+class _NotHere(ThoxError):
     pass
 
 

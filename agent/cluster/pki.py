@@ -33,6 +33,7 @@ from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.atomic import atomic_write_bytes
+from agent.errors import ThoxError
 
 CA_VALIDITY_DAYS = 20 * 365
 DEFAULT_NODE_CERT_DAYS = 825
@@ -56,7 +57,7 @@ _NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 
 
-class PkiError(Exception):
+class PkiError(ThoxError):
     """Cluster certificates or keys are missing, malformed, mismatched or not trusted; the message says which."""
 
 

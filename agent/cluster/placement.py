@@ -29,6 +29,7 @@ import aetcd
 import structlog
 
 from agent.cluster.membership import RPC_TIMEOUT_SECONDS
+from agent.errors import ThoxError
 from drivers.aio import wait_for
 
 log = structlog.get_logger("agent.cluster.placement")
@@ -40,7 +41,7 @@ PULLS_PREFIX = b"/thox/pulls/"
 NodeRecords = Mapping[str, Mapping[str, Any]]
 
 
-class PlacementRefused(Exception):
+class PlacementRefused(ThoxError):
     """A placement request that cannot be met (unknown model, too large for any box, ...)."""
 
     def __init__(self, message: str, *, code: str, status: int = 400) -> None:

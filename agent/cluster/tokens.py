@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.cluster.pki import FINGERPRINT_PREFIX, PkiError, ca_fingerprint
+from agent.errors import ThoxError
 
 PREFIX = "K10"
 SEPARATOR = "::"
@@ -51,7 +52,7 @@ _HEX = re.compile(r"^[0-9a-f]*$")
 _BASE32 = re.compile(r"^[a-z2-7]*$")
 
 
-class TokenError(Exception):
+class TokenError(ThoxError):
     """A join token is malformed, unknown, expired, used, wrong, or pins another CA; `code` says which."""
 
     def __init__(self, message: str, *, code: str) -> None:
@@ -60,7 +61,7 @@ class TokenError(Exception):
         self.code = code
 
 
-class TokenRecordError(ValueError):
+class TokenRecordError(ThoxError, ValueError):
     """A stored TokenRecord is damaged (a fault on the leader's side, not the joiner's)."""
 
 

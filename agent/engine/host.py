@@ -24,7 +24,13 @@ from typing import Any
 
 import structlog
 
-from agent.errors import EngineFailedError, EngineOverloadedError, EngineUnavailableError, InvalidRequestError
+from agent.errors import (
+    EngineFailedError,
+    EngineOverloadedError,
+    EngineUnavailableError,
+    InvalidRequestError,
+    ThoxError,
+)
 from engines.base import Done, Failed, GenerationRequest, SamplingParams, Tokens
 from engines.wire import (
     Cancel,
@@ -53,7 +59,7 @@ _BACKOFF_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 _STABLE_AFTER_SECONDS = 60.0
 
 
-class EngineStartError(Exception):
+class EngineStartError(ThoxError):
     """The engine host reported that it cannot start (bad model file, out of memory, ...)."""
 
 

@@ -19,6 +19,7 @@ import structlog
 
 from agent.engine import EngineHost, EngineHostConfig
 from agent.engine.host import EngineState
+from agent.errors import ThoxError
 from agent.models.registry import CHAT, ChatModel, ModelRegistry
 from agent.models.store import InstalledModel, ModelStore
 from agent.settings import Settings
@@ -50,7 +51,7 @@ def _store_facts(store: ModelStore) -> dict[str, dict[str, Any]]:
     return facts
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(ThoxError):
     """A model could not be loaded here; the message says why."""
 
 

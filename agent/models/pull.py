@@ -20,6 +20,7 @@ import aiohttp
 import structlog
 
 from agent.atomic import content_sha256
+from agent.errors import ThoxError
 from agent.models.store import InstalledModel, ModelStore
 
 log = structlog.get_logger("agent.models.pull")
@@ -30,7 +31,7 @@ _CHUNK = 1 << 20
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
-class PullError(Exception):
+class PullError(ThoxError):
     """A model could not be copied from the source box; the message says why."""
 
 

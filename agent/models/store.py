@@ -23,6 +23,7 @@ from agent.atomic import (
     fsync_dir,
     tree_size,
 )
+from agent.errors import ThoxError
 from agent.models.bundled import BUNDLED_MODELS, BundledModel
 from engines.text import CHATML_TEMPLATE, ChatTemplate, TextPipeline
 from engines.text.wordpiece import WordPieceTokenizer
@@ -30,7 +31,7 @@ from engines.text.wordpiece import WordPieceTokenizer
 MANIFEST_VERSION = 1
 
 
-class ModelStoreError(Exception):
+class ModelStoreError(ThoxError):
     """The store's manifest is unreadable or an install failed."""
 
 

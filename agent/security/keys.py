@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
+from agent.errors import ThoxError
+
 Scope = Literal["inference", "admin"]
 Source = Literal["generated", "installed"]
 SCOPES: tuple[str, ...] = get_args(Scope)
@@ -55,7 +57,6 @@ MAX_NAME_LENGTH = 64
 DEFAULT_FLUSH_INTERVAL = 60.0
 HASH_ALGORITHM = "hmac-sha256"
 SALT_BYTES = 16
-
 _SECRET = re.compile(r"^thox_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
 _ID = re.compile(r"^key_[0-9a-f]{8}$")
 _TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
@@ -66,7 +67,7 @@ _MAX_SECRET_LENGTH = 4096
 _DUMMY_SALT = bytes(SALT_BYTES)
 
 
-class KeyStoreError(Exception):
+class KeyStoreError(ThoxError):
     """Base of the key store's errors; messages name the file or the key and say what to do."""
 
 
@@ -82,7 +83,7 @@ class KeyInputError(KeyStoreError):
     """A name, scope or installed secret that cannot be accepted."""
 
 
-class _BadRecord(Exception):
+class _BadRecord(ThoxError):
     """One record of the file is malformed (wrapped into KeyStoreCorruptError with the path and position)."""
 
 

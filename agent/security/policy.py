@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from agent.errors import ThoxError
+
 ClientClass = Literal["loopback", "private", "public"]
 AuthPolicy = Literal["remote", "always", "off"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -26,7 +28,6 @@ ALLOW_KEYWORDS: tuple[str, ...] = ("loopback", "private", "public", "any")
 
 # Names every device answers to, whatever its hostname.
 BUILTIN_NAMES: tuple[str, ...] = ("localhost", "thox.local")
-
 _LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 # An explicit list rather than `ipaddress.is_private`: that property also covers documentation and benchmark
 # ranges and has changed between Python releases (3.12.4 and 3.13 rewrote it); a security boundary must not move
@@ -46,7 +47,7 @@ _PRIVATE: tuple[IPNetwork, ...] = tuple(
 )
 
 
-class PolicyError(ValueError):
+class PolicyError(ThoxError, ValueError):
     """A setting or an address that the security policy cannot use; the message names the entry and the fix."""
 
 
@@ -173,7 +174,7 @@ _LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
 _NAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
 
 
-class _Refused(Exception):
+class _Refused(ThoxError):
     pass
 
 

@@ -40,7 +40,8 @@ from agent.models import InstalledModel, ModelStore, ModelStoreError
 from agent.models.loader import ModelLoader
 from agent.models.registry import CHAT, EMBEDDINGS, ChatModel, EmbeddingModel, EmbeddingTokenizer, ModelRegistry
 from agent.monitor import EventLoopMonitor
-from agent.security.keys import KeyStore, KeyStoreError
+from agent.security.key_rules import KeyStoreError
+from agent.security.keys import KeyStore
 from agent.security.policy import PolicyError
 from agent.settings import Settings
 from agent.supervisor import Supervisor

@@ -17,7 +17,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from agent.errors import AuthenticationError, HardwareUnavailableError, PermissionDeniedError, RateLimitError
-from agent.security.keys import KeyStore, Scope
+from agent.security.key_rules import Scope
+from agent.security.keys import KeyStore
 from agent.security.policy import AllowList, AuthPolicy, HostCheck, client_class, needs_key
 from agent.security.ratelimit import Decision, TokenBucketLimiter, address_bucket_key, key_bucket_key
 from agent.settings import ApiSettings

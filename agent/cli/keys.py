@@ -12,7 +12,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from agent.security.keys import KeyStore, KeyStoreError
+from agent.security.key_rules import KeyStoreError
+from agent.security.keys import KeyStore
 from agent.settings import default_home
 
 out = Console()

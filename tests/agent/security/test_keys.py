@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 
 from agent.security import keys as keys_module
-from agent.security.keys import (
+from agent.security.key_rules import (
     KeyInputError,
     KeyNotFoundError,
     KeyRecord,
-    KeyStore,
     KeyStoreCorruptError,
     KeyStoreError,
     parse_key_id,
 )
+from agent.security.keys import KeyStore
 
 SECRET_SHAPE = re.compile(r"^thox_[0-9a-f]{8}_[A-Za-z0-9_-]{43}$")
 INSTALLED = "my-own-key-0123456789-abcdefghijklmnop"
@@ -135,13 +135,13 @@ def test_verify_uses_a_constant_time_comparison(store: KeyStore, monkeypatch: py
 
 def test_an_unknown_id_costs_a_hash_too(store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
-    real = keys_module._digest
+    real = keys_module.digest
 
     def counting(salt: bytes, secret: bytes) -> bytes:
         calls.append(salt)
         return real(salt, secret)
 
-    monkeypatch.setattr(keys_module, "_digest", counting)
+    monkeypatch.setattr(keys_module, "digest", counting)
     assert store.verify("thox_00000000_" + "A" * 43) is None
     assert len(calls) == 1
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import aetcd
 import structlog
 
-from agent.cluster import etcd as etcd_members
-from agent.cluster.etcd import EtcdError
+from agent.cluster import etcd_members
+from agent.cluster.etcd_members import EtcdError
 from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest, Role
 from agent.cluster.membership import NODES_PREFIX, RPC_TIMEOUT_SECONDS
 from agent.cluster.net import host_port

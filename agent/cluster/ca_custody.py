@@ -26,8 +26,8 @@ import aiohttp
 import structlog
 
 from agent.atomic import atomic_write_bytes
-from agent.cluster import etcd as etcd_members
-from agent.cluster.etcd import EtcdError, MemberInfo
+from agent.cluster import etcd_members
+from agent.cluster.etcd_members import EtcdError, MemberInfo
 from agent.cluster.membership import RPC_TIMEOUT_SECONDS
 from agent.cluster.net import host_port
 from agent.cluster.pki import CA_KEY_FILE, SECRET_FILE_MODE, ClusterCA, Identity, PkiError, read_identity

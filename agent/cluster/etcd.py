@@ -4,11 +4,14 @@ Each agent runs its own etcd member (Debian `etcd-server`, 3.4) and talks to it 
 Members talk to each other over HTTPS with client certificates from the cluster CA, so a box without a
 certificate from that CA can neither join nor eavesdrop; every client listener (loopback included) requires a
 cluster certificate too, so a local user without the node's key (0600, the agent's user) cannot read or write
-cluster state. The agent decides membership (research/cluster.md,
-sections 2 and 6): a single box bootstraps a one-voter cluster (`start_new`); a joining box is added as a learner
-by an existing member (`add_learner`), starts with `start_joining`, and is promoted to voter (`promote`) when the
+cluster state. The agent decides membership (research/cluster.md, sections 2 and 6): a single box bootstraps a
+one-voter cluster (`start_new`); a joining box is added as a learner by an existing member
+(`etcd_members.add_learner`), starts with `start_joining`, and is promoted to voter (`etcd_members.promote`) when the
 stack wants another voter (at most 3); the survivor of a 2-box stack re-forms a one-voter cluster from its own copy
 of the data (`force_new_cluster`).
+
+This module is the process control; `etcd_config` is how the member is configured (its flags), `etcd_members` the
+membership RPCs.
 
 The process is watched: if etcd exits on its own it is started again with backoff, and `stop()` (SIGTERM, then
 SIGKILL after a bound) is the only way it ends. etcd runs in its own session, so a terminal's Ctrl-C reaches only
@@ -24,36 +27,30 @@ import asyncio
 import contextlib
 import errno
 import hashlib
-import ipaddress
 import json
 import os
-import platform
 import re
 import shutil
 import signal
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import aetcd
 import structlog
 from aetcd import rpc
 
 from agent.cluster.etcd_client import ClientTls, TlsEtcdClient
-from agent.cluster.net import url_host
-from agent.errors import ThoxError
+from agent.cluster.etcd_config import EtcdConfig, PeerTls, child_env
+from agent.cluster.etcd_members import EtcdError, EtcdStatus, call_rpc, status
 
 log = structlog.get_logger("agent.cluster.etcd")
 _SETPRIV = shutil.which("setpriv")  # looked up once at import, never on the event loop
 
-DEFAULT_PEER_PORT = 5383  # docs/cluster.md
-DEFAULT_CLIENT_PORT = 5384
 NOT_INSTALLED = "etcd is not installed (Debian package etcd-server; scripts/system-deps.sh installs it)"
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _BACKOFF_MIN_S = 0.5
 _BACKOFF_MAX_S = 10.0
 # A process that stayed up this long crashed once; it is not crash-looping, so its restart starts from the floor.
@@ -62,143 +59,12 @@ _TAIL_LINES = 40
 _ERROR_TAIL_LINES = 8
 _REMOVED_MESSAGE = b"the member has been permanently removed from the cluster"
 _READ_CHUNK = 64 * 1024
-# etcd 3.4 refuses to start on any GOARCH but amd64 and ppc64le unless ETCD_UNSUPPORTED_ARCH names the running one;
-# Jetson boxes are arm64, where Debian's etcd-server otherwise exits at once.
-_GOARCH = {"aarch64": "arm64", "arm64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386", "i386": "386",
-           "riscv64": "riscv64", "s390x": "s390x", "x86_64": "amd64", "ppc64le": "ppc64le"}
 
 _Mode = Literal["new", "join", "existing", "force"]
 
 
-class EtcdError(ThoxError):
-    """etcd cannot be started, did not become ready, or refused a membership change; the message says why."""
-
-
 class MemberRemoved(EtcdError):
     """This box's member was removed from its cluster (it was gone longer than cluster.remove_after_seconds)."""
-
-
-class EtcdRpcError(EtcdError):
-    """An etcd RPC failed; `code` is the gRPC status name and `details` etcd's own message."""
-
-    def __init__(self, message: str, *, code: str, details: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.details = details
-
-
-@dataclass(frozen=True)
-class PeerTls:
-    """PEM files for peer mutual TLS: the cluster CA, this node's certificate (server and client use) and its key."""
-
-    ca: Path
-    cert: Path
-    key: Path
-
-
-@dataclass(frozen=True)
-class EtcdConfig:
-    """How one box runs its etcd member."""
-
-    name: str  # the node id; etcd's member name, also used in --initial-cluster strings
-    data_dir: Path  # under the agent's home; etcd.log and etcd.pid live beside it
-    peer_host: str  # the address other members reach this one at (an IP, or a name they resolve)
-    tls: PeerTls
-    peer_port: int = DEFAULT_PEER_PORT
-    # This box's agent reaches its member on 127.0.0.1, over mutual TLS like everything else: on a shared box a
-    # plain loopback port would let any local user write cluster state. Other boxes see the stack through the
-    # agents' own authenticated APIs.
-    client_port: int = DEFAULT_CLIENT_PORT
-    # Boxes whose member cannot serve them (a learner answers no writes or linearizable reads; boxes beyond the
-    # one learner etcd 3.4 allows run no member) reach a voter's client API over mutual TLS on this port.
-    client_tls_port: int | None = None
-    # A stack is one LAN segment with sub-millisecond RTT, so the box, not the network, sets these. 50 ms
-    # heartbeats and a 500 ms election timeout (etcd's recommended 10 heartbeats) tolerate nine lost heartbeats or
-    # a ~450 ms WAL fsync stall on a busy eMMC/SD card; raft randomises the timeout in [500, 1000) ms, so a yanked
-    # leader is replaced in well under a second instead of the 1.85 s measured with etcd's 100/1000 defaults.
-    # A spurious election costs little here: etcd renews every lease on a leader change. membership.py's lease
-    # TTL is derived from this election timeout.
-    heartbeat_ms: int = 50
-    election_ms: int = 500
-    etcd_binary: str | None = None  # None: shutil.which("etcd"), looked up at start in a worker thread
-    # Cluster state is topology, placement and leases: kilobytes. 128 MiB caps a runaway writer long before it
-    # fills the box's disk (etcd's default is 2 GiB); periodic compaction keeps 10 minutes of history, enough for
-    # a watcher to resume after a blip. etcd keeps `snapshot_count` raft entries in memory between snapshots; its
-    # 3.4 default of 100 000 is sized for Kubernetes, 10 000 is plenty for us and keeps RSS small.
-    quota_backend_bytes: int = 128 * 1024 * 1024
-    auto_compaction_retention: str = "10m"
-    snapshot_count: int = 10_000
-    start_timeout_s: float = 30.0
-    stop_timeout_s: float = 10.0
-    request_timeout_s: float = 5.0  # per-RPC deadline of client(); etcd without quorum otherwise hangs a call
-    log_max_bytes: int = 4 * 1024 * 1024  # etcd.log rotates to etcd.log.1 past this size
-
-    def __post_init__(self) -> None:
-        if not _NAME.match(self.name):
-            raise ValueError(f"etcd member name {self.name!r} must be 1-63 letters, digits, '.', '_' or '-'")
-        for label, port in (("client_port", self.client_port), ("peer_port", self.peer_port)):
-            if not 0 < port < 65536:
-                raise ValueError(f"etcd {label} {port} is not a TCP port (1-65535)")
-        if self.election_ms < 5 * self.heartbeat_ms:
-            raise ValueError(f"etcd election_ms ({self.election_ms}) must be at least 5 x heartbeat_ms "
-                             f"({self.heartbeat_ms}); etcd refuses to start otherwise")
-
-    @property
-    def peer_url(self) -> str:
-        """The URL other members reach this member's peer port at."""
-        return f"https://{url_host(self.peer_host)}:{self.peer_port}"
-
-    @property
-    def client_url(self) -> str:
-        """This member's client URL, on loopback (mutual TLS)."""
-        return f"https://127.0.0.1:{self.client_port}"
-
-    @property
-    def client_tls_url(self) -> str | None:
-        """This member's client URL for other boxes (mutual TLS), if it serves them."""
-        if self.client_tls_port is None:
-            return None
-        return f"https://{url_host(self.peer_host)}:{self.client_tls_port}"
-
-    @property
-    def peer_listen_host(self) -> str:
-        """Listen on the peer address itself where it is an IP (etcd binds IPs only), else on every interface."""
-        try:
-            return str(ipaddress.ip_address(self.peer_host.strip("[]")))
-        except ValueError:
-            return "0.0.0.0"
-
-    @property
-    def log_file(self) -> Path:
-        return self.data_dir.parent / "etcd.log"
-
-    @property
-    def pid_file(self) -> Path:
-        return self.data_dir.parent / "etcd.pid"
-
-
-@dataclass(frozen=True)
-class MemberInfo:
-    """One member as the cluster sees it; `name` is empty until an added member has started."""
-
-    id: int
-    name: str
-    peer_urls: tuple[str, ...]
-    client_urls: tuple[str, ...]
-    is_learner: bool
-
-
-@dataclass(frozen=True)
-class EtcdStatus:
-    """What a member says about itself: its id, the raft leader it follows (0: none) and its raft position."""
-
-    member_id: int
-    leader_id: int
-    raft_term: int
-    raft_index: int
-    is_learner: bool
-    version: str
-    db_size: int
 
 
 class _BoundedLog:
@@ -331,7 +197,7 @@ class EtcdMember:
 
     async def _reform_from_learner(self, cluster_id: str, timeout: float | None) -> EtcdStatus:
         client = await self.client()
-        answer = await _call(client, "kvstub", "Range",
+        answer = await call_rpc(client, "kvstub", "Range",
                              rpc.RangeRequest(key=b"\0", range_end=b"\0", serializable=True), "reading the copy")
         keep = [(kv.key, kv.value) for kv in answer.kvs if not kv.lease]
         await self.stop()
@@ -340,7 +206,7 @@ class EtcdMember:
         client = await self.client()
         for start in range(0, len(keep), 100):  # etcd allows 128 operations per transaction
             puts = [rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=v)) for k, v in keep[start:start + 100]]
-            await _call(client, "kvstub", "Txn", rpc.TxnRequest(success=puts), "restoring the copy")
+            await call_rpc(client, "kvstub", "Txn", rpc.TxnRequest(success=puts), "restoring the copy")
         log.warning("etcd_reformed_from_learner", member=self.config.name, keys=len(keep),
                     dropped_leased=len(answer.kvs) - len(keep), set_aside=str(aside))
         return reformed
@@ -389,7 +255,7 @@ class EtcdMember:
                 log.warning("etcd_stale_killed", member=self.config.name, pid=stale)
             self._stopping = False
             try:
-                await self._launch([binary, *self._common_flags(), *flags])
+                await self._launch([binary, *self.config.flags(), *flags])
                 status = await self._wait_ready(self.config.start_timeout_s if timeout is None else timeout) \
                     if wait else None
             except BaseException:
@@ -398,38 +264,9 @@ class EtcdMember:
                 raise
             # Later restarts replay these flags: etcd ignores the bootstrap ones once the data dir holds a member,
             # and a bootstrap that crashed half way is retried as it was first asked for.
-            self._restart_args = [binary, *self._common_flags(), *(flags if mode != "force" else [])]
+            self._restart_args = [binary, *self.config.flags(), *(flags if mode != "force" else [])]
             self._watcher = asyncio.create_task(self._watch(), name=f"etcd-watch-{self.config.name}")
             return status
-
-    def _common_flags(self) -> list[str]:
-        cfg = self.config
-        return [
-            "--name", cfg.name, "--data-dir", str(cfg.data_dir),
-            *self._client_flags(),
-            "--listen-peer-urls", f"https://{url_host(cfg.peer_listen_host)}:{cfg.peer_port}",
-            "--initial-advertise-peer-urls", cfg.peer_url,
-            "--peer-client-cert-auth", "--peer-trusted-ca-file", str(cfg.tls.ca),
-            "--peer-cert-file", str(cfg.tls.cert), "--peer-key-file", str(cfg.tls.key),
-            "--heartbeat-interval", str(cfg.heartbeat_ms), "--election-timeout", str(cfg.election_ms),
-            # A box re-docked after a partition would otherwise bump the term and depose a healthy leader.
-            "--pre-vote",
-            "--snapshot-count", str(cfg.snapshot_count), "--max-snapshots", "2", "--max-wals", "2",
-            "--quota-backend-bytes", str(cfg.quota_backend_bytes),
-            "--auto-compaction-mode", "periodic", "--auto-compaction-retention", cfg.auto_compaction_retention,
-            "--logger", "zap", "--log-outputs", "stderr",
-        ]
-
-    def _client_flags(self) -> list[str]:
-        cfg = self.config
-        listen, advertise = [cfg.client_url], cfg.client_url
-        if cfg.client_tls_url is not None:
-            listen.append(f"https://{url_host(cfg.peer_listen_host)}:{cfg.client_tls_port}")
-            advertise = cfg.client_tls_url  # the loopback URL means nothing to another box
-        # --client-cert-auth applies to every client listener: no certificate from the cluster CA, no handshake.
-        return ["--listen-client-urls", ",".join(listen), "--advertise-client-urls", advertise,
-                "--cert-file", str(cfg.tls.cert), "--key-file", str(cfg.tls.key),
-                "--client-cert-auth", "--trusted-ca-file", str(cfg.tls.ca)]
 
     def _prepare(self, mode: _Mode) -> int | None:
         """Blocking (worker thread): check files and data dir; reap an etcd an earlier agent left behind."""
@@ -463,7 +300,7 @@ class EtcdMember:
         proc = await asyncio.create_subprocess_exec(
             *([_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []), *args,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, env=_child_env(), start_new_session=True)
+            stderr=asyncio.subprocess.PIPE, env=child_env(), start_new_session=True)
         self._proc = proc
         self._started_at = time.monotonic()
         assert proc.stderr is not None
@@ -599,106 +436,6 @@ class EtcdMember:
                 drain.cancel()
 
 
-# ---------------------------------------------------------------------- membership helpers (on a connected client)
-
-
-async def _call(client: aetcd.Client, stub: str, method: str, request: Any, what: str,
-                timeout: float | None = None) -> Any:
-    """One raw etcd RPC with aetcd's deadline and auth metadata; failures become EtcdRpcError."""
-    await client.connect()
-    call = getattr(getattr(client, stub), method)
-    try:
-        # aetcd's own per-call deadline and auth metadata, as its wrapped methods pass them
-        return await call(request, timeout=client._timeout if timeout is None else timeout,
-                          metadata=client.metadata)
-    except rpc.AioRpcError as exc:
-        details = exc.details() or ""
-        raise EtcdRpcError(f"etcd {what} failed: {details or exc.code().name}", code=exc.code().name,
-                           details=details) from exc
-
-
-async def _retrying(client: aetcd.Client, method: str, request: Any, what: str, timeout: float,
-                    transient: Callable[[EtcdRpcError], bool]) -> Any:
-    """A Cluster RPC retried with backoff (0.1 s doubling to 1 s) while it fails transiently, up to `timeout`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    delay = 0.1
-    while True:
-        try:
-            return await _call(client, "clusterstub", method, request, what)
-        except EtcdRpcError as exc:
-            retry = transient(exc) or exc.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
-            if not retry or loop.time() + delay > deadline:
-                raise
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 1.0)
-
-
-def _member_info(member: Any) -> MemberInfo:
-    return MemberInfo(id=int(member.ID), name=str(member.name), peer_urls=tuple(member.peerURLs),
-                      client_urls=tuple(member.clientURLs), is_learner=bool(member.isLearner))
-
-
-async def status(client: aetcd.Client, *, timeout: float | None = None) -> EtcdStatus:
-    """The Status of the member `client` is connected to (learners answer it too)."""
-    answer = await _call(client, "maintenancestub", "Status", rpc.StatusRequest(), "status", timeout)
-    return EtcdStatus(member_id=int(answer.header.member_id), leader_id=int(answer.leader),
-                      raft_term=int(answer.raftTerm), raft_index=int(answer.raftIndex),
-                      is_learner=bool(answer.isLearner), version=str(answer.version), db_size=int(answer.dbSize))
-
-
-async def members(client: aetcd.Client) -> list[MemberInfo]:
-    """Every member of the cluster, voters and learners."""
-    answer = await _call(client, "clusterstub", "MemberList", rpc.MemberListRequest(), "member list")
-    return [_member_info(m) for m in answer.members]
-
-
-async def add_learner(client: aetcd.Client, name: str, peer_url: str, *, timeout: float = 15.0) -> tuple[int, str]:
-    """Add a non-voting member; return its id and the --initial-cluster string it must start with."""
-    for member in await members(client):
-        label = member.name or f"{member.id:x}"
-        if peer_url in member.peer_urls:
-            raise EtcdError(f"{peer_url} is already the peer URL of member {label}; remove that member first")
-        if member.name == name:
-            raise EtcdError(f"a member named {name} is already in the cluster; remove it before it joins again")
-        if not member.name:
-            raise EtcdError(f"member {label} ({', '.join(member.peer_urls)}) was added but never started; "
-                            "remove it before adding another")
-    request = rpc.MemberAddRequest(peerURLs=[peer_url], isLearner=True)
-    # etcd refuses any member change ("unhealthy cluster") until every voter's peer link has been up for 5 s
-    # (strict reconfig check), e.g. just after a voter joined or restarted: wait that out.
-    answer = await _retrying(client, "MemberAdd", request, f"adding learner {name}", timeout,
-                             lambda exc: "unhealthy cluster" in exc.details)
-    new_id = int(answer.member.ID)
-    # MemberAdd answers with the new member unnamed (it has not started); the joiner needs every member as
-    # name=peerURL, itself under its own name, or etcd refuses to start.
-    parts = [f"{name if m.ID == new_id else m.name}={url}" for m in answer.members for url in m.peerURLs]
-    return new_id, ",".join(parts)
-
-
-async def promote(client: aetcd.Client, member_id: int, *, timeout: float = 30.0) -> None:
-    """Promote a learner to voter, retrying while etcd says it has not caught up with the leader yet."""
-    request = rpc.MemberPromoteRequest(ID=member_id)
-    try:
-        await _retrying(client, "MemberPromote", request, f"promoting member {member_id:x}", timeout,
-                        lambda exc: "in sync with leader" in exc.details)
-    except EtcdRpcError as exc:
-        # "can only promote a learner member": fine if it is a voter already (an earlier answer was lost).
-        if "can only promote" in exc.details and "in sync" not in exc.details and any(
-                m.id == member_id and not m.is_learner for m in await members(client)):
-            return
-        if "in sync with leader" in exc.details:
-            raise EtcdError(f"learner {member_id:x} did not catch up with the leader within {timeout:.0f}s; is its "
-                            "etcd running and can the leader reach its peer URL?") from exc
-        raise
-
-
-async def remove(client: aetcd.Client, member_id: int) -> None:
-    """Remove a member (voter or learner) from the cluster."""
-    await _call(client, "clusterstub", "MemberRemove", rpc.MemberRemoveRequest(ID=member_id),
-                f"removing member {member_id:x}")
-
-
 # ---------------------------------------------------------------------- blocking helpers (worker threads)
 
 
@@ -759,17 +496,6 @@ def _write_pid(path: Path, pid: int) -> None:
 def _unlink(path: Path) -> None:
     with contextlib.suppress(OSError):
         path.unlink(missing_ok=True)
-
-
-def _child_env() -> dict[str, str]:
-    # ETCD_* variables are etcd flags too, and 3.4 refuses to start when one shadows a command-line flag.
-    env = {key: value for key, value in os.environ.items() if not key.startswith("ETCD_")}
-    goarch = _GOARCH.get(platform.machine(), platform.machine())
-    if goarch not in ("amd64", "ppc64le"):
-        env["ETCD_UNSUPPORTED_ARCH"] = goarch
-    # etcd is mostly idle; two OS threads running Go code are plenty and leave the other cores to inference.
-    env["GOMAXPROCS"] = "2"
-    return env
 
 
 def _readable(line: str) -> str:

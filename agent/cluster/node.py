@@ -28,7 +28,7 @@ from zeroconf import Error as ZeroconfError
 
 import agent
 from agent.atomic import atomic_write_bytes
-from agent.cluster import etcd as etcd_members
+from agent.cluster import etcd_members
 from agent.cluster.admission import (
     AbsenceClock,
     Admission,
@@ -39,8 +39,10 @@ from agent.cluster.admission import (
 )
 from agent.cluster.ca_custody import CaCustodian, CaKeyRefused, forget_retired_key, holders
 from agent.cluster.discovery import Discovery
-from agent.cluster.etcd import EtcdConfig, EtcdError, EtcdMember, MemberInfo, MemberRemoved, PeerTls
+from agent.cluster.etcd import EtcdMember, MemberRemoved
 from agent.cluster.etcd_client import ClientTls, VoterEtcdClient
+from agent.cluster.etcd_config import EtcdConfig, PeerTls
+from agent.cluster.etcd_members import EtcdError, MemberInfo
 from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest
 from agent.cluster.join import forward as forward_join
 from agent.cluster.join import join as join_cluster

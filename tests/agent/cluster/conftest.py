@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.cluster.etcd import PeerTls
+from agent.cluster.etcd_config import PeerTls
 from agent.cluster.pki import ClusterCA, NodeKey, make_csr
 from tests.agent.cluster.stack import start_box
 from tests.agent_process import RunningAgent

@@ -13,7 +13,7 @@ import pytest
 
 from agent.cluster import pki
 from agent.cluster.ca_custody import CA_KEY_PATH, CaKeyRefused, entitled, fetch_key, holders, store_key
-from agent.cluster.etcd import MemberInfo
+from agent.cluster.etcd_members import MemberInfo
 from agent.cluster.join import JoinGrant, JoinRequest
 from agent.cluster.peer import build_peer_app, serve_peer_api
 from agent.cluster.pki import ClusterCA, NodeKey, make_csr, read_identity, write_identity

@@ -19,19 +19,9 @@ import pytest
 from blockbuster import blockbuster_ctx
 from structlog.testing import capture_logs
 
-from agent.cluster.etcd import (
-    NOT_INSTALLED,
-    EtcdConfig,
-    EtcdError,
-    EtcdMember,
-    PeerTls,
-    _BoundedLog,
-    add_learner,
-    members,
-    promote,
-    remove,
-    status,
-)
+from agent.cluster.etcd import NOT_INSTALLED, EtcdMember, _BoundedLog
+from agent.cluster.etcd_config import EtcdConfig, PeerTls
+from agent.cluster.etcd_members import EtcdError, add_learner, members, promote, remove, status
 from tests.agent.cluster.conftest import TestCa
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason=NOT_INSTALLED)

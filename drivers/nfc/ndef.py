@@ -159,8 +159,15 @@ def encode_join_payload(offer: JoinOffer) -> bytes:
     for key in sorted(offer.extra):
         if key in body:
             raise NdefError(f"join offer extra field {key!r} collides with a fixed field {_FIXED_KEYS}")
+        if not isinstance(offer.extra[key], str) or not offer.extra[key]:
+            # The decoder refuses these, so a tag written with one could never be read back.
+            raise NdefError(f"join offer extra field {key!r} must be a non-empty string, got {offer.extra[key]!r}")
         body[key] = offer.extra[key]
-    payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    try:
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate in a field: no UTF-8 for it, so no tag can carry it
+        raise NdefError(f"join offer of {offer.node_id!r} has text that is not valid Unicode "
+                        f"({exc.object[exc.start:exc.end]!r}); send well-formed strings") from None
     if len(payload) > MAX_PAYLOAD:
         raise OfferTooLargeError(f"join offer of {offer.node_id!r} is {len(payload)} bytes of JSON; the most an NFC "
                                  f"offer carries is {MAX_PAYLOAD} (shorten the token or the extra fields)")
@@ -174,6 +181,11 @@ def encode_join_offer(offer: JoinOffer) -> bytes:
 
 def decode_join_payload(payload: bytes) -> JoinOffer:
     """Parse the JSON payload of a join record; NdefError names the field that is wrong."""
+    # Checked before parsing: within MAX_PAYLOAD bytes JSON cannot nest deep enough to exhaust the parser's
+    # recursion, nor hold a number too long for int(), so json.loads can only fail with JSONDecodeError.
+    if len(payload) > MAX_PAYLOAD:
+        raise OfferTooLargeError(f"join offer payload is {len(payload)} bytes; the most an NFC offer carries is "
+                                 f"{MAX_PAYLOAD}, so this tag was not written by a Thox module")
     try:
         body = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -195,7 +207,8 @@ def decode_join_payload(payload: bytes) -> JoinOffer:
     expires = body.get("exp", 0)
     if not isinstance(expires, int) or isinstance(expires, bool) or expires < 0:
         raise NdefError(f"join offer field 'exp' must be a non-negative integer (unix seconds), got {expires!r}")
-    extra = {key: _string(body, key, required=True) for key in body if key not in _FIXED_KEYS}
+    extra = {_unicode(key, f"join offer field name {key!r}"): _string(body, key, required=True)
+             for key in body if key not in _FIXED_KEYS}
     return JoinOffer(node_id=node, endpoint=endpoint, token=token, expires_at=expires, extra=extra)
 
 
@@ -209,7 +222,18 @@ def _string(body: dict[str, Any], key: str, *, required: bool) -> str:
         raise NdefError(f"join offer field {key!r} must be a string, got {value!r}")
     if required and not value:
         raise NdefError(f"join offer field {key!r} is empty")
-    return value
+    return _unicode(value, f"join offer field {key!r}")
+
+
+def _unicode(text: str, what: str) -> str:
+    # JSON's \ud800 escapes decode to lone surrogates, which are not Unicode text: nothing could log, store or
+    # re-encode the offer, so it is refused here rather than failing wherever it is used.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise NdefError(f"{what} holds a lone UTF-16 surrogate ({text[exc.start:exc.end]!r} at character "
+                        f"{exc.start}); it is not valid Unicode") from None
+    return text
 
 
 def decode_join_offer(message: bytes) -> JoinOffer:

@@ -210,6 +210,10 @@ class Pong:
         """product u16 LE, firmware major, minor, nonce."""
         if len(self.nonce) > MAX_NONCE:
             raise FrameError(f"PING nonce of {len(self.nonce)} bytes exceeds {MAX_NONCE}")
+        if not 0 <= self.product_id <= 0xFFFF:
+            raise FrameError(f"PONG product id {self.product_id} does not fit in 16 bits")
+        if len(self.firmware) != 2 or not all(0 <= part <= 0xFF for part in self.firmware):
+            raise FrameError(f"PONG firmware version {self.firmware} must be two bytes (major, minor)")
         return self.product_id.to_bytes(2, "little") + bytes(self.firmware) + self.nonce
 
     @classmethod

@@ -7,6 +7,7 @@ names the parameter. Silently ignoring a parameter is the most damaging kind of 
 
 from __future__ import annotations
 
+import reprlib
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -17,6 +18,13 @@ StopField = Annotated[
     str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None,
     Field(description="Up to 4 strings; generation stops before any of them and they are not returned"),
 ]
+
+
+# A client's value quoted back in an error is cut short (and its nesting depth bounded): a multi-megabyte or
+# deeply nested `tools` must not come back whole in the 400.
+_quote = reprlib.Repr()
+_quote.maxstring = _quote.maxother = 80
+_quote.maxlevel = 4
 
 
 class _Strict(BaseModel):
@@ -79,7 +87,7 @@ class _SamplingRequest(_Strict):
             check = _NEUTRAL.get(name)
             if check is not None and not check(getattr(self, name)):
                 raise UnsupportedParameterError(
-                    f"'{name}' with value {getattr(self, name)!r} is not supported by this server yet; "
+                    f"'{name}' with value {_quote.repr(getattr(self, name))} is not supported by this server yet; "
                     "omit it or use its default", param=name)
         if self.stream_options is not None and not self.stream:
             raise UnsupportedParameterError(

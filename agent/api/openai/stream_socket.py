@@ -19,14 +19,13 @@ engine's batch) and nothing the connection started outlives it.
 from __future__ import annotations
 
 import asyncio
-import json
 from contextlib import aclosing
 from typing import Any
 
 import structlog
 from aiohttp import WSMsgType, web
 
-from agent.api.body import parse_body
+from agent.api.body import decode_json, parse_body
 from agent.api.middleware import REQUEST_ID_HEADER, REQUEST_ID_KEY
 from agent.api.openai.protocol import ChatCompletionRequest
 from agent.api.openai.serving import Finish, OpenAIServing, chat_chunk, new_id, now
@@ -141,9 +140,9 @@ async def stream_socket(request: web.Request, serving: OpenAIServing, max_messag
             if message.type != WSMsgType.TEXT:
                 continue
             try:
-                payload = json.loads(message.data)
-            except ValueError as exc:
-                await connection.send(_refusal(f"message is not valid JSON: {exc}"))
+                payload = decode_json(message.data)
+            except InvalidRequestError as exc:  # not JSON, nested too deep, or not valid Unicode
+                await connection.send({"type": "error", "request": None, **exc.envelope()})
                 continue
             if not isinstance(payload, dict):
                 await connection.send(_refusal("each message must be a JSON object"))

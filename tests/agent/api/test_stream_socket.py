@@ -145,5 +145,9 @@ async def test_bad_messages_get_error_events_and_the_connection_stays(
         await ws.send_json({"id": "bad", "messages": "nope"})
         event = await ws.receive_json(timeout=10)
         assert event["type"] == "error" and event["request"] == "bad" and event["error"]["param"] == "messages"
+        await ws.send_str("[" * 100_000 + "]" * 100_000)  # nested too deep for the parser's recursion
+        assert (await ws.receive_json(timeout=10))["error"]["code"] == "invalid_json"
+        await ws.send_str('{"messages": [{"role": "user", "content": "\\ud800"}]}')  # a lone surrogate
+        assert (await ws.receive_json(timeout=10))["error"]["code"] == "invalid_value"
         await ws.send_json({**QUESTION, "id": "good"})
         assert (await events_until_end(ws))[-1]["type"] == "done"

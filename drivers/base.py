@@ -11,7 +11,10 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # the codec module imports this one; the type is only named here
+    from drivers.serial.frame import DockStatus
 
 # ----------------------------------------------------------------------------- errors
 
@@ -268,3 +271,5 @@ class SerialLink(Driver, Protocol):
     """The framed, checksummed serial link to the dock controller."""
 
     async def request(self, kind: int, payload: bytes = b"", timeout: float = 1.0) -> SerialMessage: ...
+
+    async def status(self, timeout: float = 1.0) -> DockStatus: ...  # GET_STATUS: magnet, module, VBUS, LED

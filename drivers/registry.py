@@ -29,6 +29,7 @@ from drivers.base import (
     PdController,
     PowerModeControl,
     PowerMonitor,
+    SerialLink,
     ThermalSource,
 )
 from drivers.i2c import I2cBus, parse_i2c_address
@@ -211,7 +212,7 @@ def build_nfc(spec: str, ctx: DriverContext) -> NfcLink | None:
     raise _unknown("nfc", spec, "sim or an nfcpy path (usb, tty:..., udp:HOST:PORT)")
 
 
-def build_serial(spec: str, ctx: DriverContext) -> SerialDockLink | None:
+def build_serial(spec: str, ctx: DriverContext) -> SerialLink | None:
     """The dock controller link. The sim twin's pty is created when the link is built."""
     if _absent(spec):
         return None

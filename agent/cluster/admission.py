@@ -24,7 +24,7 @@ from agent.cluster.net import host_port
 from agent.cluster.pki import ClusterCA, Identity, PkiError, ca_fingerprint
 from agent.cluster.tokens import DEFAULT_TOKEN_TTL_SECONDS, JoinToken, TokenError, TokenRecord, TokenRecordError
 from agent.cluster.tokens import check as check_token
-from drivers.aio import wait_for
+from common.aio import wait_for
 
 log = structlog.get_logger("agent.cluster.admission")
 

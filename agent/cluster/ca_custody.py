@@ -32,7 +32,7 @@ from agent.cluster.membership import RPC_TIMEOUT_SECONDS
 from agent.cluster.net import host_port
 from agent.cluster.pki import CA_KEY_FILE, SECRET_FILE_MODE, ClusterCA, Identity, PkiError, read_identity
 from agent.errors import ThoxError
-from drivers.aio import wait_for
+from common.aio import wait_for
 
 log = structlog.get_logger("agent.cluster.ca")
 

@@ -17,7 +17,7 @@ import structlog
 from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from drivers.aio import wait_for
+from common.aio import wait_for
 
 log = structlog.get_logger("agent.cluster.discovery")
 

@@ -22,7 +22,7 @@ import aetcd
 import structlog
 
 from agent.errors import ThoxError
-from drivers.aio import wait_for
+from common.aio import wait_for
 
 log = structlog.get_logger("agent.cluster.membership")
 

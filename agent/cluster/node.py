@@ -80,7 +80,7 @@ from agent.errors import ThoxError
 from agent.hardware.dock import DockPipeline, JoinOfferEvent
 from agent.models.loader import ModelLoader
 from agent.settings import Settings
-from drivers.aio import wait_for
+from common.aio import wait_for
 from drivers.base import JoinOffer
 
 log = structlog.get_logger("agent.cluster")

@@ -30,7 +30,7 @@ import structlog
 
 from agent.cluster.membership import RPC_TIMEOUT_SECONDS
 from agent.errors import ThoxError
-from drivers.aio import wait_for
+from common.aio import wait_for
 
 log = structlog.get_logger("agent.cluster.placement")
 

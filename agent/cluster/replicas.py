@@ -23,7 +23,7 @@ from agent.cluster.placement import NodeRecords, my_work, pull_key
 from agent.errors import ClusterUnavailableError
 from agent.models.loader import ModelLoader, ModelLoadError
 from agent.models.pull import PullError, pull
-from drivers.aio import wait_for
+from common.aio import wait_for
 
 log = structlog.get_logger("agent.cluster.replicas")
 

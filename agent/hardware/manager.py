@@ -36,10 +36,10 @@ from drivers.base import (
     PdController,
     PowerModeControl,
     PowerMonitor,
+    SerialLink,
     ThermalSource,
 )
 from drivers.registry import DriverContext
-from drivers.serial.link import SerialDockLink
 from drivers.sim.board import SimBoard
 from drivers.sim.world import SimWorld
 
@@ -61,7 +61,7 @@ class DriverSet:
     power_monitor: PowerMonitor | None = None
     dock: DockSensor | None = None
     nfc: NfcLink | None = None
-    serial: SerialDockLink | None = None
+    serial: SerialLink | None = None
     context: DriverContext = field(default_factory=DriverContext)
 
     def all(self) -> list[Driver]:
@@ -209,8 +209,8 @@ class HardwareManager:
         if self.drivers.power_mode is not None:
             self.coordinators["power_mode"] = Coordinator("power_mode", self.drivers.power_mode,
                                                           self.drivers.power_mode.get, hw.serial_poll_seconds)
-        if isinstance(self.drivers.serial, SerialDockLink):
-            link = self.drivers.serial
+        link = self.drivers.serial
+        if link is not None:
             self.coordinators["dock_controller"] = Coordinator("dock_controller", link, link.status,
                                                                hw.serial_poll_seconds)
 

@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from smbus2 import i2c_msg
 
-from drivers.aio import wait_for
+from common.aio import wait_for
 from drivers.base import BusError, BusTimeoutError, DriverConfigError, NotAcknowledgedError
 
 _T = TypeVar("_T")

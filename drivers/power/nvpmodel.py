@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from drivers.aio import wait_for
+from common.aio import wait_for
 from drivers.base import DriverError, DriverState, DriverStateError, PowerMode
 
 _MODEL_HEADER = re.compile(r"^(?:<\s*)?POWER_MODEL:?\s+ID=(\d+)\s+NAME=([^\s>]+)\s*>?\s*$")

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 import serial
 import serial_asyncio_fast
 
-from drivers.aio import wait_for
+from common.aio import wait_for
 from drivers.base import DeviceMismatchError, DriverState, DriverStateError, LinkError, SerialMessage
 from drivers.serial.frame import (
     DOCK_PRODUCT_ID,

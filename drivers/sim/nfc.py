@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import Callable
 from typing import Literal
 
-from drivers.aio import wait_for
+from common.aio import wait_for
 from drivers.base import DriverState, DriverStateError, JoinOffer
 from drivers.nfc.ndef import decode_join_offer, encode_join_offer
 

@@ -1,4 +1,4 @@
-"""asyncio helpers every driver needs.
+"""asyncio helpers the drivers and the agent need alike.
 
 `wait_for` exists because asyncio.wait_for on Python 3.10 and 3.11 (JetPack 6 ships 3.10) loses a cancellation
 that arrives in the same loop iteration as the awaited result: it returns the result and the task carries on

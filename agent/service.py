@@ -297,16 +297,11 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     notifier.status("preparing models")
 
     models = await asyncio.to_thread(_prepare_models, settings)
-    limits = settings.engine
-    engine = EngineHost(EngineHostConfig(
-        model_id=models.chat.id, gguf=models.chat.path, sha256=models.chat.sha256,
+    engine = EngineHost(EngineHostConfig.from_settings(
+        settings.engine, model_id=models.chat.id, gguf=models.chat.path, sha256=models.chat.sha256,
+        cache_dir=settings.model_cache_dir, run_dir=settings.run_dir,
         encoder_id=models.embedding.id if models.embedding else None,
-        encoder_dir=models.embedding.path if models.embedding else None,
-        cache_dir=settings.model_cache_dir, run_dir=settings.run_dir, threads=limits.threads,
-        max_context=limits.max_context, max_batch=limits.max_batch, max_queue=limits.max_queue,
-        kv_budget_tokens=limits.kv_budget_tokens, prefix_cache_tokens=limits.prefix_cache_tokens,
-        start_timeout=limits.start_timeout_seconds, ready_wait=limits.ready_wait_seconds,
-    ))
+        encoder_dir=models.embedding.path if models.embedding else None))
     embedding_models = []
     if models.embedding is not None and models.embedding_tokenizer is not None:
         embedding_models.append(EmbeddingModel(models.embedding, models.embedding_tokenizer, engine))

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from agent.errors import ThoxError
 from agent.hardware.governor import GovernorConfig
 from agent.security.policy import AllowList
+from engines import executors
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -65,6 +66,7 @@ class ApiSettings(_Section):
 class EngineSettings(_Section):
     """The engine host process and what it runs."""
 
+    executor: str = Field("onnxruntime", description="What runs the chat model (onnxruntime: CPU)")
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, description="CPU threads for inference")
     max_context: int = Field(2048, ge=64, description="Tokens per sequence (prompt plus completion)")
     max_batch: int = Field(16, ge=1, le=256, description="Sequences decoded together in one batched step")
@@ -76,6 +78,13 @@ class EngineSettings(_Section):
     start_timeout_seconds: float = Field(600.0, gt=0, description="Longest wait for a (first) model conversion")
     ready_wait_seconds: float = Field(
         15.0, ge=0, description="How long a request waits for a (re)starting engine before it gets a 503")
+
+    @field_validator("executor")
+    @classmethod
+    def _executor_known(cls, value: str) -> str:
+        if value not in executors.names():
+            raise ValueError(f"no executor named {value!r}; known: {', '.join(executors.names())}")
+        return value
 
 
 # Driver config strings per profile (drivers/registry.py documents the syntax). The device column is the Thox

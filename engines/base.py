@@ -110,8 +110,14 @@ Logits2D = npt.NDArray[np.float32]
 class Executor(Protocol):
     """Runs a decoder-only language model: prefill prompts, then decode one token per sequence per step.
 
-    Implementations keep the KV cache wherever is cheapest for them (host memory for ONNX Runtime on CPU,
-    device memory for TensorRT); callers only hold the opaque `SequenceState`. Calls never overlap.
+    What an executor provides (registered by name in `engines.executors`):
+    - KV slots: at most `max_batch` live sequences, each an opaque `SequenceState` (`new_sequence`, `release`),
+      its cache kept wherever is cheapest (host memory for ONNX Runtime on CPU, device memory for TensorRT);
+      `snapshot` copies a prefix out for reuse, `kv_bytes_per_token` sizes budgets;
+    - `prefill` of a prompt and one batched `decode` step over live sequences;
+    - logits, never tokens: both return float32 logits in host memory, and the runtime is where they are masked
+      (constrained decoding, logit bias), read for log-probabilities and sampled, the same for every executor.
+    Calls never overlap (the scheduler makes them from one thread).
     """
 
     @property

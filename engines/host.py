@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engines.base import EngineError, Failed, GenerationRequest
+from engines import executors
+from engines.base import EngineError, Executor, Failed, GenerationRequest
 from engines.convert import ensure_converted
 from engines.encoder import OrtEncoder
-from engines.onnxruntime import OrtExecutor
 from engines.runtime.scheduler import Scheduler, SchedulerLimits
 from engines.wire import (
     Cancel,
@@ -58,7 +58,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sha256", default=None, help="the model file's sha256, if already known")
     parser.add_argument("--encoder", type=Path, default=None, help="an embedding model folder to serve too")
     parser.add_argument("--cache-dir", type=Path, required=True, help="where converted graphs are cached")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--executor", default="onnxruntime", choices=executors.names(),
+                        help="what runs the model (engines/executors.py)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of the executor")
     parser.add_argument("--max-context", type=int, default=2048, help="tokens per sequence (prompt + output)")
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue, help="requests waiting for a slot")
@@ -82,7 +84,7 @@ class _Connection:
 
 @dataclass
 class _Models:
-    executor: OrtExecutor
+    executor: Executor
     encoder: OrtEncoder | None
     info: dict[str, Any]
 
@@ -107,8 +109,8 @@ async def _load(args: argparse.Namespace, conn: _Connection) -> _Models:
     converted = await asyncio.to_thread(
         ensure_converted, args.gguf, args.cache_dir, sha256=args.sha256, progress=progress)
     conn.send(Progress("load", 0, 1))
-    executor = await asyncio.to_thread(
-        OrtExecutor, converted, args.threads, max_context=args.max_context, max_batch=args.max_batch)
+    options = executors.ExecutorOptions(threads=args.threads, max_context=args.max_context, max_batch=args.max_batch)
+    executor = await asyncio.to_thread(executors.create, args.executor, converted, options)
     encoder = None
     if args.encoder is not None:
         encoder = await asyncio.to_thread(
@@ -117,6 +119,7 @@ async def _load(args: argparse.Namespace, conn: _Connection) -> _Models:
         "gguf_sha256": converted.gguf_sha256,
         "onnx": str(converted.model_path),
         "flavour": converted.flavour,
+        "executor": args.executor,
         "vocab_size": executor.vocab_size,
         "max_batch": executor.max_batch,
         "load_seconds": round(time.monotonic() - started, 3),

@@ -31,6 +31,7 @@ from agent.errors import (
     InvalidRequestError,
     ThoxError,
 )
+from agent.settings import EngineSettings
 from engines.base import Done, Failed, GenerationRequest, SamplingParams, Tokens
 from engines.wire import (
     Cancel,
@@ -94,6 +95,19 @@ class EngineHostConfig:
     encoder_dir: Path | None = None
     # Each host of one agent needs its own socket (the default model's and one per model placed on the box).
     socket_name: str = "engine.sock"
+    executor: str = "onnxruntime"  # engines/executors.py
+
+    @classmethod
+    def from_settings(cls, engine: EngineSettings, *, model_id: str, gguf: Path, sha256: str, cache_dir: Path,
+                      run_dir: Path, **model_fields: Any) -> EngineHostConfig:
+        """The host for one model with the engine settings every host shares; `model_fields` override them."""
+        shared: dict[str, Any] = {
+            "executor": engine.executor, "threads": engine.threads, "max_context": engine.max_context,
+            "max_batch": engine.max_batch, "max_queue": engine.max_queue,
+            "kv_budget_tokens": engine.kv_budget_tokens, "prefix_cache_tokens": engine.prefix_cache_tokens,
+            "start_timeout": engine.start_timeout_seconds, "ready_wait": engine.ready_wait_seconds}
+        return cls(model_id=model_id, gguf=gguf, sha256=sha256, cache_dir=cache_dir, run_dir=run_dir,
+                   **{**shared, **model_fields})
 
 
 _Event = Tokens | Done | Embeddings | Exception
@@ -159,6 +173,7 @@ class EngineHost:
             "--gguf", str(self.config.gguf),
             "--sha256", self.config.sha256,
             "--cache-dir", str(self.config.cache_dir),
+            "--executor", self.config.executor,
             "--threads", str(self.config.threads),
             "--max-context", str(self.config.max_context),
             "--max-batch", str(self.config.max_batch),

@@ -105,15 +105,11 @@ class ModelLoader:
             text = await asyncio.to_thread(installed.text_pipeline)
         except EngineError as exc:
             raise ModelLoadError(f"{installed.id!r} cannot be used: {exc}") from exc
-        limits = self.settings.engine
-        engine = EngineHost(EngineHostConfig(
-            model_id=installed.id, gguf=installed.path, sha256=installed.sha256,
-            cache_dir=self.settings.model_cache_dir, run_dir=self.settings.run_dir, threads=limits.threads,
-            max_context=context_length or limits.max_context, max_batch=limits.max_batch,
-            max_queue=limits.max_queue, kv_budget_tokens=limits.kv_budget_tokens,
-            prefix_cache_tokens=limits.prefix_cache_tokens, start_timeout=limits.start_timeout_seconds,
-            ready_wait=limits.ready_wait_seconds, socket_name=f"engine-{next(self._sockets)}.sock",
-        ))
+        engine = EngineHost(EngineHostConfig.from_settings(
+            self.settings.engine, model_id=installed.id, gguf=installed.path, sha256=installed.sha256,
+            cache_dir=self.settings.model_cache_dir, run_dir=self.settings.run_dir,
+            max_context=context_length or self.settings.engine.max_context,
+            socket_name=f"engine-{next(self._sockets)}.sock"))
         self._attach(engine)
         task = self._spawn(engine.run(), f"engine:{installed.id}")
         try:

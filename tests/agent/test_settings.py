@@ -40,6 +40,7 @@ def test_home_comes_from_thox_home() -> None:
         ("", {}, {"profile": "cloud"}, "profile"),
         ("[api\n", {}, {}, "not valid TOML"),
         ("", {}, {"engine.max_context": 1}, "engine.max_context"),
+        ("[engine]\nexecutor = \"cuda-magic\"\n", {}, {}, "no executor named 'cuda-magic'; known: onnxruntime"),
     ],
 )
 def test_bad_settings_are_refused_with_the_key(

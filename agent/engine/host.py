@@ -12,8 +12,6 @@ import asyncio
 import contextlib
 import enum
 import itertools
-import os
-import signal
 import sys
 import tempfile
 import time
@@ -24,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from agent.engine.controls import EngineControls
 from agent.errors import (
     EngineFailedError,
     EngineOverloadedError,
@@ -39,13 +38,13 @@ from engines.wire import (
     Embeddings,
     Fatal,
     FrameError,
-    Limit,
     Limited,
     Progress,
     ProtocolError,
     Ready,
     Stats,
     ToAgent,
+    ToHost,
     decode_to_agent,
     encode,
     read_payload,
@@ -133,15 +132,8 @@ class EngineHost:
         self._progress_logged: tuple[str, int] = ("", -1)
         self._fallback_socket_dir: Path | None = None
         self._admitted = 0
-        # Thermal policy (agent/hardware): sequences decoded per step, the refusal while inference is stopped,
-        # and whether model builds (conversion before "ready") may use the CPU.
-        self.concurrency = config.max_batch
-        self.concurrency_applied = config.max_batch
-        self._concurrency_asked_at: float | None = None
-        self._suspended: EngineUnavailableError | None = None
-        self.builds_paused = False
-        self._building = False
-        self._build_stopped = False
+        # What the thermal governor and model unloading may do to this host (batch limit, stop, build pause).
+        self.controls = EngineControls(config.max_batch, self._send, self._stop_streams, lambda: self._pid)
         # Told about each step of start-up progress (stage, percent): systemd status and start timeout.
         self.on_progress: Callable[[str, int], None] | None = None
 
@@ -192,7 +184,7 @@ class EngineHost:
             reader, writer = await self._connect(socket_path, proc)
             self._writer = writer
             await self._await_ready(reader)
-            self._send_concurrency()
+            self.controls.resend()
             reader_task = asyncio.create_task(self._read_frames(reader), name="engine-reader")
             exited = asyncio.create_task(proc.wait(), name="engine-wait")
             await asyncio.wait({reader_task, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -248,7 +240,7 @@ class EngineHost:
                     next_message = asyncio.create_task(_read_message(reader))
                 waited_from = loop.time()
                 done, _ = await asyncio.wait({next_message}, timeout=min(1.0, max(0.0, deadline - waited_from)))
-                if self.builds_paused:
+                if self.controls.builds_paused:
                     deadline += loop.time() - waited_from
                 if not done:
                     if loop.time() >= deadline:
@@ -259,10 +251,9 @@ class EngineHost:
                     raise ProtocolError("engine host closed the connection while starting")
                 if isinstance(message, Progress):
                     self._log_progress(message)
-                    self._building = message.stage != "load"
-                    self._apply_build_pause()
+                    self.controls.building(message.stage != "load")
                 elif isinstance(message, Ready):
-                    self._building = False
+                    self.controls.building(False)
                     self.max_context = message.max_context
                     self.encoder_info = dict(message.encoder or {})
                     self.model_info = dict(message.model)
@@ -274,7 +265,7 @@ class EngineHost:
                 elif isinstance(message, Fatal):
                     raise EngineStartError(message.message)
         finally:
-            self._building = False
+            self.controls.building(False)
             if next_message is not None:
                 next_message.cancel()
 
@@ -312,7 +303,7 @@ class EngineHost:
         if isinstance(message, Stats):
             self.stats = dict(message.scheduler)
         elif isinstance(message, Limited):
-            self._on_concurrency_applied(message.max_batch)
+            self.controls.applied(message.max_batch)
         elif isinstance(message, (Tokens, Done, Embeddings, Failed)):
             queue = self._streams.get(message.id) if message.id is not None else None
             if queue is None:
@@ -330,10 +321,7 @@ class EngineHost:
         return EngineFailedError(failed.message)
 
     async def _stop_process(self, proc: asyncio.subprocess.Process) -> None:
-        if self._build_stopped:  # a paused build must run again to see its socket close and exit
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGCONT)
-            self._build_stopped = False
+        self.controls.release_build()
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()  # the host exits when its client leaves
@@ -374,8 +362,8 @@ class EngineHost:
         The agent is the engine host's only client, so counting here is exact, and a streaming handler learns
         it must answer 503 before it commits to a 200.
         """
-        if self._suspended is not None:
-            raise self._suspended
+        if self.controls.suspended is not None:
+            raise self.controls.suspended
         await self.wait_ready()
         capacity = self.config.max_batch + self.config.max_queue
         if self._admitted >= capacity:
@@ -395,7 +383,7 @@ class EngineHost:
     @property
     def saturated(self) -> bool:
         """Every decode slot the thermal policy allows is taken: a new request would wait here."""
-        return self._admitted >= self.concurrency
+        return self._admitted >= self.controls.concurrency
 
     async def _writer_when_ready(self) -> asyncio.StreamWriter:
         await self.wait_ready()
@@ -449,60 +437,18 @@ class EngineHost:
             if not finished and self._writer is writer and not writer.is_closing():
                 writer.write(encode(Cancel(request_id)))
 
-    # ----------------------------------------------------------------- thermal policy
+    # ----------------------------------------------------------------- means for the controls
 
-    def set_concurrency(self, limit: int) -> None:
-        """Decode at most `limit` sequences at once (the rest wait, keeping their place); applied asynchronously."""
-        limit = max(1, min(limit, self.config.max_batch))
-        if limit == self.concurrency:
-            return
-        self.concurrency = limit
-        self._concurrency_asked_at = time.monotonic()
-        self._send_concurrency()
-
-    def _send_concurrency(self) -> None:
+    def _send(self, message: ToHost) -> None:
         writer = self._writer
         if writer is not None and not writer.is_closing():
-            writer.write(encode(Limit(self.concurrency)))
+            writer.write(encode(message))
 
-    def _on_concurrency_applied(self, applied: int) -> None:
-        self.concurrency_applied = applied
-        if self._concurrency_asked_at is not None and applied == self.concurrency:
-            latency = time.monotonic() - self._concurrency_asked_at
-            self._concurrency_asked_at = None
-            log.info("engine_concurrency_applied", concurrency=applied, latency_ms=round(latency * 1000, 3))
-
-    def suspend(self, reason: str, *, code: str, retry_after: int = 30) -> None:
-        """Stop inference now: running streams end with a clean error, new requests get a 503 until resume()."""
-        error = EngineUnavailableError(f"inference is stopped: {reason}", code=code, retry_after=retry_after)
-        self._suspended = error
-        writer = self._writer
-        if writer is not None and not writer.is_closing():
-            for request_id in self._streams:
-                writer.write(encode(Cancel(request_id)))
+    def _stop_streams(self, error: EngineUnavailableError) -> None:
+        """End every stream in flight with `error`, cancelling its generation in the engine host."""
+        for request_id in self._streams:
+            self._send(Cancel(request_id))
         self._fail_streams(error)
-
-    def resume(self) -> None:
-        """Accept requests again after suspend()."""
-        self._suspended = None
-
-    def pause_builds(self, paused: bool) -> None:
-        """Pause (SIGSTOP) or continue a model build in the engine host; serving is never paused by this."""
-        if paused == self.builds_paused:
-            return
-        self.builds_paused = paused
-        self._apply_build_pause()
-
-    def _apply_build_pause(self) -> None:
-        if self._pid is None or (not self._building and not self._build_stopped):
-            return
-        stop = self.builds_paused and self._building
-        if stop == self._build_stopped:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self._pid, signal.SIGSTOP if stop else signal.SIGCONT)
-        self._build_stopped = stop
-        log.info("engine_build_paused" if stop else "engine_build_resumed", pid=self._pid)
 
     def health(self) -> dict[str, Any]:
         """The engine's part of /v1/health."""
@@ -515,10 +461,7 @@ class EngineHost:
             "active_streams": len(self._streams),
             "admitted": self._admitted,
             "max_context": self.max_context,
-            "concurrency": {"limit": self.concurrency, "applied": self.concurrency_applied,
-                            "max_batch": self.config.max_batch},
-            "suspended": None if self._suspended is None else str(self._suspended),
-            "builds_paused": self.builds_paused,
+            **self.controls.health(),
             "last_error": self.last_error,
             **({"info": self.model_info} if self.model_info else {}),
             **({"scheduler": self.stats} if self.stats else {}),

@@ -167,7 +167,7 @@ class HardwareManager:
     ) -> None:
         hw = self.hw
         governor = ThermalGovernor(hw.governor_config(), critical_trips)
-        self.thermal = ThermalControl(governor, list(self.engines), self.settings.engine.max_batch,
+        self.thermal = ThermalControl(governor, [e.controls for e in self.engines], self.settings.engine.max_batch,
                                       self.drivers.fan, start_task)
         thermal = self.thermal
         # Only a box that polls thermal sources beats: a heartbeat nobody beats would make systemd restart us.
@@ -218,13 +218,13 @@ class HardwareManager:
         """An engine host started while the agent runs (a model placed here): thermal policy applies to it too."""
         self.engines.append(engine)
         if self.thermal is not None:
-            self.thermal.attach(engine)
+            self.thermal.attach(engine.controls)
 
     def detach_engine(self, engine: EngineHost) -> None:
         if engine in self.engines:
             self.engines.remove(engine)
         if self.thermal is not None:
-            self.thermal.detach(engine)
+            self.thermal.detach(engine.controls)
 
     def _peer_module(self) -> str | None:
         if self.dock is not None and self.dock.offer is not None:

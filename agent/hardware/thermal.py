@@ -32,7 +32,7 @@ _EMERGENCY_RETRY_AFTER_S = 30
 
 
 class InferenceControl(Protocol):
-    """What thermal policy may do to the inference engine (agent.engine.EngineHost implements it)."""
+    """What thermal policy may do to the inference engine (agent.engine.controls.EngineControls implements it)."""
 
     def set_concurrency(self, limit: int) -> None: ...
 

@@ -147,7 +147,7 @@ class ModelLoader:
             # Polled: the engine host has no event for "every stream finished", and this runs once per unload.
             while engine.health()["active_streams"] and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.1)
-            engine.suspend(f"{model_id} was unloaded from this box", code="model_unloaded")
+            engine.controls.suspend(f"{model_id} was unloaded from this box", code="model_unloaded")
             loaded.task.cancel()
             await asyncio.gather(loaded.task, return_exceptions=True)
             self._detach(engine)

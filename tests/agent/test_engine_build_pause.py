@@ -21,7 +21,7 @@ async def test_a_paused_build_stops_the_converting_host_and_resumes_to_ready(tmp
         model_id="smollm2", gguf=gguf, sha256=sha256, cache_dir=tmp_path / "cache",  # empty: it must convert
         run_dir=tmp_path / "run", threads=2, max_context=512, max_batch=4, max_queue=4, kv_budget_tokens=2048,
         prefix_cache_tokens=0, start_timeout=120, ready_wait=1))
-    host.pause_builds(True)
+    host.controls.pause_builds(True)
     task = asyncio.create_task(host.run())
     try:
         for _ in range(600):  # the first progress frame of the conversion stops the host
@@ -35,7 +35,7 @@ async def test_a_paused_build_stops_the_converting_host_and_resumes_to_ready(tmp
         assert host.state is EngineState.STARTING  # nothing happened while paused, and no start timeout either
         assert await asyncio.to_thread(_process_state, stopped_pid) == "T"
 
-        host.pause_builds(False)
+        host.controls.pause_builds(False)
         for _ in range(1200):
             if host.state is EngineState.READY:
                 break

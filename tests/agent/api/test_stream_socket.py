@@ -119,13 +119,13 @@ async def test_an_engine_without_room_gets_a_503_error_event_and_the_connection_
         refused = await second.receive_json(timeout=10)
         assert refused["type"] == "error" and refused["request"] == "no-room"
         assert refused["error"]["code"] == "server_overloaded" and refused["error"]["type"] == "server_error"
-        engine.suspend("too hot", code="thermal_critical")
+        engine.controls.suspend("too hot", code="thermal_critical")
         stopped = await events_until_end(first)
         assert stopped[-1]["type"] == "error" and stopped[-1]["error"]["code"] == "thermal_critical"
         await second.send_json({**QUESTION, "id": "while-stopped"})
         refused = await second.receive_json(timeout=10)
         assert refused["error"]["code"] == "thermal_critical"
-        engine.resume()
+        engine.controls.resume()
         engine.hold = False
         await second.send_json({**QUESTION, "id": "again"})
         assert (await events_until_end(second))[-1]["type"] == "done"

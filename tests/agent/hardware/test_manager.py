@@ -19,9 +19,10 @@ from drivers.sim.world import SimModule
 
 
 class RecordingEngine:
-    """Stands in for EngineHost: records what thermal policy asks of it."""
+    """Stands in for EngineHost and its controls: records what thermal policy asks of it."""
 
     def __init__(self) -> None:
+        self.controls = self
         self.stats: dict[str, Any] = {"decoding": 0}
         self.concurrency: list[int] = []
         self.suspended: list[str] = []

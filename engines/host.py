@@ -212,7 +212,8 @@ async def _main(args: argparse.Namespace) -> int:
         except Exception as exc:  # the agent must learn why; it restarts us with backoff
             log.exception("engine host stopping")
             failed.set()
-            conn.send(Fatal(f"{type(exc).__name__}: {exc}"))
+            # Our own errors say what happened; anything else is a bug, named by its type.
+            conn.send(Fatal(str(exc) if isinstance(exc, EngineError) else f"{type(exc).__name__}: {exc}"))
             with contextlib.suppress(OSError):
                 await writer.drain()
         finally:

@@ -230,20 +230,22 @@ class Placer:
         log.info("replica_unassigned", model=model, node=node_id, reason=reason)
 
 
-async def my_work(client: aetcd.Client, node_id: str) -> tuple[dict[str, Mapping[str, Any]], set[str]]:
-    """This box's assignments (model -> record) and requested pulls (model ids)."""
-    assignments: dict[str, Mapping[str, Any]] = {}
-    prefix = ASSIGNMENTS_PREFIX + f"{node_id}/".encode()
-    for kv in await wait_for(client.get_prefix(prefix), RPC_TIMEOUT_SECONDS):
+async def my_work(client: aetcd.Client, node_id: str
+                  ) -> tuple[dict[str, Mapping[str, Any]], dict[str, Mapping[str, Any]]]:
+    """This box's assignments and requested pulls (model -> record: a pull's holds `at`, when it was asked)."""
+    return await _records(client, ASSIGNMENTS_PREFIX, node_id), await _records(client, PULLS_PREFIX, node_id)
+
+
+async def _records(client: aetcd.Client, prefix: bytes, node_id: str) -> dict[str, Mapping[str, Any]]:
+    mine = prefix + f"{node_id}/".encode()
+    records: dict[str, Mapping[str, Any]] = {}
+    for kv in await wait_for(client.get_prefix(mine), RPC_TIMEOUT_SECONDS):
         try:
             record = json.loads(kv.value)
         except ValueError:
             record = {}
-        assignments[kv.key[len(prefix):].decode()] = record if isinstance(record, dict) else {}
-    pulls_prefix = PULLS_PREFIX + f"{node_id}/".encode()
-    pulls = {kv.key[len(pulls_prefix):].decode()
-             for kv in await wait_for(client.get_prefix(pulls_prefix), RPC_TIMEOUT_SECONDS)}
-    return assignments, pulls
+        records[kv.key[len(mine):].decode()] = record if isinstance(record, dict) else {}
+    return records
 
 
 def pull_key(node: str, model: str) -> bytes:

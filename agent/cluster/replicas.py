@@ -23,6 +23,7 @@ from agent.cluster.placement import NodeRecords, my_work, pull_key
 from agent.errors import ClusterUnavailableError
 from agent.models.loader import ModelLoader, ModelLoadError
 from agent.models.pull import PullError, pull
+from agent.models.store import ModelStoreError
 from common.aio import wait_for
 
 log = structlog.get_logger("agent.cluster.replicas")
@@ -30,6 +31,8 @@ log = structlog.get_logger("agent.cluster.replicas")
 POLL_SECONDS = 0.5
 # A finished pull's outcome stays in the node record this long, for whoever asked for it to read.
 PULL_OUTCOME_SECONDS = 60.0
+# How long a copy waits for a live box holding the model before it fails (a start, a lost view, a busy holder).
+SOURCE_WAIT_SECONDS = 10.0
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 
@@ -110,7 +113,7 @@ class ReplicaKeeper:
             context = await self._loader.load(model, context_length)
             state.clear()
             state.update(state="ready", context_length=context)
-        except (PullError, ModelLoadError, ClusterUnavailableError) as exc:
+        except (PullError, ModelLoadError, ModelStoreError, ClusterUnavailableError) as exc:
             state.clear()
             state.update(state="failed", error=str(exc))
             log.warning("replica_failed", model=model, error=str(exc))
@@ -123,15 +126,24 @@ class ReplicaKeeper:
                 await self._copy_now(model, state)
 
     async def _copy_now(self, model: str, state: dict[str, Any]) -> None:
-        source = self._source(model)
-        if source is None:
-            raise PullError(f"no other live box has {model!r} in its store to copy it from")
+        source = await self._wait_for_source(model)
 
         def progress(done: int, total: int) -> None:
             state.update(progress=round(done / total, 4) if total else 1.0, completed=done, total=total)
 
         await pull(self._session(), source, model, self._loader.store, progress)
         await self._loader.refresh_store_facts()  # the others learn at once that this box has it now
+
+    async def _wait_for_source(self, model: str) -> str:
+        """A live box to copy `model` from, waiting a little for one: right after this agent starts (a restarted box
+        taking up the pull it was killed in) or loses its node view, it sees no box at all for a moment."""
+        deadline = time.monotonic() + SOURCE_WAIT_SECONDS
+        while (source := self._source(model)) is None:
+            if time.monotonic() >= deadline:
+                raise PullError(f"no other live box has {model!r} in its store to copy it from (waited "
+                                f"{SOURCE_WAIT_SECONDS:.0f} s for one)")
+            await asyncio.sleep(POLL_SECONDS)
+        return source
 
     def _source(self, model: str) -> str | None:
         nodes = self._live_nodes()
@@ -143,11 +155,19 @@ class ReplicaKeeper:
         chosen = nodes[leader if leader in holders else sorted(holders)[0]]
         return f"https://{host_port(str(chosen['address']), int(chosen['peer_port']))}"
 
-    def _start_pulls(self, client: aetcd.Client, pulls: set[str]) -> None:
-        for model in pulls:
+    def _start_pulls(self, client: aetcd.Client, pulls: Mapping[str, Mapping[str, Any]]) -> None:
+        for model, request in pulls.items():
+            # When the latest request was made (on the clock of the box that took it): the API answers a request
+            # with an outcome only if it comes from that request or a later one, so a retry is never told the
+            # failure of the attempt before it.
+            asked = request.get("at")
+            requested_at = float(asked) if isinstance(asked, (int, float)) else None
             if model in self._pulling and not self._pulling[model].done():
+                if requested_at is not None:
+                    self.pulls[model]["requested_at"] = requested_at  # the running copy answers this one too
                 continue
-            self.pulls[model] = {"state": "pulling", "progress": 0.0}
+            self.pulls[model] = {"state": "pulling", "progress": 0.0,
+                                 **({"requested_at": requested_at} if requested_at is not None else {})}
             self._pulling[model] = self._spawn(self._pull(client, model), f"pull:{model}")
 
     async def _pull(self, client: aetcd.Client, model: str) -> None:
@@ -155,7 +175,7 @@ class ReplicaKeeper:
         try:
             await self._copy(model, state)
             state.update(state="done", progress=1.0)
-        except (PullError, ClusterUnavailableError) as exc:
+        except (PullError, ModelStoreError, ClusterUnavailableError) as exc:
             state.update(state="failed", error=str(exc))
             log.warning("model_pull_failed", model=model, error=str(exc))
         state["finished"] = time.time()

@@ -5,11 +5,16 @@ The source box serves `GET /cluster/models/<id>` (its manifest record and the mo
 assembles the model in the store's staging folder, continues partial files where they stopped (a pull cut by a
 power loss or a restart resumes instead of starting over), checks the digest the source's manifest records, and
 only then moves the model into the store and lists it. A model whose bytes do not match is never installed.
+
+Disk space is checked before the copy starts (what is still missing, against what the store's disk has free). A
+disk that fills up anyway (something else wrote to it meanwhile) fails the pull with that reason, and the partial
+copy is removed: a full disk would stop every other write of the box (manifest, keys, the cluster's etcd data).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import shutil
 import time
 from collections.abc import Callable
@@ -21,12 +26,16 @@ import structlog
 
 from agent.atomic import content_sha256
 from agent.errors import ThoxError
-from agent.models.store import InstalledModel, ModelStore
+from agent.models.store import InstalledModel, ModelStore, ModelStoreError
 
 log = structlog.get_logger("agent.models.pull")
 
 MODELS_PATH = "/cluster/models"
 _CHUNK = 1 << 20
+# Left free beside a pulled model: the manifest and the box's other small files must still be writable afterwards.
+DISK_RESERVE_BYTES = 16 << 20
+# Errors of a disk that is full (or a quota that is used up).
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
@@ -81,23 +90,70 @@ async def pull(session: aiohttp.ClientSession, base_url: str, model_id: str, sto
     single_file = len(files) == 1 and entry.path.name == files[0][0]
     staging = store.staging_dir(model_id)
     total = sum(size for _, size in files)
-    done = 0
     started = time.monotonic()
-    for relative, size in files:
-        target = _staged_target(staging, entry, relative, single_file)
-        done = await _fetch(session, f"{base_url}{MODELS_PATH}/{model_id}/files/{relative}", target, size,
-                            done, total, on_progress)
-    staged = staging / entry.path.name
-    digest = await asyncio.to_thread(content_sha256, staged)
-    if digest != entry.sha256:
-        await asyncio.to_thread(shutil.rmtree, staging, True)
-        raise PullError(f"the copy of {model_id!r} does not match the source's sha256 ({digest[:12]}... instead of "
-                        f"{entry.sha256[:12]}...); it was discarded")
-    installed = await asyncio.to_thread(store.install_staged, entry, staged)
+    copied = 0
+
+    def counted(done: int, of: int) -> None:
+        nonlocal copied
+        copied = done
+        if on_progress is not None:
+            on_progress(done, of)
+
+    try:
+        await asyncio.to_thread(_check_room, store, model_id, entry, files, single_file)
+        done = 0
+        for relative, size in files:
+            target = _staged_target(staging, entry, relative, single_file)
+            done = await _fetch(session, f"{base_url}{MODELS_PATH}/{model_id}/files/{relative}", target, size,
+                                done, total, counted)
+        staged = staging / entry.path.name
+        digest = await asyncio.to_thread(content_sha256, staged)
+        if digest != entry.sha256:
+            await asyncio.to_thread(shutil.rmtree, staging, True)
+            raise PullError(f"the copy of {model_id!r} does not match the source's sha256 ({digest[:12]}... instead "
+                            f"of {entry.sha256[:12]}...); it was discarded")
+        installed = await asyncio.to_thread(store.install_staged, entry, staged)
+    except ModelStoreError as exc:
+        await asyncio.to_thread(shutil.rmtree, staging, True)  # the store removed the copy it could not list
+        raise PullError(f"the copy of {model_id!r} is complete but could not be installed: {exc}") from exc
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise PullError(f"the copy of {model_id!r} could not be written under {store.root}: "
+                            f"{exc.strerror or exc}") from exc
+        await asyncio.to_thread(shutil.rmtree, staging, True)  # give the space back: the box needs it
+        free = await asyncio.to_thread(_free_bytes, store.root)
+        raise PullError(f"the disk holding the model store {store.root} filled up while copying {model_id!r} "
+                        f"({_mb(copied)} of {_mb(total)} copied, {_mb(free)} free now); the partial copy was removed "
+                        f"to give the space back: free at least {_mb(total + DISK_RESERVE_BYTES)} there and pull "
+                        f"again") from exc
     await asyncio.to_thread(shutil.rmtree, staging, True)
     log.info("model_pulled", model=model_id, bytes=total, seconds=round(time.monotonic() - started, 2),
              source=base_url)
     return installed
+
+
+def _check_room(store: ModelStore, model_id: str, entry: InstalledModel, files: list[tuple[str, int]],
+                single_file: bool) -> None:
+    """Blocking: PullError unless the store's disk has room for the bytes still missing (a resumed copy counts
+    what it already has); moving the finished copy into the store takes no more (same disk)."""
+    staging = store.staging_dir(model_id)
+    missing = sum(max(size - _size(_staged_target(staging, entry, relative, single_file)), 0)
+                  for relative, size in files)
+    store.root.mkdir(parents=True, exist_ok=True)
+    free = _free_bytes(store.root)
+    if missing + DISK_RESERVE_BYTES > free:
+        raise PullError(f"not enough disk space for {model_id!r} in the model store {store.root}: the copy needs "
+                        f"{_mb(missing)} more (and {_mb(DISK_RESERVE_BYTES)} kept free), {_mb(free)} free; free space "
+                        f"there and pull again")
+
+
+def _free_bytes(path: Path) -> int:
+    """Blocking: bytes an unprivileged writer may still use on the disk holding `path`."""
+    return shutil.disk_usage(path).free
+
+
+def _mb(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
 
 
 async def _fetch(session: aiohttp.ClientSession, url: str, target: Path, size: int, done: int, total: int,
@@ -112,6 +168,8 @@ async def _fetch(session: aiohttp.ClientSession, url: str, target: Path, size: i
     if have == size:
         return done
     headers = {"Range": f"bytes={have}-"} if have else {}
+    if have:
+        log.info("model_pull_resumed", file=target.name, from_bytes=have, size=size)
     try:
         async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(sock_read=60)) as answer:
             if answer.status not in (200, 206):

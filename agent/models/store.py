@@ -7,6 +7,7 @@ hashing); the agent calls them through `asyncio.to_thread`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -87,7 +88,7 @@ class ModelStore:
             data = json.loads(self._manifest.read_text())
             entries = data["models"]
             return [self.entry_from_record(e) for e in entries]
-        except (ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ModelStoreError(f"model manifest {self._manifest} is unreadable: {exc}") from exc
 
     def get(self, model_id: str) -> InstalledModel | None:
@@ -141,10 +142,20 @@ class ModelStore:
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.replace(staged, target)
-        fsync_dir(target.parent)
         model = dataclasses.replace(entry, path=target, installed_at=int(time.time()),
                                     source=f"{entry.source} (pulled from the cluster)")
-        self._write(self._replaced(model))
+        try:
+            fsync_dir(target.parent)
+            self._write(self._replaced(model))
+        except (OSError, ModelStoreError) as exc:
+            # Unlisted files would only hold the disk (a full one, often, when the manifest cannot be written).
+            shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                target.parent.rmdir()  # only if nothing else is in it
+            if isinstance(exc, ModelStoreError):
+                raise
+            raise ModelStoreError(f"the manifest {self._manifest} could not be written ({exc.strerror or exc}); "
+                                  f"{entry.id!r} was not installed") from exc
         return model
 
     def _replaced(self, model: InstalledModel) -> list[InstalledModel]:

@@ -153,4 +153,5 @@ def ensure_converted_encoder(
         ENCODER_FLAVOUR,
         lambda tmp: convert_encoder(model_dir, tmp, sha256=digest, progress=progress),
         lambda d: ConvertedEncoder.load(d, expect=cfg),
+        label=model_dir.name,
     )

@@ -1,8 +1,15 @@
-"""Convert a GGUF into the on-disk ONNX cache, atomically, keyed by the GGUF's sha256 and graph flavour."""
+"""Convert a GGUF into the on-disk ONNX cache, atomically, keyed by the GGUF's sha256 and graph flavour.
+
+A conversion is assembled in a temp folder and renamed into place only when complete, so a crash, a kill or a
+full disk never leaves an entry a later start would take for finished. A disk too small for the conversion is
+reported as `CacheSpaceError`, naming the folder and what to do, before the conversion starts where that is
+known up front, else as soon as a write fails.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -13,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
-from engines.base import ModelFormatError, ProgressFn
+from engines.base import EngineError, ModelFormatError, ProgressFn
 from engines.convert.external import ExternalDataWriter
 from engines.convert.fused import build_fused_graph
 from engines.convert.gguf_model import GgufModel, LlamaConfig
@@ -33,6 +40,17 @@ DATA_FILE = "model.onnx.data"
 META_FILE = "meta.json"
 _TMP_PREFIX = ".tmp-"
 _HASH_CHUNK = 4 << 20
+# Errors of a disk that is full (or a quota that is used up).
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# A decoder entry keeps every weight's bytes (GGUF blocks are repacked, never recompressed), so it needs at least
+# about the GGUF's size; the tenth left out is the GGUF's own metadata (vocabulary, chat template), not converted.
+_DECODER_MIN_FRACTION = 0.9
+_WHAT_TO_DO = "free space there, or put the cache on a bigger disk (the agent's cache_dir, THOX_CACHE_DIR)"
+
+
+class CacheSpaceError(EngineError):
+    """The disk holding the converted-model cache has no room for a conversion; the message says where and what
+    to do."""
 
 T = TypeVar("T")
 
@@ -196,21 +214,43 @@ def _remove_stale_temps(parent: Path) -> None:
 
 
 def ensure_entry(
-    cache_root: Path, digest: str, flavour: str, build: Callable[[Path], object], load: Callable[[Path], T]
+    cache_root: Path, digest: str, flavour: str, build: Callable[[Path], object], load: Callable[[Path], T], *,
+    label: str = "the model", min_bytes: int = 0,
 ) -> T:
     """Return `load(cache_root/onnx/<digest>/<flavour>)`, running `build(temp dir)` first if that fails.
 
     `build` fills an empty temp dir under `cache_root/onnx`, which is renamed into place only when complete, so a
     crash or an exception never leaves a half-written entry; `load` raises ModelFormatError for a missing,
-    incomplete or outdated entry.
+    incomplete or outdated entry. CacheSpaceError, before building, when the disk has less than `min_bytes` free
+    (the least the entry can take), and when it fills up during the build (`label` names what was converted).
     """
     final = cache_root / "onnx" / digest / flavour
     with contextlib.suppress(ModelFormatError):
         return load(final)
 
     work = cache_root / "onnx"
+    try:
+        return _build_entry(work, final, build, load, label, min_bytes)
+    except OSError as exc:
+        if exc.errno not in _NO_SPACE:
+            raise
+        # The unfinished conversion is gone by now, so what is free is what it had, and it needed more.
+        raise CacheSpaceError(
+            f"no space left in the model cache {cache_root} while converting {label}: the conversion needs more "
+            f"than the {_mb(_free_bytes(work))} that disk has free; {_WHAT_TO_DO}"
+        ) from exc
+
+
+def _build_entry(
+    work: Path, final: Path, build: Callable[[Path], object], load: Callable[[Path], T], label: str, min_bytes: int
+) -> T:
     work.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(work)
+    _remove_stale_temps(work)  # what a killed conversion left: free it before counting what is free
+    free = _free_bytes(work)
+    if free < min_bytes:
+        raise CacheSpaceError(
+            f"not enough space in the model cache {work.parent} to convert {label}: it needs at least "
+            f"{_mb(min_bytes)}, {_mb(free)} free; {_WHAT_TO_DO}")
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=work))
     try:
         tmp.chmod(
@@ -237,6 +277,18 @@ def ensure_entry(
     return load(final)
 
 
+def _free_bytes(path: Path) -> int:
+    """Bytes an unprivileged writer may still use on the disk holding `path` (0 when it cannot be read)."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def _mb(count: int) -> str:
+    return f"{count / 1e6:.1f} MB"
+
+
 def ensure_converted(
     gguf_path: Path,
     cache_root: Path,
@@ -258,4 +310,6 @@ def ensure_converted(
         name,
         lambda tmp: convert_gguf(gguf_path, tmp, logits=logits, flavour=flavour, sha256=digest, progress=progress),
         ConvertedModel.load,
+        label=gguf_path.name,
+        min_bytes=int(gguf_path.stat().st_size * _DECODER_MIN_FRACTION),
     )

@@ -125,7 +125,7 @@ def pull_lines(live_nodes: Mapping[str, Mapping[str, Any]], model: str, targets:
             lines[target] = pull_line(model, target, "failed", had, total, f"{target} left the cluster")
             continue
         state = (record.get("pulls") or {}).get(model)
-        finished = isinstance(state, dict) and float(state.get("finished") or 0) >= since - 1
+        finished = isinstance(state, dict) and _outcome_of_this_request(state, since)
         if isinstance(state, dict) and (state.get("state") == "pulling" or finished):
             status = str(state.get("state"))
             error = str(state.get("error")) if status == "failed" else None
@@ -136,6 +136,19 @@ def pull_lines(live_nodes: Mapping[str, Mapping[str, Any]], model: str, targets:
         else:
             lines[target] = pull_line(model, target, "queued", had, total)
     return lines
+
+
+def _outcome_of_this_request(state: Mapping[str, Any], since: float) -> bool:
+    """Whether a box's finished pull answers the request made at `since` (not an earlier one's outcome: a retry
+    right after a failure must not be told the old failure).
+
+    `requested_at` is the request's own time as this box wrote it (so the same clock as `since`); a box that does
+    not report it is judged by when it finished, on its own clock, with a second's allowance.
+    """
+    requested_at = state.get("requested_at")
+    if isinstance(requested_at, (int, float)):
+        return requested_at >= since
+    return float(state.get("finished") or 0) >= since - 1
 
 
 async def pull(request: web.Request) -> web.StreamResponse:

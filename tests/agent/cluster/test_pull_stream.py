@@ -57,3 +57,13 @@ def test_counts_never_go_back_and_a_box_that_left_fails_with_what_it_had() -> No
     gone = pull_lines({"source": record(True)}, MODEL, ["box-c"], SINCE, earlier)
     assert gone["box-c"]["status"] == "failed" and gone["box-c"]["completed"] == 60_000_000
     assert gone["box-c"]["error"] == "box-c left the cluster"
+
+
+def test_a_retry_is_not_answered_with_the_outcome_of_the_request_before_it() -> None:
+    # The box has not picked the retry up yet: its record still shows the failure of the request made a moment
+    # before (finished within the second's allowance of the old rule), which is not this request's answer.
+    stale = record(False, {"state": "failed", "error": "no space", "requested_at": SINCE - 0.5, "finished": SINCE})
+    assert lines({"box-c": stale})["box-c"]["status"] == "queued"
+    answered = record(False, {"state": "failed", "error": "no space", "requested_at": SINCE + 0.01,
+                              "finished": SINCE + 2})
+    assert lines({"box-c": answered})["box-c"]["error"] == "no space"

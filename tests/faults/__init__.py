@@ -1,0 +1,1 @@
+"""Fault suite: real agents under real faults (a killed engine host, a full disk, an agent killed mid-pull)."""

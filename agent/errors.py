@@ -155,8 +155,12 @@ class ClusterRequestError(AgentError):
     """A cluster request refused: joins and tokens (400 malformed, 403 bad token or CA mismatch, 409 already a
     member, 503) and model placement (400 too large or not a chat model, 404 unknown model or node, 500 failed)."""
 
-    _TYPES = {400: "invalid_request_error", 403: "permission_error", 404: "invalid_request_error",
-              409: "invalid_request_error"}
+    _TYPES = {
+        400: "invalid_request_error",
+        403: "permission_error",
+        404: "invalid_request_error",
+        409: "invalid_request_error",
+    }
 
     def __init__(self, message: str, *, code: str, status: int) -> None:
         super().__init__(message, code=code)

@@ -25,12 +25,22 @@ log = structlog.get_logger("agent.config")
 
 # Keys a running agent applies at once. Everything else is read once at start (ports, bind address, engine shape,
 # driver strings, the default model the engine host loads) and needs a restart.
-LIVE_KEYS = frozenset({
-    "api.auth", "api.allow", "api.allowed_hosts",
-    "api.rate_limit", "api.cluster_rate_limit", "api.rate_limit_loopback",
-    "hardware.warm_c", "hardware.throttle_c", "hardware.hot_c",
-    "hardware.emergency_margin_c", "hardware.hysteresis_c", "hardware.min_dwell_seconds",
-})
+LIVE_KEYS = frozenset(
+    {
+        "api.auth",
+        "api.allow",
+        "api.allowed_hosts",
+        "api.rate_limit",
+        "api.cluster_rate_limit",
+        "api.rate_limit_loopback",
+        "hardware.warm_c",
+        "hardware.throttle_c",
+        "hardware.hot_c",
+        "hardware.emergency_margin_c",
+        "hardware.hysteresis_c",
+        "hardware.min_dwell_seconds",
+    }
+)
 
 # An applier looks at the new settings and either refuses (raises ValueError with a message naming the key) or
 # returns the commit that switches the running component over; commits must not fail.
@@ -73,8 +83,9 @@ def setting_value_in(data: Mapping[str, Any], key: str) -> Any:
 class LiveConfig:
     """The settings the agent runs with, and how to bring them up to date with the file."""
 
-    def __init__(self, settings: Settings, overrides: Mapping[str, Any] | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, settings: Settings, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
         self.running = settings
         self._overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
         self._env = dict(env) if env is not None else None
@@ -113,8 +124,9 @@ class LiveConfig:
             except SettingsError as exc:
                 log.error("config_reload_refused", error=str(exc))
                 raise ConfigReloadError(str(exc)) from exc
-            changed = [key for key in sorted(known_keys())
-                       if setting_value(new, key) != setting_value(self.running, key)]
+            changed = [
+                key for key in sorted(known_keys()) if setting_value(new, key) != setting_value(self.running, key)
+            ]
             live = [key for key in changed if key in LIVE_KEYS]
             restart = [key for key in changed if key not in LIVE_KEYS]
             candidate = _with_values(self.running, new, live)

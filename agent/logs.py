@@ -43,9 +43,7 @@ def log_file_of(home: Path) -> Path:
     return home / "logs" / "agent.log"
 
 
-def _capture_exc_info(
-    _logger: object, _name: str, event_dict: structlog.types.EventDict
-) -> structlog.types.EventDict:
+def _capture_exc_info(_logger: object, _name: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
     # `exc_info=True` means "the exception being handled now": resolve it in the logging thread, because the log
     # file is rendered later on the writer thread, where there is no current exception.
     if event_dict.get("exc_info") is True:
@@ -96,11 +94,18 @@ def configure_logging(
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         writer = logging.handlers.RotatingFileHandler(
-            log_file, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8")
-        writer.setFormatter(structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-                        structlog.processors.format_exc_info, json_renderer]))
+            log_file, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
+        )
+        writer.setFormatter(
+            structlog.stdlib.ProcessorFormatter(
+                foreign_pre_chain=shared,
+                processors=[
+                    structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info,
+                    json_renderer,
+                ],
+            )
+        )
         lines: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
         listener = logging.handlers.QueueListener(lines, writer, respect_handler_level=False)
         listener.start()

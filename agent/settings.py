@@ -45,12 +45,20 @@ class ApiSettings(_Section):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest accepted request body")
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="How long in-flight streams may finish on stop")
     auth: Literal["remote", "always", "off"] = Field(
-        "remote", description="remote: a key for every client but this device itself; always: a key for every "
-        "request; off: no keys (logged as a warning)")
-    allow: str = Field("loopback,private", description="Client addresses served: loopback, private, public, any, "
-                       "or CIDR ranges, comma-separated; others get 403")
-    allowed_hosts: str = Field("", description="Extra host names this device answers to (Host/Origin check), "
-                               "comma-separated; localhost, thox.local and the hostname are always allowed")
+        "remote",
+        description="remote: a key for every client but this device itself; always: a key for every "
+        "request; off: no keys (logged as a warning)",
+    )
+    allow: str = Field(
+        "loopback,private",
+        description="Client addresses served: loopback, private, public, any, "
+        "or CIDR ranges, comma-separated; others get 403",
+    )
+    allowed_hosts: str = Field(
+        "",
+        description="Extra host names this device answers to (Host/Origin check), "
+        "comma-separated; localhost, thox.local and the hostname are always allowed",
+    )
     rate_limit: int = Field(100, ge=1, description="Inference requests per minute per key (per address when keyless)")
     cluster_rate_limit: int = Field(1000, ge=1, description="Cluster API requests per minute per key or address")
     rate_limit_loopback: bool = Field(False, description="Also rate-limit clients on this device itself")
@@ -72,12 +80,15 @@ class EngineSettings(_Section):
     max_batch: int = Field(16, ge=1, le=256, description="Sequences decoded together in one batched step")
     max_queue: int = Field(64, ge=0, description="Requests waiting for a batch slot; beyond it new ones get 503")
     kv_budget_tokens: int = Field(
-        16384, ge=64, description="KV cache bound: live sequences times the longest (prompt + max_tokens)")
+        16384, ge=64, description="KV cache bound: live sequences times the longest (prompt + max_tokens)"
+    )
     prefix_cache_tokens: int = Field(
-        1024, ge=0, description="KV of recent prompts kept for prefix reuse, ~46 KB a token (0 turns it off)")
+        1024, ge=0, description="KV of recent prompts kept for prefix reuse, ~46 KB a token (0 turns it off)"
+    )
     start_timeout_seconds: float = Field(600.0, gt=0, description="Longest wait for a (first) model conversion")
     ready_wait_seconds: float = Field(
-        15.0, ge=0, description="How long a request waits for a (re)starting engine before it gets a 503")
+        15.0, ge=0, description="How long a request waits for a (re)starting engine before it gets a 503"
+    )
 
     @field_validator("executor")
     @classmethod
@@ -90,8 +101,13 @@ class EngineSettings(_Section):
 # Driver config strings per profile (drivers/registry.py documents the syntax). The device column is the Thox
 # carrier board's wiring; a board wired differently sets its own strings, and "none" leaves a capability out.
 _DEVICE_DRIVERS = {
-    "thermal": "sysfs:/sys", "fan": "hwmon:/sys", "power_mode": "nvpmodel", "pd": "stusb4500:i2c-7@0x28",
-    "power_monitor": "ina226:i2c-7@0x40", "dock": "gpio:gpiochip0:17", "nfc": "tty:THS2:pn532",
+    "thermal": "sysfs:/sys",
+    "fan": "hwmon:/sys",
+    "power_mode": "nvpmodel",
+    "pd": "stusb4500:i2c-7@0x28",
+    "power_monitor": "ina226:i2c-7@0x40",
+    "dock": "gpio:gpiochip0:17",
+    "nfc": "tty:THS2:pn532",
     "serial": "serial:/dev/ttyTHS1",
 }
 
@@ -99,12 +115,14 @@ _DEVICE_DRIVERS = {
 class HardwareSettings(_Section):
     """Which drivers run, how often they are polled, and the thermal governor's thresholds."""
 
-    thermal: str | None = Field(None, description="Thermal sources, comma-separated (sim; sysfs:/sys; "
-                                "tmp117:i2c-1@0x48)")
+    thermal: str | None = Field(
+        None, description="Thermal sources, comma-separated (sim; sysfs:/sys; tmp117:i2c-1@0x48)"
+    )
     fan: str | None = Field(None, description="Fan (sim; hwmon:/sys; none)")
     power_mode: str | None = Field(None, description="Power mode control (sim; nvpmodel; none)")
-    pd: str | None = Field(None, description="USB-PD controller on the dock port (sim; stusb4500:i2c-7@0x28; "
-                           "tps25750:i2c-7@0x21; none)")
+    pd: str | None = Field(
+        None, description="USB-PD controller on the dock port (sim; stusb4500:i2c-7@0x28; tps25750:i2c-7@0x21; none)"
+    )
     power_monitor: str | None = Field(None, description="Power monitor on the dock port (sim; ina226:i2c-7@0x40)")
     dock: str | None = Field(None, description="Dock switch (sim; gpio:gpiochip0:17; none)")
     nfc: str | None = Field(None, description="NFC reader (sim; usb; tty:THS2:pn532; udp:localhost:54321; none)")
@@ -117,7 +135,8 @@ class HardwareSettings(_Section):
     throttle_c: float = Field(80.0, description="THROTTLE from here: half the engine's concurrency, builds paused")
     hot_c: float = Field(88.0, description="HOT from here: one sequence at a time")
     emergency_margin_c: float = Field(
-        5.0, gt=0, description="EMERGENCY (inference stopped) this far below the kernel's critical trip")
+        5.0, gt=0, description="EMERGENCY (inference stopped) this far below the kernel's critical trip"
+    )
     hysteresis_c: float = Field(5.0, gt=0, description="A level is left this far below where it was entered")
     min_dwell_seconds: float = Field(10.0, ge=0, description="Shortest stay in a level before stepping down")
 
@@ -128,9 +147,14 @@ class HardwareSettings(_Section):
 
     def governor_config(self) -> GovernorConfig:
         """The thermal governor's configuration from these settings."""
-        return GovernorConfig(warm_c=self.warm_c, throttle_c=self.throttle_c, hot_c=self.hot_c,
-                              emergency_margin_c=self.emergency_margin_c, hysteresis_c=self.hysteresis_c,
-                              min_dwell_s=self.min_dwell_seconds)
+        return GovernorConfig(
+            warm_c=self.warm_c,
+            throttle_c=self.throttle_c,
+            hot_c=self.hot_c,
+            emergency_margin_c=self.emergency_margin_c,
+            hysteresis_c=self.hysteresis_c,
+            min_dwell_s=self.min_dwell_seconds,
+        )
 
     def driver(self, capability: str, profile: Profile) -> str:
         """The config string of one capability after applying the profile's default."""
@@ -144,26 +168,48 @@ class ClusterSettings(_Section):
     """The MagStack cluster: this box's etcd member, peer API and identity (docs/cluster.md)."""
 
     enabled: bool = Field(True, description="Run the cluster layer (an etcd member, leader lease, topology)")
-    node_id: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-                                description="This box's id in the cluster; default: generated once and kept")
-    advertise: str | None = Field(None, description="Address other boxes reach this one at; default: the bind "
-                                  "address, or the first non-loopback address when binding all interfaces")
+    node_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="This box's id in the cluster; default: generated once and kept",
+    )
+    advertise: str | None = Field(
+        None,
+        description="Address other boxes reach this one at; default: the bind "
+        "address, or the first non-loopback address when binding all interfaces",
+    )
     peer_port: int = Field(5382, ge=1, le=65535, description="Peer API (mutual TLS; join endpoint)")
     etcd_peer_port: int = Field(5383, ge=1, le=65535, description="etcd peer traffic (mutual TLS)")
-    etcd_client_port: int = Field(5384, ge=1, le=65535,
-                                  description="etcd client port for this box, on 127.0.0.1 (mutual TLS)")
-    etcd_client_tls_port: int = Field(5385, ge=1, le=65535, description="etcd client port for boxes whose own "
-                                      "member cannot serve them (mutual TLS)")
-    mdns: bool = Field(True, description="Advertise thox.local, the OpenAI API and the cluster by mDNS, and find "
-                       "peers for `thox cluster join` without --server")
-    lease_ttl_seconds: int = Field(1, ge=1, le=60, description="Leader lease: a dead leader is replaced within it "
-                                   "(plus an etcd election)")
-    node_ttl_seconds: int = Field(3, ge=1, le=60, description="Node liveness lease: a dead box leaves the topology "
-                                  "within it; longer than the leader's so a busy box is not dropped by mistake")
-    model_memory_gb: float | None = Field(None, gt=0, description="Memory this box offers to the models the "
-                                          "cluster places on it; default: all of its RAM")
-    remove_after_seconds: float = Field(60.0, ge=5, le=86400, description="A member gone this long (no live "
-                                        "record) is removed from etcd and a learner takes its vote")
+    etcd_client_port: int = Field(
+        5384, ge=1, le=65535, description="etcd client port for this box, on 127.0.0.1 (mutual TLS)"
+    )
+    etcd_client_tls_port: int = Field(
+        5385, ge=1, le=65535, description="etcd client port for boxes whose own member cannot serve them (mutual TLS)"
+    )
+    mdns: bool = Field(
+        True,
+        description="Advertise thox.local, the OpenAI API and the cluster by mDNS, and find "
+        "peers for `thox cluster join` without --server",
+    )
+    lease_ttl_seconds: int = Field(
+        1, ge=1, le=60, description="Leader lease: a dead leader is replaced within it (plus an etcd election)"
+    )
+    node_ttl_seconds: int = Field(
+        3,
+        ge=1,
+        le=60,
+        description="Node liveness lease: a dead box leaves the topology "
+        "within it; longer than the leader's so a busy box is not dropped by mistake",
+    )
+    model_memory_gb: float | None = Field(
+        None, gt=0, description="Memory this box offers to the models the cluster places on it; default: all of its RAM"
+    )
+    remove_after_seconds: float = Field(
+        60.0,
+        ge=5,
+        le=86400,
+        description="A member gone this long (no live record) is removed from etcd and a learner takes its vote",
+    )
 
 
 class Settings(_Section):
@@ -172,7 +218,8 @@ class Settings(_Section):
     home: Path = Field(description="Agent home: model store, cache, config, runtime sockets")
     profile: Profile = Field("sim", description="sim: simulated hardware, loopback only; device: real hardware")
     default_model: str | None = Field(
-        None, description="Model used when a request names none; default: the first installed")
+        None, description="Model used when a request names none; default: the first installed"
+    )
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a TTY, else JSON")
     cache_dir: Path | None = Field(None, description="Converted-model cache; default <home>/cache")
     api: ApiSettings = Field(default_factory=ApiSettings)

@@ -102,8 +102,12 @@ class SystemdNotifier:
             # is dropped, and logging every ping of a long outage would flood the journal.
             if not self._failing:
                 self._failing = True
-                log.warning("systemd_notify_failed", notify_socket=self.notify_socket, message=message,
-                            error=exc.strerror or repr(exc))
+                log.warning(
+                    "systemd_notify_failed",
+                    notify_socket=self.notify_socket,
+                    message=message,
+                    error=exc.strerror or repr(exc),
+                )
             return False
         if self._failing:
             self._failing = False
@@ -119,6 +123,7 @@ class SystemdNotifier:
     def __enter__(self) -> SystemdNotifier:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

@@ -47,8 +47,15 @@ class Heartbeat:
 class Watchdog:
     """Pings systemd's watchdog every `interval` seconds while the loop is responsive and all heartbeats are fresh."""
 
-    def __init__(self, notifier: WatchdogPinger, interval: float, *, max_loop_lag: float = 5.0,
-                 heartbeat_timeout: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        notifier: WatchdogPinger,
+        interval: float,
+        *,
+        max_loop_lag: float = 5.0,
+        heartbeat_timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if interval <= 0 or max_loop_lag <= 0 or heartbeat_timeout <= 0:
             raise ValueError("watchdog interval, max_loop_lag and heartbeat_timeout must be positive")
         self.interval = interval
@@ -84,8 +91,9 @@ class Watchdog:
         healthy = True
         if loop_lag > self.max_loop_lag:
             healthy = False
-            log.warning("watchdog_withheld", reason="loop_lag", lag_s=round(loop_lag, 3),
-                        max_loop_lag_s=self.max_loop_lag)
+            log.warning(
+                "watchdog_withheld", reason="loop_lag", lag_s=round(loop_lag, 3), max_loop_lag_s=self.max_loop_lag
+            )
         for heartbeat in self._heartbeats.values():
             age = heartbeat.age()
             if age > heartbeat.timeout:
@@ -93,8 +101,13 @@ class Watchdog:
                 # Once per stale episode: withheld pings repeat every interval until systemd restarts us.
                 if heartbeat.name not in self._stale:
                     self._stale.add(heartbeat.name)
-                    log.warning("watchdog_withheld", reason="heartbeat_stale", subsystem=heartbeat.name,
-                                age_s=round(age, 3), timeout_s=heartbeat.timeout)
+                    log.warning(
+                        "watchdog_withheld",
+                        reason="heartbeat_stale",
+                        subsystem=heartbeat.name,
+                        age_s=round(age, 3),
+                        timeout_s=heartbeat.timeout,
+                    )
             elif heartbeat.name in self._stale:
                 self._stale.discard(heartbeat.name)
                 log.info("watchdog_heartbeat_recovered", subsystem=heartbeat.name)

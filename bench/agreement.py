@@ -50,9 +50,7 @@ def llama_logits(path: Path, gguf: Path, ids: list[int], threads: int) -> F32 | 
         import llama_cpp  # optional scratch tool, found through `path`
     except ImportError:
         return None
-    llm = llama_cpp.Llama(
-        str(gguf), n_ctx=1024, n_batch=1024, n_threads=threads, logits_all=True, verbose=False
-    )
+    llm = llama_cpp.Llama(str(gguf), n_ctx=1024, n_batch=1024, n_threads=threads, logits_all=True, verbose=False)
     llm.eval(ids)
     scores = np.array(llm.scores[: len(ids)], dtype=np.float32)  # filled only because logits_all=True
     llm.close()

@@ -54,15 +54,27 @@ class Box:
         self.home.mkdir(parents=True)
         if model is not None:
             install_alias(self.home, model, purpose="bench")
-        env = {**os.environ, "THOX_HOME": str(self.home), "THOX_LOG_FORMAT": "json",
-               "THOX_CACHE_DIR": str(MODEL_CACHE), "THOX_ENGINE_THREADS": "1", "THOX_CLUSTER_NODE_ID": name,
-               **({"THOX_DEFAULT_MODEL": model} if model else {}),
-               **{f"THOX_CLUSTER_{key}": str(_free_port()) for key in
-                  ("PEER_PORT", "ETCD_PEER_PORT", "ETCD_CLIENT_PORT", "ETCD_CLIENT_TLS_PORT")}}
+        env = {
+            **os.environ,
+            "THOX_HOME": str(self.home),
+            "THOX_LOG_FORMAT": "json",
+            "THOX_CACHE_DIR": str(MODEL_CACHE),
+            "THOX_ENGINE_THREADS": "1",
+            "THOX_CLUSTER_NODE_ID": name,
+            **({"THOX_DEFAULT_MODEL": model} if model else {}),
+            **{
+                f"THOX_CLUSTER_{key}": str(_free_port())
+                for key in ("PEER_PORT", "ETCD_PEER_PORT", "ETCD_CLIENT_PORT", "ETCD_CLIENT_TLS_PORT")
+            },
+        }
         self.log = (self.home / "agent.log").open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "agent.cli", "serve", "--inference-port", "0", "--cluster-port", "0"],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
         endpoints = self.home / "run" / "endpoints.json"
         deadline = time.monotonic() + 600
         while not endpoints.exists():
@@ -112,6 +124,7 @@ async def run(requests: int) -> dict[str, Any]:
         a, b, c = boxes
         try:
             async with aiohttp.ClientSession() as session:
+
                 async def has_leader(box: Box = a) -> bool:
                     status, body = await _json(session, "GET", f"{box.cluster}/topology")
                     return status == 200 and body["leader"] is not None
@@ -119,8 +132,9 @@ async def run(requests: int) -> dict[str, Any]:
                 for box in boxes:
                     await _until(lambda box=box: has_leader(box), 60)
                 status, token = await _json(session, "POST", f"{a.cluster}/cluster/tokens", {"ttl_seconds": 600})
-                status, joined = await _json(session, "POST", f"{b.cluster}/cluster/join",
-                                             {"token": token["token"], "server": token["server"]})
+                status, joined = await _json(
+                    session, "POST", f"{b.cluster}/cluster/join", {"token": token["token"], "server": token["server"]}
+                )
                 assert status == 200, joined
 
                 async def routable(model: str) -> bool:
@@ -144,8 +158,15 @@ async def run(requests: int) -> dict[str, Any]:
 
                 status, token = await _json(session, "POST", f"{a.cluster}/cluster/tokens", {"ttl_seconds": 600})
                 docked_at = time.monotonic()
-                status, _ = await _json(session, "POST", f"{c.cluster}/sim/modules", {
-                    "id": "box-a", "offer": {"node_id": "box-a", "endpoint": token["server"], "token": token["token"]}})
+                status, _ = await _json(
+                    session,
+                    "POST",
+                    f"{c.cluster}/sim/modules",
+                    {
+                        "id": "box-a",
+                        "offer": {"node_id": "box-a", "endpoint": token["server"], "token": token["token"]},
+                    },
+                )
                 assert status == 201
                 await _until(lambda: routable("alias-c"), 60)
                 report["dock_to_routed_request_s"] = round(time.monotonic() - docked_at, 3)

@@ -41,13 +41,23 @@ POLL_INTERVAL_S = 1.0  # the default hardware.thermal_poll_seconds
 
 def _start_agent(home: Path, threads: int) -> tuple[subprocess.Popen[bytes], dict[str, str], Path]:
     MODEL_CACHE.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "THOX_HOME": str(home), "THOX_LOG_FORMAT": "json", "THOX_CACHE_DIR": str(MODEL_CACHE),
-           "THOX_ENGINE_THREADS": str(threads), "THOX_HARDWARE_MIN_DWELL_SECONDS": "1.0"}
+    env = {
+        **os.environ,
+        "THOX_HOME": str(home),
+        "THOX_LOG_FORMAT": "json",
+        "THOX_CACHE_DIR": str(MODEL_CACHE),
+        "THOX_ENGINE_THREADS": str(threads),
+        "THOX_HARDWARE_MIN_DWELL_SECONDS": "1.0",
+    }
     log_path = home / "agent.log"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--inference-port", "0",
-                                 "--cluster-port", "0"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "serve", "--inference-port", "0", "--cluster-port", "0"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     endpoints = home / "run" / "endpoints.json"
     deadline = time.monotonic() + 900
     while not endpoints.exists():
@@ -58,8 +68,13 @@ def _start_agent(home: Path, threads: int) -> tuple[subprocess.Popen[bytes], dic
 
 
 async def _stream_forever(session: aiohttp.ClientSession, url: str, worker: int, stop: asyncio.Event) -> int:
-    body = {"messages": [{"role": "user", "content": f"Write a long story number {worker} about a lighthouse."}],
-            "max_tokens": 256, "temperature": 1.0, "seed": worker, "stream": True}
+    body = {
+        "messages": [{"role": "user", "content": f"Write a long story number {worker} about a lighthouse."}],
+        "max_tokens": 256,
+        "temperature": 1.0,
+        "seed": worker,
+        "stream": True,
+    }
     streams = 0
     while not stop.is_set():
         async with session.post(f"{url}/chat/completions", json=body) as response:
@@ -103,8 +118,9 @@ async def run(trials: int, streams: int, threads: int) -> dict[str, Any]:
                 reactions = []
                 for _ in range(trials):
                     crossed = time.time()
-                    async with session.put(f"{cluster}/sim/thermal",
-                                           json={"pin": {"tj-thermal": THROTTLE_PIN_C}}) as response:
+                    async with session.put(
+                        f"{cluster}/sim/thermal", json={"pin": {"tj-thermal": THROTTLE_PIN_C}}
+                    ) as response:
                         response.raise_for_status()
                     while (applied := _applied_after(log_path, crossed, 8)) is None:
                         await asyncio.sleep(0.02)
@@ -124,13 +140,19 @@ async def run(trials: int, streams: int, threads: int) -> dict[str, Any]:
     drivers = health["hardware"]["drivers"]
     jitter = {name: report["poll_jitter_ms"] for name, report in drivers.items()}
     return {
-        "streams": streams, "streams_completed": completed, "decoding_under_load": decoding_before,
+        "streams": streams,
+        "streams_completed": completed,
+        "decoding_under_load": decoding_before,
         "poll_intervals_s": {name: report["interval_s"] for name, report in drivers.items()},
         "poll_jitter_ms": jitter,
         "poll_jitter_p99_ms_worst": max(j.get("p99", 0.0) for j in jitter.values()),
         "polls": {name: report["polls"] for name, report in drivers.items()},
-        "governor_reaction_ms": {"trials": trials, "p50": round(statistics.median(reactions), 1),
-                                 "max": round(max(reactions), 1), "all": [round(r, 1) for r in reactions]},
+        "governor_reaction_ms": {
+            "trials": trials,
+            "p50": round(statistics.median(reactions), 1),
+            "max": round(max(reactions), 1),
+            "all": [round(r, 1) for r in reactions],
+        },
         "reaction_target_ms": POLL_INTERVAL_S * 1000 + 100,
         "event_loop": health["event_loop"],
     }

@@ -77,8 +77,9 @@ async def run(requests: int) -> dict[str, Any]:
     # The entry box's real middleware chain on 8080: request ids, access policy (default settings), routing.
     keys = KeyStore(Path(tempfile.mkdtemp(prefix="thox-bench-keys-")) / "keys.json")
     policy = SecurityPolicy(AccessRules.from_settings(ApiSettings(), "inference"), keys, "inference")
-    front = web.Application(middlewares=[request_context, security_middleware(policy),
-                                         routing_middleware(router, lambda model: None)])
+    front = web.Application(
+        middlewares=[request_context, security_middleware(policy), routing_middleware(router, lambda model: None)]
+    )
     front.on_response_prepare.append(add_rate_headers)
     front.router.add_post(PATH, _not_here)
     hop = web.AppRunner(front, access_log=None)
@@ -89,6 +90,7 @@ async def run(requests: int) -> dict[str, Any]:
     direct, routed = [], []
     try:
         async with aiohttp.ClientSession() as session:
+
             async def ttfb(port: int) -> float:
                 started = time.perf_counter()
                 async with session.post(f"http://127.0.0.1:{port}{PATH}", json=body) as response:
@@ -108,8 +110,13 @@ async def run(requests: int) -> dict[str, Any]:
         await hop.cleanup()
         await up.cleanup()
     p50_direct, p50_routed = statistics.median(direct) * 1000, statistics.median(routed) * 1000
-    return {"requests": requests, "direct_ms": round(p50_direct, 3), "routed_ms": round(p50_routed, 3),
-            "hop_overhead_p50_ms": round(p50_routed - p50_direct, 3), "target_overhead_p50_ms": 2.0}
+    return {
+        "requests": requests,
+        "direct_ms": round(p50_direct, 3),
+        "routed_ms": round(p50_routed, 3),
+        "hop_overhead_p50_ms": round(p50_routed - p50_direct, 3),
+        "target_overhead_p50_ms": 2.0,
+    }
 
 
 def main() -> None:

@@ -41,10 +41,28 @@ ORDER = ("thox", "llama_server", "llama_cpp_python")
 def sizes(quick: bool) -> dict[str, Any]:
     """How much each measurement does; --quick keeps the shape and cuts the counts."""
     if quick:
-        return {"decode_runs": 2, "decode_tokens": 128, "ttft_runs": 5, "long_runs": 2, "streams": [1, 4, 16],
-                "per_stream": 1, "stream_tokens": 32, "emb_single_runs": 5, "emb_batch_runs": 2}
-    return {"decode_runs": 5, "decode_tokens": 128, "ttft_runs": 20, "long_runs": 5, "streams": [1, 4, 16],
-            "per_stream": 2, "stream_tokens": 128, "emb_single_runs": 20, "emb_batch_runs": 5}
+        return {
+            "decode_runs": 2,
+            "decode_tokens": 128,
+            "ttft_runs": 5,
+            "long_runs": 2,
+            "streams": [1, 4, 16],
+            "per_stream": 1,
+            "stream_tokens": 32,
+            "emb_single_runs": 5,
+            "emb_batch_runs": 2,
+        }
+    return {
+        "decode_runs": 5,
+        "decode_tokens": 128,
+        "ttft_runs": 20,
+        "long_runs": 5,
+        "streams": [1, 4, 16],
+        "per_stream": 2,
+        "stream_tokens": 128,
+        "emb_single_runs": 20,
+        "emb_batch_runs": 5,
+    }
 
 
 def log(message: str) -> None:
@@ -96,29 +114,37 @@ async def measure(server: servers.Server, size: dict[str, Any], embeddings: bool
         await workload.stream_chat(session, peer, workload.LONG_USER, 4)
         out["request_fields"] = {"no_eos": peer.no_eos}
         log(f"  {server.label}: single-stream decode, {size['decode_runs']} x {size['decode_tokens']} tokens")
-        out["single_stream"] = await workload.single_stream(session, peer, size["decode_runs"],
-                                                            size["decode_tokens"])
-        log(f"  {server.label}: decode {out['single_stream']['decode_tok_s_median']} tok/s "
-            f"(tokens {out['single_stream']['completion_tokens']})")
-        out["prefill_short"] = await workload.prefill(session, peer, workload.SHORT_USER, "prefill_short",
-                                                      size["ttft_runs"])
-        out["prefill_long"] = await workload.prefill(session, peer, workload.LONG_USER, "prefill_long",
-                                                     size["long_runs"])
-        log(f"  {server.label}: prefill {out['prefill_short'].get('prefill_tok_s_median')} tok/s "
+        out["single_stream"] = await workload.single_stream(session, peer, size["decode_runs"], size["decode_tokens"])
+        log(
+            f"  {server.label}: decode {out['single_stream']['decode_tok_s_median']} tok/s "
+            f"(tokens {out['single_stream']['completion_tokens']})"
+        )
+        out["prefill_short"] = await workload.prefill(
+            session, peer, workload.SHORT_USER, "prefill_short", size["ttft_runs"]
+        )
+        out["prefill_long"] = await workload.prefill(
+            session, peer, workload.LONG_USER, "prefill_long", size["long_runs"]
+        )
+        log(
+            f"  {server.label}: prefill {out['prefill_short'].get('prefill_tok_s_median')} tok/s "
             f"({out['prefill_short']['prompt_tokens']} tokens), {out['prefill_long'].get('prefill_tok_s_median')} "
-            f"tok/s ({out['prefill_long']['prompt_tokens']} tokens); TTFT p50 {out['prefill_short']['ttft_ms_p50']} ms")
+            f"tok/s ({out['prefill_long']['prompt_tokens']} tokens); TTFT p50 {out['prefill_short']['ttft_ms_p50']} ms"
+        )
         if embeddings:
             out["embeddings"] = await _our_embeddings(session, server, size)
         server.memory.sample()
         out["concurrency"] = {}
         for n in size["streams"]:
             per_stream = size["per_stream"] if n > 1 else max(2, size["per_stream"] * 2)
-            log(f"  {server.label}: {n} concurrent stream(s) x {per_stream} request(s) x "
-                f"{size['stream_tokens']} tokens")
+            log(
+                f"  {server.label}: {n} concurrent stream(s) x {per_stream} request(s) x {size['stream_tokens']} tokens"
+            )
             out["concurrency"][str(n)] = await workload.concurrent(session, peer, n, per_stream, size["stream_tokens"])
             server.memory.sample()
-            log(f"  {server.label}: {n} streams -> {out['concurrency'][str(n)]['aggregate_tok_s']} tok/s, "
-                f"TTFT p95 {out['concurrency'][str(n)]['ttft_ms_p95']} ms")
+            log(
+                f"  {server.label}: {n} streams -> {out['concurrency'][str(n)]['aggregate_tok_s']} tok/s, "
+                f"TTFT p95 {out['concurrency'][str(n)]['ttft_ms_p95']} ms"
+            )
         if server.cluster_url:
             async with session.get(f"{server.cluster_url}/health") as response:
                 health = await response.json()
@@ -132,8 +158,9 @@ async def measure(server: servers.Server, size: dict[str, Any], embeddings: bool
     return out
 
 
-async def _our_embeddings(session: aiohttp.ClientSession, server: servers.Server,
-                          size: dict[str, Any]) -> dict[str, Any]:
+async def _our_embeddings(
+    session: aiohttp.ClientSession, server: servers.Server, size: dict[str, Any]
+) -> dict[str, Any]:
     """Our /v1/embeddings, if the agent serves an embedding model; a note otherwise."""
     async with session.get(f"{server.base_url}/models") as response:
         models = (await response.json()).get("data", [])
@@ -142,8 +169,12 @@ async def _our_embeddings(session: aiohttp.ClientSession, server: servers.Server
         return {"skipped": "GET /v1/models lists no model with the 'embeddings' capability"}
     log(f"  {server.label}: embeddings ({chosen[0]})")
     try:
-        return {"model": chosen[0], **await workload.embeddings(session, server.base_url, chosen[0], TEXTS,
-                                                              size["emb_single_runs"], size["emb_batch_runs"])}
+        return {
+            "model": chosen[0],
+            **await workload.embeddings(
+                session, server.base_url, chosen[0], TEXTS, size["emb_single_runs"], size["emb_batch_runs"]
+            ),
+        }
     except RuntimeError as exc:
         return {"skipped": f"POST /v1/embeddings failed: {exc}"}
 
@@ -161,8 +192,9 @@ def run_server(name: str, size: dict[str, Any], logs: Path, threads: int) -> dic
         elif name == "llama_server":
             if not p["llama_server"].exists():
                 return {"skipped": "llama-server is not built; run `python3 -m bench.setup_env`"}
-            server = servers.start_llama_server(p["llama_server"], gguf, threads, parallel=16, ctx_per_slot=1024,
-                                                logs=logs)
+            server = servers.start_llama_server(
+                p["llama_server"], gguf, threads, parallel=16, ctx_per_slot=1024, logs=logs
+            )
         else:
             server = servers.start_llama_cpp_python(Path(sys.executable), gguf, threads, n_ctx=2048, logs=logs)
         log(f"  {server.label} ready in {time.monotonic() - started:.1f} s at {server.base_url}")
@@ -180,8 +212,18 @@ def run_server(name: str, size: dict[str, Any], logs: Path, threads: int) -> dic
 def sentence_transformers_peer(size: dict[str, Any], threads: int) -> dict[str, Any]:
     """sentence-transformers on the same CPU, in a subprocess of the bench venv."""
     log("sentence-transformers embeddings")
-    cmd = [sys.executable, "-m", "bench.st_embed", str(servers.embedding_model_dir()), "--threads", str(threads),
-           "--single-runs", str(size["emb_single_runs"]), "--batch-runs", str(size["emb_batch_runs"])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.st_embed",
+        str(servers.embedding_model_dir()),
+        "--threads",
+        str(threads),
+        "--single-runs",
+        str(size["emb_single_runs"]),
+        "--batch-runs",
+        str(size["emb_batch_runs"]),
+    ]
     cpu = servers.CpuWatch(os.getpid())
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=servers.REPO)
     if out.returncode != 0:
@@ -268,15 +310,24 @@ def machine_info() -> dict[str, Any]:
         out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=servers.REPO)
         return out.stdout.strip()
 
-    return {"cpu": cpu, "cpus": os.cpu_count(), "memory": mem, "kernel": platform.release(),
-            "python": platform.python_version(), "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            "git_commit": git("rev-parse", "--short", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
+    return {
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory": mem,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "loadavg_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain")),
+    }
 
 
 def versions() -> dict[str, Any]:
     """Versions of what is compared."""
-    code = ("import importlib.metadata as m, json\nv = {}\nfor p in ('thox-agent', 'onnxruntime', 'numpy'):\n"
-            "    try: v[p] = m.version(p)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(v))")
+    code = (
+        "import importlib.metadata as m, json\nv = {}\nfor p in ('thox-agent', 'onnxruntime', 'numpy'):\n"
+        "    try: v[p] = m.version(p)\n    except m.PackageNotFoundError: pass\nprint(json.dumps(v))"
+    )
     out = subprocess.run([str(servers.product_python()), "-c", code], capture_output=True, text=True)
     ours = _last_json(out.stdout) or {}
     import importlib.metadata as md
@@ -287,8 +338,12 @@ def versions() -> dict[str, Any]:
         except md.PackageNotFoundError:
             return None
 
-    return {"product": ours, "llama_cpp_python": version("llama-cpp-python"), "aiohttp": version("aiohttp"),
-            "build": _setup_record()}
+    return {
+        "product": ours,
+        "llama_cpp_python": version("llama-cpp-python"),
+        "aiohttp": version("aiohttp"),
+        "build": _setup_record(),
+    }
 
 
 def _setup_record() -> dict[str, Any]:
@@ -305,11 +360,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gguf = servers.chat_gguf()
     result: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(), "versions": versions(),
-        "config": {**size, "threads": args.threads, "quick": args.quick, "gguf": gguf.name,
-                   "llama_server_args": "--parallel 16, 1024 context tokens per slot",
-                   "llama_cpp_python_args": "n_ctx 2048, interrupt_requests False"},
-        "servers": {}, "notes": [],
+        "machine": machine_info(),
+        "versions": versions(),
+        "config": {
+            **size,
+            "threads": args.threads,
+            "quick": args.quick,
+            "gguf": gguf.name,
+            "llama_server_args": "--parallel 16, 1024 context tokens per slot",
+            "llama_cpp_python_args": "n_ctx 2048, interrupt_requests False",
+        },
+        "servers": {},
+        "notes": [],
     }
     for name in ORDER:
         if name in args.only:
@@ -331,8 +393,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     served = _get_path(result, "servers", "thox", "info", "health_at_start", "engine", "info") or {}
     result["agreement"] = agreement(logs, served) if not args.no_agreement else {"skipped": "--no-agreement"}
     if "skipped" in result["agreement"] or "failed" in result["agreement"]:
-        result["notes"].append("Top-1 agreement not measured: "
-                               f"{result['agreement'].get('skipped') or result['agreement'].get('failed')}.")
+        result["notes"].append(
+            f"Top-1 agreement not measured: {result['agreement'].get('skipped') or result['agreement'].get('failed')}."
+        )
     _add_notes(result)
     result["machine"]["loadavg_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     result["duration_s"] = round(time.monotonic() - started, 1)
@@ -347,34 +410,48 @@ def _add_notes(result: dict[str, Any]) -> None:
         if "failed" in data:
             notes.append(f"{name} failed: {data['failed']} (log: {data.get('log')}).")
     if (s.get("llama_cpp_python") or {}).get("single_stream", {}).get("counted_from_stream"):
-        notes.append("llama-cpp-python's server ignores stream_options.include_usage: its completion tokens are "
-                     "counted as content chunks of the stream (one per token) and its prompt tokens come from a "
-                     "non-streamed request.")
+        notes.append(
+            "llama-cpp-python's server ignores stream_options.include_usage: its completion tokens are "
+            "counted as content chunks of the stream (one per token) and its prompt tokens come from a "
+            "non-streamed request."
+        )
     st = (result.get("embeddings") or {}).get("sentence_transformers") or {}
     for name, data in [*s.items(), ("sentence-transformers", st)]:
         other = (data.get("cpu") or {}).get("other_processes_percent")
         if other is not None and other > 5:
-            notes.append(f"Not a quiet machine: other processes used {other}% of the CPU while {name} was measured; "
-                         "its numbers are not comparable.")
+            notes.append(
+                f"Not a quiet machine: other processes used {other}% of the CPU while {name} was measured; "
+                "its numbers are not comparable."
+            )
     thox = s.get("thox") or {}
     counts = thox.get("single_stream", {}).get("completion_tokens")
     if counts and min(counts) < thox["single_stream"]["max_tokens"]:
-        notes.append(f"Thox has no ignore_eos; its single-stream runs produced {counts} tokens (rates use the "
-                     "actual counts).")
-    short = [f"{n} streams: min {c['completion_tokens_min']}" for n, c in (thox.get("concurrency") or {}).items()
-             if c["completion_tokens_min"] < c["max_tokens"]]
+        notes.append(
+            f"Thox has no ignore_eos; its single-stream runs produced {counts} tokens (rates use the actual counts)."
+        )
+    short = [
+        f"{n} streams: min {c['completion_tokens_min']}"
+        for n, c in (thox.get("concurrency") or {}).items()
+        if c["completion_tokens_min"] < c["max_tokens"]
+    ]
     if short:
-        notes.append("Some Thox requests in the concurrent runs stopped at EOS before max_tokens "
-                     f"({'; '.join(short)}); aggregate rates count the tokens actually produced.")
-    notes.append("The peers generate past EOS (llama-server: ignore_eos; llama-cpp-python: logit bias -100 on "
-                 "<|im_end|> and <|endoftext|>), so their requests produce exactly max_tokens.")
+        notes.append(
+            "Some Thox requests in the concurrent runs stopped at EOS before max_tokens "
+            f"({'; '.join(short)}); aggregate rates count the tokens actually produced."
+        )
+    notes.append(
+        "The peers generate past EOS (llama-server: ignore_eos; llama-cpp-python: logit bias -100 on "
+        "<|im_end|> and <|endoftext|>), so their requests produce exactly max_tokens."
+    )
     lag = thox.get("event_loop") or {}
     if "missing" in lag:
         notes.append("Event-loop lag not measured: " + lag["missing"] + ".")
     elif lag:
-        notes.append(f"Event-loop lag is the agent's own figure over its last {lag.get('window_s')} s window, read "
-                     "right after the 16-stream run (which took "
-                     f"{(thox.get('concurrency') or {}).get('16', {}).get('wall_s')} s).")
+        notes.append(
+            f"Event-loop lag is the agent's own figure over its last {lag.get('window_s')} s window, read "
+            "right after the 16-stream run (which took "
+            f"{(thox.get('concurrency') or {}).get('16', {}).get('wall_s')} s)."
+        )
 
 
 def scrub(text: str) -> str:

@@ -38,8 +38,10 @@ def product_python() -> Path:
 
 def package_dir(package: str) -> Path:
     """Where an installed package lives in the product venv, found without importing it."""
-    code = ("import importlib.util, sys; spec = importlib.util.find_spec(sys.argv[1]); "
-            "print(spec.submodule_search_locations[0] if spec else '')")
+    code = (
+        "import importlib.util, sys; spec = importlib.util.find_spec(sys.argv[1]); "
+        "print(spec.submodule_search_locations[0] if spec else '')"
+    )
     out = subprocess.run([str(product_python()), "-c", code, package], capture_output=True, text=True, check=True)
     if not out.stdout.strip():
         raise ServerError(f"package {package!r} is not installed in the product venv; run `make setup`")
@@ -130,9 +132,12 @@ class MemoryWatch:
     def report(self) -> dict[str, Any]:
         """Summed peak RSS and the per-process breakdown."""
         procs = sorted(self.peaks.values(), key=lambda e: -e["hwm_mb"])
-        return {"peak_rss_mb": round(sum(p["hwm_mb"] for p in procs), 1),
-                "rss_end_mb": round(sum(p["rss_mb"] for p in procs), 1), "processes": procs,
-                "method": "sum of VmHWM over the server's process tree"}
+        return {
+            "peak_rss_mb": round(sum(p["hwm_mb"] for p in procs), 1),
+            "rss_end_mb": round(sum(p["rss_mb"] for p in procs), 1),
+            "processes": procs,
+            "method": "sum of VmHWM over the server's process tree",
+        }
 
 
 # --- CPU used by others -------------------------------------------------------------------------------------
@@ -144,7 +149,7 @@ def _proc_cpu_ticks(pid: int, waited_children: bool = False) -> int:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return 0
-    return sum(int(x) for x in fields[11:15 if waited_children else 13])
+    return sum(int(x) for x in fields[11 : 15 if waited_children else 13])
 
 
 def _machine_ticks() -> tuple[int, int]:
@@ -175,7 +180,8 @@ class CpuWatch:
     def _ours(self) -> int:
         me = os.getpid()
         return _proc_cpu_ticks(me, waited_children=True) + sum(
-            _proc_cpu_ticks(pid) for pid in process_tree(self.root) if pid != me)
+            _proc_cpu_ticks(pid) for pid in process_tree(self.root) if pid != me
+        )
 
     def report(self) -> dict[str, Any]:
         """Percent of the machine's CPU capacity used by the server, by the bench client, and by others."""
@@ -183,10 +189,13 @@ class CpuWatch:
         span = max(1, total - self.start[1])
         ours = self._ours() - self.ours_start
         other = max(0, busy - self.start[0] - ours)
-        return {"machine_busy_percent": round(100 * (busy - self.start[0]) / span, 1),
-                "server_and_client_percent": round(100 * ours / span, 1),
-                "other_processes_percent": round(100 * other / span, 1),
-                "loadavg_1m_start": round(self.load_start, 2), "loadavg_1m_end": round(os.getloadavg()[0], 2)}
+        return {
+            "machine_busy_percent": round(100 * (busy - self.start[0]) / span, 1),
+            "server_and_client_percent": round(100 * ours / span, 1),
+            "other_processes_percent": round(100 * other / span, 1),
+            "loadavg_1m_start": round(self.load_start, 2),
+            "loadavg_1m_end": round(os.getloadavg()[0], 2),
+        }
 
 
 # --- servers -----------------------------------------------------------------------------------------------
@@ -226,13 +235,13 @@ class Server:
             self._tmp.cleanup()
 
 
-def _spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None,
-           cwd: Path | None = None) -> subprocess.Popen[bytes]:
+def _spawn(
+    cmd: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("wb") as log:
         # Own process group, so that stop() reaches every child (the agent's engine host included).
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-                                start_new_session=True)
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
 
 
 def _wait(server: Server, ready: Any, timeout: float, what: str) -> None:
@@ -252,8 +261,12 @@ def start_thox(threads: int, logs: Path, timeout: float = 900.0) -> Server:
     tmp = tempfile.TemporaryDirectory(prefix="thox-bench-")
     home = Path(tmp.name)
     THOX_MODEL_CACHE.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "THOX_ENGINE_THREADS": str(threads), "THOX_CACHE_DIR": str(THOX_MODEL_CACHE),
-           "THOX_LOG_FORMAT": "json"}
+    env = {
+        **os.environ,
+        "THOX_ENGINE_THREADS": str(threads),
+        "THOX_CACHE_DIR": str(THOX_MODEL_CACHE),
+        "THOX_LOG_FORMAT": "json",
+    }
     for key in ("THOX_HOME", "THOX_API_URL", "THOX_CLUSTER_URL"):
         env.pop(key, None)
     thox = PRODUCT_VENV / "bin" / "thox"
@@ -275,47 +288,90 @@ def start_thox(threads: int, logs: Path, timeout: float = 900.0) -> Server:
         return True
 
     _wait(server, listening, timeout, "endpoints.json")
-    _wait(server, lambda: http_json(f"{server.cluster_url}/health").get("status") == "ok", timeout,
-          "health status ok")
+    _wait(server, lambda: http_json(f"{server.cluster_url}/health").get("status") == "ok", timeout, "health status ok")
     server.memory = MemoryWatch(proc.pid)
-    server.info = {"command": "thox serve --inference-port 0 --cluster-port 0 --home <tmp>",
-                   "env": {"THOX_ENGINE_THREADS": str(threads)},
-                   "health_at_start": http_json(f"{server.cluster_url}/health")}
+    server.info = {
+        "command": "thox serve --inference-port 0 --cluster-port 0 --home <tmp>",
+        "env": {"THOX_ENGINE_THREADS": str(threads)},
+        "health_at_start": http_json(f"{server.cluster_url}/health"),
+    }
     return server
 
 
-def start_llama_server(binary: Path, gguf: Path, threads: int, parallel: int, ctx_per_slot: int,
-                       logs: Path, timeout: float = 120.0) -> Server:
+def start_llama_server(
+    binary: Path, gguf: Path, threads: int, parallel: int, ctx_per_slot: int, logs: Path, timeout: float = 120.0
+) -> Server:
     """llama.cpp's own `llama-server` with `--parallel` slots (continuous batching is on by default)."""
     port = free_port()
-    cmd = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-           "-t", str(threads), "-tb", str(threads), "--parallel", str(parallel), "--cont-batching",
-           "-c", str(ctx_per_slot * parallel), "--no-webui"]
+    cmd = [
+        str(binary),
+        "-m",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "-t",
+        str(threads),
+        "-tb",
+        str(threads),
+        "--parallel",
+        str(parallel),
+        "--cont-batching",
+        "-c",
+        str(ctx_per_slot * parallel),
+        "--no-webui",
+    ]
     log_path = logs / "llama-server.log"
-    server = Server("llama_server", f"llama-server --parallel {parallel}", f"http://127.0.0.1:{port}/v1",
-                    _spawn(cmd, log_path), log_path)
+    server = Server(
+        "llama_server",
+        f"llama-server --parallel {parallel}",
+        f"http://127.0.0.1:{port}/v1",
+        _spawn(cmd, log_path),
+        log_path,
+    )
     _wait(server, lambda: http_json(f"http://127.0.0.1:{port}/health").get("status") == "ok", timeout, "/health")
     server.memory = MemoryWatch(server.proc.pid)
     version = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
-    server.info = {"command": " ".join(["llama-server", *cmd[1:]]).replace(str(gguf), "<gguf>"),
-                   "version": (version.stdout + version.stderr).strip().splitlines()}
+    server.info = {
+        "command": " ".join(["llama-server", *cmd[1:]]).replace(str(gguf), "<gguf>"),
+        "version": (version.stdout + version.stderr).strip().splitlines(),
+    }
     return server
 
 
-def start_llama_cpp_python(python: Path, gguf: Path, threads: int, n_ctx: int, logs: Path,
-                           timeout: float = 120.0) -> Server:
+def start_llama_cpp_python(
+    python: Path, gguf: Path, threads: int, n_ctx: int, logs: Path, timeout: float = 120.0
+) -> Server:
     """llama-cpp-python's OpenAI server, as Python users run it: one model, one request at a time.
 
     `--interrupt_requests False`: by default a new request aborts the stream in progress, which would cut
     concurrent streams short; with it off requests queue, as a user serving several clients would set it.
     """
     port = free_port()
-    cmd = [str(python), "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-           "--n_threads", str(threads), "--n_threads_batch", str(threads), "--n_ctx", str(n_ctx),
-           "--interrupt_requests", "False"]
+    cmd = [
+        str(python),
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(gguf),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_threads",
+        str(threads),
+        "--n_threads_batch",
+        str(threads),
+        "--n_ctx",
+        str(n_ctx),
+        "--interrupt_requests",
+        "False",
+    ]
     log_path = logs / "llama-cpp-python.log"
-    server = Server("llama_cpp_python", "llama-cpp-python server", f"http://127.0.0.1:{port}/v1",
-                    _spawn(cmd, log_path), log_path)
+    server = Server(
+        "llama_cpp_python", "llama-cpp-python server", f"http://127.0.0.1:{port}/v1", _spawn(cmd, log_path), log_path
+    )
     _wait(server, lambda: bool(http_json(f"http://127.0.0.1:{port}/v1/models").get("data")), timeout, "/v1/models")
     server.memory = MemoryWatch(server.proc.pid)
     server.info = {"command": " ".join(["python", *cmd[1:]]).replace(str(gguf), "<gguf>")}

@@ -118,8 +118,9 @@ def say(message: str) -> None:
     print(f"[bench setup] {message}", flush=True)
 
 
-def run_logged(cmd: list[str], log: Path, what: str, env: dict[str, str] | None = None,
-               cwd: Path | None = None) -> float:
+def run_logged(
+    cmd: list[str], log: Path, what: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> float:
     """Run a long step with its output in `log`, printing a heartbeat; raise SetupError on failure."""
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -135,8 +136,9 @@ def run_logged(cmd: list[str], log: Path, what: str, env: dict[str, str] | None 
     elapsed = time.monotonic() - started
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise SetupError(f"{what} failed (exit {proc.returncode}) after {elapsed:.0f} s; "
-                         f"full log: {log}\n--- last lines ---\n{tail}")
+        raise SetupError(
+            f"{what} failed (exit {proc.returncode}) after {elapsed:.0f} s; full log: {log}\n--- last lines ---\n{tail}"
+        )
     say(f"{what}: done in {elapsed:.0f} s")
     return elapsed
 
@@ -165,7 +167,9 @@ def ensure_venv(record: dict[str, object]) -> None:
         subprocess.run([str(venv_python()), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True)
     record["venv_install_s"] = run_logged(
         [str(venv_python()), "-m", "pip", "install", "--progress-bar", "off", *BENCH_PACKAGES],
-        CACHE / "logs" / "venv-install.log", "installing " + " ".join(BENCH_PACKAGES))
+        CACHE / "logs" / "venv-install.log",
+        "installing " + " ".join(BENCH_PACKAGES),
+    )
     stamp.write_text(wanted)
 
 
@@ -174,9 +178,22 @@ def ensure_sdist(p: dict[str, Path]) -> None:
     version = LLAMA_CPP_PYTHON_VERSION
     tarball = p["sdist_dir"] / f"llama_cpp_python-{version}.tar.gz"
     if not tarball.exists():
-        run_logged([str(venv_python()), "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                    f"llama-cpp-python=={version}", "-d", str(p["sdist_dir"])],
-                   CACHE / "logs" / "sdist-download.log", f"downloading the llama-cpp-python {version} sdist")
+        run_logged(
+            [
+                str(venv_python()),
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                f"llama-cpp-python=={version}",
+                "-d",
+                str(p["sdist_dir"]),
+            ],
+            CACHE / "logs" / "sdist-download.log",
+            f"downloading the llama-cpp-python {version} sdist",
+        )
     if not (p["source"] / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
         say(f"extracting {tarball.name}")
         with tarfile.open(tarball) as tar:
@@ -197,24 +214,46 @@ def ensure_wheel(p: dict[str, Path], flags: list[str], record: dict[str, object]
         tmp = p["wheel_dir"].with_name(p["wheel_dir"].name + ".partial")
         shutil.rmtree(tmp, ignore_errors=True)
         record["wheel_build_s"] = run_logged(
-            [str(venv_python()), "-m", "pip", "wheel", "--no-cache-dir", "--no-deps", "-w", str(tmp),
-             str(p["sdist_dir"] / f"llama_cpp_python-{version}.tar.gz")],
+            [
+                str(venv_python()),
+                "-m",
+                "pip",
+                "wheel",
+                "--no-cache-dir",
+                "--no-deps",
+                "-w",
+                str(tmp),
+                str(p["sdist_dir"] / f"llama_cpp_python-{version}.tar.gz"),
+            ],
             CACHE / "logs" / "llama-cpp-python-build.log",
-            f"building llama-cpp-python {version} from source (about 10 min on 2 cores)", env=env)
+            f"building llama-cpp-python {version} from source (about 10 min on 2 cores)",
+            env=env,
+        )
         tmp.rename(p["wheel_dir"])
         wheels = sorted(p["wheel_dir"].glob("llama_cpp_python-*.whl"))
-    probe = subprocess.run([str(venv_python()), "-c", "import llama_cpp, sys; sys.stdout.write(llama_cpp.__version__)"],
-                           capture_output=True, text=True)
+    probe = subprocess.run(
+        [str(venv_python()), "-c", "import llama_cpp, sys; sys.stdout.write(llama_cpp.__version__)"],
+        capture_output=True,
+        text=True,
+    )
     installed_from = VENV / ".llama-cpp-python-wheel"
-    if probe.returncode == 0 and probe.stdout == version and installed_from.exists() \
-            and installed_from.read_text() == wheels[0].name + p["wheel_dir"].name:
+    if (
+        probe.returncode == 0
+        and probe.stdout == version
+        and installed_from.exists()
+        and installed_from.read_text() == wheels[0].name + p["wheel_dir"].name
+    ):
         return wheels[0]
     if probe.returncode == 0:  # some other build of it: replace it with ours
-        subprocess.run([str(venv_python()), "-m", "pip", "uninstall", "--yes", "llama-cpp-python"], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [str(venv_python()), "-m", "pip", "uninstall", "--yes", "llama-cpp-python"], check=True, capture_output=True
+        )
     # The wheel plus its [server] extra (FastAPI, uvicorn, ...), resolved normally.
-    run_logged([str(venv_python()), "-m", "pip", "install", "--progress-bar", "off", f"{wheels[0]}[server]"],
-               CACHE / "logs" / "llama-cpp-python-install.log", "installing llama-cpp-python[server]")
+    run_logged(
+        [str(venv_python()), "-m", "pip", "install", "--progress-bar", "off", f"{wheels[0]}[server]"],
+        CACHE / "logs" / "llama-cpp-python-install.log",
+        "installing llama-cpp-python[server]",
+    )
     installed_from.write_text(wheels[0].name + p["wheel_dir"].name)
     return wheels[0]
 
@@ -232,11 +271,14 @@ def ensure_llama_server(p: dict[str, Path], flags: list[str], record: dict[str, 
         raise SetupError("cmake is not installed; install it (Debian: apt-get install cmake g++) and rerun")
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     configure = [cmake, "-S", str(source), "-B", str(build), *generator, *flags, *SERVER_ONLY_FLAGS]
-    record["server_configure_s"] = run_logged(configure, CACHE / "logs" / "llama-server-configure.log",
-                                              "configuring llama-server")
+    record["server_configure_s"] = run_logged(
+        configure, CACHE / "logs" / "llama-server-configure.log", "configuring llama-server"
+    )
     record["server_build_s"] = run_logged(
         [cmake, "--build", str(build), "--target", "llama-server", "-j2"],
-        CACHE / "logs" / "llama-server-build.log", "building llama-server (about 10 min on 2 cores)")
+        CACHE / "logs" / "llama-server-build.log",
+        "building llama-server (about 10 min on 2 cores)",
+    )
     built = build / "bin" / "llama-server"
     if not built.exists():
         raise SetupError(f"the build finished but {built} is missing; see {CACHE / 'logs'}")
@@ -250,8 +292,13 @@ def main() -> int:
     """Build or reuse everything; exit non-zero with a clear message when a step fails."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--print", action="store_true", help="print paths and flags, build nothing")
-    parser.add_argument("--skip", choices=["wheel", "server"], action="append", default=[],
-                        help="skip one of the two builds (development)")
+    parser.add_argument(
+        "--skip",
+        choices=["wheel", "server"],
+        action="append",
+        default=[],
+        help="skip one of the two builds (development)",
+    )
     args = parser.parse_args()
     flags = ggml_flags()
     p = paths()
@@ -259,8 +306,12 @@ def main() -> int:
         print(json.dumps({"flags": flags, **{k: str(v) for k, v in p.items()}}, indent=2))
         return 0
     say(f"GGML flags for both peers: {' '.join(flags)}")
-    record: dict[str, object] = {"llama_cpp_python": LLAMA_CPP_PYTHON_VERSION, "ggml_flags": flags,
-                                 "server_flags": SERVER_ONLY_FLAGS, "key": build_key(flags)}
+    record: dict[str, object] = {
+        "llama_cpp_python": LLAMA_CPP_PYTHON_VERSION,
+        "ggml_flags": flags,
+        "server_flags": SERVER_ONLY_FLAGS,
+        "key": build_key(flags),
+    }
     started = time.monotonic()
     try:
         ensure_venv(record)
@@ -273,8 +324,7 @@ def main() -> int:
         print(f"[bench setup] ERROR: {exc}", file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as exc:
-        print(f"[bench setup] ERROR: {' '.join(map(str, exc.cmd))} failed with exit {exc.returncode}",
-              file=sys.stderr)
+        print(f"[bench setup] ERROR: {' '.join(map(str, exc.cmd))} failed with exit {exc.returncode}", file=sys.stderr)
         return 1
     previous = json.loads(p["record"].read_text()) if p["record"].exists() else {}
     previous.update(record)

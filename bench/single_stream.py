@@ -29,8 +29,13 @@ PROMPT = "Write a long, detailed story about a lighthouse keeper who finds a mes
 
 
 async def one_run(session: aiohttp.ClientSession, url: str, max_tokens: int, seed: int) -> dict[str, float]:
-    body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens, "seed": seed,
-            "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     started = time.perf_counter()
     first = last = None
     usage: dict[str, Any] = {}
@@ -51,8 +56,12 @@ async def one_run(session: aiohttp.ClientSession, url: str, max_tokens: int, see
     if first is None or last is None:
         raise RuntimeError("no content streamed")
     tokens = int(usage["completion_tokens"])
-    return {"ttft_ms": (first - started) * 1000, "decode_tok_s": (tokens - 1) / (last - first),
-            "completion_tokens": tokens, "prompt_tokens": int(usage["prompt_tokens"])}
+    return {
+        "ttft_ms": (first - started) * 1000,
+        "decode_tok_s": (tokens - 1) / (last - first),
+        "completion_tokens": tokens,
+        "prompt_tokens": int(usage["prompt_tokens"]),
+    }
 
 
 async def measure(url: str, runs: int, max_tokens: int) -> dict[str, Any]:
@@ -73,8 +82,12 @@ async def measure(url: str, runs: int, max_tokens: int) -> dict[str, Any]:
 def start_agent(home: Path) -> tuple[subprocess.Popen[bytes], str]:
     env = {**os.environ, "THOX_HOME": str(home), "THOX_LOG_FORMAT": "json"}
     log = (home / "agent.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "serve", "--inference-port", "0",
-                             "--cluster-port", "0"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "serve", "--inference-port", "0", "--cluster-port", "0"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     endpoints = home / "run" / "endpoints.json"
     while not endpoints.exists():
         if proc.poll() is not None:

@@ -64,10 +64,32 @@ REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=300, sock_connect=10, sock_read=RE
 DRAIN_TIMEOUT_S = 120.0
 SETTLE_TIMEOUT_S = 60.0
 
-SUBJECTS = ["the moon", "bread", "a river", "chess", "rain", "a lighthouse", "bees", "winter", "a violin", "Paris",
-            "volcanoes", "the ocean", "a library", "trains", "clouds", "coffee"]
-TEMPLATES = ["Write one sentence about {}.", "Give me a fun fact about {}.", "Describe {} in a few words.",
-             "What is {}?", "Tell me a short story about {}.", "List three words that go with {}."]
+SUBJECTS = [
+    "the moon",
+    "bread",
+    "a river",
+    "chess",
+    "rain",
+    "a lighthouse",
+    "bees",
+    "winter",
+    "a violin",
+    "Paris",
+    "volcanoes",
+    "the ocean",
+    "a library",
+    "trains",
+    "clouds",
+    "coffee",
+]
+TEMPLATES = [
+    "Write one sentence about {}.",
+    "Give me a fun fact about {}.",
+    "Describe {} in a few words.",
+    "What is {}?",
+    "Tell me a short story about {}.",
+    "List three words that go with {}.",
+]
 
 
 def _prompt(rng: random.Random) -> list[dict[str, str]]:
@@ -127,8 +149,9 @@ def _exception_kind(exc: BaseException) -> str:
 # ------------------------------------------------------------------------------------------------------ requests
 
 
-async def sse_request(session: aiohttp.ClientSession, base: str, body: dict[str, Any],
-                      drop_after: int | None = None) -> Outcome:
+async def sse_request(
+    session: aiohttp.ClientSession, base: str, body: dict[str, Any], drop_after: int | None = None
+) -> Outcome:
     """One streamed chat completion; with `drop_after`, the connection is dropped after that many text chunks."""
     started = time.perf_counter()
     ttft: float | None = None
@@ -146,7 +169,7 @@ async def sse_request(session: aiohttp.ClientSession, base: str, body: dict[str,
                 line = raw.strip()
                 if not line.startswith(b"data: "):
                     continue
-                data = line[len(b"data: "):]
+                data = line[len(b"data: ") :]
                 if data == b"[DONE]":
                     return Outcome("completed_sse", True, ttft, tokens)
                 event = json.loads(data)
@@ -169,8 +192,9 @@ async def sse_request(session: aiohttp.ClientSession, base: str, body: dict[str,
         return _error("malformed_response", repr(exc))
 
 
-async def ws_request(ws: aiohttp.ClientWebSocketResponse, stats: Stats, request_id: str, body: dict[str, Any],
-                     mode: str) -> Outcome:
+async def ws_request(
+    ws: aiohttp.ClientWebSocketResponse, stats: Stats, request_id: str, body: dict[str, Any], mode: str
+) -> Outcome:
     """One chat completion on an open /v1/stream socket; mode "cancel" or "close" stops it at its first text."""
     started = time.perf_counter()
     ttft: float | None = None
@@ -221,8 +245,12 @@ class Load:
 
 
 def _body(rng: random.Random, max_tokens: int) -> dict[str, Any]:
-    return {"messages": _prompt(rng), "max_tokens": rng.randint(max(1, max_tokens // 2), max_tokens),
-            "temperature": round(rng.uniform(0.0, 1.0), 2), "stream": True}
+    return {
+        "messages": _prompt(rng),
+        "max_tokens": rng.randint(max(1, max_tokens // 2), max_tokens),
+        "temperature": round(rng.uniform(0.0, 1.0), 2),
+        "stream": True,
+    }
 
 
 async def sse_client(session: aiohttp.ClientSession, load: Load, rng: random.Random, *, dropper: bool) -> None:
@@ -307,15 +335,25 @@ async def reading(ops: aiohttp.ClientSession, agent: RunningAgent) -> dict[str, 
     agent_pid, engine_pid = agent.process.pid, engine.get("pid")
 
     def from_proc() -> dict[str, Any]:
-        return {"agent_rss_bytes": _rss_bytes(agent_pid), "agent_fds": _open_fds(agent_pid),
-                "engine_rss_bytes": _rss_bytes(engine_pid) if engine_pid else None,
-                "engine_fds": _open_fds(engine_pid) if engine_pid else None}
+        return {
+            "agent_rss_bytes": _rss_bytes(agent_pid),
+            "agent_fds": _open_fds(agent_pid),
+            "engine_rss_bytes": _rss_bytes(engine_pid) if engine_pid else None,
+            "engine_fds": _open_fds(engine_pid) if engine_pid else None,
+        }
 
-    return {"status": report["status"], "agent_pid": agent_pid, "health_pid": process.get("pid"),
-            "engine_pid": engine_pid, "engine_restarts": engine.get("restarts"), **await asyncio.to_thread(from_proc),
-            "asyncio_tasks": process.get("asyncio_tasks"), "admitted": engine.get("admitted"),
-            "active_streams": engine.get("active_streams"),
-            "concurrency_applied": (engine.get("concurrency") or {}).get("applied")}
+    return {
+        "status": report["status"],
+        "agent_pid": agent_pid,
+        "health_pid": process.get("pid"),
+        "engine_pid": engine_pid,
+        "engine_restarts": engine.get("restarts"),
+        **await asyncio.to_thread(from_proc),
+        "asyncio_tasks": process.get("asyncio_tasks"),
+        "admitted": engine.get("admitted"),
+        "active_streams": engine.get("active_streams"),
+        "concurrency_applied": (engine.get("concurrency") or {}).get("applied"),
+    }
 
 
 async def quiet_sample(ops: aiohttp.ClientSession, agent: RunningAgent, readings: int = 5) -> dict[str, Any]:
@@ -326,8 +364,11 @@ async def quiet_sample(ops: aiohttp.ClientSession, agent: RunningAgent, readings
         if (first["admitted"], first["active_streams"]) == (0, 0):
             break
         if time.monotonic() > deadline:
-            print(f"warning: still in flight after {SETTLE_TIMEOUT_S:.0f} s: admitted {first['admitted']}, "
-                  f"active_streams {first['active_streams']}", file=sys.stderr)
+            print(
+                f"warning: still in flight after {SETTLE_TIMEOUT_S:.0f} s: admitted {first['admitted']}, "
+                f"active_streams {first['active_streams']}",
+                file=sys.stderr,
+            )
             break
         await asyncio.sleep(0.2)
     await asyncio.sleep(2.0)  # closed client connections reach the agent's side; engine frees its slots
@@ -367,8 +408,9 @@ async def warm_up(agent: RunningAgent, stats: Stats, streams: int, max_tokens: i
     rng = random.Random(0)
     base = agent.inference_url
     async with aiohttp.ClientSession() as session:
-        for outcome in await asyncio.gather(*(sse_request(session, base, _body(rng, max_tokens))
-                                              for _ in range(min(streams, 16)))):
+        for outcome in await asyncio.gather(
+            *(sse_request(session, base, _body(rng, max_tokens)) for _ in range(min(streams, 16)))
+        ):
             stats.record(outcome)
         stats.record(await sse_request(session, base, _body(rng, max_tokens * 4), drop_after=1))
         url = base.replace("http", "ws", 1) + "/stream"
@@ -394,14 +436,25 @@ async def soak(agent: RunningAgent, streams: int, duration: float, max_tokens: i
     settings = load_settings(home=agent.home)
     capacity = settings.engine.max_batch + settings.engine.max_queue
     report: dict[str, Any] = {
-        "streams": streams, "clients": client_kinds(streams), "duration_s": duration, "max_tokens": max_tokens,
-        "seed": seed, "engine_capacity": {"max_batch": settings.engine.max_batch,
-                                          "max_queue": settings.engine.max_queue, "places": capacity},
-        "interrupted": False, "process": {},
+        "streams": streams,
+        "clients": client_kinds(streams),
+        "duration_s": duration,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "engine_capacity": {
+            "max_batch": settings.engine.max_batch,
+            "max_queue": settings.engine.max_queue,
+            "places": capacity,
+        },
+        "interrupted": False,
+        "process": {},
     }
     if streams > capacity:
-        print(f"warning: {streams} streams exceed the engine's {capacity} places: 503 engine_overloaded will show "
-              "up among the unexpected errors", file=sys.stderr)
+        print(
+            f"warning: {streams} streams exceed the engine's {capacity} places: 503 engine_overloaded will show "
+            "up among the unexpected errors",
+            file=sys.stderr,
+        )
     try:
         # A connection per health call, closed at once: the bench keeps no idle connection in the agent's figures.
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as ops:
@@ -409,8 +462,11 @@ async def soak(agent: RunningAgent, streams: int, duration: float, max_tokens: i
             warm = Stats()
             if not await _wait(warm_up(agent, warm, streams, max_tokens), interrupted):
                 return report
-            report["warm_up"] = {"outcomes": dict(warm.outcomes), "errors": dict(warm.errors),
-                                 "error_examples": warm.error_examples}
+            report["warm_up"] = {
+                "outcomes": dict(warm.outcomes),
+                "errors": dict(warm.errors),
+                "error_examples": warm.error_examples,
+            }
             report["process"]["start"] = start = await quiet_sample(ops, agent)
             print(f" start: {_brief(start)}", file=sys.stderr)
             stats, load_seconds = await run_load(agent, ops, report, interrupted, streams, duration, max_tokens, seed)
@@ -429,9 +485,16 @@ async def soak(agent: RunningAgent, streams: int, duration: float, max_tokens: i
         report["interrupted"] = interrupted.is_set()
 
 
-async def run_load(agent: RunningAgent, ops: aiohttp.ClientSession, report: dict[str, Any],
-                   interrupted: asyncio.Event, streams: int, duration: float, max_tokens: int,
-                   seed: int) -> tuple[Stats, float]:
+async def run_load(
+    agent: RunningAgent,
+    ops: aiohttp.ClientSession,
+    report: dict[str, Any],
+    interrupted: asyncio.Event,
+    streams: int,
+    duration: float,
+    max_tokens: int,
+    seed: int,
+) -> tuple[Stats, float]:
     """The clients for `duration` seconds, a timeline of figures meanwhile and the middle figures; stats and seconds."""
     stats = Stats()
     load = Load(agent.inference_url, max_tokens, stats, asyncio.Event())
@@ -481,8 +544,9 @@ async def run_load(agent: RunningAgent, ops: aiohttp.ClientSession, report: dict
             for client in clients:
                 if client.done() and not client.cancelled() and client.exception() is not None:
                     # A bug of the bench itself, not of the agent: reported on its own, never hidden.
-                    stats.record(_error(f"bench_client_crashed_{type(client.exception()).__name__}",
-                                        repr(client.exception())))
+                    stats.record(
+                        _error(f"bench_client_crashed_{type(client.exception()).__name__}", repr(client.exception()))
+                    )
         finally:
             for task in (*clients, *watchers):
                 task.cancel()
@@ -501,8 +565,10 @@ def _brief(sample: dict[str, Any]) -> str:
     def mib(value: int | None) -> str:
         return "?" if value is None else f"{value / 2**20:.1f} MiB"
 
-    return (f"agent rss {mib(sample['agent_rss_bytes'])} fds {sample['agent_fds']} tasks {sample['asyncio_tasks']}"
-            f" | engine host rss {mib(sample['engine_rss_bytes'])} fds {sample['engine_fds']}")
+    return (
+        f"agent rss {mib(sample['agent_rss_bytes'])} fds {sample['agent_fds']} tasks {sample['asyncio_tasks']}"
+        f" | engine host rss {mib(sample['engine_rss_bytes'])} fds {sample['engine_fds']}"
+    )
 
 
 def _load_figures(stats: Stats, load_seconds: float) -> dict[str, Any]:
@@ -517,9 +583,13 @@ def _load_figures(stats: Stats, load_seconds: float) -> dict[str, Any]:
         "requests_per_s": round(requests / load_seconds, 2) if load_seconds else None,
         "completion_tokens": stats.tokens,
         "tokens_per_s": round(stats.tokens / load_seconds, 1) if load_seconds else None,
-        "ttft_ms": {"count": len(stats.ttft),
-                    **{name: None if (v := _percentile(stats.ttft, q)) is None else round(v * 1000, 1)
-                       for name, q in (("p50", 50), ("p99", 99), ("max", 100))}},
+        "ttft_ms": {
+            "count": len(stats.ttft),
+            **{
+                name: None if (v := _percentile(stats.ttft, q)) is None else round(v * 1000, 1)
+                for name, q in (("p50", 50), ("p99", 99), ("max", 100))
+            },
+        },
     }
 
 
@@ -527,22 +597,35 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
     process = report.get("process", {})
     start, middle, end = process.get("start"), process.get("middle"), process.get("end")
     # "met" is None where a figure is missing (an interrupted run has no end figures): not measured, not failed.
-    targets: dict[str, Any] = {"zero_unexpected_errors": {
-        "met": report.get("unexpected_errors") == 0, "unexpected_errors": report.get("unexpected_errors")}}
+    targets: dict[str, Any] = {
+        "zero_unexpected_errors": {
+            "met": report.get("unexpected_errors") == 0,
+            "unexpected_errors": report.get("unexpected_errors"),
+        }
+    }
     same_engine = bool(start and end and start["engine_pid"] == end["engine_pid"])
     for who in ("agent", "engine"):
         rss = {"middle": middle and middle[f"{who}_rss_bytes"], "end": end and end[f"{who}_rss_bytes"]}
         growth = (rss["end"] - rss["middle"]) / rss["middle"] if rss["middle"] and rss["end"] else None
         targets[f"{who}_rss_end_within_5pct_of_middle"] = {
             "met": None if growth is None else abs(growth) <= RSS_TOLERANCE and (who == "agent" or same_engine),
-            "middle_bytes": rss["middle"], "end_bytes": rss["end"],
-            "change_pct": None if growth is None else round(growth * 100, 2)}
-    for key, name in (("agent_fds", "agent_fds_equal"), ("engine_fds", "engine_fds_equal"),
-                      ("asyncio_tasks", "agent_asyncio_tasks_equal")):
+            "middle_bytes": rss["middle"],
+            "end_bytes": rss["end"],
+            "change_pct": None if growth is None else round(growth * 100, 2),
+        }
+    for key, name in (
+        ("agent_fds", "agent_fds_equal"),
+        ("engine_fds", "engine_fds_equal"),
+        ("asyncio_tasks", "agent_asyncio_tasks_equal"),
+    ):
         values = {"start": start and start[key], "end": end and end[key]}
         measured = values["start"] is not None and values["end"] is not None
-        targets[name] = {"met": None if not measured else values["start"] == values["end"]
-                         and (not key.startswith("engine") or same_engine), **values}
+        targets[name] = {
+            "met": None
+            if not measured
+            else values["start"] == values["end"] and (not key.startswith("engine") or same_engine),
+            **values,
+        }
     if start and end and not same_engine:
         targets["engine_restarted"] = {"start_pid": start["engine_pid"], "end_pid": end["engine_pid"]}
     return targets
@@ -551,14 +634,18 @@ def _targets(report: dict[str, Any]) -> dict[str, Any]:
 def print_summary(report: dict[str, Any]) -> None:
     """The human-readable part: each figure, each target and whether it was met."""
     print()
-    print(f"soak: {report['streams']} streams {report['clients']}, {report.get('load_seconds', 0)} s of load, "
-          f"max_tokens {report['max_tokens']}{'  (INTERRUPTED)' if report.get('interrupted') else ''}")
+    print(
+        f"soak: {report['streams']} streams {report['clients']}, {report.get('load_seconds', 0)} s of load, "
+        f"max_tokens {report['max_tokens']}{'  (INTERRUPTED)' if report.get('interrupted') else ''}"
+    )
     if "requests" in report:
         print(f"requests: {report['requests']}")
         print(f"expected interruptions: {report['expected_interruptions']}")
         print(f"errors by kind: {report['errors_by_kind'] or 'none'}")
-        print(f"throughput: {report['requests_per_s']} requests/s, {report['tokens_per_s']} tokens/s "
-              f"({report['completion_tokens']} completion tokens)")
+        print(
+            f"throughput: {report['requests_per_s']} requests/s, {report['tokens_per_s']} tokens/s "
+            f"({report['completion_tokens']} completion tokens)"
+        )
         ttft = report["ttft_ms"]
         print(f"TTFT: p50 {ttft['p50']} ms, p99 {ttft['p99']} ms, max {ttft['max']} ms over {ttft['count']}")
     for phase in ("start", "middle", "end"):
@@ -596,8 +683,10 @@ def main() -> None:
             print("stopping the agent ...", file=sys.stderr)
             code = _stop(agent)
             if code != 0:
-                print(f"agent exited with {code}; last log lines:\n"
-                      f"{agent.log_path.read_text(errors='replace')[-3000:]}", file=sys.stderr)
+                print(
+                    f"agent exited with {code}; last log lines:\n{agent.log_path.read_text(errors='replace')[-3000:]}",
+                    file=sys.stderr,
+                )
         if report is None:
             sys.exit(130)
         report["agent_stop_exit_code"] = code

@@ -1,6 +1,6 @@
 """sentence-transformers on the same CPU: the embeddings peer. Runs in the bench venv as a subprocess.
 
-  python -m bench.st_embed MODEL_DIR --threads 2 --single-runs 20 --batch-runs 5   # prints one JSON object
+python -m bench.st_embed MODEL_DIR --threads 2 --single-runs 20 --batch-runs 5   # prints one JSON object
 """
 
 from __future__ import annotations
@@ -43,11 +43,15 @@ TEXTS = [
     "An embedding maps a sentence to a point in a vector space where similar meanings lie close together.",
     "The train was delayed by forty minutes because of a signalling fault near the junction.",
     "Magnetic stacking lets several boxes share power and form a cluster without cables.",
-    ("Automation ended the era of resident keepers in 1987; the last keeper handed the keys to an engineer from "
-     "the coastal authority and moved into a cottage in the village, from where he could still see the light."),
-    ("Visitors often ask whether the light is still needed now that every ship carries satellite navigation, "
-     "and the answer is that electronic systems fail in exactly the conditions in which a sailor most needs "
-     "certainty, and that a light on a headland is a fact that no software fault can change."),
+    (
+        "Automation ended the era of resident keepers in 1987; the last keeper handed the keys to an engineer from "
+        "the coastal authority and moved into a cottage in the village, from where he could still see the light."
+    ),
+    (
+        "Visitors often ask whether the light is still needed now that every ship carries satellite navigation, "
+        "and the answer is that electronic systems fail in exactly the conditions in which a sailor most needs "
+        "certainty, and that a light on a headland is a fact that no software fault can change."
+    ),
 ]
 
 
@@ -81,14 +85,23 @@ def main() -> int:
         batches.append(elapsed)
     import sentence_transformers
 
-    json.dump({"sentence_transformers": sentence_transformers.__version__, "torch": torch.__version__,
-               "threads": torch.get_num_threads(), "load_s": round(load_s, 2),
-               "single_runs": args.single_runs, "batch_runs": args.batch_runs, "batch_size": len(TEXTS),
-               "single_ms_median": round(statistics.median(singles) * 1000, 2),
-               "batch_ms_median": round(statistics.median(batches) * 1000, 2),
-               "emb_s_1": round(1 / statistics.median(singles), 1),
-               "emb_s_batch": round(len(TEXTS) / statistics.median(batches), 1),
-               "vectors": vectors}, sys.stdout)
+    json.dump(
+        {
+            "sentence_transformers": sentence_transformers.__version__,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_s": round(load_s, 2),
+            "single_runs": args.single_runs,
+            "batch_runs": args.batch_runs,
+            "batch_size": len(TEXTS),
+            "single_ms_median": round(statistics.median(singles) * 1000, 2),
+            "batch_ms_median": round(statistics.median(batches) * 1000, 2),
+            "emb_s_1": round(1 / statistics.median(singles), 1),
+            "emb_s_batch": round(len(TEXTS) / statistics.median(batches), 1),
+            "vectors": vectors,
+        },
+        sys.stdout,
+    )
     return 0
 
 

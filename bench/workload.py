@@ -55,8 +55,10 @@ LONG_USER = PASSAGE + "\n\nSummarise the text above in three sentences."
 
 def messages(request_no: int, user: str) -> list[dict[str, str]]:
     """A chat with an explicit system message (so every server renders the same ChatML) headed by a number."""
-    return [{"role": "system", "content": f"Request {request_no % 10000:04d}. {SYSTEM}"},
-            {"role": "user", "content": user}]
+    return [
+        {"role": "system", "content": f"Request {request_no % 10000:04d}. {SYSTEM}"},
+        {"role": "user", "content": user},
+    ]
 
 
 _numbers = itertools.count(1)
@@ -96,11 +98,17 @@ class Result:
         return (self.completion_tokens - 1) / (self.last - self.first)
 
 
-async def stream_chat(session: aiohttp.ClientSession, peer: Peer, user: str, max_tokens: int,
-                      no_eos: bool = True) -> Result:
+async def stream_chat(
+    session: aiohttp.ClientSession, peer: Peer, user: str, max_tokens: int, no_eos: bool = True
+) -> Result:
     """One streamed chat completion, timed chunk by chunk."""
-    body: dict[str, Any] = {"messages": messages(next(_numbers), user), "max_tokens": max_tokens,
-                            "temperature": 0, "seed": 1234, "stream": True}
+    body: dict[str, Any] = {
+        "messages": messages(next(_numbers), user),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "seed": 1234,
+        "stream": True,
+    }
     if peer.include_usage:
         body["stream_options"] = {"include_usage": True}
     if no_eos:
@@ -166,11 +174,15 @@ async def single_stream(session: aiohttp.ClientSession, peer: Peer, runs: int, m
     """Decode tokens/s of one stream: median of `runs` requests of `max_tokens` tokens."""
     results = [await stream_chat(session, peer, SHORT_USER, max_tokens) for _ in range(runs)]
     rates = [r.decode_tok_s for r in results if r.decode_tok_s]
-    return {"runs": runs, "max_tokens": max_tokens, "completion_tokens": [r.completion_tokens for r in results],
-            "counted_from_stream": results[0].counted_from_stream,
-            "decode_tok_s": [round(x, 1) for x in rates],
-            "decode_tok_s_median": round(statistics.median(rates), 1) if rates else None,
-            "server_reported_decode_tok_s_median": _server_reported(results, "predicted_per_second")}
+    return {
+        "runs": runs,
+        "max_tokens": max_tokens,
+        "completion_tokens": [r.completion_tokens for r in results],
+        "counted_from_stream": results[0].counted_from_stream,
+        "decode_tok_s": [round(x, 1) for x in rates],
+        "decode_tok_s_median": round(statistics.median(rates), 1) if rates else None,
+        "server_reported_decode_tok_s_median": _server_reported(results, "predicted_per_second"),
+    }
 
 
 async def prefill(session: aiohttp.ClientSession, peer: Peer, user: str, kind: str, runs: int) -> dict[str, Any]:
@@ -178,18 +190,22 @@ async def prefill(session: aiohttp.ClientSession, peer: Peer, user: str, kind: s
     results = [await stream_chat(session, peer, user, 2) for _ in range(runs)]
     ttfts = [r.ttft_s for r in results]
     prompt = _prompt_tokens(peer, results, kind)
-    out: dict[str, Any] = {"runs": runs, "prompt_tokens": prompt,
-                           "ttft_ms": [round(t * 1000, 1) for t in ttfts],
-                           "ttft_ms_p50": round(pct(ttfts, 50) * 1000, 1),
-                           "ttft_ms_p95": round(pct(ttfts, 95) * 1000, 1)}
+    out: dict[str, Any] = {
+        "runs": runs,
+        "prompt_tokens": prompt,
+        "ttft_ms": [round(t * 1000, 1) for t in ttfts],
+        "ttft_ms_p50": round(pct(ttfts, 50) * 1000, 1),
+        "ttft_ms_p95": round(pct(ttfts, 95) * 1000, 1),
+    }
     if prompt:
         out["prefill_tok_s_median"] = round(prompt / statistics.median(ttfts), 1)
     out["server_reported_prefill_tok_s_median"] = _server_reported(results, "prompt_per_second")
     return out
 
 
-async def concurrent(session: aiohttp.ClientSession, peer: Peer, streams: int, per_stream: int,
-                     max_tokens: int) -> dict[str, Any]:
+async def concurrent(
+    session: aiohttp.ClientSession, peer: Peer, streams: int, per_stream: int, max_tokens: int
+) -> dict[str, Any]:
     """`streams` clients, each sending `per_stream` requests back to back: aggregate tokens/s and TTFT."""
 
     async def client() -> list[Result]:
@@ -201,14 +217,22 @@ async def concurrent(session: aiohttp.ClientSession, peer: Peer, streams: int, p
     results = [r for rs in per_client for r in rs]
     tokens = sum(r.completion_tokens for r in results)
     ttfts = [r.ttft_s for r in results]
-    return {"streams": streams, "requests": len(results), "max_tokens": max_tokens, "wall_s": round(wall, 2),
-            "completion_tokens": tokens, "completion_tokens_min": min(r.completion_tokens for r in results),
-            "aggregate_tok_s": round(tokens / wall, 1),
-            "ttft_ms_p50": round(pct(ttfts, 50) * 1000, 1), "ttft_ms_p95": round(pct(ttfts, 95) * 1000, 1)}
+    return {
+        "streams": streams,
+        "requests": len(results),
+        "max_tokens": max_tokens,
+        "wall_s": round(wall, 2),
+        "completion_tokens": tokens,
+        "completion_tokens_min": min(r.completion_tokens for r in results),
+        "aggregate_tok_s": round(tokens / wall, 1),
+        "ttft_ms_p50": round(pct(ttfts, 50) * 1000, 1),
+        "ttft_ms_p95": round(pct(ttfts, 95) * 1000, 1),
+    }
 
 
-async def embeddings(session: aiohttp.ClientSession, base_url: str, model: str, texts: list[str],
-                     single_runs: int, batch_runs: int) -> dict[str, Any]:
+async def embeddings(
+    session: aiohttp.ClientSession, base_url: str, model: str, texts: list[str], single_runs: int, batch_runs: int
+) -> dict[str, Any]:
     """Embeddings per second for 1 input and for a batch of all `texts`, plus the vectors of that batch."""
 
     async def embed(inputs: list[str]) -> tuple[float, list[list[float]]]:
@@ -228,9 +252,13 @@ async def embeddings(session: aiohttp.ClientSession, base_url: str, model: str, 
     for _ in range(batch_runs):
         elapsed, vectors = await embed(texts)
         batches.append(elapsed)
-    return {"single_runs": single_runs, "batch_runs": batch_runs, "batch_size": len(texts),
-            "single_ms_median": round(statistics.median(singles) * 1000, 2),
-            "batch_ms_median": round(statistics.median(batches) * 1000, 2),
-            "emb_s_1": round(1 / statistics.median(singles), 1),
-            "emb_s_batch": round(len(texts) / statistics.median(batches), 1),
-            "vectors": vectors}
+    return {
+        "single_runs": single_runs,
+        "batch_runs": batch_runs,
+        "batch_size": len(texts),
+        "single_ms_median": round(statistics.median(singles) * 1000, 2),
+        "batch_ms_median": round(statistics.median(batches) * 1000, 2),
+        "emb_s_1": round(1 / statistics.median(singles), 1),
+        "emb_s_batch": round(len(texts) / statistics.median(batches), 1),
+        "vectors": vectors,
+    }

@@ -58,15 +58,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sha256", default=None, help="the model file's sha256, if already known")
     parser.add_argument("--encoder", type=Path, default=None, help="an embedding model folder to serve too")
     parser.add_argument("--cache-dir", type=Path, required=True, help="where converted graphs are cached")
-    parser.add_argument("--executor", default="onnxruntime", choices=executors.names(),
-                        help="what runs the model (engines/executors.py)")
+    parser.add_argument(
+        "--executor",
+        default="onnxruntime",
+        choices=executors.names(),
+        help="what runs the model (engines/executors.py)",
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads of the executor")
     parser.add_argument("--max-context", type=int, default=2048, help="tokens per sequence (prompt + output)")
     parser.add_argument("--max-batch", type=int, default=defaults.max_batch, help="sequences decoded together")
     parser.add_argument("--max-queue", type=int, default=defaults.max_queue, help="requests waiting for a slot")
     parser.add_argument("--kv-budget-tokens", type=int, default=defaults.kv_budget_tokens, help="KV pool bound")
-    parser.add_argument("--prefix-cache-tokens", type=int, default=defaults.prefix_cache_tokens,
-                        help="KV kept for prefix reuse")
+    parser.add_argument(
+        "--prefix-cache-tokens", type=int, default=defaults.prefix_cache_tokens, help="KV kept for prefix reuse"
+    )
     return parser.parse_args(argv)
 
 
@@ -107,14 +112,16 @@ async def _load(args: argparse.Namespace, conn: _Connection) -> _Models:
 
     started = time.monotonic()
     converted = await asyncio.to_thread(
-        ensure_converted, args.gguf, args.cache_dir, sha256=args.sha256, progress=progress)
+        ensure_converted, args.gguf, args.cache_dir, sha256=args.sha256, progress=progress
+    )
     conn.send(Progress("load", 0, 1))
     options = executors.ExecutorOptions(threads=args.threads, max_context=args.max_context, max_batch=args.max_batch)
     executor = await asyncio.to_thread(executors.create, args.executor, converted, options)
     encoder = None
     if args.encoder is not None:
         encoder = await asyncio.to_thread(
-            OrtEncoder.from_model_dir, args.encoder, args.cache_dir, threads=args.threads, progress=progress)
+            OrtEncoder.from_model_dir, args.encoder, args.cache_dir, threads=args.threads, progress=progress
+        )
     info = {
         "gguf_sha256": converted.gguf_sha256,
         "onnx": str(converted.model_path),
@@ -152,14 +159,23 @@ async def _report_stats(scheduler: Scheduler, conn: _Connection) -> None:
 
 async def _serve_connection(args: argparse.Namespace, conn: _Connection) -> None:
     models = await _load(args, conn)
-    limits = SchedulerLimits(max_batch=args.max_batch, max_queue=args.max_queue,
-                             kv_budget_tokens=args.kv_budget_tokens, prefix_cache_tokens=args.prefix_cache_tokens)
+    limits = SchedulerLimits(
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        kv_budget_tokens=args.kv_budget_tokens,
+        prefix_cache_tokens=args.prefix_cache_tokens,
+    )
     scheduler = Scheduler(models.executor, conn.send, limits)
-    encoder_info = None if models.encoder is None else {
-        "dimensions": models.encoder.dimensions, "max_tokens": models.encoder.max_tokens}
+    encoder_info = (
+        None
+        if models.encoder is None
+        else {"dimensions": models.encoder.dimensions, "max_tokens": models.encoder.max_tokens}
+    )
     conn.send(Ready(models.info, encoder_info, models.executor.max_context, os.getpid()))
-    background = {asyncio.create_task(scheduler.run(), name="scheduler"),
-                  asyncio.create_task(_report_stats(scheduler, conn), name="stats")}
+    background = {
+        asyncio.create_task(scheduler.run(), name="scheduler"),
+        asyncio.create_task(_report_stats(scheduler, conn), name="stats"),
+    }
     try:
         while True:
             try:
@@ -181,8 +197,9 @@ async def _serve_connection(args: argparse.Namespace, conn: _Connection) -> None
         models.close()
 
 
-def _dispatch(message: ToHost, models: _Models, scheduler: Scheduler, conn: _Connection,
-              background: set[asyncio.Task[None]]) -> None:
+def _dispatch(
+    message: ToHost, models: _Models, scheduler: Scheduler, conn: _Connection, background: set[asyncio.Task[None]]
+) -> None:
     if isinstance(message, GenerationRequest):
         scheduler.submit(message)
     elif isinstance(message, Cancel):

@@ -151,22 +151,45 @@ Message: TypeAlias = ToHost | ToAgent
 def _fields(message: Message) -> dict[str, Any]:
     if isinstance(message, GenerationRequest):
         p = message.params
-        return {"op": "generate", "id": message.id, "prompt": list(message.prompt),
-                "stop_ids": sorted(message.stop_ids), "max_tokens": p.max_tokens, "temperature": p.temperature,
-                "top_p": p.top_p, "seed": p.seed, "presence_penalty": p.presence_penalty,
-                "frequency_penalty": p.frequency_penalty}
+        return {
+            "op": "generate",
+            "id": message.id,
+            "prompt": list(message.prompt),
+            "stop_ids": sorted(message.stop_ids),
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "seed": p.seed,
+            "presence_penalty": p.presence_penalty,
+            "frequency_penalty": p.frequency_penalty,
+        }
     if isinstance(message, Embeddings):
         vectors = np.ascontiguousarray(message.vectors, dtype="<f4")
-        return {"op": "embeddings", "id": message.id, "shape": list(vectors.shape),
-                "data": base64.b64encode(vectors.tobytes()).decode(), "tokens": message.tokens}
+        return {
+            "op": "embeddings",
+            "id": message.id,
+            "shape": list(vectors.shape),
+            "data": base64.b64encode(vectors.tobytes()).decode(),
+            "tokens": message.tokens,
+        }
     if isinstance(message, Tokens):
         return {"op": "tokens", "id": message.id, "ids": list(message.ids)}
     op = _OPS[type(message)]
     return {"op": op, **{name: getattr(message, name) for name in message.__dataclass_fields__}}
 
 
-_OPS: dict[type, str] = {Cancel: "cancel", Embed: "embed", Limit: "limit", Progress: "progress", Ready: "ready",
-                         Done: "done", Stats: "stats", Limited: "limited", Failed: "error", Fatal: "fatal"}
+_OPS: dict[type, str] = {
+    Cancel: "cancel",
+    Embed: "embed",
+    Limit: "limit",
+    Progress: "progress",
+    Ready: "ready",
+    Done: "done",
+    Stats: "stats",
+    Limited: "limited",
+    Failed: "error",
+    Fatal: "fatal",
+}
 
 
 def encode(message: Message) -> bytes:
@@ -244,7 +267,8 @@ class _Fields:
     def token_ids(self, name: str, value: Any = None, *, default: list[int] | None = None) -> list[int]:
         value = self.frame.get(name, default) if value is None else value
         if not isinstance(value, list) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+        ):
             raise self.fail(name, "a list of token ids (integers >= 0)")
         return value
 
@@ -259,11 +283,19 @@ class _Fields:
 
 def _generate(f: _Fields) -> GenerationRequest:
     params = SamplingParams(
-        max_tokens=f.integer("max_tokens", minimum=1), temperature=f.number("temperature", 1.0),
-        top_p=f.number("top_p", 1.0), seed=f.optional_integer("seed"),
-        presence_penalty=f.number("presence_penalty", 0.0), frequency_penalty=f.number("frequency_penalty", 0.0))
-    return GenerationRequest(id=f.integer("id"), prompt=f.token_ids("prompt"), params=params,
-                             stop_ids=frozenset(f.token_ids("stop_ids", default=[])))
+        max_tokens=f.integer("max_tokens", minimum=1),
+        temperature=f.number("temperature", 1.0),
+        top_p=f.number("top_p", 1.0),
+        seed=f.optional_integer("seed"),
+        presence_penalty=f.number("presence_penalty", 0.0),
+        frequency_penalty=f.number("frequency_penalty", 0.0),
+    )
+    return GenerationRequest(
+        id=f.integer("id"),
+        prompt=f.token_ids("prompt"),
+        params=params,
+        stop_ids=frozenset(f.token_ids("stop_ids", default=[])),
+    )
 
 
 def _embed(f: _Fields) -> Embed:
@@ -275,8 +307,11 @@ def _embed(f: _Fields) -> Embed:
 
 def _embeddings(f: _Fields) -> Embeddings:
     shape = f.frame.get("shape")
-    if not isinstance(shape, list) or len(shape) != 2 or not all(
-            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 2
+        or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
         raise f.fail("shape", "[rows, dimensions]")
     try:
         data = base64.b64decode(f.text("data"), validate=True)
@@ -300,11 +335,13 @@ _TO_HOST: dict[str, Callable[[_Fields], ToHost]] = {
 }
 _TO_AGENT: dict[str, Callable[[_Fields], ToAgent]] = {
     "progress": lambda f: Progress(f.text("stage"), f.integer("done"), f.integer("total")),
-    "ready": lambda f: Ready(f.mapping("model") or {}, f.mapping("encoder", nullable=True), f.integer("max_context"),
-                             f.integer("pid")),
+    "ready": lambda f: Ready(
+        f.mapping("model") or {}, f.mapping("encoder", nullable=True), f.integer("max_context"), f.integer("pid")
+    ),
     "tokens": lambda f: Tokens(f.integer("id"), tuple(f.token_ids("ids"))),
-    "done": lambda f: Done(f.integer("id"), f.text("finish_reason"), f.integer("prompt_tokens"),
-                           f.integer("completion_tokens")),
+    "done": lambda f: Done(
+        f.integer("id"), f.text("finish_reason"), f.integer("prompt_tokens"), f.integer("completion_tokens")
+    ),
     "embeddings": _embeddings,
     "stats": lambda f: Stats(f.mapping("scheduler") or {}),
     "limited": lambda f: Limited(f.integer("max_batch")),
@@ -323,8 +360,9 @@ def _decode(payload: bytes, table: dict[str, Callable[[_Fields], Any]], directio
     fields = _Fields(frame, frame["op"])
     build = table.get(frame["op"])
     if build is None:
-        raise FrameError(f"unknown op {frame['op'][:40]!r} {direction}; expected one of {sorted(table)}",
-                         fields.request_id)
+        raise FrameError(
+            f"unknown op {frame['op'][:40]!r} {direction}; expected one of {sorted(table)}", fields.request_id
+        )
     return build(fields)
 
 

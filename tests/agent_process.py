@@ -46,8 +46,10 @@ def free_port() -> int:
 
 def cluster_env(node_id: str | None = None) -> dict[str, str]:
     """Environment for an agent with the cluster layer on, on ports of its own (several run side by side)."""
-    ports = {f"THOX_CLUSTER_{name}": str(free_port())
-             for name in ("PEER_PORT", "ETCD_PEER_PORT", "ETCD_CLIENT_PORT", "ETCD_CLIENT_TLS_PORT")}
+    ports = {
+        f"THOX_CLUSTER_{name}": str(free_port())
+        for name in ("PEER_PORT", "ETCD_PEER_PORT", "ETCD_CLIENT_PORT", "ETCD_CLIENT_TLS_PORT")
+    }
     return {"THOX_CLUSTER_ENABLED": "true", **ports, **({"THOX_CLUSTER_NODE_ID": node_id} if node_id else {})}
 
 
@@ -91,8 +93,14 @@ class RunningAgent:
         return self.process.wait(timeout)
 
 
-def start_agent(home: Path, *, env: dict[str, str] | None = None, timeout: float = 900.0,
-                command_prefix: list[str] | None = None, wait_healthy: bool = True) -> RunningAgent:
+def start_agent(
+    home: Path,
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 900.0,
+    command_prefix: list[str] | None = None,
+    wait_healthy: bool = True,
+) -> RunningAgent:
     """Start `thox serve` with ports 0 and wait until its endpoints file appears and the engine is ready.
 
     `command_prefix` runs the agent under another command (`ip netns exec NS`: a box of its own network);
@@ -115,9 +123,21 @@ def start_agent(home: Path, *, env: dict[str, str] | None = None, timeout: float
     endpoints.unlink(missing_ok=True)  # left behind by an agent of this home that was killed
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [*(command_prefix or []),
-             sys.executable, "-m", "agent.cli", "serve", "--inference-port", "0", "--cluster-port", "0"],
-            env=child_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            [
+                *(command_prefix or []),
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "serve",
+                "--inference-port",
+                "0",
+                "--cluster-port",
+                "0",
+            ],
+            env=child_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
         )
     deadline = time.monotonic() + timeout
     while not endpoints.exists():

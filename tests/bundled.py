@@ -28,10 +28,19 @@ def install_alias(home: Path, alias: str, purpose: str = "test") -> None:
     bundle at start), so boxes serve different model ids without a second model download."""
     bundled = BUNDLED_MODELS[0]
     gguf = smollm2_gguf()
-    entry = {"id": alias, "file": f"{bundled.id}/{bundled.filename}", "size": gguf.stat().st_size,
-             "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(), "format": bundled.format,
-             "quantization": bundled.quantization, "capabilities": list(bundled.capabilities),
-             "source": f"{purpose} alias of the bundled model", "license": bundled.license, "installed_at": 0,
-             "sampling_defaults": dict(bundled.sampling_defaults), "chat_template": bundled.chat_template}
+    entry = {
+        "id": alias,
+        "file": f"{bundled.id}/{bundled.filename}",
+        "size": gguf.stat().st_size,
+        "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
+        "format": bundled.format,
+        "quantization": bundled.quantization,
+        "capabilities": list(bundled.capabilities),
+        "source": f"{purpose} alias of the bundled model",
+        "license": bundled.license,
+        "installed_at": 0,
+        "sampling_defaults": dict(bundled.sampling_defaults),
+        "chat_template": bundled.chat_template,
+    }
     (home / "models").mkdir(parents=True)
     (home / "models" / "manifest.json").write_text(json.dumps({"version": 1, "models": [entry]}))

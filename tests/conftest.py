@@ -17,7 +17,11 @@ from tests.agent_process import RunningAgent, start_agent
 # database: failures are reported with their inputs and become @example regression cases, not hidden state.
 settings.register_profile("ci", max_examples=100, deadline=None, derandomize=True, database=None)
 settings.register_profile(
-    "fuzz", max_examples=5000, deadline=None, database=None, print_blob=True,
+    "fuzz",
+    max_examples=5000,
+    deadline=None,
+    database=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -50,10 +50,12 @@ def imported_packages(source: str, module_parts: tuple[str, ...]) -> set[tuple[s
 
 @pytest.mark.parametrize("package", OURS)
 def test_imports_point_one_way(package: str) -> None:
-    wrong = [f"{path.relative_to(REPO)}:{line} imports {top}"
-             for path in sorted((REPO / package).rglob("*.py"))
-             for top, line in sorted(imported_packages(path.read_text(), path.relative_to(REPO).with_suffix("").parts))
-             if top not in ALLOWED[package]]
+    wrong = [
+        f"{path.relative_to(REPO)}:{line} imports {top}"
+        for path in sorted((REPO / package).rglob("*.py"))
+        for top, line in sorted(imported_packages(path.read_text(), path.relative_to(REPO).with_suffix("").parts))
+        if top not in ALLOWED[package]
+    ]
     assert not wrong, "\n".join(wrong)
 
 

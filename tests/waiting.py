@@ -15,8 +15,9 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-async def until(condition: Callable[[], T | Awaitable[T]], what: str, timeout: float = 30.0,
-                interval: float = 0.01) -> T:
+async def until(
+    condition: Callable[[], T | Awaitable[T]], what: str, timeout: float = 30.0, interval: float = 0.01
+) -> T:
     """Await until `condition()` (plain or awaitable) is truthy; returns its value."""
     deadline = time.monotonic() + timeout
     while True:

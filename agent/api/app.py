@@ -29,7 +29,10 @@ def _middlewares(security: SecurityPolicy | None) -> list[Middleware]:
 
 
 def build_inference_app(
-    serving: OpenAIServing, *, max_request_bytes: int, security: SecurityPolicy | None = None,
+    serving: OpenAIServing,
+    *,
+    max_request_bytes: int,
+    security: SecurityPolicy | None = None,
     routing: Middleware | None = None,
 ) -> web.Application:
     """The OpenAI-compatible API (port 8080); `routing` sends requests for models served elsewhere there."""
@@ -43,7 +46,10 @@ def build_inference_app(
 
 
 def build_cluster_app(
-    health: HealthSources, hardware: HardwareManager | None, *, max_request_bytes: int,
+    health: HealthSources,
+    hardware: HardwareManager | None,
+    *,
+    max_request_bytes: int,
     security: SecurityPolicy | None = None,
 ) -> web.Application:
     """The cluster API (port 5381); the sim control routes exist only when the hardware is simulated."""

@@ -75,12 +75,15 @@ def decode_json(raw: bytes | str) -> Any:
     if encoded:
         raise InvalidRequestError(
             f"the request body is not valid Unicode text: it holds an encoded UTF-16 surrogate "
-            f"({encoded.group()!r}) at character {encoded.start()}; send UTF-8", code="invalid_json")
+            f"({encoded.group()!r}) at character {encoded.start()}; send UTF-8",
+            code="invalid_json",
+        )
     try:
         payload = json.loads(text)
     except RecursionError:
         raise InvalidRequestError(
-            "the request body nests JSON arrays or objects too deeply to parse; flatten it", code="invalid_json",
+            "the request body nests JSON arrays or objects too deeply to parse; flatten it",
+            code="invalid_json",
         ) from None
     except ValueError as exc:  # JSONDecodeError, and int()'s digit limit for a number thousands of digits long
         raise InvalidRequestError(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
@@ -91,7 +94,10 @@ def decode_json(raw: bytes | str) -> Any:
             where = f"Invalid value for '{param}'" if param else "Invalid request body"
             raise InvalidRequestError(
                 f"{where}: it holds a lone UTF-16 surrogate ({char!r}), which is not valid Unicode; escape "
-                "characters outside the BMP as surrogate pairs", param=param or None, code="invalid_value")
+                "characters outside the BMP as surrogate pairs",
+                param=param or None,
+                code="invalid_value",
+            )
     return payload
 
 
@@ -106,18 +112,22 @@ def parse_body(model: type[_ModelT], payload: Any) -> _ModelT:
         param = _param_of(tuple(error["loc"]), payload)
         if error["type"] == "extra_forbidden":
             shown = f"{param}'' (an empty key)" if error["loc"][-1] == "" else param
-            raise InvalidRequestError(f"Unrecognized request argument supplied: {shown}", param=param,
-                                      code="unknown_parameter") from None
+            raise InvalidRequestError(
+                f"Unrecognized request argument supplied: {shown}", param=param, code="unknown_parameter"
+            ) from None
         if error["type"] == "missing":
-            raise InvalidRequestError(f"Missing required parameter: '{param}'", param=param,
-                                      code="missing_required_parameter") from None
-        raise InvalidRequestError(f"Invalid value for '{param}': {error['msg']}", param=param,
-                                  code="invalid_value") from None
+            raise InvalidRequestError(
+                f"Missing required parameter: '{param}'", param=param, code="missing_required_parameter"
+            ) from None
+        raise InvalidRequestError(
+            f"Invalid value for '{param}': {error['msg']}", param=param, code="invalid_value"
+        ) from None
 
 
 async def read_json_body(request: web.Request) -> Any:
     """The decoded JSON body; a 400 for another content type or for malformed JSON."""
     if request.content_type != "application/json":
         raise InvalidRequestError(
-            f"Content-Type must be application/json, got {request.content_type!r}", code="invalid_content_type")
+            f"Content-Type must be application/json, got {request.content_type!r}", code="invalid_content_type"
+        )
     return decode_json(await request.read())

@@ -54,8 +54,9 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> AgentE
         return NotFoundError(f"Unknown route: {request.method} {request.path}", code="unknown_route")
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = ", ".join(sorted(exc.allowed_methods))
-        return MethodNotAllowedError(f"{request.method} is not allowed on {request.path}; use {allowed}",
-                                     allowed=exc.allowed_methods)
+        return MethodNotAllowedError(
+            f"{request.method} is not allowed on {request.path}; use {allowed}", allowed=exc.allowed_methods
+        )
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return PayloadTooLargeError(f"request body too large: {exc.text}")
     error = AgentError(exc.reason or "HTTP error")
@@ -73,14 +74,25 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(request_id=request_id)
     if supplied is not None and supplied != request_id:
-        return error_response(InvalidRequestError(
-            f"{REQUEST_ID_HEADER} must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
-            param=REQUEST_ID_HEADER, code="invalid_request_id"), request_id)
+        return error_response(
+            InvalidRequestError(
+                f"{REQUEST_ID_HEADER} must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
+                param=REQUEST_ID_HEADER,
+                code="invalid_request_id",
+            ),
+            request_id,
+        )
     try:
         response = await handler(request)
     except AgentError as exc:
-        log.info("request_failed", method=request.method, path=request.path, status=exc.status,
-                 code=exc.code, message=exc.message)
+        log.info(
+            "request_failed",
+            method=request.method,
+            path=request.path,
+            status=exc.status,
+            code=exc.code,
+            message=exc.message,
+        )
         return error_response(exc, request_id)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -90,8 +102,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         return error_response(error, request_id)
     except Exception:
         log.exception("request_crashed", method=request.method, path=request.path)
-        return error_response(AgentError(
-            f"internal error; quote request id {request_id} when reporting it"), request_id)
+        return error_response(
+            AgentError(f"internal error; quote request id {request_id} when reporting it"), request_id
+        )
     if not response.prepared:
         response.headers[REQUEST_ID_HEADER] = request_id
     return response

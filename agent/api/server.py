@@ -23,18 +23,24 @@ log = structlog.get_logger("agent.api")
 
 
 class _EnvelopeRequestHandler(web.RequestHandler):
-    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
-                     message: str | None = None) -> web.StreamResponse:
+    def handle_error(
+        self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
         if status >= 500 or request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
         reason = (getattr(exc, "message", None) or message or str(exc) or "unreadable request").strip()
         request_id = uuid.uuid4().hex
-        log.warning("http_request_unparsable", status=status, reason=reason[:200], remote=request.remote,
-                    request_id=request_id)
+        log.warning(
+            "http_request_unparsable", status=status, reason=reason[:200], remote=request.remote, request_id=request_id
+        )
         error = AgentError(f"the HTTP request could not be parsed: {reason[:200]}", code="bad_http_request")
         error.status, error.type = status, "invalid_request_error"
-        response = web.Response(status=status, text=json.dumps(error.envelope()), content_type="application/json",
-                                headers={REQUEST_ID_HEADER: request_id})
+        response = web.Response(
+            status=status,
+            text=json.dumps(error.envelope()),
+            content_type="application/json",
+            headers={REQUEST_ID_HEADER: request_id},
+        )
         response.force_close()  # what follows a request that could not be parsed cannot be trusted either
         return response
 
@@ -50,5 +56,10 @@ class EnvelopeAppRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         made = await super()._make_server()
         kwargs: dict[str, Any] = dict(made._kwargs)
-        return _EnvelopeServer(made.request_handler, request_factory=made.request_factory,
-                               handler_cancellation=made.handler_cancellation, loop=made._loop, **kwargs)
+        return _EnvelopeServer(
+            made.request_handler,
+            request_factory=made.request_factory,
+            handler_cancellation=made.handler_cancellation,
+            loop=made._loop,
+            **kwargs,
+        )

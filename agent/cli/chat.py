@@ -15,9 +15,10 @@ from agent.cli.common import auth_headers, err, home_of, inference_url
 
 async def _chat(url: str, body: dict[str, Any]) -> int:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
-        f"{url}/chat/completions", json=body, headers=auth_headers()
-    ) as response:
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.post(f"{url}/chat/completions", json=body, headers=auth_headers()) as response,
+    ):
         if response.status != 200:
             payload = await response.json(content_type=None)
             err.print(f"[red]error {response.status}:[/red] {payload.get('error', {}).get('message', payload)}")

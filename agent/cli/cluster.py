@@ -21,8 +21,11 @@ def cmd_token(args: argparse.Namespace) -> int:
         return 0
     expires = datetime.datetime.fromtimestamp(answer["expires_at"]).strftime("%Y-%m-%d %H:%M")
     out.print(answer["token"], highlight=False)
-    out.print(f"on the box that should join (valid once, until {expires}):\n"
-              f"  thox cluster join {answer['token']} --server {answer['server']}", highlight=False)
+    out.print(
+        f"on the box that should join (valid once, until {expires}):\n"
+        f"  thox cluster join {answer['token']} --server {answer['server']}",
+        highlight=False,
+    )
     return 0
 
 
@@ -52,18 +55,26 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 0
     voters = summary.get("voters", {})
     colour = {"healthy": "green", "degraded": "yellow"}.get(summary["status"], "red")
-    out.print(f"cluster  {summary.get('cluster_id')}   [{colour}]{summary['status']}[/{colour}]   leader "
-              f"{summary.get('leader') or '-'}   nodes {summary.get('node_count')}/{summary.get('member_count')}   "
-              f"voters {voters.get('alive')}/{voters.get('expected')}   RAM {summary.get('total_ram_gb')} GB")
+    out.print(
+        f"cluster  {summary.get('cluster_id')}   [{colour}]{summary['status']}[/{colour}]   leader "
+        f"{summary.get('leader') or '-'}   nodes {summary.get('node_count')}/{summary.get('member_count')}   "
+        f"voters {voters.get('alive')}/{voters.get('expected')}   RAM {summary.get('total_ram_gb')} GB"
+    )
     table = Table(box=None, padding=(0, 2))
     for column in ("node", "role", "address", "RAM GB", "temp C", "streams", "models", "last seen"):
         table.add_column(column)
     for node in topology["nodes"]:
         name = node["id"] + (" *" if node["id"] == topology.get("leader") else "")
-        table.add_row(name, node["role"] if node["alive"] else f"{node['role']} (gone)", str(node.get("address", "-")),
-                      str(node.get("ram_gb", "-")), str(node.get("temperature_c", "-")),
-                      str((node.get("load") or {}).get("active_streams", "-")), ", ".join(node.get("models", [])),
-                      _age(node))
+        table.add_row(
+            name,
+            node["role"] if node["alive"] else f"{node['role']} (gone)",
+            str(node.get("address", "-")),
+            str(node.get("ram_gb", "-")),
+            str(node.get("temperature_c", "-")),
+            str((node.get("load") or {}).get("active_streams", "-")),
+            ", ".join(node.get("models", [])),
+            _age(node),
+        )
     out.print(table)
     return 0 if summary["status"] == "healthy" else 3
 
@@ -71,15 +82,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     """Register `thox cluster ...`."""
     cluster = sub.add_parser("cluster", help="the MagStack cluster").add_subparsers(
-        dest="cluster_command", required=True)
+        dest="cluster_command", required=True
+    )
     token = cluster.add_parser("token", parents=[common], help="make a one-time join token")
     token.add_argument("--ttl", type=float, default=3600, help="seconds the token stays valid (default 3600)")
     token.add_argument("--json", action="store_true", help="machine-readable output")
     token.set_defaults(func=cmd_token)
     join = cluster.add_parser("join", parents=[common], help="join the cluster a token names")
     join.add_argument("token", help="the token from `thox cluster token` on a member")
-    join.add_argument("--server", help="a member's peer address, HOST[:PORT] (printed with the token); "
-                      "default: found by mDNS")
+    join.add_argument(
+        "--server", help="a member's peer address, HOST[:PORT] (printed with the token); default: found by mDNS"
+    )
     join.set_defaults(func=cmd_join)
     status = cluster.add_parser("status", parents=[common], help="the topology at a glance")
     status.add_argument("--json", action="store_true", help="machine-readable output")

@@ -50,16 +50,19 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
-async def request_json(method: str, url: str, body: dict[str, Any] | None = None,
-                       timeout: float = 300) -> tuple[int, Any]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session, session.request(
-        method, url, json=body, headers=auth_headers()
-    ) as response:
+async def request_json(
+    method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 300
+) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+        session.request(method, url, json=body, headers=auth_headers()) as response,
+    ):
         return response.status, await response.json(content_type=None)
 
 
-def call_cluster(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None,
-                 timeout: float = 300) -> Any:
+def call_cluster(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 300
+) -> Any:
     """Call the cluster API; prints the error envelope's message and returns None on failure."""
     url = f"{cluster_url(home_of(args))}{path}"
     try:

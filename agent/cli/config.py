@@ -51,8 +51,10 @@ def _tell_agent(args: argparse.Namespace, key: str) -> None:
     if report is None:
         return
     if key in report.get("pinned", []):
-        err.print(f"note: the running agent's environment or command line sets {key} ({env_var(key)}), "
-                  "which overrides the file")
+        err.print(
+            f"note: the running agent's environment or command line sets {key} ({env_var(key)}), "
+            "which overrides the file"
+        )
     elif key in report.get("applied", []):
         out.print("the running agent applied it")
     elif key in report.get("restart_required", []):
@@ -139,7 +141,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     """Register `thox config ...`."""
     config = sub.add_parser("config", help="settings in <home>/config.toml").add_subparsers(
-        dest="config_command", required=True)
+        dest="config_command", required=True
+    )
     get = config.add_parser("get", parents=[common], help="a setting's effective value and its source")
     get.add_argument("key", help="dotted key, e.g. api.inference_port")
     get.set_defaults(func=cmd_get)

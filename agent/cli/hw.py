@@ -13,19 +13,24 @@ from agent.cli.common import call_cluster, out
 def _print_contract(record: dict[str, Any]) -> None:
     selected = record.get("selected") or {}
     measured = record.get("measured") or {}
-    out.print(f"port {record.get('port')}   controller {record.get('controller')}   state [bold]{record.get('state')}"
-              f"[/bold]   peer {record.get('peer_module_id') or '-'}")
+    out.print(
+        f"port {record.get('port')}   controller {record.get('controller')}   state [bold]{record.get('state')}"
+        f"[/bold]   peer {record.get('peer_module_id') or '-'}"
+    )
     if selected:
-        out.print(f"  contract  PDO #{selected.get('pdo_index')}  {selected.get('voltage_mV', 0) / 1000:.2f} V  "
-                  f"{selected.get('current_mA')} mA  ({selected.get('power_mW', 0) / 1000:.1f} W)")
+        out.print(
+            f"  contract  PDO #{selected.get('pdo_index')}  {selected.get('voltage_mV', 0) / 1000:.2f} V  "
+            f"{selected.get('current_mA')} mA  ({selected.get('power_mW', 0) / 1000:.1f} W)"
+        )
     if measured:
         out.print(f"  measured  {measured.get('bus_mV', 0) / 1000:.3f} V  {measured.get('current_mA')} mA")
     table = Table(show_header=True, box=None, padding=(0, 2))
     for column in ("#", "type", "voltage", "current / power"):
         table.add_column(column)
     for pdo in record.get("source_pdos", []):
-        volts = (f"{pdo['mV'] / 1000:.2f} V" if "mV" in pdo
-                 else f"{pdo['min_mV'] / 1000:.1f}-{pdo['max_mV'] / 1000:.1f} V")
+        volts = (
+            f"{pdo['mV'] / 1000:.2f} V" if "mV" in pdo else f"{pdo['min_mV'] / 1000:.1f}-{pdo['max_mV'] / 1000:.1f} V"
+        )
         amps = f"{pdo['mA']} mA" if "mA" in pdo else f"{pdo.get('mW')} mW"
         marker = " *" if selected and pdo["index"] == selected.get("pdo_index") else ""
         table.add_row(f"{pdo['index']}{marker}", pdo["type"], volts, amps)
@@ -47,15 +52,20 @@ def cmd_hw_status(args: argparse.Namespace) -> int:
         return 0
     thermal = hardware.get("thermal") or {}
     actions = thermal.get("actions") or {}
-    out.print(f"thermal  {health.get('temperature_c')} C (hottest)   level [bold]{thermal.get('level')}[/bold]   "
-              f"concurrency {actions.get('max_concurrency')}   fan {actions.get('fan_profile')}"
-              f"{'   INFERENCE STOPPED' if actions.get('inference_stopped') else ''}")
-    zones = "  ".join(f"{zone} {'offline' if c is None else f'{c:.1f}'}"
-                      for zone, c in thermal.get("zones", {}).items())
+    out.print(
+        f"thermal  {health.get('temperature_c')} C (hottest)   level [bold]{thermal.get('level')}[/bold]   "
+        f"concurrency {actions.get('max_concurrency')}   fan {actions.get('fan_profile')}"
+        f"{'   INFERENCE STOPPED' if actions.get('inference_stopped') else ''}"
+    )
+    zones = "  ".join(
+        f"{zone} {'offline' if c is None else f'{c:.1f}'}" for zone, c in thermal.get("zones", {}).items()
+    )
     out.print(f"zones    {zones}")
     power = hardware.get("power") or {}
-    out.print(f"power    contract {power.get('contract_state')} {power.get('contract_mV')} mV   "
-              f"bus {power.get('bus_mV')} mV   {power.get('current_mA')} mA")
+    out.print(
+        f"power    contract {power.get('contract_state')} {power.get('contract_mV')} mV   "
+        f"bus {power.get('bus_mV')} mV   {power.get('current_mA')} mA"
+    )
     dock = hardware.get("dock") or {}
     offer = dock.get("join_offer")
     offer_text = f"   join offer from {offer.get('node_id')} ({offer.get('endpoint')})" if offer else ""
@@ -64,9 +74,14 @@ def cmd_hw_status(args: argparse.Namespace) -> int:
     for column in ("source", "available", "polls", "failed", "jitter p99 ms", "last error"):
         table.add_column(column, overflow="fold")
     for name, report in hardware.get("drivers", {}).items():
-        table.add_row(name, "yes" if report.get("available") else "[red]no[/red]",
-                      str(report.get("polls")), str(report.get("failed_polls")),
-                      str(report.get("poll_jitter_ms", {}).get("p99", "-")), report.get("last_error") or "")
+        table.add_row(
+            name,
+            "yes" if report.get("available") else "[red]no[/red]",
+            str(report.get("polls")),
+            str(report.get("failed_polls")),
+            str(report.get("poll_jitter_ms", {}).get("p99", "-")),
+            report.get("last_error") or "",
+        )
     out.print(table)
     return 0
 

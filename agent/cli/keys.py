@@ -104,8 +104,10 @@ def config_get_key(args: argparse.Namespace) -> int:
     if not records:
         out.print("api.key is not set (see `thox api-key list` for generated keys)")
     else:
-        out.print(f"api.key = {records[0].id} (created {records[0].created}, last used "
-                  f"{records[0].last_used or 'never'}); the secret is not shown")
+        out.print(
+            f"api.key = {records[0].id} (created {records[0].created}, last used "
+            f"{records[0].last_used or 'never'}); the secret is not shown"
+        )
     return 0
 
 
@@ -114,8 +116,12 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     keys = sub.add_parser("api-key", help="API keys (Bearer tokens)").add_subparsers(dest="key_command", required=True)
     generate = keys.add_parser("generate", parents=[common], help="create a key and print it once")
     generate.add_argument("--name", help="a label for the key")
-    generate.add_argument("--scope", choices=["inference", "admin"], default="inference",
-                          help="inference: the OpenAI API; admin: also the cluster API (default inference)")
+    generate.add_argument(
+        "--scope",
+        choices=["inference", "admin"],
+        default="inference",
+        help="inference: the OpenAI API; admin: also the cluster API (default inference)",
+    )
     generate.set_defaults(func=cmd_generate)
     listing = keys.add_parser("list", parents=[common], help="keys with scope and last use, never secrets")
     listing.add_argument("--json", action="store_true", help="machine-readable output")

@@ -42,7 +42,7 @@ def topic_matches(logger: str, topic: str) -> bool:
     wanted = [p for p in topic.strip().strip(".").split(".") if p]
     if not wanted:
         return True
-    return any(parts[i:i + len(wanted)] == wanted for i in range(len(parts) - len(wanted) + 1))
+    return any(parts[i : i + len(wanted)] == wanted for i in range(len(parts) - len(wanted) + 1))
 
 
 class LineSelector:
@@ -87,8 +87,10 @@ def render(record: dict[str, Any] | None, line: str) -> str:
     topic = logger.removeprefix("agent.")
     event = str(fields.pop("event", ""))
     exception = fields.pop("exception", None)
-    rest = " ".join(f"{key}={value if isinstance(value, str) and ' ' not in value else json.dumps(value)}"
-                    for key, value in fields.items())
+    rest = " ".join(
+        f"{key}={value if isinstance(value, str) and ' ' not in value else json.dumps(value)}"
+        for key, value in fields.items()
+    )
     text = f"{timestamp} {level:<7} {topic:<18} {event} {rest}".rstrip()
     return f"{text}\n{exception}" if exception else text
 
@@ -163,8 +165,12 @@ def _follow_file(path: Path) -> Iterator[str]:
 def _journalctl(*arguments: str) -> subprocess.Popen[str]:
     if not shutil.which("journalctl"):
         raise LogSourceError("journalctl is not installed, and the agent writes no log file in this home")
-    return subprocess.Popen(["journalctl", f"--unit={UNIT}", "--output=cat", "--no-pager", *arguments],
-                            stdout=subprocess.PIPE, text=True, errors="replace")
+    return subprocess.Popen(
+        ["journalctl", f"--unit={UNIT}", "--output=cat", "--no-pager", *arguments],
+        stdout=subprocess.PIPE,
+        text=True,
+        errors="replace",
+    )
 
 
 def _journal_history(lines: int | None) -> tuple[list[str], str | None]:
@@ -177,7 +183,7 @@ def _journal_history(lines: int | None) -> tuple[list[str], str | None]:
     history, cursor = [], None
     for line in output.splitlines():
         if line.startswith(_CURSOR_PREFIX):
-            cursor = line[len(_CURSOR_PREFIX):].strip()
+            cursor = line[len(_CURSOR_PREFIX) :].strip()
         else:
             history.append(line)
     return history, cursor
@@ -199,7 +205,8 @@ def _follow_journal(cursor: str | None) -> Iterator[str]:
 
 def _show(lines: Iterable[str], selector: LineSelector, raw: bool, limit: int | None) -> None:
     chosen: Iterable[tuple[str, dict[str, Any] | None]] = (
-        (line, record) for line in lines if selector.wants(record := parse_line(line)))
+        (line, record) for line in lines if selector.wants(record := parse_line(line))
+    )
     if limit is not None:
         chosen = deque(chosen, maxlen=limit)
     for line, record in chosen:
@@ -213,8 +220,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
     limit = args.lines or None
     path = choose_source(home_of(args), args.source)
     if path is not None and not path.exists() and not args.follow:
-        err.print(f"[red]error:[/red] no log file at {path}: the agent has not run with this home "
-                  "(under systemd, see `thox logs --source journal`)")
+        err.print(
+            f"[red]error:[/red] no log file at {path}: the agent has not run with this home "
+            "(under systemd, see `thox logs --source journal`)"
+        )
         return 1
     try:
         if path is None:
@@ -238,12 +247,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:  # type: ignore[type-arg]
     """Register `thox logs`."""
     logs = sub.add_parser("logs", parents=[common], help="the agent's log lines (journal or log file)")
-    logs.add_argument("--filter", action="append", metavar="TOPIC",
-                      help="only lines of this topic, e.g. thermal, hardware, api.security, engine (repeatable)")
+    logs.add_argument(
+        "--filter",
+        action="append",
+        metavar="TOPIC",
+        help="only lines of this topic, e.g. thermal, hardware, api.security, engine (repeatable)",
+    )
     logs.add_argument("--level", choices=LEVELS, default="debug", help="only lines at or above this level")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
     logs.add_argument("-n", "--lines", type=int, default=50, help="how many past lines (0: all; default 50)")
-    logs.add_argument("--source", choices=("auto", "journal", "file"), default="auto",
-                      help="auto: the running agent's, else the log file if present, else the journal")
+    logs.add_argument(
+        "--source",
+        choices=("auto", "journal", "file"),
+        default="auto",
+        help="auto: the running agent's, else the log file if present, else the journal",
+    )
     logs.add_argument("--json", action="store_true", help="the lines as stored (JSON)")
     logs.set_defaults(func=cmd_logs)

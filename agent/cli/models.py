@@ -39,8 +39,10 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         out.print_json(data=[m.to_json() for m in models])
         return 0
     if not models:
-        out.print(f"No models installed in {home / 'models'}. Run `thox models prepare` "
-                  "(or `thox serve`, which installs the bundled model on first start).")
+        out.print(
+            f"No models installed in {home / 'models'}. Run `thox models prepare` "
+            "(or `thox serve`, which installs the bundled model on first start)."
+        )
         return 0
     table = Table(title=f"Models in {home / 'models'}")
     for column in ("id", "size", "quantization", "sha256", "source"):
@@ -64,8 +66,13 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
     except (SettingsError, ModelStoreError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 1
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err,
+    ) as progress:
         for model in models:
             tasks: dict[str, TaskID] = {}
 
@@ -79,10 +86,12 @@ def cmd_models_prepare(args: argparse.Namespace) -> int:
             try:
                 if model.format == "gguf":
                     directory = ensure_converted(
-                        model.path, settings.model_cache_dir, sha256=model.sha256, progress=report).directory
+                        model.path, settings.model_cache_dir, sha256=model.sha256, progress=report
+                    ).directory
                 else:
                     directory = ensure_converted_encoder(
-                        model.path, settings.model_cache_dir, progress=report).directory
+                        model.path, settings.model_cache_dir, progress=report
+                    ).directory
             except EngineError as exc:
                 err.print(f"[red]error:[/red] {model.id}: {exc}")
                 return 1
@@ -104,16 +113,24 @@ def _print_placements(placements: list[dict[str, Any]]) -> None:
     for column in ("model", "status", "ready", "context", "replicas"):
         table.add_column(column)
     for placed in placements:
-        table.add_row(placed["model"], placed["status"], f"{placed['replicas_ready']}/{placed['replicas_wanted']}",
-                      str(placed.get("context_length") or "default"),
-                      "; ".join(_replica_cell(r) for r in placed["replicas"]) or "-")
+        table.add_row(
+            placed["model"],
+            placed["status"],
+            f"{placed['replicas_ready']}/{placed['replicas_wanted']}",
+            str(placed.get("context_length") or "default"),
+            "; ".join(_replica_cell(r) for r in placed["replicas"]) or "-",
+        )
     out.print(table)
 
 
 def cmd_load(args: argparse.Namespace) -> int:
     """thox models load MODEL [--replicas N] [--context-length N] [--node ID]...: serve a model across the stack."""
-    body: dict[str, Any] = {"model": args.model, "replicas": args.replicas, "timeout_seconds": args.timeout,
-                            "options": {"context_length": args.context_length} if args.context_length else {}}
+    body: dict[str, Any] = {
+        "model": args.model,
+        "replicas": args.replicas,
+        "timeout_seconds": args.timeout,
+        "options": {"context_length": args.context_length} if args.context_length else {},
+    }
     if args.node:
         body["nodes"] = args.node
     answer = call_cluster(args, "POST", "/models/load", body, timeout=args.timeout + 30)
@@ -151,9 +168,10 @@ def cmd_placement(args: argparse.Namespace) -> int:
 
 async def _pull(url: str, body: dict[str, Any]) -> int:
     timeout = aiohttp.ClientTimeout(total=None, sock_read=body["timeout_seconds"] + 30)
-    async with aiohttp.ClientSession(timeout=timeout) as session, session.post(
-        url, json=body, headers=auth_headers()
-    ) as response:
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.post(url, json=body, headers=auth_headers()) as response,
+    ):
         if response.status >= 400:
             payload = await response.json(content_type=None)
             err.print(f"[red]error {response.status}:[/red] {payload.get('error', {}).get('message', payload)}")
@@ -165,12 +183,17 @@ async def _pull(url: str, body: dict[str, Any]) -> int:
             line = json.loads(raw)
             status = line["status"]
             if status == "pulling" and "total" in line:
-                out.print(f"{line['node']}: {line['completed'] / 1e6:.1f} / {line['total'] / 1e6:.1f} MB "
-                          f"({line['progress'] * 100:.0f}%)", highlight=False)
+                out.print(
+                    f"{line['node']}: {line['completed'] / 1e6:.1f} / {line['total'] / 1e6:.1f} MB "
+                    f"({line['progress'] * 100:.0f}%)",
+                    highlight=False,
+                )
             elif status in ("done", "failed", "queued", "started"):
                 detail = f" ({line['error']})" if line.get("error") else ""
-                out.print(f"{line.get('node') or ', '.join(line.get('nodes', [])) or 'no box needs it'}: "
-                          f"{status}{detail}", highlight=False)
+                out.print(
+                    f"{line.get('node') or ', '.join(line.get('nodes', [])) or 'no box needs it'}: {status}{detail}",
+                    highlight=False,
+                )
             final = line
         ok = final.get("status") == "success"
         out.print(f"{body['model']}: {'copied' if ok else 'not copied everywhere'}")
@@ -197,7 +220,8 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(func=cmd_models_list)
     prepare = models.add_parser(
-        "prepare", parents=[common], help="install bundled models and convert them (shows progress)")
+        "prepare", parents=[common], help="install bundled models and convert them (shows progress)"
+    )
     prepare.set_defaults(func=cmd_models_prepare)
     load = models.add_parser("load", parents=[common], help="serve a model on boxes of the stack")
     load.add_argument("model")

@@ -27,8 +27,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         err.print(f"[red]error:[/red] {exc}")
         return 2
     # Under systemd the journal keeps the lines; otherwise a rotated file in the home does (`thox logs` reads both).
-    close_logs = configure_logging(settings.log_format,
-                                   log_file=None if under_journald() else log_file_of(settings.home))
+    close_logs = configure_logging(
+        settings.log_format, log_file=None if under_journald() else log_file_of(settings.home)
+    )
     try:
         asyncio.run(serve(settings, overrides))
     except StartupError as exc:

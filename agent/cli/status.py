@@ -24,36 +24,48 @@ async def _status_reports(base: str) -> tuple[Any, Any]:
 def _status_lines(health: dict[str, Any], config: dict[str, Any] | None, inference: str, cluster: str) -> None:
     engine = health.get("engine", {})
     colour = {"ok": "green", "starting": "yellow"}.get(str(health.get("status")), "red")
-    out.print(f"status   [{colour}]{health.get('status')}[/{colour}]   version {health.get('version')}   "
-              f"uptime {health.get('uptime_seconds', 0):.0f}s")
+    out.print(
+        f"status   [{colour}]{health.get('status')}[/{colour}]   version {health.get('version')}   "
+        f"uptime {health.get('uptime_seconds', 0):.0f}s"
+    )
     out.print(f"serving  {inference} (OpenAI API)   {cluster} (cluster API)")
     if config is not None:
         values = config.get("settings", {})
         keys = config.get("api_keys", {})
-        out.print(f"access   auth {values.get('api.auth')}   allow {values.get('api.allow')}   limits "
-                  f"{values.get('api.rate_limit')}/min inference, {values.get('api.cluster_rate_limit')}/min "
-                  f"cluster   api keys {keys.get('count', 0)}")
-    out.print(f"engine   {engine.get('state')}   model {engine.get('model')}   pid {engine.get('pid')}   "
-              f"restarts {engine.get('restarts')}   streams {engine.get('active_streams')}")
+        out.print(
+            f"access   auth {values.get('api.auth')}   allow {values.get('api.allow')}   limits "
+            f"{values.get('api.rate_limit')}/min inference, {values.get('api.cluster_rate_limit')}/min "
+            f"cluster   api keys {keys.get('count', 0)}"
+        )
+    out.print(
+        f"engine   {engine.get('state')}   model {engine.get('model')}   pid {engine.get('pid')}   "
+        f"restarts {engine.get('restarts')}   streams {engine.get('active_streams')}"
+    )
     if engine.get("last_error"):
         out.print(f"         last error: {engine['last_error']}")
     hardware = health.get("hardware") or {}
     thermal = hardware.get("thermal")
     if thermal:
-        out.print(f"thermal  {health.get('temperature_c')} C   level {thermal.get('level')}   "
-                  f"concurrency {thermal.get('actions', {}).get('max_concurrency')}")
+        out.print(
+            f"thermal  {health.get('temperature_c')} C   level {thermal.get('level')}   "
+            f"concurrency {thermal.get('actions', {}).get('max_concurrency')}"
+        )
     power, dock = hardware.get("power"), hardware.get("dock")
     if power or dock:
         docked = "docked" if (dock or {}).get("docked") else "nothing docked"
         millivolts = (power or {}).get("contract_mV")
-        out.print(f"dock     {docked}   power contract {(power or {}).get('contract_state')}"
-                  f"{f' {millivolts / 1000:.1f} V' if millivolts else ''}")
+        out.print(
+            f"dock     {docked}   power contract {(power or {}).get('contract_state')}"
+            f"{f' {millivolts / 1000:.1f} V' if millivolts else ''}"
+        )
     membership = health.get("cluster")
     if membership:
         role = "leader" if membership.get("is_leader") else "member"
-        state = (f"{membership.get('cluster_id')}   node {membership.get('node_id')}   {role}"
-                 if membership.get("running")
-                 else f"[red]unavailable[/red]: {membership.get('unavailable', 'not running')}")
+        state = (
+            f"{membership.get('cluster_id')}   node {membership.get('node_id')}   {role}"
+            if membership.get("running")
+            else f"[red]unavailable[/red]: {membership.get('unavailable', 'not running')}"
+        )
         out.print(f"cluster  {state}   (thox cluster status)")
     pending = (config or health.get("config") or {}).get("restart_required")
     if pending:

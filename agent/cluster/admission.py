@@ -41,8 +41,13 @@ def desired_voters(member_count: int) -> int:
 class Admission:
     """Issues tokens (any box) and admits boxes into this node's cluster (a box holding the CA key)."""
 
-    def __init__(self, client: aetcd.Client, identity: Callable[[], Identity], leader: Callable[[], str | None],
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        client: aetcd.Client,
+        identity: Callable[[], Identity],
+        leader: Callable[[], str | None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._client = client
         self._identity = identity
         self._leader = leader
@@ -54,8 +59,9 @@ class Admission:
         token = JoinToken.generate(ca_fingerprint(self._identity().ca_pem))
         await self._prune()
         record = TokenRecord.for_token(token, ttl_seconds, self._clock())
-        await wait_for(self._client.put(TOKENS_PREFIX + token.token_id.encode(), record.to_json().encode()),
-                       RPC_TIMEOUT_SECONDS)
+        await wait_for(
+            self._client.put(TOKENS_PREFIX + token.token_id.encode(), record.to_json().encode()), RPC_TIMEOUT_SECONDS
+        )
         log.info("join_token_issued", token_id=token.token_id, expires=record.expires)
         return token, record.expires
 
@@ -74,8 +80,11 @@ class Admission:
     def _identity_ca(self) -> ClusterCA:
         ca = self._identity().ca()
         if ca is None:
-            raise JoinRefused("this box does not hold the cluster CA key and cannot admit boxes; ask a voter",
-                              code="cluster_unavailable", status=503)
+            raise JoinRefused(
+                "this box does not hold the cluster CA key and cannot admit boxes; ask a voter",
+                code="cluster_unavailable",
+                status=503,
+            )
         return ca
 
     async def admit(self, request: JoinRequest) -> JoinGrant:
@@ -106,19 +115,26 @@ class Admission:
             return TokenRecord.from_json(got.value), int(got.mod_revision)
         except TokenRecordError as exc:
             log.error("join_token_record_damaged", key=key.decode(), error=str(exc))
-            raise JoinRefused("the cluster's record of this token is damaged; make a new token",
-                              code="token_unknown", status=403) from exc
+            raise JoinRefused(
+                "the cluster's record of this token is damaged; make a new token", code="token_unknown", status=403
+            ) from exc
 
     async def _consume(self, key: bytes, record: TokenRecord, revision: int) -> None:
         tx = self._client.transactions
-        won, _ = await wait_for(self._client.transaction(
-            compare=[tx.mod(key) == revision],
-            success=[tx.put(key, record.mark_used().to_json().encode())],
-            failure=[],
-        ), RPC_TIMEOUT_SECONDS)
+        won, _ = await wait_for(
+            self._client.transaction(
+                compare=[tx.mod(key) == revision],
+                success=[tx.put(key, record.mark_used().to_json().encode())],
+                failure=[],
+            ),
+            RPC_TIMEOUT_SECONDS,
+        )
         if not won:
-            raise JoinRefused("this join token has already been used; make a new one with `thox cluster token`",
-                              code="token_used", status=403)
+            raise JoinRefused(
+                "this join token has already been used; make a new one with `thox cluster token`",
+                code="token_used",
+                status=403,
+            )
 
     async def _restore(self, key: bytes, record: TokenRecord) -> None:
         try:
@@ -129,14 +145,17 @@ class Admission:
     async def _add(self, ca: ClusterCA, request: JoinRequest) -> JoinGrant:
         members = await etcd_members.members(self._client)
         if any(member.name == request.node_id for member in members):
-            raise JoinRefused(f"a box named {request.node_id} is already a member of this cluster",
-                              code="already_member", status=409)
+            raise JoinRefused(
+                f"a box named {request.node_id} is already a member of this cluster", code="already_member", status=409
+            )
         if await wait_for(self._client.get(NODES_PREFIX + request.node_id.encode()), RPC_TIMEOUT_SECONDS):
-            raise JoinRefused(f"a box named {request.node_id} is already live in this cluster",
-                              code="already_member", status=409)
+            raise JoinRefused(
+                f"a box named {request.node_id} is already live in this cluster", code="already_member", status=409
+            )
         try:
-            cert = await asyncio.to_thread(ca.issue, request.csr_pem.encode(), request.node_id,
-                                           sorted({request.address}), [request.node_id])
+            cert = await asyncio.to_thread(
+                ca.issue, request.csr_pem.encode(), request.node_id, sorted({request.address}), [request.node_id]
+            )
         except PkiError as exc:
             raise JoinRefused(f"the certificate request was refused: {exc}", code="bad_request", status=400) from exc
         learners = [member for member in members if member.is_learner]
@@ -152,23 +171,47 @@ class Admission:
         try:
             _, initial_cluster = await etcd_members.add_learner(self._client, request.node_id, peer_url)
         except EtcdError as exc:
-            raise JoinRefused(f"the cluster cannot take a member now: {exc}", code="cluster_unavailable",
-                              status=503) from exc
+            raise JoinRefused(
+                f"the cluster cannot take a member now: {exc}", code="cluster_unavailable", status=503
+            ) from exc
         log.info("join_admitted", node=request.node_id, address=request.address, role="learner")
         # The joiner of a one-box stack becomes the standby of a two-box stack, which holds the CA key: it takes
         # the key with it at once, for if the voter went before the custodian's first round, the box that
         # re-forms alone could admit no one.
-        return self._grant(ca, request, cert, "learner", initial_cluster, members,
-                           voter_client_urls(await etcd_members.members(self._client)), with_key=len(members) == 1)
+        return self._grant(
+            ca,
+            request,
+            cert,
+            "learner",
+            initial_cluster,
+            members,
+            voter_client_urls(await etcd_members.members(self._client)),
+            with_key=len(members) == 1,
+        )
 
-    def _grant(self, ca: ClusterCA, request: JoinRequest, cert: bytes, role: Role, initial_cluster: str,
-               members: list[etcd_members.MemberInfo], client_urls: list[str], *, with_key: bool = False
-               ) -> JoinGrant:
+    def _grant(
+        self,
+        ca: ClusterCA,
+        request: JoinRequest,
+        cert: bytes,
+        role: Role,
+        initial_cluster: str,
+        members: list[etcd_members.MemberInfo],
+        client_urls: list[str],
+        *,
+        with_key: bool = False,
+    ) -> JoinGrant:
         return JoinGrant(
-            cluster_id=self._identity().cluster_id, node_cert_pem=cert.decode(), ca_cert_pem=ca.cert_pem.decode(),
-            ca_key_pem=ca.key_pem.decode() if with_key else None, initial_cluster=initial_cluster, role=role,
-            leader=self._leader(), members=sorted([*(m.name for m in members if m.name), request.node_id]),
-            client_urls=client_urls)
+            cluster_id=self._identity().cluster_id,
+            node_cert_pem=cert.decode(),
+            ca_cert_pem=ca.cert_pem.decode(),
+            ca_key_pem=ca.key_pem.decode() if with_key else None,
+            initial_cluster=initial_cluster,
+            role=role,
+            leader=self._leader(),
+            members=sorted([*(m.name for m in members if m.name), request.node_id]),
+            client_urls=client_urls,
+        )
 
 
 def voter_client_urls(members: list[etcd_members.MemberInfo]) -> list[str]:
@@ -190,8 +233,9 @@ class AbsenceClock:
         return {member_id: now - since for member_id, since in self._since.items()}
 
 
-async def remove_departed(client: aetcd.Client, live_nodes: set[str], absence: AbsenceClock,
-                          remove_after: float) -> list[str]:
+async def remove_departed(
+    client: aetcd.Client, live_nodes: set[str], absence: AbsenceClock, remove_after: float
+) -> list[str]:
     """On the leader: remove members gone longer than `remove_after`, never the last voter; returns their names.
 
     A member that is gone for good otherwise keeps its vote (a 3-voter stack that lost one stays one failure away
@@ -208,8 +252,13 @@ async def remove_departed(client: aetcd.Client, live_nodes: set[str], absence: A
             continue
         await etcd_members.remove(client, member.id)
         removed.append(member.name or f"{member.id:x}")
-        log.warning("member_removed", node=member.name or None, member_id=f"{member.id:x}",
-                    role="learner" if member.is_learner else "voter", gone_s=round(gone[member.id], 1))
+        log.warning(
+            "member_removed",
+            node=member.name or None,
+            member_id=f"{member.id:x}",
+            role="learner" if member.is_learner else "voter",
+            gone_s=round(gone[member.id], 1),
+        )
     return removed
 
 

@@ -65,10 +65,15 @@ def entitled(node_id: str, members: list[MemberInfo]) -> bool:
 
 def holders(live_nodes: Mapping[str, Mapping[str, Any]], leader: str | None, exclude: str) -> list[str]:
     """Peer API base URLs of live boxes holding the CA key, the leader first."""
-    found = [(node_id != leader, node_id, record) for node_id, record in live_nodes.items()
-             if node_id != exclude and record.get("holds_ca_key") and record.get("peer_port")]
-    return [f"https://{host_port(str(record['address']), int(record['peer_port']))}"
-            for _, _, record in sorted(found, key=lambda item: item[:2])]
+    found = [
+        (node_id != leader, node_id, record)
+        for node_id, record in live_nodes.items()
+        if node_id != exclude and record.get("holds_ca_key") and record.get("peer_port")
+    ]
+    return [
+        f"https://{host_port(str(record['address']), int(record['peer_port']))}"
+        for _, _, record in sorted(found, key=lambda item: item[:2])
+    ]
 
 
 def store_key(identity: Identity, key_pem: bytes | None) -> Identity:
@@ -96,22 +101,33 @@ async def fetch_key(session: aiohttp.ClientSession, base_url: str) -> bytes:
         async with session.get(f"{base_url}{CA_KEY_PATH}", timeout=aiohttp.ClientTimeout(total=10)) as answer:
             body = await answer.content.read(MAX_KEY_BYTES + 1)
             if answer.status != 200:
-                raise CaKeyRefused(f"{base_url} refused the CA key: HTTP {answer.status} {body[:200]!r}",
-                                   code="refused", status=answer.status)
+                raise CaKeyRefused(
+                    f"{base_url} refused the CA key: HTTP {answer.status} {body[:200]!r}",
+                    code="refused",
+                    status=answer.status,
+                )
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise CaKeyRefused(f"{base_url} did not hand over the CA key: {exc}", code="unreachable", status=503) from exc
     if len(body) > MAX_KEY_BYTES:
-        raise CaKeyRefused(f"{base_url} sent more than {MAX_KEY_BYTES} bytes for the CA key", code="bad_answer",
-                           status=502)
+        raise CaKeyRefused(
+            f"{base_url} sent more than {MAX_KEY_BYTES} bytes for the CA key", code="bad_answer", status=502
+        )
     return body
 
 
 class CaCustodian:
     """On every box: keeps its copy of the CA key in line with its role, and serves it to entitled boxes."""
 
-    def __init__(self, node_id: str, client: aetcd.Client, identity: Callable[[], Identity],
-                 on_identity: Callable[[Identity], None], live_nodes: Callable[[], Mapping[str, Mapping[str, Any]]],
-                 leader: Callable[[], str | None], session: Callable[[], aiohttp.ClientSession]) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        client: aetcd.Client,
+        identity: Callable[[], Identity],
+        on_identity: Callable[[Identity], None],
+        live_nodes: Callable[[], Mapping[str, Mapping[str, Any]]],
+        leader: Callable[[], str | None],
+        session: Callable[[], aiohttp.ClientSession],
+    ) -> None:
         self.node_id = node_id
         self._client = client
         self._identity = identity
@@ -153,11 +169,15 @@ class CaCustodian:
         try:
             members = await wait_for(etcd_members.members(self._client), RPC_TIMEOUT_SECONDS)
         except (aetcd.exceptions.ClientError, EtcdError, TimeoutError) as exc:
-            raise CaKeyRefused(f"the member list cannot be read (no quorum?): {exc}", code="cluster_unavailable",
-                               status=503) from exc
+            raise CaKeyRefused(
+                f"the member list cannot be read (no quorum?): {exc}", code="cluster_unavailable", status=503
+            ) from exc
         if not entitled(caller, members):
             log.warning("ca_key_refused", caller=caller)
-            raise CaKeyRefused(f"{caller} is not a box that holds the CA key (voters, and the standby of a two-box "
-                               "stack)", code="not_entitled", status=403)
+            raise CaKeyRefused(
+                f"{caller} is not a box that holds the CA key (voters, and the standby of a two-box stack)",
+                code="not_entitled",
+                status=403,
+            )
         log.info("ca_key_handed_over", to=caller)
         return key

@@ -53,23 +53,36 @@ class Discovery:
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()  # a join stops and restarts discovery while the first start may still probe
 
-    async def start(self, *, node_id: str, address: str, peer_port: int, inference_port: int, cluster_id: str,
-                    ca_hash: str) -> None:
+    async def start(
+        self, *, node_id: str, address: str, peer_port: int, inference_port: int, cluster_id: str, ca_hash: str
+    ) -> None:
         """Advertise this box and start listening for others (restart with new facts after a join)."""
         async with self._lock:
             await self._stop()
             await self._start(node_id, address, peer_port, inference_port, cluster_id, ca_hash)
 
-    async def _start(self, node_id: str, address: str, peer_port: int, inference_port: int, cluster_id: str,
-                     ca_hash: str) -> None:
+    async def _start(
+        self, node_id: str, address: str, peer_port: int, inference_port: int, cluster_id: str, ca_hash: str
+    ) -> None:
         self._zeroconf = zeroconf = AsyncZeroconf(ip_version=IPVersion.V4Only if ":" not in address else IPVersion.All)
         packed = [_packed(address)]
         services = [
-            AsyncServiceInfo(CLUSTER_SERVICE, f"{node_id}.{CLUSTER_SERVICE}", addresses=packed, port=peer_port,
-                             properties={"node": node_id, "cluster": cluster_id, "ca": ca_hash},
-                             server=HOST_NAME),
-            AsyncServiceInfo(HTTP_SERVICE, f"{node_id}.{HTTP_SERVICE}", addresses=packed, port=inference_port,
-                             properties={"path": "/v1", "node": node_id}, server=HOST_NAME),
+            AsyncServiceInfo(
+                CLUSTER_SERVICE,
+                f"{node_id}.{CLUSTER_SERVICE}",
+                addresses=packed,
+                port=peer_port,
+                properties={"node": node_id, "cluster": cluster_id, "ca": ca_hash},
+                server=HOST_NAME,
+            ),
+            AsyncServiceInfo(
+                HTTP_SERVICE,
+                f"{node_id}.{HTTP_SERVICE}",
+                addresses=packed,
+                port=inference_port,
+                properties={"path": "/v1", "node": node_id},
+                server=HOST_NAME,
+            ),
         ]
         for info in services:
             # Another box of the stack uses the same host name; only service names must be unique.
@@ -111,8 +124,7 @@ class Discovery:
         addresses = info.parsed_addresses()
         if not addresses or not info.port or not text.get("ca"):
             return
-        self.peers[name] = Peer(text.get("node", name), addresses[0], info.port, text.get("cluster", ""),
-                                text["ca"])
+        self.peers[name] = Peer(text.get("node", name), addresses[0], info.port, text.get("cluster", ""), text["ca"])
         self._changed.set()
 
     async def find(self, ca_hash: str, timeout: float) -> Peer | None:

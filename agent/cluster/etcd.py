@@ -133,8 +133,14 @@ class EtcdMember:
         # The token makes etcd derive member and cluster ids from this cluster's id, so two stacks bootstrapped
         # with the same names and addresses still get different ids and refuse each other's raft traffic.
         token = "magstack-" + hashlib.sha256(cluster_id.encode()).hexdigest()[:32]
-        flags = ["--initial-cluster-state", "new", "--initial-cluster", f"{self.config.name}={self.config.peer_url}",
-                 "--initial-cluster-token", token]
+        flags = [
+            "--initial-cluster-state",
+            "new",
+            "--initial-cluster",
+            f"{self.config.name}={self.config.peer_url}",
+            "--initial-cluster-token",
+            token,
+        ]
         status = await self._start("new", flags, timeout)
         assert status is not None
         return status
@@ -143,8 +149,10 @@ class EtcdMember:
         """Join the cluster that already added this member (see `add_learner`); return once it serves."""
         own = f"{self.config.name}={self.config.peer_url}"
         if own not in initial_cluster.split(","):
-            raise EtcdError(f"initial cluster {initial_cluster!r} does not list this member as {own!r}; pass the "
-                            "string add_learner() returned for this node")
+            raise EtcdError(
+                f"initial cluster {initial_cluster!r} does not list this member as {own!r}; pass the "
+                "string add_learner() returned for this node"
+            )
         flags = ["--initial-cluster-state", "existing", "--initial-cluster", initial_cluster]
         status = await self._start("join", flags, timeout)
         assert status is not None
@@ -159,8 +167,7 @@ class EtcdMember:
         """
         return await self._start("existing", [], timeout, wait=wait_ready)
 
-    async def force_new_cluster(self, *, cluster_id: str | None = None, timeout: float | None = None
-                                ) -> EtcdStatus:
+    async def force_new_cluster(self, *, cluster_id: str | None = None, timeout: float | None = None) -> EtcdStatus:
         """Re-form a single-voter cluster from this member's own copy (the 2-box survivor); return once it serves.
 
         A voter restarts with `--force-new-cluster`: etcd rewrites the membership to this member alone and keeps
@@ -179,8 +186,10 @@ class EtcdMember:
                 learner = (await status(await self.client(), timeout=1.0)).is_learner
         if learner:
             if cluster_id is None:
-                raise EtcdError(f"etcd member {self.config.name} is a learner: etcd 3.4 cannot force a new cluster "
-                                "from its data; pass cluster_id to re-form the cluster from a copy of its keys")
+                raise EtcdError(
+                    f"etcd member {self.config.name} is a learner: etcd 3.4 cannot force a new cluster "
+                    "from its data; pass cluster_id to re-form the cluster from a copy of its keys"
+                )
             return await self._reform_from_learner(cluster_id, timeout)
         if self._proc is not None:
             await self.stop()
@@ -189,26 +198,38 @@ class EtcdMember:
         except EtcdError as exc:
             if "removed all voters" not in str(exc):
                 raise
-            raise EtcdError(f"etcd member {self.config.name} was a learner: etcd 3.4 cannot force a new cluster from "
-                            "a learner's data, and its copy can be read only while its etcd still runs; start a "
-                            "new cluster instead") from exc
+            raise EtcdError(
+                f"etcd member {self.config.name} was a learner: etcd 3.4 cannot force a new cluster from "
+                "a learner's data, and its copy can be read only while its etcd still runs; start a "
+                "new cluster instead"
+            ) from exc
         assert status_ is not None
         return status_
 
     async def _reform_from_learner(self, cluster_id: str, timeout: float | None) -> EtcdStatus:
         client = await self.client()
-        answer = await call_rpc(client, "kvstub", "Range",
-                             rpc.RangeRequest(key=b"\0", range_end=b"\0", serializable=True), "reading the copy")
+        answer = await call_rpc(
+            client,
+            "kvstub",
+            "Range",
+            rpc.RangeRequest(key=b"\0", range_end=b"\0", serializable=True),
+            "reading the copy",
+        )
         keep = [(kv.key, kv.value) for kv in answer.kvs if not kv.lease]
         await self.stop()
         aside = await asyncio.to_thread(_set_aside, self.config.data_dir)
         reformed = await self.start_new(cluster_id, timeout=timeout)
         client = await self.client()
         for start in range(0, len(keep), 100):  # etcd allows 128 operations per transaction
-            puts = [rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=v)) for k, v in keep[start:start + 100]]
+            puts = [rpc.RequestOp(request_put=rpc.PutRequest(key=k, value=v)) for k, v in keep[start : start + 100]]
             await call_rpc(client, "kvstub", "Txn", rpc.TxnRequest(success=puts), "restoring the copy")
-        log.warning("etcd_reformed_from_learner", member=self.config.name, keys=len(keep),
-                    dropped_leased=len(answer.kvs) - len(keep), set_aside=str(aside))
+        log.warning(
+            "etcd_reformed_from_learner",
+            member=self.config.name,
+            keys=len(keep),
+            dropped_leased=len(answer.kvs) - len(keep),
+            set_aside=str(aside),
+        )
         return reformed
 
     async def wait_ready(self, timeout: float | None = None) -> EtcdStatus:
@@ -220,8 +241,9 @@ class EtcdMember:
         by `stop()`)."""
         if self._client is None:
             tls = await asyncio.to_thread(_read_client_tls, self.config.tls)
-            self._client = TlsEtcdClient([self.config.client_url], tls, timeout=self.config.request_timeout_s,
-                                         server_name=self.config.name)
+            self._client = TlsEtcdClient(
+                [self.config.client_url], tls, timeout=self.config.request_timeout_s, server_name=self.config.name
+            )
         await self._client.connect()
         return self._client
 
@@ -243,12 +265,14 @@ class EtcdMember:
 
     # ------------------------------------------------------------------ internals
 
-    async def _start(self, mode: _Mode, flags: list[str], timeout: float | None, *, wait: bool = True
-                     ) -> EtcdStatus | None:
+    async def _start(
+        self, mode: _Mode, flags: list[str], timeout: float | None, *, wait: bool = True
+    ) -> EtcdStatus | None:
         async with self._lock:
             if self._proc is not None:
-                raise EtcdError(f"etcd member {self.config.name} is already running (pid {self._proc.pid}); "
-                                "stop() it first")
+                raise EtcdError(
+                    f"etcd member {self.config.name} is already running (pid {self._proc.pid}); stop() it first"
+                )
             binary = await asyncio.to_thread(_find_binary, self.config.etcd_binary)
             stale = await asyncio.to_thread(self._prepare, mode)
             if stale is not None:
@@ -256,8 +280,11 @@ class EtcdMember:
             self._stopping = False
             try:
                 await self._launch([binary, *self.config.flags(), *flags])
-                status = await self._wait_ready(self.config.start_timeout_s if timeout is None else timeout) \
-                    if wait else None
+                status = (
+                    await self._wait_ready(self.config.start_timeout_s if timeout is None else timeout)
+                    if wait
+                    else None
+                )
             except BaseException:
                 await self._end_process(graceful=False)  # kills before its first await: never left behind
                 await self._close_client()
@@ -283,8 +310,10 @@ class EtcdMember:
         except OSError as exc:
             raise EtcdError(f"etcd data dir {cfg.data_dir} is unusable: {exc.strerror or exc}") from exc
         if mode in ("new", "join") and initialized:
-            raise EtcdError(f"etcd data dir {cfg.data_dir} already holds a member; restart it with start_existing(), "
-                            "or remove the directory to start afresh")
+            raise EtcdError(
+                f"etcd data dir {cfg.data_dir} already holds a member; restart it with start_existing(), "
+                "or remove the directory to start afresh"
+            )
         if mode in ("existing", "force") and not initialized:
             raise EtcdError(f"etcd data dir {cfg.data_dir} holds no member; start a new cluster or join one")
         return _reap_stale(cfg.pid_file, cfg.data_dir)
@@ -298,9 +327,14 @@ class EtcdMember:
         # the same pid. The parent is the thread that forked: asyncio spawns from the loop thread, which lives as
         # long as the agent.
         proc = await asyncio.create_subprocess_exec(
-            *([_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []), *args,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.PIPE, env=child_env(), start_new_session=True)
+            *([_SETPRIV, "--pdeathsig", "KILL", "--"] if _SETPRIV else []),
+            *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            env=child_env(),
+            start_new_session=True,
+        )
         self._proc = proc
         self._started_at = time.monotonic()
         assert proc.stderr is not None
@@ -339,9 +373,11 @@ class EtcdMember:
                 raise self._exit_error(None if proc is None else proc.returncode)
             remaining = deadline - loop.time()
             if remaining <= 0:
-                raise EtcdError(f"etcd member {self.config.name} did not become ready on {self.config.client_url} "
-                                f"within {timeout:.0f}s ({waiting_for}; a member serves only once it follows a raft "
-                                f"leader, which needs a quorum of voters up); etcd said: {self._said()}")
+                raise EtcdError(
+                    f"etcd member {self.config.name} did not become ready on {self.config.client_url} "
+                    f"within {timeout:.0f}s ({waiting_for}; a member serves only once it follows a raft "
+                    f"leader, which needs a quorum of voters up); etcd said: {self._said()}"
+                )
             try:
                 answer = await status(client, timeout=min(1.0, remaining))
             except EtcdError as exc:
@@ -362,15 +398,20 @@ class EtcdMember:
         text = "\n".join(self._tail)
         in_use = re.search(r"listen tcp ([^\s\"]+): bind: address already in use", text)
         if in_use:
-            return EtcdError(f"etcd member {self.config.name} cannot listen on {in_use.group(1)}: the port is in use "
-                             "by another process; stop it or choose another port")
+            return EtcdError(
+                f"etcd member {self.config.name} cannot listen on {in_use.group(1)}: the port is in use "
+                "by another process; stop it or choose another port"
+            )
         if self._removed:
-            return MemberRemoved(f"etcd member {self.config.name} was removed from the cluster; clear "
-                             f"{self.config.data_dir} and join again")
+            return MemberRemoved(
+                f"etcd member {self.config.name} was removed from the cluster; clear "
+                f"{self.config.data_dir} and join again"
+            )
         if "data-dir" in text and ("permission denied" in text or "cannot access" in text):
             return EtcdError(f"etcd data dir {self.config.data_dir} is unusable; etcd said: {self._said()}")
-        return EtcdError(f"etcd member {self.config.name} exited with code {code} while starting; "
-                         f"etcd said: {self._said()}")
+        return EtcdError(
+            f"etcd member {self.config.name} exited with code {code} while starting; etcd said: {self._said()}"
+        )
 
     async def _watch(self) -> None:
         """Restart etcd whenever it exits on its own, with backoff (0.5 s doubling to 10 s)."""
@@ -382,8 +423,13 @@ class EtcdMember:
                 await self._finish_drain()
                 if self._stopping:
                     return
-                log.warning("etcd_exited", member=self.config.name, pid=proc.pid, code=code,
-                            stderr_tail=self.stderr_tail(_ERROR_TAIL_LINES))
+                log.warning(
+                    "etcd_exited",
+                    member=self.config.name,
+                    pid=proc.pid,
+                    code=code,
+                    stderr_tail=self.stderr_tail(_ERROR_TAIL_LINES),
+                )
                 self._proc = None
                 if self._removed and self.on_removed is not None:
                     log.error("etcd_member_removed", member=self.config.name)
@@ -419,8 +465,12 @@ class EtcdMember:
                     try:
                         await asyncio.wait_for(asyncio.shield(proc.wait()), self.config.stop_timeout_s)
                     except (TimeoutError, asyncio.TimeoutError):
-                        log.warning("etcd_stop_timeout", member=self.config.name, pid=proc.pid,
-                                    timeout_s=self.config.stop_timeout_s)
+                        log.warning(
+                            "etcd_stop_timeout",
+                            member=self.config.name,
+                            pid=proc.pid,
+                            timeout_s=self.config.stop_timeout_s,
+                        )
                 if proc.returncode is None:
                     with contextlib.suppress(ProcessLookupError):
                         proc.kill()

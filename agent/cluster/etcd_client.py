@@ -54,8 +54,7 @@ def split_endpoint(url: str) -> tuple[str, int]:
 class TlsEtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type information
     """aetcd's client over mutual TLS to one of `endpoints` (the first until told otherwise)."""
 
-    def __init__(self, endpoints: list[str], tls: ClientTls, *, timeout: float, server_name: str | None = None
-                 ) -> None:
+    def __init__(self, endpoints: list[str], tls: ClientTls, *, timeout: float, server_name: str | None = None) -> None:
         if not endpoints:
             raise ValueError("no etcd client endpoints to connect to")
         host, port = split_endpoint(endpoints[0])
@@ -66,7 +65,8 @@ class TlsEtcdClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type 
         self.endpoints = list(endpoints)
         self._index = 0
         self._credentials = grpc.ssl_channel_credentials(
-            root_certificates=tls.ca_pem, private_key=tls.key_pem, certificate_chain=tls.cert_pem)
+            root_certificates=tls.ca_pem, private_key=tls.key_pem, certificate_chain=tls.cert_pem
+        )
 
     @property
     def endpoint(self) -> str:

@@ -21,8 +21,18 @@ DEFAULT_CLIENT_PORT = 5384
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # etcd 3.4 refuses to start on any GOARCH but amd64 and ppc64le unless ETCD_UNSUPPORTED_ARCH names the running one;
 # Jetson boxes are arm64, where Debian's etcd-server otherwise exits at once.
-_GOARCH = {"aarch64": "arm64", "arm64": "arm64", "armv7l": "arm", "armv6l": "arm", "i686": "386", "i386": "386",
-           "riscv64": "riscv64", "s390x": "s390x", "x86_64": "amd64", "ppc64le": "ppc64le"}
+_GOARCH = {
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "armv7l": "arm",
+    "armv6l": "arm",
+    "i686": "386",
+    "i386": "386",
+    "riscv64": "riscv64",
+    "s390x": "s390x",
+    "x86_64": "amd64",
+    "ppc64le": "ppc64le",
+}
 
 
 @dataclass(frozen=True)
@@ -78,8 +88,10 @@ class EtcdConfig:
             if not 0 < port < 65536:
                 raise ValueError(f"etcd {label} {port} is not a TCP port (1-65535)")
         if self.election_ms < 5 * self.heartbeat_ms:
-            raise ValueError(f"etcd election_ms ({self.election_ms}) must be at least 5 x heartbeat_ms "
-                             f"({self.heartbeat_ms}); etcd refuses to start otherwise")
+            raise ValueError(
+                f"etcd election_ms ({self.election_ms}) must be at least 5 x heartbeat_ms "
+                f"({self.heartbeat_ms}); etcd refuses to start otherwise"
+            )
 
     @property
     def peer_url(self) -> str:
@@ -118,19 +130,44 @@ class EtcdConfig:
         """The command-line flags every start of this member passes (identity, listeners, TLS, timing, limits)."""
         cfg = self
         return [
-            "--name", cfg.name, "--data-dir", str(cfg.data_dir),
+            "--name",
+            cfg.name,
+            "--data-dir",
+            str(cfg.data_dir),
             *self._client_flags(),
-            "--listen-peer-urls", f"https://{url_host(cfg.peer_listen_host)}:{cfg.peer_port}",
-            "--initial-advertise-peer-urls", cfg.peer_url,
-            "--peer-client-cert-auth", "--peer-trusted-ca-file", str(cfg.tls.ca),
-            "--peer-cert-file", str(cfg.tls.cert), "--peer-key-file", str(cfg.tls.key),
-            "--heartbeat-interval", str(cfg.heartbeat_ms), "--election-timeout", str(cfg.election_ms),
+            "--listen-peer-urls",
+            f"https://{url_host(cfg.peer_listen_host)}:{cfg.peer_port}",
+            "--initial-advertise-peer-urls",
+            cfg.peer_url,
+            "--peer-client-cert-auth",
+            "--peer-trusted-ca-file",
+            str(cfg.tls.ca),
+            "--peer-cert-file",
+            str(cfg.tls.cert),
+            "--peer-key-file",
+            str(cfg.tls.key),
+            "--heartbeat-interval",
+            str(cfg.heartbeat_ms),
+            "--election-timeout",
+            str(cfg.election_ms),
             # A box re-docked after a partition would otherwise bump the term and depose a healthy leader.
             "--pre-vote",
-            "--snapshot-count", str(cfg.snapshot_count), "--max-snapshots", "2", "--max-wals", "2",
-            "--quota-backend-bytes", str(cfg.quota_backend_bytes),
-            "--auto-compaction-mode", "periodic", "--auto-compaction-retention", cfg.auto_compaction_retention,
-            "--logger", "zap", "--log-outputs", "stderr",
+            "--snapshot-count",
+            str(cfg.snapshot_count),
+            "--max-snapshots",
+            "2",
+            "--max-wals",
+            "2",
+            "--quota-backend-bytes",
+            str(cfg.quota_backend_bytes),
+            "--auto-compaction-mode",
+            "periodic",
+            "--auto-compaction-retention",
+            cfg.auto_compaction_retention,
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
         ]
 
     def _client_flags(self) -> list[str]:
@@ -140,9 +177,19 @@ class EtcdConfig:
             listen.append(f"https://{url_host(cfg.peer_listen_host)}:{cfg.client_tls_port}")
             advertise = cfg.client_tls_url  # the loopback URL means nothing to another box
         # --client-cert-auth applies to every client listener: no certificate from the cluster CA, no handshake.
-        return ["--listen-client-urls", ",".join(listen), "--advertise-client-urls", advertise,
-                "--cert-file", str(cfg.tls.cert), "--key-file", str(cfg.tls.key),
-                "--client-cert-auth", "--trusted-ca-file", str(cfg.tls.ca)]
+        return [
+            "--listen-client-urls",
+            ",".join(listen),
+            "--advertise-client-urls",
+            advertise,
+            "--cert-file",
+            str(cfg.tls.cert),
+            "--key-file",
+            str(cfg.tls.key),
+            "--client-cert-auth",
+            "--trusted-ca-file",
+            str(cfg.tls.ca),
+        ]
 
 
 def child_env() -> dict[str, str]:

@@ -53,23 +53,30 @@ class EtcdStatus:
     db_size: int
 
 
-async def call_rpc(client: aetcd.Client, stub: str, method: str, request: Any, what: str,
-                timeout: float | None = None) -> Any:
+async def call_rpc(
+    client: aetcd.Client, stub: str, method: str, request: Any, what: str, timeout: float | None = None
+) -> Any:
     """One raw etcd RPC with aetcd's deadline and auth metadata; failures become EtcdRpcError."""
     await client.connect()
     call = getattr(getattr(client, stub), method)
     try:
         # aetcd's own per-call deadline and auth metadata, as its wrapped methods pass them
-        return await call(request, timeout=client._timeout if timeout is None else timeout,
-                          metadata=client.metadata)
+        return await call(request, timeout=client._timeout if timeout is None else timeout, metadata=client.metadata)
     except rpc.AioRpcError as exc:
         details = exc.details() or ""
-        raise EtcdRpcError(f"etcd {what} failed: {details or exc.code().name}", code=exc.code().name,
-                           details=details) from exc
+        raise EtcdRpcError(
+            f"etcd {what} failed: {details or exc.code().name}", code=exc.code().name, details=details
+        ) from exc
 
 
-async def _retrying(client: aetcd.Client, method: str, request: Any, what: str, timeout: float,
-                    transient: Callable[[EtcdRpcError], bool]) -> Any:
+async def _retrying(
+    client: aetcd.Client,
+    method: str,
+    request: Any,
+    what: str,
+    timeout: float,
+    transient: Callable[[EtcdRpcError], bool],
+) -> Any:
     """A Cluster RPC retried with backoff (0.1 s doubling to 1 s) while it fails transiently, up to `timeout`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -86,16 +93,27 @@ async def _retrying(client: aetcd.Client, method: str, request: Any, what: str, 
 
 
 def _member_info(member: Any) -> MemberInfo:
-    return MemberInfo(id=int(member.ID), name=str(member.name), peer_urls=tuple(member.peerURLs),
-                      client_urls=tuple(member.clientURLs), is_learner=bool(member.isLearner))
+    return MemberInfo(
+        id=int(member.ID),
+        name=str(member.name),
+        peer_urls=tuple(member.peerURLs),
+        client_urls=tuple(member.clientURLs),
+        is_learner=bool(member.isLearner),
+    )
 
 
 async def status(client: aetcd.Client, *, timeout: float | None = None) -> EtcdStatus:
     """The Status of the member `client` is connected to (learners answer it too)."""
     answer = await call_rpc(client, "maintenancestub", "Status", rpc.StatusRequest(), "status", timeout)
-    return EtcdStatus(member_id=int(answer.header.member_id), leader_id=int(answer.leader),
-                      raft_term=int(answer.raftTerm), raft_index=int(answer.raftIndex),
-                      is_learner=bool(answer.isLearner), version=str(answer.version), db_size=int(answer.dbSize))
+    return EtcdStatus(
+        member_id=int(answer.header.member_id),
+        leader_id=int(answer.leader),
+        raft_term=int(answer.raftTerm),
+        raft_index=int(answer.raftIndex),
+        is_learner=bool(answer.isLearner),
+        version=str(answer.version),
+        db_size=int(answer.dbSize),
+    )
 
 
 async def members(client: aetcd.Client) -> list[MemberInfo]:
@@ -113,13 +131,16 @@ async def add_learner(client: aetcd.Client, name: str, peer_url: str, *, timeout
         if member.name == name:
             raise EtcdError(f"a member named {name} is already in the cluster; remove it before it joins again")
         if not member.name:
-            raise EtcdError(f"member {label} ({', '.join(member.peer_urls)}) was added but never started; "
-                            "remove it before adding another")
+            raise EtcdError(
+                f"member {label} ({', '.join(member.peer_urls)}) was added but never started; "
+                "remove it before adding another"
+            )
     request = rpc.MemberAddRequest(peerURLs=[peer_url], isLearner=True)
     # etcd refuses any member change ("unhealthy cluster") until every voter's peer link has been up for 5 s
     # (strict reconfig check), e.g. just after a voter joined or restarted: wait that out.
-    answer = await _retrying(client, "MemberAdd", request, f"adding learner {name}", timeout,
-                             lambda exc: "unhealthy cluster" in exc.details)
+    answer = await _retrying(
+        client, "MemberAdd", request, f"adding learner {name}", timeout, lambda exc: "unhealthy cluster" in exc.details
+    )
     new_id = int(answer.member.ID)
     # MemberAdd answers with the new member unnamed (it has not started); the joiner needs every member as
     # name=peerURL, itself under its own name, or etcd refuses to start.
@@ -131,20 +152,32 @@ async def promote(client: aetcd.Client, member_id: int, *, timeout: float = 30.0
     """Promote a learner to voter, retrying while etcd says it has not caught up with the leader yet."""
     request = rpc.MemberPromoteRequest(ID=member_id)
     try:
-        await _retrying(client, "MemberPromote", request, f"promoting member {member_id:x}", timeout,
-                        lambda exc: "in sync with leader" in exc.details)
+        await _retrying(
+            client,
+            "MemberPromote",
+            request,
+            f"promoting member {member_id:x}",
+            timeout,
+            lambda exc: "in sync with leader" in exc.details,
+        )
     except EtcdRpcError as exc:
         # "can only promote a learner member": fine if it is a voter already (an earlier answer was lost).
-        if "can only promote" in exc.details and "in sync" not in exc.details and any(
-                m.id == member_id and not m.is_learner for m in await members(client)):
+        if (
+            "can only promote" in exc.details
+            and "in sync" not in exc.details
+            and any(m.id == member_id and not m.is_learner for m in await members(client))
+        ):
             return
         if "in sync with leader" in exc.details:
-            raise EtcdError(f"learner {member_id:x} did not catch up with the leader within {timeout:.0f}s; is its "
-                            "etcd running and can the leader reach its peer URL?") from exc
+            raise EtcdError(
+                f"learner {member_id:x} did not catch up with the leader within {timeout:.0f}s; is its "
+                "etcd running and can the leader reach its peer URL?"
+            ) from exc
         raise
 
 
 async def remove(client: aetcd.Client, member_id: int) -> None:
     """Remove a member (voter or learner) from the cluster."""
-    await call_rpc(client, "clusterstub", "MemberRemove", rpc.MemberRemoveRequest(ID=member_id),
-                f"removing member {member_id:x}")
+    await call_rpc(
+        client, "clusterstub", "MemberRemove", rpc.MemberRemoveRequest(ID=member_id), f"removing member {member_id:x}"
+    )

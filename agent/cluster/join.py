@@ -209,8 +209,9 @@ class JoinGrant:
             _bad_grant(f"{what}'s 'initial_cluster' must be a non-empty string")
         node_cert_pem = _pem_field(data, "node_cert_pem", "CERTIFICATE", what, _bad_grant)
         ca_cert_pem = _pem_field(data, "ca_cert_pem", "CERTIFICATE", what, _bad_grant)
-        ca_key_pem = None if data.get("ca_key_pem") is None else _pem_field(data, "ca_key_pem", "PRIVATE KEY", what,
-                                                                             _bad_grant)
+        ca_key_pem = (
+            None if data.get("ca_key_pem") is None else _pem_field(data, "ca_key_pem", "PRIVATE KEY", what, _bad_grant)
+        )
         role = data.get("role")
         if role not in ROLES:
             _bad_grant(f"{what}'s 'role' must be one of {list(ROLES)}, not {role!r}")
@@ -222,12 +223,22 @@ class JoinGrant:
             _bad_grant(f"{what}'s 'members' must be a list of node ids")
         client_urls = data.get("client_urls", [])
         if not isinstance(client_urls, list) or not all(
-                isinstance(url, str) and url.startswith("https://") for url in client_urls):
+            isinstance(url, str) and url.startswith("https://") for url in client_urls
+        ):
             _bad_grant(f"{what}'s 'client_urls' must be a list of https URLs")
         if not member and not client_urls:
             _bad_grant(f"{what} makes this box a client but names no voter to reach the cluster through")
-        return cls(data["cluster_id"], node_cert_pem, ca_cert_pem, ca_key_pem, data["initial_cluster"], role, leader,
-                   list(members), list(client_urls))
+        return cls(
+            data["cluster_id"],
+            node_cert_pem,
+            ca_cert_pem,
+            ca_key_pem,
+            data["initial_cluster"],
+            role,
+            leader,
+            list(members),
+            list(client_urls),
+        )
 
 
 def _url(host: str, port: int, path: str) -> URL:
@@ -321,7 +332,8 @@ def _refusal(status: int, body: bytes, where: str) -> JoinRefused:
         code = message = None
     if not isinstance(code, str) or not isinstance(message, str):
         return JoinRefused(
-            f"the cluster at {where} refused the join with HTTP {status} and no readable reason", code="bad_answer",
+            f"the cluster at {where} refused the join with HTTP {status} and no readable reason",
+            code="bad_answer",
             status=status,
         )
     return JoinRefused(message, code=code, status=status)
@@ -414,21 +426,29 @@ async def join(
     return grant
 
 
-async def forward(session: aiohttp.ClientSession, base_url: str, request: JoinRequest, *, timeout: float = 30.0
-                  ) -> JoinGrant:
+async def forward(
+    session: aiohttp.ClientSession, base_url: str, request: JoinRequest, *, timeout: float = 30.0
+) -> JoinGrant:
     """Relay a join request to the peer API at `base_url` (a box holding the CA key) over the session's mutual TLS;
     its grant, or its refusal as a JoinRefused with the same code and status."""
     where = base_url.removeprefix("https://")
     try:
-        async with session.post(f"{base_url}{JOIN_PATH}", data=request.to_json(),
-                                headers={"Content-Type": "application/json"}, allow_redirects=False,
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+        async with session.post(
+            f"{base_url}{JOIN_PATH}",
+            data=request.to_json(),
+            headers={"Content-Type": "application/json"},
+            allow_redirects=False,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as response:
             body = await _read_limited(response, MAX_GRANT_BYTES, where)
             status = response.status
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         refused = _unreachable(where, exc, timeout)
-        raise JoinRefused(f"the box holding the cluster CA could not be asked: {refused.message}",
-                          code="cluster_unavailable", status=503) from None
+        raise JoinRefused(
+            f"the box holding the cluster CA could not be asked: {refused.message}",
+            code="cluster_unavailable",
+            status=503,
+        ) from None
     if status != 200:
         raise _refusal(status, body, where)
     return JoinGrant.from_json(body)

@@ -44,8 +44,9 @@ class LeaseLost(ThoxError):
 class KeptLease:
     """A lease kept alive by a task; `valid_until` is how long it is certainly still alive (monotonic clock)."""
 
-    def __init__(self, client: aetcd.Client, ttl: int = DEFAULT_TTL_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, client: aetcd.Client, ttl: int = DEFAULT_TTL_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self._client = client
         self.ttl = ttl
         self._clock = clock
@@ -91,8 +92,13 @@ class KeptLease:
 class LeaderElection:
     """Campaigns for `/thox/leader` and holds it while the lease lives; `run()` until cancelled."""
 
-    def __init__(self, client: aetcd.Client, node_id: str, ttl: int = DEFAULT_TTL_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        client: aetcd.Client,
+        node_id: str,
+        ttl: int = DEFAULT_TTL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._client = client
         self.node_id = node_id
         self._lease = KeptLease(client, ttl, clock)
@@ -142,11 +148,14 @@ class LeaderElection:
         if not self._lease.current:
             await self._lease.grant()
         tx = self._client.transactions
-        won, responses = await wait_for(self._client.transaction(
-            compare=[tx.version(LEADER_KEY) == 0],
-            success=[tx.put(LEADER_KEY, self.node_id.encode(), lease=self._lease.lease)],
-            failure=[tx.get(LEADER_KEY)],
-        ), RPC_TIMEOUT_SECONDS)
+        won, responses = await wait_for(
+            self._client.transaction(
+                compare=[tx.version(LEADER_KEY) == 0],
+                success=[tx.put(LEADER_KEY, self.node_id.encode(), lease=self._lease.lease)],
+                failure=[tx.get(LEADER_KEY)],
+            ),
+            RPC_TIMEOUT_SECONDS,
+        )
         if won:
             self._holding = True
             self.terms_won += 1
@@ -179,8 +188,13 @@ class LeaderElection:
 class NodeRegistry:
     """Publishes this node's record under its own lease and lists the live nodes."""
 
-    def __init__(self, client: aetcd.Client, node_id: str, ttl: int = DEFAULT_TTL_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        client: aetcd.Client,
+        node_id: str,
+        ttl: int = DEFAULT_TTL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._client = client
         self.node_id = node_id
         self._lease = KeptLease(client, ttl, clock)
@@ -216,5 +230,5 @@ class NodeRegistry:
             except ValueError:
                 log.warning("node_record_unreadable", key=kv.key.decode(errors="replace"))
                 continue
-            found[kv.key[len(NODES_PREFIX):].decode()] = record
+            found[kv.key[len(NODES_PREFIX) :].decode()] = record
         return found

@@ -176,7 +176,7 @@ def _addresses(address: str) -> list[str]:
 
 
 def _split_server(server: str, default_port: int) -> tuple[str, int]:
-    """"host", "host:port" or "[v6]:port" -> (host, port); JoinRefused for anything else."""
+    """ "host", "host:port" or "[v6]:port" -> (host, port); JoinRefused for anything else."""
     text = server.strip()
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
@@ -190,8 +190,11 @@ def _split_server(server: str, default_port: int) -> tuple[str, int]:
     except ValueError:
         port = 0
     if not host or not 0 < port < 65536:
-        raise JoinRefused(f"{server!r} is not a server address; use HOST or HOST:PORT (the peer port, default "
-                          f"{default_port})", code="bad_request", status=400)
+        raise JoinRefused(
+            f"{server!r} is not a server address; use HOST or HOST:PORT (the peer port, default {default_port})",
+            code="bad_request",
+            status=400,
+        )
     return host, port
 
 
@@ -255,11 +258,15 @@ def _restore(cluster_dir: Path, previous: Path) -> None:
 class ClusterNode:
     """Owns this box's etcd member and its place in the cluster."""
 
-    def __init__(self, settings: Settings, placement: Callable[[str], Placement],
-                 local_facts: Callable[[], Mapping[str, Any]],
-                 dock: Callable[[], DockPipeline | None] = lambda: None,
-                 inference_app: Callable[[], web.Application] | None = None,
-                 loader: ModelLoader | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        placement: Callable[[str], Placement],
+        local_facts: Callable[[], Mapping[str, Any]],
+        dock: Callable[[], DockPipeline | None] = lambda: None,
+        inference_app: Callable[[], web.Application] | None = None,
+        loader: ModelLoader | None = None,
+    ) -> None:
         self.settings = settings
         self.loader = loader
         self.replicas: ReplicaKeeper | None = None
@@ -357,16 +364,25 @@ class ClusterNode:
                 return None
             self._offered = (str(token), expires)
         token_text, expires = self._offered
-        return JoinOffer(node_id=self.node_id, endpoint=host_port(self.address, self.peer_port), token=token_text,
-                         expires_at=int(expires))
+        return JoinOffer(
+            node_id=self.node_id,
+            endpoint=host_port(self.address, self.peer_port),
+            token=token_text,
+            expires_at=int(expires),
+        )
 
     async def _found_anew(self, removed_from: Identity) -> None:
         """This box was removed from its cluster (gone longer than the stack waits for a box): carry on as a box of
         its own, the old cluster kept aside; docking it again or `thox cluster join` brings it back."""
         previous = await asyncio.to_thread(_retire, self.settings.cluster_dir)
         await asyncio.to_thread(forget_retired_key, previous)  # the stack that removed us keeps its key to itself
-        log.warning("cluster_member_removed", cluster_id=removed_from.cluster_id, node=self.node_id,
-                    kept_in=str(previous), action="founding a cluster of its own; join the stack again")
+        log.warning(
+            "cluster_member_removed",
+            cluster_id=removed_from.cluster_id,
+            node=self.node_id,
+            kept_in=str(previous),
+            action="founding a cluster of its own; join the stack again",
+        )
         identity = await asyncio.to_thread(found_cluster, self.settings, self.node_id, self.address)
         log.info("cluster_founded", cluster_id=identity.cluster_id, node=self.node_id)
         member = self._member_for(identity)
@@ -391,11 +407,17 @@ class ClusterNode:
     def _member_for(self, identity: Identity) -> EtcdMember:
         self.identity = identity
         cluster = self.settings.cluster
-        self.member = EtcdMember(EtcdConfig(
-            name=self.node_id, data_dir=self.settings.cluster_dir / "etcd", peer_host=self.address,
-            tls=PeerTls(identity.ca_path, identity.cert_path, identity.key_path),
-            peer_port=cluster.etcd_peer_port, client_port=cluster.etcd_client_port,
-            client_tls_port=cluster.etcd_client_tls_port))
+        self.member = EtcdMember(
+            EtcdConfig(
+                name=self.node_id,
+                data_dir=self.settings.cluster_dir / "etcd",
+                peer_host=self.address,
+                tls=PeerTls(identity.ca_path, identity.cert_path, identity.key_path),
+                peer_port=cluster.etcd_peer_port,
+                client_port=cluster.etcd_client_port,
+                client_tls_port=cluster.etcd_client_tls_port,
+            )
+        )
         self.member.on_removed = self._on_member_removed
         return self.member
 
@@ -409,23 +431,38 @@ class ClusterNode:
         if founded:
             record = {"cluster_id": identity.cluster_id, "founded_by": self.node_id, "founded": time.time()}
             await wait_for(client.put(CLUSTER_KEY, json.dumps(record).encode()), RPC_TIMEOUT_SECONDS)
-        context = await asyncio.to_thread(server_context_from_pem, identity.ca_pem, identity.cert_pem,
-                                          identity.key_pem, require_client_cert=False)
+        context = await asyncio.to_thread(
+            server_context_from_pem, identity.ca_pem, identity.cert_pem, identity.key_pem, require_client_cert=False
+        )
         self._peer = contextlib.AsyncExitStack()
         await self.router.close()  # its connections use the previous identity (before a join)
-        self._client_ssl = (identity, await asyncio.to_thread(
-            client_context_from_pem, identity.ca_pem, identity.cert_pem, identity.key_pem))
+        self._client_ssl = (
+            identity,
+            await asyncio.to_thread(client_context_from_pem, identity.ca_pem, identity.cert_pem, identity.key_pem),
+        )
         inference = self._inference_app() if self._inference_app is not None else None
-        self.peer_port = await self._peer.enter_async_context(serve_peer_api(
-            build_peer_app(self, identity.ca_pem, inference, self.loader.store if self.loader else None, ca_keys=self),
-            self.settings.bind_host,
-            self.settings.cluster.peer_port, context))
+        self.peer_port = await self._peer.enter_async_context(
+            serve_peer_api(
+                build_peer_app(
+                    self, identity.ca_pem, inference, self.loader.store if self.loader else None, ca_keys=self
+                ),
+                self.settings.bind_host,
+                self.settings.cluster.peer_port,
+                context,
+            )
+        )
         self._start_tasks(identity, client)
         self._keeper = self._spawn_task(self._keep_client(identity, member), "cluster-etcd-client")
         if self._advertise:  # in the background: mDNS probing takes a second or two, a join should not wait for it
             self._spawn_task(self._start_discovery(identity), "cluster-mdns")
-        log.info("cluster_member_started", cluster_id=identity.cluster_id, node=self.node_id, address=self.address,
-                 peer_port=self.peer_port, via=getattr(client, "endpoint", "own member"))
+        log.info(
+            "cluster_member_started",
+            cluster_id=identity.cluster_id,
+            node=self.node_id,
+            address=self.address,
+            peer_port=self.peer_port,
+            via=getattr(client, "endpoint", "own member"),
+        )
 
     async def advertise(self) -> None:
         """Start mDNS once the APIs listen (their ports are known then); a later join re-advertises."""
@@ -436,9 +473,13 @@ class ClusterNode:
     async def _start_discovery(self, identity: Identity) -> None:
         try:
             await self.discovery.start(
-                node_id=self.node_id, address=self.address, peer_port=self.peer_port,
-                inference_port=self._placement(self.address).inference_port, cluster_id=identity.cluster_id,
-                ca_hash=ca_fingerprint(identity.ca_pem).removeprefix("sha256:"))
+                node_id=self.node_id,
+                address=self.address,
+                peer_port=self.peer_port,
+                inference_port=self._placement(self.address).inference_port,
+                cluster_id=identity.cluster_id,
+                ca_hash=ca_fingerprint(identity.ca_pem).removeprefix("sha256:"),
+            )
         except (OSError, ValueError, ZeroconfError) as exc:  # e.g. no multicast interface: works without mDNS
             log.warning("mdns_unavailable", error=f"{type(exc).__name__}: {exc}")
 
@@ -451,20 +492,38 @@ class ClusterNode:
         ttl = self.settings.cluster.lease_ttl_seconds
         election = self.election = LeaderElection(client, self.node_id, ttl)
         self.registry = NodeRegistry(client, self.node_id, self.settings.cluster.node_ttl_seconds)
-        self.admission = Admission(client, lambda: self.identity or identity,
-                                   lambda: self.node_id if election.is_leader else None)
-        self.custodian = CaCustodian(self.node_id, client, lambda: self.identity or identity, self._adopt_identity,
-                                     lambda: self.live_nodes, self._leader_hint, self.router.session)
-        self._tasks = [self._spawn_task(election.run(), "cluster-leader"),
-                       self._spawn_task(self.custodian.run(), "cluster-ca-key"),
-                       self._spawn_task(self.registry.run(self._record), "cluster-node-record"),
-                       self._spawn_task(self._keep_voters(), "cluster-voters"),
-                       self._spawn_task(self._follow_nodes(client), "cluster-node-view")]
+        self.admission = Admission(
+            client, lambda: self.identity or identity, lambda: self.node_id if election.is_leader else None
+        )
+        self.custodian = CaCustodian(
+            self.node_id,
+            client,
+            lambda: self.identity or identity,
+            self._adopt_identity,
+            lambda: self.live_nodes,
+            self._leader_hint,
+            self.router.session,
+        )
+        self._tasks = [
+            self._spawn_task(election.run(), "cluster-leader"),
+            self._spawn_task(self.custodian.run(), "cluster-ca-key"),
+            self._spawn_task(self.registry.run(self._record), "cluster-node-record"),
+            self._spawn_task(self._keep_voters(), "cluster-voters"),
+            self._spawn_task(self._follow_nodes(client), "cluster-node-view"),
+        ]
         if self.loader is not None:
-            self.replicas = ReplicaKeeper(self.node_id, self.loader, lambda: self.live_nodes, self._leader_hint,
-                                          self.router.session, self._spawn_task)
-            self._tasks += [self._spawn_task(self.replicas.run(client), "cluster-replicas"),
-                            self._spawn_task(self._place_models(client), "cluster-placement")]
+            self.replicas = ReplicaKeeper(
+                self.node_id,
+                self.loader,
+                lambda: self.live_nodes,
+                self._leader_hint,
+                self.router.session,
+                self._spawn_task,
+            )
+            self._tasks += [
+                self._spawn_task(self.replicas.run(client), "cluster-replicas"),
+                self._spawn_task(self._place_models(client), "cluster-placement"),
+            ]
 
     def _leader_hint(self) -> str | None:
         """The leader as last known, without asking etcd (a source to prefer, not a decision)."""
@@ -481,12 +540,13 @@ class ClusterNode:
         while True:
             try:
                 snapshot = await wait_for(client.get_prefix(NODES_PREFIX), RPC_TIMEOUT_SECONDS)
-                self.live_nodes = {kv.key[len(NODES_PREFIX):].decode(): _record_of(kv.value) for kv in snapshot}
-                watch = await wait_for(client.watch_prefix(NODES_PREFIX, start_revision=snapshot.header.revision + 1),
-                                       RPC_TIMEOUT_SECONDS)
+                self.live_nodes = {kv.key[len(NODES_PREFIX) :].decode(): _record_of(kv.value) for kv in snapshot}
+                watch = await wait_for(
+                    client.watch_prefix(NODES_PREFIX, start_revision=snapshot.header.revision + 1), RPC_TIMEOUT_SECONDS
+                )
                 try:
                     async for event in watch:
-                        node_id = event.kv.key[len(NODES_PREFIX):].decode()
+                        node_id = event.kv.key[len(NODES_PREFIX) :].decode()
                         if event.kind == "DELETE":
                             self.live_nodes.pop(node_id, None)
                         else:
@@ -518,8 +578,9 @@ class ClusterNode:
         urls = await asyncio.to_thread(_load_voter_urls, self.settings.cluster_dir)
         if not urls:
             raise EtcdError("this box reaches the cluster through a voter and no voter's client URL is known")
-        return VoterEtcdClient(urls, ClientTls(identity.ca_pem, identity.cert_pem, identity.key_pem),
-                             timeout=EtcdConfig.request_timeout_s)
+        return VoterEtcdClient(
+            urls, ClientTls(identity.ca_pem, identity.cert_pem, identity.key_pem), timeout=EtcdConfig.request_timeout_s
+        )
 
     async def _keep_client(self, identity: Identity, member: EtcdMember | None) -> None:
         """While using a voter's port: follow membership, move to another voter when it stops answering, go back
@@ -600,8 +661,12 @@ class ClusterNode:
         Topology and placement are soft state, so a copy that may miss the last writes is acceptable; the
         alternative is a box that serves no cluster at all until an operator steps in.
         """
-        log.warning("cluster_voter_lost", node=self.node_id, unreachable_s=REFORM_AFTER_SECONDS,
-                    action="re-forming a single-box cluster from this box's copy")
+        log.warning(
+            "cluster_voter_lost",
+            node=self.node_id,
+            unreachable_s=REFORM_AFTER_SECONDS,
+            action="re-forming a single-box cluster from this box's copy",
+        )
         await self._stop_tasks()
         await client.close()
         await member.force_new_cluster(cluster_id=identity.cluster_id)
@@ -618,8 +683,11 @@ class ClusterNode:
             return await self.admission.admit(request)
         sources = holders(self.live_nodes, self._leader_hint(), self.node_id)
         if not sources:
-            raise JoinRefused("no box of this cluster that holds its CA key is live to admit the join; retry shortly",
-                              code="cluster_unavailable", status=503)
+            raise JoinRefused(
+                "no box of this cluster that holds its CA key is live to admit the join; retry shortly",
+                code="cluster_unavailable",
+                status=503,
+            )
         log.info("join_forwarded", node=request.node_id, to=sources[0])
         return await forward_join(self.router.session(), sources[0], request)
 
@@ -677,8 +745,12 @@ class ClusterNode:
                 level = log.info if code == "already_member" else log.warning
                 level("dock_join_refused", offer_node=offer.node_id, code=code, error=str(exc))
                 continue
-            log.info("dock_joined", cluster_id=joined["cluster_id"], offer_node=offer.node_id,
-                     dock_to_member_ms=round((asyncio.get_running_loop().time() - event.docked_at) * 1000))
+            log.info(
+                "dock_joined",
+                cluster_id=joined["cluster_id"],
+                offer_node=offer.node_id,
+                dock_to_member_ms=round((asyncio.get_running_loop().time() - event.docked_at) * 1000),
+            )
 
     async def _leave(self, *, withdraw_mdns: bool = True) -> None:
         """Stop taking part: tasks (revoking leases hands leadership over at once), peer API, etcd.
@@ -717,8 +789,12 @@ class ClusterNode:
         if self.admission is None:
             raise ClusterUnavailable(f"cluster unavailable: {self.unavailable_reason or 'not running'}")
         token, expires = await self.admission.issue_token(ttl_seconds)
-        return {"token": str(token), "server": host_port(self.address, self.peer_port),
-                "expires_at": int(expires), "cluster_id": self.cluster_id}
+        return {
+            "token": str(token),
+            "server": host_port(self.address, self.peer_port),
+            "expires_at": int(expires),
+            "cluster_id": self.cluster_id,
+        }
 
     async def join(self, token_text: str, server: str | None = None) -> dict[str, Any]:
         """Leave this box's own (single-box) cluster and join the one the token names; refusals change nothing.
@@ -730,28 +806,48 @@ class ClusterNode:
             if server is None:
                 peer = await self.discovery.find(token.ca_hash, DISCOVERY_WAIT_SECONDS)
                 if peer is None:
-                    raise JoinRefused("no box of that cluster was found on this network by mDNS within "
-                                      f"{DISCOVERY_WAIT_SECONDS:.0f} s; give its address with --server",
-                                      code="unreachable", status=503)
+                    raise JoinRefused(
+                        "no box of that cluster was found on this network by mDNS within "
+                        f"{DISCOVERY_WAIT_SECONDS:.0f} s; give its address with --server",
+                        code="unreachable",
+                        status=503,
+                    )
                 server = host_port(peer.address, peer.port)
             host, port = _split_server(server, self.settings.cluster.peer_port)
             if self.identity is not None and self.identity.ca_pem and _pins(token, self.identity.ca_pem):
-                raise JoinRefused(f"this box is already a member of cluster {self.cluster_id}",
-                                  code="already_member", status=409)
+                raise JoinRefused(
+                    f"this box is already a member of cluster {self.cluster_id}", code="already_member", status=409
+                )
             others = [n for n in await self.nodes() if n["id"] != self.node_id]
             if others:
-                raise JoinRefused(f"this box is in cluster {self.cluster_id} with {len(others)} other box(es); "
-                                  "it can only join another cluster on its own", code="already_in_cluster", status=409)
+                raise JoinRefused(
+                    f"this box is in cluster {self.cluster_id} with {len(others)} other box(es); "
+                    "it can only join another cluster on its own",
+                    code="already_in_cluster",
+                    status=409,
+                )
             key = await asyncio.to_thread(NodeKey.create)
-            grant = await join_cluster(host, port, token, node_id=self.node_id, key_pem=key, address=self.address,
-                                       etcd_peer_port=self.settings.cluster.etcd_peer_port)
+            grant = await join_cluster(
+                host,
+                port,
+                token,
+                node_id=self.node_id,
+                key_pem=key,
+                address=self.address,
+                etcd_peer_port=self.settings.cluster.etcd_peer_port,
+            )
             await self._leave(withdraw_mdns=False)
             previous = await asyncio.to_thread(_retire, self.settings.cluster_dir)
             await asyncio.to_thread(_save_voter_urls, self.settings.cluster_dir, grant.client_urls)
             self._member_count = len(grant.members)
-            await asyncio.to_thread(write_identity, self._tls_dir, grant.ca_cert_pem.encode(),
-                                    grant.node_cert_pem.encode(), key,
-                                    None if grant.ca_key_pem is None else grant.ca_key_pem.encode())
+            await asyncio.to_thread(
+                write_identity,
+                self._tls_dir,
+                grant.ca_cert_pem.encode(),
+                grant.node_cert_pem.encode(),
+                key,
+                None if grant.ca_key_pem is None else grant.ca_key_pem.encode(),
+            )
             identity = await asyncio.to_thread(read_identity, self._tls_dir)
             assert identity is not None  # just written
             member: EtcdMember | None = None
@@ -763,10 +859,15 @@ class ClusterNode:
                 await self._start_joining(member, grant, previous)
             await self._run(identity, member, founded=False)
             await asyncio.to_thread(forget_retired_key, previous)  # our own old cluster is gone for good now
-            log.info("cluster_joined", cluster_id=grant.cluster_id, node=self.node_id, role=grant.role,
-                     members=grant.members)
-            return {"cluster_id": grant.cluster_id, "role": grant.role, "members": grant.members,
-                    "leader": grant.leader}
+            log.info(
+                "cluster_joined", cluster_id=grant.cluster_id, node=self.node_id, role=grant.role, members=grant.members
+            )
+            return {
+                "cluster_id": grant.cluster_id,
+                "role": grant.role,
+                "members": grant.members,
+                "leader": grant.leader,
+            }
 
     async def _start_joining(self, member: EtcdMember, grant: JoinGrant, previous: Path) -> None:
         """Start this box's member in the cluster it was admitted to; on failure put its own cluster back."""
@@ -781,17 +882,26 @@ class ClusterNode:
                 old = self._member_for(restored)
                 await old.start_existing()
                 await self._run(restored, old, founded=False)
-            raise JoinRefused(f"this box could not start as a member of {grant.cluster_id} and stays in its own "
-                              "cluster; see `thox logs --filter etcd`", code="cluster_unavailable",
-                              status=503) from None
+            raise JoinRefused(
+                f"this box could not start as a member of {grant.cluster_id} and stays in its own "
+                "cluster; see `thox logs --filter etcd`",
+                code="cluster_unavailable",
+                status=503,
+            ) from None
 
     def _record(self) -> dict[str, Any]:
         place = self._placement(self.address)
         offered = self.settings.cluster.model_memory_gb or self._memory_gb
         return {
-            "address": place.address, "inference_port": place.inference_port, "cluster_port": place.cluster_port,
-            "peer_port": self.peer_port, "ram_gb": self._memory_gb, "model_memory_gb": offered,
-            "version": agent.__version__, "updated": round(time.time(), 3), **self._local_facts(),
+            "address": place.address,
+            "inference_port": place.inference_port,
+            "cluster_port": place.cluster_port,
+            "peer_port": self.peer_port,
+            "ram_gb": self._memory_gb,
+            "model_memory_gb": offered,
+            "version": agent.__version__,
+            "updated": round(time.time(), 3),
+            **self._local_facts(),
             "holds_ca_key": self.identity is not None and self.identity.ca_key_pem is not None,
             **({"store": self.loader.store_facts} if self.loader is not None else {}),
             **(self.replicas.report() if self.replicas is not None else {}),
@@ -821,17 +931,26 @@ class ClusterNode:
         for node_id in sorted(set(live) | set(roles)):
             record = dict(live.get(node_id, {}))
             updated = record.pop("updated", None)
-            found.append({
-                **record, "id": node_id, "role": roles.get(node_id, "client"), "alive": node_id in live,
-                "last_seen_seconds_ago": round(now - updated, 3) if isinstance(updated, (int, float)) else None,
-            })
+            found.append(
+                {
+                    **record,
+                    "id": node_id,
+                    "role": roles.get(node_id, "client"),
+                    "alive": node_id in live,
+                    "last_seen_seconds_ago": round(now - updated, 3) if isinstance(updated, (int, float)) else None,
+                }
+            )
         return found
 
     async def topology(self) -> dict[str, Any]:
         election = self._require()[0]
         nodes = await self.nodes()
-        return {"cluster_id": self.cluster_id, "node_count": sum(n["alive"] for n in nodes),
-                "leader": await election.current_leader(), "nodes": nodes}
+        return {
+            "cluster_id": self.cluster_id,
+            "node_count": sum(n["alive"] for n in nodes),
+            "leader": await election.current_leader(),
+            "nodes": nodes,
+        }
 
     async def summary(self) -> dict[str, Any]:
         """GET /v1/cluster: health of the whole stack and its pooled resources."""
@@ -853,13 +972,16 @@ class ClusterNode:
         tops = [n.get("tops") for n in alive]
         models = sorted({m for n in alive for m in n.get("models", [])})
         return {
-            "status": status, "cluster_id": self.cluster_id, "leader": leader, "node_count": len(alive),
-            "member_count": len(nodes), "voters": {"alive": sum(n["alive"] for n in voters), "expected": expected},
+            "status": status,
+            "cluster_id": self.cluster_id,
+            "leader": leader,
+            "node_count": len(alive),
+            "member_count": len(nodes),
+            "voters": {"alive": sum(n["alive"] for n in voters), "expected": expected},
             "total_ram_gb": round(sum(float(n.get("ram_gb") or 0) for n in alive), 1),
             "total_tops": sum(t for t in tops if isinstance(t, (int, float))) if any(tops) else None,
             "active_model": models[0] if len(models) == 1 else (models or None),
         }
-
 
     # ------------------------------------------------------------------ model placement
 
@@ -876,14 +998,18 @@ class ClusterNode:
         nodes = await self._live_view()
         unknown = sorted(set(spec.nodes) - set(nodes))
         if unknown:
-            raise PlacementRefused(f"not live boxes of this cluster: {', '.join(unknown)}", code="node_not_found",
-                                   status=404)
+            raise PlacementRefused(
+                f"not live boxes of this cluster: {', '.join(unknown)}", code="node_not_found", status=404
+            )
         if spec.nodes and spec.replicas > len(spec.nodes):
-            raise PlacementRefused(f"{spec.replicas} replicas cannot fit on the {len(spec.nodes)} box(es) named",
-                                   code="invalid_value")
+            raise PlacementRefused(
+                f"{spec.replicas} replicas cannot fit on the {len(spec.nodes)} box(es) named", code="invalid_value"
+            )
         if spec.replicas > len(nodes):
-            raise PlacementRefused(f"{spec.replicas} replicas need as many boxes; {len(nodes)} are live (one replica "
-                                   "per box)", code="invalid_value")
+            raise PlacementRefused(
+                f"{spec.replicas} replicas need as many boxes; {len(nodes)} are live (one replica per box)",
+                code="invalid_value",
+            )
         check_fits(nodes, spec.model, self.settings.engine.kv_budget_tokens)
         try:
             current = await ClusterPlacement.read(client)
@@ -904,8 +1030,11 @@ class ClusterNode:
         except (aetcd.exceptions.ClientError, TimeoutError) as exc:
             raise ClusterUnavailable(f"the placement could not be removed (no quorum reachable?): {exc}") from exc
         if not deleted:
-            raise PlacementRefused(f"{model!r} is not placed in this cluster (a box's default model stays loaded "
-                                   "there)", code="model_not_placed", status=404)
+            raise PlacementRefused(
+                f"{model!r} is not placed in this cluster (a box's default model stays loaded there)",
+                code="model_not_placed",
+                status=404,
+            )
         log.info("model_unload_requested", model=model)
         return {"model": model, "status": "unloading"}
 
@@ -920,29 +1049,36 @@ class ClusterNode:
         if model is not None:
             spec = current.specs.get(model)
             if spec is None:
-                raise PlacementRefused(f"{model!r} is not placed in this cluster", code="model_not_placed",
-                                       status=404)
+                raise PlacementRefused(f"{model!r} is not placed in this cluster", code="model_not_placed", status=404)
             return view(spec, current.assignments, nodes, self.settings.engine.kv_budget_tokens)
-        return {"object": "list", "data": [view(spec, current.assignments, nodes, self.settings.engine.kv_budget_tokens)
-                                           for spec in sorted(current.specs.values(), key=lambda s: s.model)]}
+        return {
+            "object": "list",
+            "data": [
+                view(spec, current.assignments, nodes, self.settings.engine.kv_budget_tokens)
+                for spec in sorted(current.specs.values(), key=lambda s: s.model)
+            ],
+        }
 
     async def request_pull(self, model: str, targets: list[str] | None) -> list[str]:
         """Ask boxes (named, else every live box without it) to copy `model` into their stores; returns them."""
         client = self._require()[2]
         nodes = await self._live_view()
         if not any(model in (n.get("store") or {}) for n in nodes.values()):
-            raise PlacementRefused(f"no box of this cluster has {model!r} in its model store", code="model_not_found",
-                                   status=404)
+            raise PlacementRefused(
+                f"no box of this cluster has {model!r} in its model store", code="model_not_found", status=404
+            )
         unknown = sorted(set(targets or ()) - set(nodes))
         if unknown:
-            raise PlacementRefused(f"not live boxes of this cluster: {', '.join(unknown)}", code="node_not_found",
-                                   status=404)
+            raise PlacementRefused(
+                f"not live boxes of this cluster: {', '.join(unknown)}", code="node_not_found", status=404
+            )
         lacking = [node_id for node_id, record in nodes.items() if model not in (record.get("store") or {})]
         chosen = sorted(targets or lacking)
         try:
             for node_id in chosen:
-                await wait_for(client.put(pull_key(node_id, model), json.dumps({"at": time.time()}).encode()),
-                               RPC_TIMEOUT_SECONDS)
+                await wait_for(
+                    client.put(pull_key(node_id, model), json.dumps({"at": time.time()}).encode()), RPC_TIMEOUT_SECONDS
+                )
         except (aetcd.exceptions.ClientError, TimeoutError) as exc:
             raise ClusterUnavailable(f"the pull could not be requested (no quorum reachable?): {exc}") from exc
         log.info("model_pull_requested", model=model, nodes=chosen)

@@ -65,6 +65,7 @@ _TYPES = {
 }
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
 
+
 class JoinAuthority(Protocol):
     """Decides joins: checks and consumes the token, signs the CSR, adds the joiner to etcd."""
 
@@ -170,12 +171,14 @@ class _Routes:
                 400, "bad_request", f"a join request must be application/json, not {request.content_type!r}"
             )
         if (request.content_length or 0) > MAX_REQUEST_BYTES:
-            return error_response(413, "request_too_large",
-                                  f"the request body is larger than the join limit of {MAX_REQUEST_BYTES} bytes")
+            return error_response(
+                413, "request_too_large", f"the request body is larger than the join limit of {MAX_REQUEST_BYTES} bytes"
+            )
         raw = await request.read()  # over the app's limit: 413 from aiohttp, enveloped by _envelopes
         if len(raw) > MAX_REQUEST_BYTES:
-            return error_response(413, "request_too_large",
-                                  f"the request body is larger than the join limit of {MAX_REQUEST_BYTES} bytes")
+            return error_response(
+                413, "request_too_large", f"the request body is larger than the join limit of {MAX_REQUEST_BYTES} bytes"
+            )
         peer = request.remote
         try:
             join_request = JoinRequest.from_json(raw)
@@ -248,8 +251,13 @@ class _NotHere(ThoxError):
     pass
 
 
-def build_peer_app(authority: JoinAuthority, ca_cert_pem: bytes, inference: web.Application | None = None,
-                   store: ModelStore | None = None, ca_keys: CaKeySource | None = None) -> web.Application:
+def build_peer_app(
+    authority: JoinAuthority,
+    ca_cert_pem: bytes,
+    inference: web.Application | None = None,
+    store: ModelStore | None = None,
+    ca_keys: CaKeySource | None = None,
+) -> web.Application:
     """The peer API app: serve it with `serve_peer_api` and a CERT_OPTIONAL server context from the cluster CA.
 
     `inference`, when given, is this box's OpenAI API mounted at INFERENCE_PREFIX for other members: requests

@@ -392,9 +392,7 @@ def verify_node_cert(ca_cert_pem: bytes, cert_pem: bytes, *, now: datetime.datet
     # The checks above give precise messages; RFC 5280 path validation is the backstop for everything else
     # (unknown critical extensions, malformed key identifiers, a CA that may not sign certificates).
     try:
-        verification.PolicyBuilder().store(verification.Store([ca])).time(when).build_client_verifier().verify(
-            cert, []
-        )
+        verification.PolicyBuilder().store(verification.Store([ca])).time(when).build_client_verifier().verify(cert, [])
     except verification.VerificationError as exc:
         raise PkiError(f"node certificate failed X.509 path validation against the cluster CA: {exc}") from None
     return node_id
@@ -417,16 +415,21 @@ def server_context(
     ca_cert_pem_path: Path, cert_path: Path, key_path: Path, *, require_client_cert: bool
 ) -> ssl.SSLContext:
     """`server_context_from_pem` from the identity files."""
-    return server_context_from_pem(ca_cert_pem_path.read_bytes(), cert_path.read_bytes(), key_path.read_bytes(),
-                                   require_client_cert=require_client_cert)
+    return server_context_from_pem(
+        ca_cert_pem_path.read_bytes(),
+        cert_path.read_bytes(),
+        key_path.read_bytes(),
+        require_client_cert=require_client_cert,
+    )
 
 
 def client_context(ca_path: Path, cert_path: Path | None, key_path: Path | None) -> ssl.SSLContext:
     """`client_context_from_pem` from the identity files."""
     if (cert_path is None) != (key_path is None):
         raise PkiError("a client certificate needs both its certificate file and its key file")
-    return client_context_from_pem(ca_path.read_bytes(), cert_path.read_bytes() if cert_path else None,
-                                   key_path.read_bytes() if key_path else None)
+    return client_context_from_pem(
+        ca_path.read_bytes(), cert_path.read_bytes() if cert_path else None, key_path.read_bytes() if key_path else None
+    )
 
 
 # Contexts are built from PEM bytes (a joiner's pinned CA, a node's identity already read). Blocking like the rest

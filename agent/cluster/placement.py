@@ -69,9 +69,13 @@ class PlacementSpec:
     @classmethod
     def from_json(cls, raw: bytes) -> PlacementSpec:
         record = json.loads(raw)
-        return cls(model=str(record["model"]), replicas=int(record["replicas"]),
-                   context_length=record.get("context_length"), nodes=tuple(record.get("nodes") or ()),
-                   requested_at=float(record.get("requested_at") or 0))
+        return cls(
+            model=str(record["model"]),
+            replicas=int(record["replicas"]),
+            context_length=record.get("context_length"),
+            nodes=tuple(record.get("nodes") or ()),
+            requested_at=float(record.get("requested_at") or 0),
+        )
 
 
 def model_bytes(facts: Mapping[str, Any], kv_budget_tokens: int) -> int:
@@ -104,19 +108,24 @@ def check_fits(nodes: NodeRecords, model: str, kv_budget_tokens: int) -> int:
     """The model's estimated memory; PlacementRefused when it is unknown, not a chat model, or too large."""
     facts = model_facts(nodes, model)
     if facts is None:
-        raise PlacementRefused(f"no box of this cluster has {model!r} in its model store; install it on one box "
-                               "(its file is then copied to the others as needed)", code="model_not_found",
-                               status=404)
+        raise PlacementRefused(
+            f"no box of this cluster has {model!r} in its model store; install it on one box "
+            "(its file is then copied to the others as needed)",
+            code="model_not_found",
+            status=404,
+        )
     if not facts.get("chat"):
-        raise PlacementRefused(f"{model!r} is not a chat model; embedding models are served where installed",
-                               code="model_not_supported")
+        raise PlacementRefused(
+            f"{model!r} is not a chat model; embedding models are served where installed", code="model_not_supported"
+        )
     needed = model_bytes(facts, kv_budget_tokens)
     largest = max((capacity_bytes(n) for n in nodes.values()), default=0)
     if needed > largest:
         raise PlacementRefused(
             f"{model!r} needs about {needed / 1e9:.2f} GB (weights plus KV cache) and the largest box offers "
             f"{largest / 1e9:.2f} GB; no single box can hold it (pooling memory across boxes is not supported yet)",
-            code="model_too_large")
+            code="model_too_large",
+        )
     return needed
 
 
@@ -139,7 +148,7 @@ class ClusterPlacement:
             specs[spec.model] = spec
         assignments: dict[str, dict[str, Mapping[str, Any]]] = {}
         for kv in await wait_for(client.get_prefix(ASSIGNMENTS_PREFIX), RPC_TIMEOUT_SECONDS):
-            node, _, model = kv.key[len(ASSIGNMENTS_PREFIX):].decode().partition("/")
+            node, _, model = kv.key[len(ASSIGNMENTS_PREFIX) :].decode().partition("/")
             try:
                 record = json.loads(kv.value)
             except ValueError:
@@ -165,8 +174,13 @@ def assignment_key(node: str, model: str) -> bytes:
     return ASSIGNMENTS_PREFIX + f"{node}/{model}".encode()
 
 
-def candidates(spec: PlacementSpec, needed: int, everything: Mapping[str, Mapping[str, Any]],
-               nodes: NodeRecords, kv_budget_tokens: int) -> list[str]:
+def candidates(
+    spec: PlacementSpec,
+    needed: int,
+    everything: Mapping[str, Mapping[str, Any]],
+    nodes: NodeRecords,
+    kv_budget_tokens: int,
+) -> list[str]:
     """Boxes that could take another replica of `spec.model`, best first: it fits beside what they serve and are
     assigned, boxes already holding the file first (no copy), then the least loaded, then the most free memory."""
     assigned = everything.get(spec.model, {})
@@ -204,24 +218,30 @@ class Placer:
             # setdefault: assignments made for one model count against the boxes' memory for the next.
             await self._place(spec, state.assignments.setdefault(model, {}), state.assignments, nodes)
 
-    async def _place(self, spec: PlacementSpec, assigned: dict[str, Mapping[str, Any]],
-                     everything: Mapping[str, Mapping[str, Mapping[str, Any]]], nodes: NodeRecords) -> None:
+    async def _place(
+        self,
+        spec: PlacementSpec,
+        assigned: dict[str, Mapping[str, Any]],
+        everything: Mapping[str, Mapping[str, Mapping[str, Any]]],
+        nodes: NodeRecords,
+    ) -> None:
         working = [n for n in assigned if replica_state(nodes, n, spec.model).get("state") != "failed"]
         if len(working) > spec.replicas:  # fewer wanted now: drop the replicas furthest from ready first
-            ready_last = sorted(working, key=lambda n: (replica_state(nodes, n, spec.model).get("state") == "ready",
-                                                        n))
-            for node_id in ready_last[:len(working) - spec.replicas]:
+            ready_last = sorted(working, key=lambda n: (replica_state(nodes, n, spec.model).get("state") == "ready", n))
+            for node_id in ready_last[: len(working) - spec.replicas]:
                 await self._delete(node_id, spec.model, "surplus")
             return
         need = spec.replicas - len(working)
         facts = model_facts(nodes, spec.model)
         if facts is None or need == 0:
             return
-        for node_id in candidates(spec, model_bytes(facts, self._kv_budget_tokens), everything, nodes,
-                                  self._kv_budget_tokens)[:need]:
+        for node_id in candidates(
+            spec, model_bytes(facts, self._kv_budget_tokens), everything, nodes, self._kv_budget_tokens
+        )[:need]:
             record = {"context_length": spec.context_length, "assigned_at": round(time.time(), 3)}
-            await wait_for(self._client.put(assignment_key(node_id, spec.model), json.dumps(record).encode()),
-                           RPC_TIMEOUT_SECONDS)
+            await wait_for(
+                self._client.put(assignment_key(node_id, spec.model), json.dumps(record).encode()), RPC_TIMEOUT_SECONDS
+            )
             assigned[node_id] = record
             log.info("replica_assigned", model=spec.model, node=node_id)
 
@@ -230,8 +250,9 @@ class Placer:
         log.info("replica_unassigned", model=model, node=node_id, reason=reason)
 
 
-async def my_work(client: aetcd.Client, node_id: str
-                  ) -> tuple[dict[str, Mapping[str, Any]], dict[str, Mapping[str, Any]]]:
+async def my_work(
+    client: aetcd.Client, node_id: str
+) -> tuple[dict[str, Mapping[str, Any]], dict[str, Mapping[str, Any]]]:
     """This box's assignments and requested pulls (model -> record: a pull's holds `at`, when it was asked)."""
     return await _records(client, ASSIGNMENTS_PREFIX, node_id), await _records(client, PULLS_PREFIX, node_id)
 
@@ -244,7 +265,7 @@ async def _records(client: aetcd.Client, prefix: bytes, node_id: str) -> dict[st
             record = json.loads(kv.value)
         except ValueError:
             record = {}
-        records[kv.key[len(mine):].decode()] = record if isinstance(record, dict) else {}
+        records[kv.key[len(mine) :].decode()] = record if isinstance(record, dict) else {}
     return records
 
 
@@ -252,8 +273,12 @@ def pull_key(node: str, model: str) -> bytes:
     return PULLS_PREFIX + f"{node}/{model}".encode()
 
 
-def view(spec: PlacementSpec, everything: Mapping[str, Mapping[str, Mapping[str, Any]]], nodes: NodeRecords,
-         kv_budget_tokens: int) -> dict[str, Any]:
+def view(
+    spec: PlacementSpec,
+    everything: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    nodes: NodeRecords,
+    kv_budget_tokens: int,
+) -> dict[str, Any]:
     """One model's placement as the API shows it: the request, each replica's state, an overall status, and why
     replicas are missing when no box can take them."""
     assigned = everything.get(spec.model, {})
@@ -265,14 +290,23 @@ def view(spec: PlacementSpec, everything: Mapping[str, Mapping[str, Mapping[str,
         status = "failed"
     else:
         status = "placing"
-    placed = {"model": spec.model, "status": status, "replicas_wanted": spec.replicas, "replicas_ready": ready,
-              "context_length": spec.context_length, "nodes": list(spec.nodes) or None, "replicas": replicas}
+    placed = {
+        "model": spec.model,
+        "status": status,
+        "replicas_wanted": spec.replicas,
+        "replicas_ready": ready,
+        "context_length": spec.context_length,
+        "nodes": list(spec.nodes) or None,
+        "replicas": replicas,
+    }
     working = sum(r["state"] != "failed" for r in replicas)
     facts = model_facts(nodes, spec.model)
     if working < spec.replicas and facts is not None:
         needed = model_bytes(facts, kv_budget_tokens)
         if not candidates(spec, needed, everything, nodes, kv_budget_tokens):
             which = "named" if spec.nodes else "live"
-            placed["waiting"] = (f"{spec.replicas - working} more replica(s) wanted, but no {which} box without one "
-                                 f"has {needed / 1e9:.2f} GB free for it")
+            placed["waiting"] = (
+                f"{spec.replicas - working} more replica(s) wanted, but no {which} box without one "
+                f"has {needed / 1e9:.2f} GB free for it"
+            )
     return placed

@@ -40,9 +40,15 @@ Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 class ReplicaKeeper:
     """Brings this box's assigned models up (copying them first when needed) and takes unassigned ones down."""
 
-    def __init__(self, node_id: str, loader: ModelLoader, live_nodes: Callable[[], NodeRecords],
-                 leader: Callable[[], str | None], session: Callable[[], aiohttp.ClientSession],
-                 spawn: Spawn) -> None:
+    def __init__(
+        self,
+        node_id: str,
+        loader: ModelLoader,
+        live_nodes: Callable[[], NodeRecords],
+        leader: Callable[[], str | None],
+        session: Callable[[], aiohttp.ClientSession],
+        spawn: Spawn,
+    ) -> None:
         self.node_id = node_id
         self._loader = loader
         self._live_nodes = live_nodes
@@ -60,8 +66,11 @@ class ReplicaKeeper:
     def report(self) -> dict[str, Any]:
         """This box's part of its node record."""
         now = time.time()
-        self.pulls = {m: s for m, s in self.pulls.items()
-                      if s["state"] not in ("done", "failed") or now - s.get("finished", now) < PULL_OUTCOME_SECONDS}
+        self.pulls = {
+            m: s
+            for m, s in self.pulls.items()
+            if s["state"] not in ("done", "failed") or now - s.get("finished", now) < PULL_OUTCOME_SECONDS
+        }
         return {"replicas": dict(self.replicas), "pulls": dict(self.pulls)}
 
     async def run(self, client: aetcd.Client) -> None:
@@ -99,8 +108,9 @@ class ReplicaKeeper:
             self._assigned_at[model] = record.get("assigned_at")
             self.replicas[model] = {"state": "assigned"}
             context = record.get("context_length")
-            self._work[model] = self._spawn(self._bring_up(model, context if isinstance(context, int) else None),
-                                            f"replica:{model}")
+            self._work[model] = self._spawn(
+                self._bring_up(model, context if isinstance(context, int) else None), f"replica:{model}"
+            )
 
     async def _bring_up(self, model: str, context_length: int | None) -> None:
         state = self.replicas[model]
@@ -140,15 +150,20 @@ class ReplicaKeeper:
         deadline = time.monotonic() + SOURCE_WAIT_SECONDS
         while (source := self._source(model)) is None:
             if time.monotonic() >= deadline:
-                raise PullError(f"no other live box has {model!r} in its store to copy it from (waited "
-                                f"{SOURCE_WAIT_SECONDS:.0f} s for one)")
+                raise PullError(
+                    f"no other live box has {model!r} in its store to copy it from (waited "
+                    f"{SOURCE_WAIT_SECONDS:.0f} s for one)"
+                )
             await asyncio.sleep(POLL_SECONDS)
         return source
 
     def _source(self, model: str) -> str | None:
         nodes = self._live_nodes()
-        holders = [node_id for node_id, node in nodes.items()
-                   if node_id != self.node_id and model in (node.get("store") or {}) and node.get("peer_port")]
+        holders = [
+            node_id
+            for node_id, node in nodes.items()
+            if node_id != self.node_id and model in (node.get("store") or {}) and node.get("peer_port")
+        ]
         if not holders:
             return None
         leader = self._leader()
@@ -166,8 +181,11 @@ class ReplicaKeeper:
                 if requested_at is not None:
                     self.pulls[model]["requested_at"] = requested_at  # the running copy answers this one too
                 continue
-            self.pulls[model] = {"state": "pulling", "progress": 0.0,
-                                 **({"requested_at": requested_at} if requested_at is not None else {})}
+            self.pulls[model] = {
+                "state": "pulling",
+                "progress": 0.0,
+                **({"requested_at": requested_at} if requested_at is not None else {}),
+            }
             self._pulling[model] = self._spawn(self._pull(client, model), f"pull:{model}")
 
     async def _pull(self, client: aetcd.Client, model: str) -> None:

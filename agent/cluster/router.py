@@ -51,8 +51,12 @@ def affinity_key(body: Mapping[str, Any]) -> str | None:
 class Router:
     """Picks a replica among the live node records and forwards requests to it."""
 
-    def __init__(self, self_id: Callable[[], str], live_nodes: Callable[[], Mapping[str, Mapping[str, Any]]],
-                 client_ssl: Callable[[], ssl.SSLContext | None]) -> None:
+    def __init__(
+        self,
+        self_id: Callable[[], str],
+        live_nodes: Callable[[], Mapping[str, Mapping[str, Any]]],
+        client_ssl: Callable[[], ssl.SSLContext | None],
+    ) -> None:
         self._self_id = self_id
         self._live_nodes = live_nodes
         self._client_ssl = client_ssl
@@ -75,9 +79,14 @@ class Router:
             published = int((node.get("load") or {}).get("active_streams") or 0)
             return published + self.in_flight[str(node["id"])]
 
-        replicas = [n for node_id, n in self._live_nodes().items()
-                    if node_id != me and model in n.get("models", []) and n.get("peer_port")
-                    and (below is None or load(n) < below)]
+        replicas = [
+            n
+            for node_id, n in self._live_nodes().items()
+            if node_id != me
+            and model in n.get("models", [])
+            and n.get("peer_port")
+            and (below is None or load(n) < below)
+        ]
         if not replicas:
             return None
 
@@ -102,8 +111,11 @@ class Router:
             # A new identity (after a join) needs a new connection pool; ClusterNode closes the old one first.
             # No cookies and no decompression: answers pass through byte for byte, with nothing done per request
             # that a proxy hop does not need.
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=0),
-                                                  cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(ssl=context, limit=0),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+            )
             self._session_ssl = context
         return self._session
 
@@ -122,8 +134,10 @@ class Router:
         self.in_flight[node_id] += 1
         try:
             async with self.session().post(url, data=body, headers=headers, timeout=_TIMEOUT) as upstream:
-                response = web.StreamResponse(status=upstream.status, headers={
-                    name: upstream.headers[name] for name in _ANSWER_HEADERS if name in upstream.headers})
+                response = web.StreamResponse(
+                    status=upstream.status,
+                    headers={name: upstream.headers[name] for name in _ANSWER_HEADERS if name in upstream.headers},
+                )
                 response.headers["X-Thox-Node"] = node_id
                 if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                     response.headers["X-Accel-Buffering"] = "no"
@@ -133,14 +147,25 @@ class Router:
                 await response.write_eof()
                 return response
         except (aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("routed_request_failed", node=node_id, error=f"{type(exc).__name__}: {exc}",
-                        started=response is not None)
+            log.warning(
+                "routed_request_failed",
+                node=node_id,
+                error=f"{type(exc).__name__}: {exc}",
+                started=response is not None,
+            )
             if response is None:
-                raise ClusterUnavailableError(f"the box serving this model ({node_id}) did not answer: {exc}",
-                                              code="replica_unavailable") from exc
+                raise ClusterUnavailableError(
+                    f"the box serving this model ({node_id}) did not answer: {exc}", code="replica_unavailable"
+                ) from exc
             if response.headers.get("Content-Type", "").startswith("text/event-stream"):
-                error = {"error": {"message": f"the box serving this stream ({node_id}) went away", "type":
-                                   "server_error", "param": None, "code": "replica_lost"}}
+                error = {
+                    "error": {
+                        "message": f"the box serving this stream ({node_id}) went away",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "replica_lost",
+                    }
+                }
                 await response.write(f"data: {json.dumps(error)}\n\n".encode())
             return response
         finally:

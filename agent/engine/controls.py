@@ -25,8 +25,13 @@ log = structlog.get_logger("agent.engine")
 class EngineControls:
     """Batch limit, suspension and build pause of one engine host (the `InferenceControl` thermal policy uses)."""
 
-    def __init__(self, max_batch: int, send: Callable[[ToHost], None],
-                 stop_streams: Callable[[EngineUnavailableError], None], pid: Callable[[], int | None]) -> None:
+    def __init__(
+        self,
+        max_batch: int,
+        send: Callable[[ToHost], None],
+        stop_streams: Callable[[EngineUnavailableError], None],
+        pid: Callable[[], int | None],
+    ) -> None:
         self.max_batch = max_batch
         self._send = send
         self._stop_streams = stop_streams
@@ -69,8 +74,7 @@ class EngineControls:
 
     def suspend(self, reason: str, *, code: str, retry_after: int = 30) -> None:
         """Stop inference now: running streams end with a clean error, new requests get a 503 until resume()."""
-        self.suspended = EngineUnavailableError(f"inference is stopped: {reason}", code=code,
-                                                retry_after=retry_after)
+        self.suspended = EngineUnavailableError(f"inference is stopped: {reason}", code=code, retry_after=retry_after)
         self._stop_streams(self.suspended)
 
     def resume(self) -> None:
@@ -115,8 +119,11 @@ class EngineControls:
     def health(self) -> dict[str, Any]:
         """This part of the engine's /v1/health."""
         return {
-            "concurrency": {"limit": self.concurrency, "applied": self.concurrency_applied,
-                            "max_batch": self.max_batch},
+            "concurrency": {
+                "limit": self.concurrency,
+                "applied": self.concurrency_applied,
+                "max_batch": self.max_batch,
+            },
             "suspended": None if self.suspended is None else str(self.suspended),
             "builds_paused": self.builds_paused,
         }

@@ -97,16 +97,37 @@ class EngineHostConfig:
     executor: str = "onnxruntime"  # engines/executors.py
 
     @classmethod
-    def from_settings(cls, engine: EngineSettings, *, model_id: str, gguf: Path, sha256: str, cache_dir: Path,
-                      run_dir: Path, **model_fields: Any) -> EngineHostConfig:
+    def from_settings(
+        cls,
+        engine: EngineSettings,
+        *,
+        model_id: str,
+        gguf: Path,
+        sha256: str,
+        cache_dir: Path,
+        run_dir: Path,
+        **model_fields: Any,
+    ) -> EngineHostConfig:
         """The host for one model with the engine settings every host shares; `model_fields` override them."""
         shared: dict[str, Any] = {
-            "executor": engine.executor, "threads": engine.threads, "max_context": engine.max_context,
-            "max_batch": engine.max_batch, "max_queue": engine.max_queue,
-            "kv_budget_tokens": engine.kv_budget_tokens, "prefix_cache_tokens": engine.prefix_cache_tokens,
-            "start_timeout": engine.start_timeout_seconds, "ready_wait": engine.ready_wait_seconds}
-        return cls(model_id=model_id, gguf=gguf, sha256=sha256, cache_dir=cache_dir, run_dir=run_dir,
-                   **{**shared, **model_fields})
+            "executor": engine.executor,
+            "threads": engine.threads,
+            "max_context": engine.max_context,
+            "max_batch": engine.max_batch,
+            "max_queue": engine.max_queue,
+            "kv_budget_tokens": engine.kv_budget_tokens,
+            "prefix_cache_tokens": engine.prefix_cache_tokens,
+            "start_timeout": engine.start_timeout_seconds,
+            "ready_wait": engine.ready_wait_seconds,
+        }
+        return cls(
+            model_id=model_id,
+            gguf=gguf,
+            sha256=sha256,
+            cache_dir=cache_dir,
+            run_dir=run_dir,
+            **{**shared, **model_fields},
+        )
 
 
 _Event = Tokens | Done | Embeddings | Exception
@@ -160,18 +181,31 @@ class EngineHost:
     async def _run_once(self) -> None:
         socket_path = await asyncio.to_thread(self._socket_path)
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engines.host",
-            "--socket", str(socket_path),
-            "--gguf", str(self.config.gguf),
-            "--sha256", self.config.sha256,
-            "--cache-dir", str(self.config.cache_dir),
-            "--executor", self.config.executor,
-            "--threads", str(self.config.threads),
-            "--max-context", str(self.config.max_context),
-            "--max-batch", str(self.config.max_batch),
-            "--max-queue", str(self.config.max_queue),
-            "--kv-budget-tokens", str(self.config.kv_budget_tokens),
-            "--prefix-cache-tokens", str(self.config.prefix_cache_tokens),
+            sys.executable,
+            "-m",
+            "engines.host",
+            "--socket",
+            str(socket_path),
+            "--gguf",
+            str(self.config.gguf),
+            "--sha256",
+            self.config.sha256,
+            "--cache-dir",
+            str(self.config.cache_dir),
+            "--executor",
+            self.config.executor,
+            "--threads",
+            str(self.config.threads),
+            "--max-context",
+            str(self.config.max_context),
+            "--max-batch",
+            str(self.config.max_batch),
+            "--max-queue",
+            str(self.config.max_queue),
+            "--kv-budget-tokens",
+            str(self.config.kv_budget_tokens),
+            "--prefix-cache-tokens",
+            str(self.config.prefix_cache_tokens),
             *(["--encoder", str(self.config.encoder_dir)] if self.config.encoder_dir else []),
             stdin=asyncio.subprocess.DEVNULL,
             # Own session: a terminal's Ctrl-C reaches only the agent, which then stops the host in order.
@@ -200,8 +234,11 @@ class EngineHost:
             self._ready.clear()
             if reader_task is not None:
                 reader_task.cancel()
-            self._fail_streams(EngineUnavailableError(
-                "the inference engine stopped while generating; retry the request", code="engine_crashed"))
+            self._fail_streams(
+                EngineUnavailableError(
+                    "the inference engine stopped while generating; retry the request", code="engine_crashed"
+                )
+            )
             await self._stop_process(proc)
         if proc.returncode and self.last_error is None:
             self.last_error = f"engine host exited with status {proc.returncode}"
@@ -352,8 +389,7 @@ class EngineHost:
             await asyncio.wait_for(self._ready.wait(), self.config.ready_wait)
         except (TimeoutError, asyncio.TimeoutError):
             detail = f" ({self.last_error})" if self.last_error else ""
-            raise EngineUnavailableError(
-                f"the inference engine is {self.state.value}{detail}; retry shortly") from None
+            raise EngineUnavailableError(f"the inference engine is {self.state.value}{detail}; retry shortly") from None
 
     @contextlib.asynccontextmanager
     async def admission(self) -> AsyncGenerator[None, None]:
@@ -368,7 +404,8 @@ class EngineHost:
         capacity = self.config.max_batch + self.config.max_queue
         if self._admitted >= capacity:
             raise EngineOverloadedError(
-                f"the engine is at capacity ({capacity} requests running or waiting); retry shortly")
+                f"the engine is at capacity ({capacity} requests running or waiting); retry shortly"
+            )
         self._admitted += 1
         try:
             yield
@@ -466,7 +503,6 @@ class EngineHost:
             **({"info": self.model_info} if self.model_info else {}),
             **({"scheduler": self.stats} if self.stats else {}),
         }
-
 
 
 async def _read_message(reader: asyncio.StreamReader) -> ToAgent | None:

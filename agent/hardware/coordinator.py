@@ -96,8 +96,7 @@ class Coordinator(Generic[T]):
             self.outages += 1
             self._outage_started = time.monotonic()
             self._failed_in_outage = 0
-            log.warning("hardware_source_unavailable", source=self.name, driver=self.driver.name,
-                        error=self.last_error)
+            log.warning("hardware_source_unavailable", source=self.name, driver=self.driver.name, error=self.last_error)
         self._ever_polled = True
         self._failed_in_outage += 1
         if self._on_failure is not None:
@@ -106,9 +105,13 @@ class Coordinator(Generic[T]):
     def _succeeded(self) -> None:
         if not self.available:
             if self._outage_started is not None:
-                log.info("hardware_source_recovered", source=self.name, driver=self.driver.name,
-                         outage_s=round(time.monotonic() - self._outage_started, 3),
-                         failed_polls=self._failed_in_outage)
+                log.info(
+                    "hardware_source_recovered",
+                    source=self.name,
+                    driver=self.driver.name,
+                    outage_s=round(time.monotonic() - self._outage_started, 3),
+                    failed_polls=self._failed_in_outage,
+                )
             self._outage_started = None
             self.available = True
             self.last_error = None
@@ -128,7 +131,13 @@ class Coordinator(Generic[T]):
     def report(self) -> dict[str, Any]:
         """This source's part of /v1/health."""
         return {
-            "driver": self.driver.name, "available": self.available, "state": self.driver.state.value,
-            "interval_s": self.interval, "polls": self.polls, "failed_polls": self.failed_polls,
-            "outages": self.outages, "last_error": self.last_error, "poll_jitter_ms": self.jitter_ms(),
+            "driver": self.driver.name,
+            "available": self.available,
+            "state": self.driver.state.value,
+            "interval_s": self.interval,
+            "polls": self.polls,
+            "failed_polls": self.failed_polls,
+            "outages": self.outages,
+            "last_error": self.last_error,
+            "poll_jitter_ms": self.jitter_ms(),
         }

@@ -144,8 +144,12 @@ class DockPipeline:
         self.offer = offer
         read_at = asyncio.get_running_loop().time()
         self.offer_read_at = time.time()
-        log.info("join_offer_read", node=offer.node_id, endpoint=offer.endpoint,
-                 dock_to_offer_ms=round((read_at - event.at) * 1000, 1))
+        log.info(
+            "join_offer_read",
+            node=offer.node_id,
+            endpoint=offer.endpoint,
+            dock_to_offer_ms=round((read_at - event.at) * 1000, 1),
+        )
         for queue in self._subscribers:
             if queue.full():
                 with contextlib.suppress(asyncio.QueueEmpty):
@@ -172,11 +176,18 @@ class DockPipeline:
         """The dock part of /v1/health."""
         offer = self.offer
         return {
-            "driver": self.dock.name, "available": self.last_error is None and self.dock.state is DriverState.OPEN,
-            "docked": bool(self.docked), "last_error": self.last_error,
+            "driver": self.dock.name,
+            "available": self.last_error is None and self.dock.state is DriverState.OPEN,
+            "docked": bool(self.docked),
+            "last_error": self.last_error,
             "nfc": None if self.nfc is None else {"driver": self.nfc.name, "state": self.nfc.state.value},
-            "join_offer": None if offer is None else {
-                "node_id": offer.node_id, "endpoint": offer.endpoint, "has_token": bool(offer.token),
+            "join_offer": None
+            if offer is None
+            else {
+                "node_id": offer.node_id,
+                "endpoint": offer.endpoint,
+                "has_token": bool(offer.token),
                 "expires_at": offer.expires_at or None,
-                "read_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.offer_read_at or 0))},
+                "read_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.offer_read_at or 0)),
+            },
         }

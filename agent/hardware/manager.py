@@ -153,8 +153,11 @@ class HardwareManager:
         if self.board is not None:
             start_task(self.board.run(), "sim-board")
             start_task(self._feed_sim_load(), "sim-load")
-        log.info("hardware_started", profile=self.settings.profile,
-                 drivers={d.name: d.state.value for d in self.drivers.all()})
+        log.info(
+            "hardware_started",
+            profile=self.settings.profile,
+            drivers={d.name: d.state.value for d in self.drivers.all()},
+        )
 
     async def _open(self, driver: Driver) -> None:
         try:
@@ -167,8 +170,9 @@ class HardwareManager:
     ) -> None:
         hw = self.hw
         governor = ThermalGovernor(hw.governor_config(), critical_trips)
-        self.thermal = ThermalControl(governor, [e.controls for e in self.engines], self.settings.engine.max_batch,
-                                      self.drivers.fan, start_task)
+        self.thermal = ThermalControl(
+            governor, [e.controls for e in self.engines], self.settings.engine.max_batch, self.drivers.fan, start_task
+        )
         thermal = self.thermal
         # Only a box that polls thermal sources beats: a heartbeat nobody beats would make systemd restart us.
         beat = self._register_heartbeat("thermal") if self._register_heartbeat and self.drivers.thermal else None
@@ -176,7 +180,11 @@ class HardwareManager:
             kind = source.name.split(":", 1)[0]  # "sysfs", "tmp117": short names for health and logs
             name = f"thermal:{kind}" if f"thermal:{kind}" not in self.coordinators else f"thermal:{kind}#{position}"
             self.coordinators[name] = Coordinator(
-                name, source, source.read, hw.thermal_poll_seconds, after_poll=beat,
+                name,
+                source,
+                source.read,
+                hw.thermal_poll_seconds,
+                after_poll=beat,
                 on_data=lambda data, name=name: thermal.on_readings(name, data),  # type: ignore[misc]
                 on_failure=lambda error, name=name: thermal.on_source_failure(name, error),  # type: ignore[misc]
             )
@@ -195,8 +203,12 @@ class HardwareManager:
             return
         monitor = None
         if self.drivers.power_monitor is not None:
-            monitor = Coordinator("power_monitor", self.drivers.power_monitor, self.drivers.power_monitor.sample,
-                                  self.hw.power_poll_seconds)
+            monitor = Coordinator(
+                "power_monitor",
+                self.drivers.power_monitor,
+                self.drivers.power_monitor.sample,
+                self.hw.power_poll_seconds,
+            )
             self.coordinators["power_monitor"] = monitor
         self.coordinators["pd"] = Coordinator("pd", pd, pd.contract, self.hw.power_poll_seconds)
         self.power = PowerContracts([PowerPort(DOCK_PORT, pd, monitor)], self._peer_module)
@@ -204,15 +216,18 @@ class HardwareManager:
     def _start_polled(self) -> None:
         hw = self.hw
         if self.drivers.fan is not None:
-            self.coordinators["fan"] = Coordinator("fan", self.drivers.fan, self.drivers.fan.status,
-                                                   hw.power_poll_seconds)
+            self.coordinators["fan"] = Coordinator(
+                "fan", self.drivers.fan, self.drivers.fan.status, hw.power_poll_seconds
+            )
         if self.drivers.power_mode is not None:
-            self.coordinators["power_mode"] = Coordinator("power_mode", self.drivers.power_mode,
-                                                          self.drivers.power_mode.get, hw.serial_poll_seconds)
+            self.coordinators["power_mode"] = Coordinator(
+                "power_mode", self.drivers.power_mode, self.drivers.power_mode.get, hw.serial_poll_seconds
+            )
         link = self.drivers.serial
         if link is not None:
-            self.coordinators["dock_controller"] = Coordinator("dock_controller", link, link.status,
-                                                               hw.serial_poll_seconds)
+            self.coordinators["dock_controller"] = Coordinator(
+                "dock_controller", link, link.status, hw.serial_poll_seconds
+            )
 
     def attach_engine(self, engine: EngineHost) -> None:
         """An engine host started while the agent runs (a model placed here): thermal policy applies to it too."""
@@ -302,4 +317,3 @@ async def hardware_subsystem(
         yield manager
     finally:
         await manager.stop()
-

@@ -91,18 +91,26 @@ class PowerContracts:
                 operating_ma = request.current_ma if request.current_ma is not None else pdo.max_ma
                 contract = await port.pd.request(pdo.index, operating_ma)
             except NotAttachedError as exc:
-                raise ConflictError(f"no module is docked on port {port.name!r}: {exc}",
-                                    code="no_module_docked") from exc
+                raise ConflictError(
+                    f"no module is docked on port {port.name!r}: {exc}", code="no_module_docked"
+                ) from exc
             except NegotiationError as exc:
                 log.warning("power_contract_failed", port=port.name, error=str(exc))
-                raise HardwareUnavailableError(f"the module on port {port.name!r} did not grant the contract: {exc}",
-                                               code="negotiation_failed") from exc
+                raise HardwareUnavailableError(
+                    f"the module on port {port.name!r} did not grant the contract: {exc}", code="negotiation_failed"
+                ) from exc
             except DriverError as exc:
                 raise HardwareUnavailableError(f"PD controller {port.pd.name} failed: {exc}") from exc
             port.negotiated_at = time.time()
             record = self._record(port, contract)
-            log.info("power_contract_negotiated", port=port.name, pdo=pdo.index, mv=pdo.max_mv,
-                     operating_ma=operating_ma, state=contract.state)
+            log.info(
+                "power_contract_negotiated",
+                port=port.name,
+                pdo=pdo.index,
+                mv=pdo.max_mv,
+                operating_ma=operating_ma,
+                state=contract.state,
+            )
             return record
 
     @staticmethod
@@ -114,16 +122,26 @@ class PowerContracts:
                     if request.current_ma is not None and pdo.max_ma is not None and request.current_ma > pdo.max_ma:
                         raise UnprocessableError(
                             f"PDO #{pdo.index} offers at most {pdo.max_ma} mA, {request.current_ma} mA requested; "
-                            f"offered: {offered}", param="current_ma", code="no_matching_pdo")
+                            f"offered: {offered}",
+                            param="current_ma",
+                            code="no_matching_pdo",
+                        )
                     return pdo
-            raise UnprocessableError(f"the source offers no PDO #{request.pdo_index}; offered: {offered}",
-                                     param="pdo_index", code="no_matching_pdo")
-        chosen = choose_pdo(pdos, min_mv=request.voltage_mv, max_mv=request.voltage_mv, min_ma=request.current_ma,
-                            kinds=("fixed",))  # both controllers request fixed supplies only
+            raise UnprocessableError(
+                f"the source offers no PDO #{request.pdo_index}; offered: {offered}",
+                param="pdo_index",
+                code="no_matching_pdo",
+            )
+        chosen = choose_pdo(
+            pdos, min_mv=request.voltage_mv, max_mv=request.voltage_mv, min_ma=request.current_ma, kinds=("fixed",)
+        )  # both controllers request fixed supplies only
         if chosen is None:
             current = f" at {request.current_ma} mA" if request.current_ma is not None else ""
-            raise UnprocessableError(f"no offered PDO provides {request.voltage_mv} mV{current}; offered: {offered}",
-                                     param="voltage_mv", code="no_matching_pdo")
+            raise UnprocessableError(
+                f"no offered PDO provides {request.voltage_mv} mV{current}; offered: {offered}",
+                param="voltage_mv",
+                code="no_matching_pdo",
+            )
         return chosen
 
     async def _ensure_open(self, port: PowerPort) -> None:
@@ -139,8 +157,14 @@ class PowerContracts:
                     await self._ensure_open(port)
                     contract = await port.pd.contract()
                 except DriverError as exc:
-                    records.append({"port": port.name, "controller": port.pd.controller, "state": "failed",
-                                    "error": f"{type(exc).__name__}: {exc}"})
+                    records.append(
+                        {
+                            "port": port.name,
+                            "controller": port.pd.controller,
+                            "state": "failed",
+                            "error": f"{type(exc).__name__}: {exc}",
+                        }
+                    )
                     continue
                 records.append(self._record(port, contract))
         return records
@@ -154,8 +178,12 @@ class PowerContracts:
                 try:
                     if await port.pd.attached():
                         contract = await port.pd.reset_to_default()
-                        log.info("power_contract_default_restored", port=port.name, state=contract.state,
-                                 mv=contract.selected.max_mv if contract.selected else None)
+                        log.info(
+                            "power_contract_default_restored",
+                            port=port.name,
+                            state=contract.state,
+                            mv=contract.selected.max_mv if contract.selected else None,
+                        )
                 except DriverError as exc:
                     log.error("power_contract_default_failed", port=port.name, error=str(exc))
                 port.negotiated_at = None
@@ -172,18 +200,35 @@ class PowerContracts:
             "controller": port.pd.controller,
             "state": contract.state,
             "source_pdos": [_pdo_record(p) for p in contract.source_pdos],
-            "selected": None if selected is None else {
-                "pdo_index": selected.index, "type": selected.kind, "voltage_mV": selected.max_mv,
+            "selected": None
+            if selected is None
+            else {
+                "pdo_index": selected.index,
+                "type": selected.kind,
+                "voltage_mV": selected.max_mv,
                 "current_mA": operating_ma if operating_ma is not None else selected.max_ma,
-                "power_mW": selected.max_mv * (operating_ma or selected.max_ma or 0) // 1000},
-            "rdo": None if rdo is None else {
-                "object_position": rdo.object_position, "operating_mA": rdo.operating_ma, "max_mA": rdo.max_ma,
-                "capability_mismatch": rdo.capability_mismatch, "raw": f"0x{rdo.raw:08x}"},
-            "negotiated_at": None if port.negotiated_at is None else
-            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(port.negotiated_at)),
-            "measured": None if sample is None else {
-                "bus_mV": round(sample.bus_mv, 1), "current_mA": round(sample.current_ma, 1),
-                "power_mW": round(sample.power_mw, 1)},
-            "budget_mW_allocated": None if selected is None or operating_ma is None
+                "power_mW": selected.max_mv * (operating_ma or selected.max_ma or 0) // 1000,
+            },
+            "rdo": None
+            if rdo is None
+            else {
+                "object_position": rdo.object_position,
+                "operating_mA": rdo.operating_ma,
+                "max_mA": rdo.max_ma,
+                "capability_mismatch": rdo.capability_mismatch,
+                "raw": f"0x{rdo.raw:08x}",
+            },
+            "negotiated_at": None
+            if port.negotiated_at is None
+            else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(port.negotiated_at)),
+            "measured": None
+            if sample is None
+            else {
+                "bus_mV": round(sample.bus_mv, 1),
+                "current_mA": round(sample.current_ma, 1),
+                "power_mW": round(sample.power_mw, 1),
+            },
+            "budget_mW_allocated": None
+            if selected is None or operating_ma is None
             else selected.max_mv * operating_ma // 1000,
         }

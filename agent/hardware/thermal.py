@@ -82,8 +82,14 @@ class ThermalControl:
     def set_thresholds(self, config: GovernorConfig) -> None:
         """New governor thresholds (a live config change); they decide from the next reading on."""
         self.governor.reconfigure(config)
-        log.info("thermal_thresholds_changed", warm_c=config.warm_c, throttle_c=config.throttle_c, hot_c=config.hot_c,
-                 hysteresis_c=config.hysteresis_c, min_dwell_s=config.min_dwell_s)
+        log.info(
+            "thermal_thresholds_changed",
+            warm_c=config.warm_c,
+            throttle_c=config.throttle_c,
+            hot_c=config.hot_c,
+            hysteresis_c=config.hysteresis_c,
+            min_dwell_s=config.min_dwell_s,
+        )
 
     def on_readings(self, source: str, readings: Mapping[str, float | None]) -> None:
         """A thermal source's fresh zone readings."""
@@ -107,7 +113,9 @@ class ThermalControl:
 
     def _record(self, transition: Transition) -> None:
         event = {
-            "group": transition.group, "from": transition.previous.label, "to": transition.level.label,
+            "group": transition.group,
+            "from": transition.previous.label,
+            "to": transition.level.label,
             "temperature_c": None if transition.temperature_c is None else round(transition.temperature_c, 2),
             "reason": transition.reason,
         }
@@ -119,17 +127,24 @@ class ThermalControl:
         previous, self.actions = self.actions, actions
         for engine in self._engines:
             self._apply_to(engine, actions, resuming=previous.stop_inference)
-        log.info("thermal_actions_applied", max_concurrency=actions.max_concurrency,
-                 builds_paused=actions.builds_paused, fan_profile=actions.fan_profile,
-                 inference_stopped=actions.stop_inference)
+        log.info(
+            "thermal_actions_applied",
+            max_concurrency=actions.max_concurrency,
+            builds_paused=actions.builds_paused,
+            fan_profile=actions.fan_profile,
+            inference_stopped=actions.stop_inference,
+        )
         if self._fan is not None and actions.fan_profile != self._fan_profile:
             self._fan_profile = actions.fan_profile
             self._spawn(self._set_fan(actions.fan_profile), "fan-profile")
 
     def _apply_to(self, engine: InferenceControl, actions: ThermalActions, *, resuming: bool) -> None:
         if actions.stop_inference:
-            engine.suspend(f"the box is too hot ({self._hottest()}); inference resumes when it has cooled",
-                           code="thermal_emergency", retry_after=_EMERGENCY_RETRY_AFTER_S)
+            engine.suspend(
+                f"the box is too hot ({self._hottest()}); inference resumes when it has cooled",
+                code="thermal_emergency",
+                retry_after=_EMERGENCY_RETRY_AFTER_S,
+            )
         else:
             if resuming:
                 engine.resume()
@@ -157,10 +172,16 @@ class ThermalControl:
             "temperature_c": None if hottest is None else round(hottest, 2),
             "level": self.governor.level.label,
             "groups": {name: level.label for name, level in self.governor.group_levels().items()},
-            "zones": {zone: None if c is None else round(c, 2)
-                      for readings in self._zones.values() for zone, c in readings.items()},
-            "actions": {"max_concurrency": self.actions.max_concurrency,
-                        "builds_paused": self.actions.builds_paused, "fan_profile": self.actions.fan_profile,
-                        "inference_stopped": self.actions.stop_inference},
+            "zones": {
+                zone: None if c is None else round(c, 2)
+                for readings in self._zones.values()
+                for zone, c in readings.items()
+            },
+            "actions": {
+                "max_concurrency": self.actions.max_concurrency,
+                "builds_paused": self.actions.builds_paused,
+                "fan_profile": self.actions.fan_profile,
+                "inference_stopped": self.actions.stop_inference,
+            },
             "recent_transitions": list(self.transitions)[-5:],
         }

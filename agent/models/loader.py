@@ -64,8 +64,15 @@ class _Loaded:
 class ModelLoader:
     """The models this box serves beyond its default one, each on its own engine host."""
 
-    def __init__(self, settings: Settings, store: ModelStore, registry: ModelRegistry, spawn: Spawn,
-                 attach: Callable[[EngineHost], None], detach: Callable[[EngineHost], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: ModelStore,
+        registry: ModelRegistry,
+        spawn: Spawn,
+        attach: Callable[[EngineHost], None],
+        detach: Callable[[EngineHost], None],
+    ) -> None:
         self.settings = settings
         self.store = store
         self.registry = registry
@@ -105,11 +112,18 @@ class ModelLoader:
             text = await asyncio.to_thread(installed.text_pipeline)
         except EngineError as exc:
             raise ModelLoadError(f"{installed.id!r} cannot be used: {exc}") from exc
-        engine = EngineHost(EngineHostConfig.from_settings(
-            self.settings.engine, model_id=installed.id, gguf=installed.path, sha256=installed.sha256,
-            cache_dir=self.settings.model_cache_dir, run_dir=self.settings.run_dir,
-            max_context=context_length or self.settings.engine.max_context,
-            socket_name=f"engine-{next(self._sockets)}.sock"))
+        engine = EngineHost(
+            EngineHostConfig.from_settings(
+                self.settings.engine,
+                model_id=installed.id,
+                gguf=installed.path,
+                sha256=installed.sha256,
+                cache_dir=self.settings.model_cache_dir,
+                run_dir=self.settings.run_dir,
+                max_context=context_length or self.settings.engine.max_context,
+                socket_name=f"engine-{next(self._sockets)}.sock",
+            )
+        )
         self._attach(engine)
         task = self._spawn(engine.run(), f"engine:{installed.id}")
         try:

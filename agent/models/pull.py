@@ -49,8 +49,11 @@ def listing(store: ModelStore, model: InstalledModel) -> dict[str, Any]:
     if model.path.is_file():
         files = [{"path": model.path.name, "size": model.path.stat().st_size}]
     else:
-        files = [{"path": p.relative_to(model.path).as_posix(), "size": p.stat().st_size}
-                 for p in sorted(model.path.rglob("*")) if p.is_file()]
+        files = [
+            {"path": p.relative_to(model.path).as_posix(), "size": p.stat().st_size}
+            for p in sorted(model.path.rglob("*"))
+            if p.is_file()
+        ]
     return {"model": store.manifest_record(model), "files": files}
 
 
@@ -70,14 +73,16 @@ def _staged_target(staging: Path, entry: InstalledModel, relative: str, single_f
     return staging / relative if single_file else staging / entry.path.name / relative
 
 
-async def pull(session: aiohttp.ClientSession, base_url: str, model_id: str, store: ModelStore,
-               on_progress: Progress | None = None) -> InstalledModel:
+async def pull(
+    session: aiohttp.ClientSession, base_url: str, model_id: str, store: ModelStore, on_progress: Progress | None = None
+) -> InstalledModel:
     """Copy `model_id` from the box at `base_url` (its peer API) into `store`; PullError on any failure."""
     try:
         async with session.get(f"{base_url}{MODELS_PATH}/{model_id}") as answer:
             if answer.status != 200:
-                raise PullError(f"the source box refused to list {model_id!r}: HTTP {answer.status} "
-                                f"{(await answer.text())[:300]}")
+                raise PullError(
+                    f"the source box refused to list {model_id!r}: HTTP {answer.status} {(await answer.text())[:300]}"
+                )
             described = await answer.json()
         entry = store.entry_from_record(described["model"])
         files = [(str(f["path"]), int(f["size"])) for f in described["files"]]
@@ -104,47 +109,56 @@ async def pull(session: aiohttp.ClientSession, base_url: str, model_id: str, sto
         done = 0
         for relative, size in files:
             target = _staged_target(staging, entry, relative, single_file)
-            done = await _fetch(session, f"{base_url}{MODELS_PATH}/{model_id}/files/{relative}", target, size,
-                                done, total, counted)
+            done = await _fetch(
+                session, f"{base_url}{MODELS_PATH}/{model_id}/files/{relative}", target, size, done, total, counted
+            )
         staged = staging / entry.path.name
         digest = await asyncio.to_thread(content_sha256, staged)
         if digest != entry.sha256:
             await asyncio.to_thread(shutil.rmtree, staging, True)
-            raise PullError(f"the copy of {model_id!r} does not match the source's sha256 ({digest[:12]}... instead "
-                            f"of {entry.sha256[:12]}...); it was discarded")
+            raise PullError(
+                f"the copy of {model_id!r} does not match the source's sha256 ({digest[:12]}... instead "
+                f"of {entry.sha256[:12]}...); it was discarded"
+            )
         installed = await asyncio.to_thread(store.install_staged, entry, staged)
     except ModelStoreError as exc:
         await asyncio.to_thread(shutil.rmtree, staging, True)  # the store removed the copy it could not list
         raise PullError(f"the copy of {model_id!r} is complete but could not be installed: {exc}") from exc
     except OSError as exc:
         if exc.errno not in _NO_SPACE:
-            raise PullError(f"the copy of {model_id!r} could not be written under {store.root}: "
-                            f"{exc.strerror or exc}") from exc
+            raise PullError(
+                f"the copy of {model_id!r} could not be written under {store.root}: {exc.strerror or exc}"
+            ) from exc
         await asyncio.to_thread(shutil.rmtree, staging, True)  # give the space back: the box needs it
         free = await asyncio.to_thread(_free_bytes, store.root)
-        raise PullError(f"the disk holding the model store {store.root} filled up while copying {model_id!r} "
-                        f"({_mb(copied)} of {_mb(total)} copied, {_mb(free)} free now); the partial copy was removed "
-                        f"to give the space back: free at least {_mb(total + DISK_RESERVE_BYTES)} there and pull "
-                        f"again") from exc
+        raise PullError(
+            f"the disk holding the model store {store.root} filled up while copying {model_id!r} "
+            f"({_mb(copied)} of {_mb(total)} copied, {_mb(free)} free now); the partial copy was removed "
+            f"to give the space back: free at least {_mb(total + DISK_RESERVE_BYTES)} there and pull "
+            f"again"
+        ) from exc
     await asyncio.to_thread(shutil.rmtree, staging, True)
-    log.info("model_pulled", model=model_id, bytes=total, seconds=round(time.monotonic() - started, 2),
-             source=base_url)
+    log.info("model_pulled", model=model_id, bytes=total, seconds=round(time.monotonic() - started, 2), source=base_url)
     return installed
 
 
-def _check_room(store: ModelStore, model_id: str, entry: InstalledModel, files: list[tuple[str, int]],
-                single_file: bool) -> None:
+def _check_room(
+    store: ModelStore, model_id: str, entry: InstalledModel, files: list[tuple[str, int]], single_file: bool
+) -> None:
     """Blocking: PullError unless the store's disk has room for the bytes still missing (a resumed copy counts
     what it already has); moving the finished copy into the store takes no more (same disk)."""
     staging = store.staging_dir(model_id)
-    missing = sum(max(size - _size(_staged_target(staging, entry, relative, single_file)), 0)
-                  for relative, size in files)
+    missing = sum(
+        max(size - _size(_staged_target(staging, entry, relative, single_file)), 0) for relative, size in files
+    )
     store.root.mkdir(parents=True, exist_ok=True)
     free = _free_bytes(store.root)
     if missing + DISK_RESERVE_BYTES > free:
-        raise PullError(f"not enough disk space for {model_id!r} in the model store {store.root}: the copy needs "
-                        f"{_mb(missing)} more (and {_mb(DISK_RESERVE_BYTES)} kept free), {_mb(free)} free; free space "
-                        f"there and pull again")
+        raise PullError(
+            f"not enough disk space for {model_id!r} in the model store {store.root}: the copy needs "
+            f"{_mb(missing)} more (and {_mb(DISK_RESERVE_BYTES)} kept free), {_mb(free)} free; free space "
+            f"there and pull again"
+        )
 
 
 def _free_bytes(path: Path) -> int:
@@ -156,8 +170,15 @@ def _mb(count: int) -> str:
     return f"{count / 1e6:.1f} MB"
 
 
-async def _fetch(session: aiohttp.ClientSession, url: str, target: Path, size: int, done: int, total: int,
-                 on_progress: Progress | None) -> int:
+async def _fetch(
+    session: aiohttp.ClientSession,
+    url: str,
+    target: Path,
+    size: int,
+    done: int,
+    total: int,
+    on_progress: Progress | None,
+) -> int:
     """Download one file into `target`, continuing a partial copy; returns the running byte count."""
     await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
     have = await asyncio.to_thread(_size, target)
@@ -188,8 +209,9 @@ async def _fetch(session: aiohttp.ClientSession, url: str, target: Path, size: i
             finally:
                 await asyncio.to_thread(handle.close)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise PullError(f"the copy from the source box broke off ({exc}); pulling again continues from "
-                        f"{done} bytes") from exc
+        raise PullError(
+            f"the copy from the source box broke off ({exc}); pulling again continues from {done} bytes"
+        ) from exc
     written = await asyncio.to_thread(_size, target)
     if written != size:
         raise PullError(f"{target.name}: the source box sent {written} of {size} bytes")

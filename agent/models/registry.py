@@ -99,7 +99,8 @@ class ModelRegistry:
         if model is None:
             available = ", ".join(sorted([*self._chat, *self._embeddings]))
             raise ModelNotFoundError(
-                f"The model '{requested}' does not exist or is not loaded; available: {available}", param="model")
+                f"The model '{requested}' does not exist or is not loaded; available: {available}", param="model"
+            )
         return model
 
     def chat(self, requested: str | None) -> ChatModel:
@@ -110,7 +111,10 @@ class ModelRegistry:
         if not isinstance(model, ChatModel):
             raise InvalidRequestError(
                 f"The model '{requested}' is an embedding model; use it with /v1/embeddings. Chat models: "
-                f"{', '.join(sorted(self._chat))}", param="model", code="model_not_supported")
+                f"{', '.join(sorted(self._chat))}",
+                param="model",
+                code="model_not_supported",
+            )
         return model
 
     def embedding(self, requested: str | None) -> EmbeddingModel:
@@ -123,5 +127,8 @@ class ModelRegistry:
         if not isinstance(model, EmbeddingModel):
             raise InvalidRequestError(
                 f"The model '{requested}' cannot make embeddings; embedding models: "
-                f"{', '.join(sorted(self._embeddings))}", param="model", code="model_not_supported")
+                f"{', '.join(sorted(self._embeddings))}",
+                param="model",
+                code="model_not_supported",
+            )
         return model

@@ -57,8 +57,9 @@ class InstalledModel:
         """Blocking: the tokenizer and chat template this model is served with."""
         text = TextPipeline.from_gguf(self.path)
         if self.chat_template == "chatml":
-            template = ChatTemplate(CHATML_TEMPLATE, bos_token=text.template.bos_token,
-                                    eos_token=text.template.eos_token)
+            template = ChatTemplate(
+                CHATML_TEMPLATE, bos_token=text.template.bos_token, eos_token=text.template.eos_token
+            )
             text = dataclasses.replace(text, template=template)
         return text
 
@@ -102,8 +103,12 @@ class ModelStore:
         if existing is not None and existing.path.exists() and tree_size(existing.path) == existing.size:
             # Same file; the catalog's serving settings may have changed with an agent upgrade.
             current = dataclasses.replace(
-                existing, capabilities=bundled.capabilities, sampling_defaults=dict(bundled.sampling_defaults),
-                chat_template=bundled.chat_template, license=bundled.license)
+                existing,
+                capabilities=bundled.capabilities,
+                sampling_defaults=dict(bundled.sampling_defaults),
+                chat_template=bundled.chat_template,
+                license=bundled.license,
+            )
             if current != existing:
                 self._write(self._replaced(current))
             return current
@@ -119,10 +124,18 @@ class ModelStore:
         else:
             sha256 = atomic_copy_with_sha256(source, target)
         model = InstalledModel(
-            id=bundled.id, path=target, size=tree_size(target), sha256=sha256, format=bundled.format,
-            quantization=bundled.quantization, capabilities=bundled.capabilities, source=bundled.source,
-            license=bundled.license, installed_at=int(time.time()),
-            sampling_defaults=dict(bundled.sampling_defaults), chat_template=bundled.chat_template,
+            id=bundled.id,
+            path=target,
+            size=tree_size(target),
+            sha256=sha256,
+            format=bundled.format,
+            quantization=bundled.quantization,
+            capabilities=bundled.capabilities,
+            source=bundled.source,
+            license=bundled.license,
+            installed_at=int(time.time()),
+            sampling_defaults=dict(bundled.sampling_defaults),
+            chat_template=bundled.chat_template,
         )
         self._write(self._replaced(model))
         return model
@@ -142,8 +155,9 @@ class ModelStore:
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.replace(staged, target)
-        model = dataclasses.replace(entry, path=target, installed_at=int(time.time()),
-                                    source=f"{entry.source} (pulled from the cluster)")
+        model = dataclasses.replace(
+            entry, path=target, installed_at=int(time.time()), source=f"{entry.source} (pulled from the cluster)"
+        )
         try:
             fsync_dir(target.parent)
             self._write(self._replaced(model))
@@ -154,8 +168,10 @@ class ModelStore:
                 target.parent.rmdir()  # only if nothing else is in it
             if isinstance(exc, ModelStoreError):
                 raise
-            raise ModelStoreError(f"the manifest {self._manifest} could not be written ({exc.strerror or exc}); "
-                                  f"{entry.id!r} was not installed") from exc
+            raise ModelStoreError(
+                f"the manifest {self._manifest} could not be written ({exc.strerror or exc}); "
+                f"{entry.id!r} was not installed"
+            ) from exc
         return model
 
     def _replaced(self, model: InstalledModel) -> list[InstalledModel]:
@@ -181,9 +197,16 @@ class ModelStore:
 
     def entry_from_record(self, raw: dict[str, Any]) -> InstalledModel:
         return InstalledModel(
-            id=raw["id"], path=self.root / raw["file"], size=int(raw["size"]), sha256=raw["sha256"],
-            format=raw["format"], quantization=raw["quantization"], capabilities=tuple(raw["capabilities"]),
-            source=raw["source"], license=raw.get("license", "unknown"), installed_at=int(raw["installed_at"]),
+            id=raw["id"],
+            path=self.root / raw["file"],
+            size=int(raw["size"]),
+            sha256=raw["sha256"],
+            format=raw["format"],
+            quantization=raw["quantization"],
+            capabilities=tuple(raw["capabilities"]),
+            source=raw["source"],
+            license=raw.get("license", "unknown"),
+            installed_at=int(raw["installed_at"]),
             sampling_defaults={k: float(v) for k, v in raw.get("sampling_defaults", {}).items()},
             chat_template=raw.get("chat_template", "gguf"),
         )

@@ -63,6 +63,7 @@ def serialize(entries: dict[str, Entry]) -> bytes:
 
 def parse(path: Path, raw: bytes) -> dict[str, Entry]:
     """The records of the file at `path`; KeyStoreCorruptError naming the first problem."""
+
     def corrupt(problem: str) -> KeyStoreCorruptError:
         return KeyStoreCorruptError(
             f"key store {path} is unusable: {problem}. It was left as it is (starting over empty would silently "

@@ -27,8 +27,14 @@ DEFAULT_CONFIRM = 0.3
 class Debouncer:
     """Raw switch levels (True = magnet present) with timestamps in, confirmed DockEvents out."""
 
-    def __init__(self, debounce: float = DEFAULT_DEBOUNCE, confirm: float = DEFAULT_CONFIRM, *,
-                 level: bool = False, at: float = 0.0) -> None:
+    def __init__(
+        self,
+        debounce: float = DEFAULT_DEBOUNCE,
+        confirm: float = DEFAULT_CONFIRM,
+        *,
+        level: bool = False,
+        at: float = 0.0,
+    ) -> None:
         if debounce < 0 or confirm < 0:
             raise ValueError(f"debounce ({debounce}) and confirm ({confirm}) must be >= 0 seconds")
         self.debounce = debounce

@@ -63,17 +63,26 @@ def parse_gpio_config(text: str) -> tuple[str, int]:
     """Parse "gpio:gpiochip0:17" into (chip, line offset); DriverConfigError names what is wrong."""
     match = _CONFIG.match(text.strip())
     if match is None:
-        raise DriverConfigError(f"{text!r} is not a GPIO dock sensor; expected gpio:<chip>:<line> "
-                                "such as gpio:gpiochip0:17")
+        raise DriverConfigError(
+            f"{text!r} is not a GPIO dock sensor; expected gpio:<chip>:<line> such as gpio:gpiochip0:17"
+        )
     return match.group(1), int(match.group(2))
 
 
 class GpioDock:
     """DockSensor over one libgpiod 2 input line with a hall switch on it."""
 
-    def __init__(self, chip: str, line: int, *, active_low: bool = True, debounce: float = DEFAULT_DEBOUNCE,
-                 confirm: float = DEFAULT_CONFIRM, kernel_debounce: float = DEFAULT_KERNEL_DEBOUNCE,
-                 request_lines: RequestLines = gpiod.request_lines) -> None:
+    def __init__(
+        self,
+        chip: str,
+        line: int,
+        *,
+        active_low: bool = True,
+        debounce: float = DEFAULT_DEBOUNCE,
+        confirm: float = DEFAULT_CONFIRM,
+        kernel_debounce: float = DEFAULT_KERNEL_DEBOUNCE,
+        request_lines: RequestLines = gpiod.request_lines,
+    ) -> None:
         if line < 0:
             raise DriverConfigError(f"GPIO line offset {line} on {chip} is negative")
         if not 0 <= kernel_debounce <= debounce:
@@ -107,10 +116,14 @@ class GpioDock:
 
     def settings(self) -> gpiod.LineSettings:
         """The line settings requested from the kernel."""
-        return gpiod.LineSettings(direction=Direction.INPUT, edge_detection=Edge.BOTH, bias=Bias.PULL_UP,
-                                  active_low=self.active_low,
-                                  debounce_period=timedelta(seconds=self.kernel_debounce),
-                                  event_clock=Clock.MONOTONIC)
+        return gpiod.LineSettings(
+            direction=Direction.INPUT,
+            edge_detection=Edge.BOTH,
+            bias=Bias.PULL_UP,
+            active_low=self.active_low,
+            debounce_period=timedelta(seconds=self.kernel_debounce),
+            event_clock=Clock.MONOTONIC,
+        )
 
     async def open(self) -> None:
         """Request the line, read its level, and start watching edges."""
@@ -158,8 +171,10 @@ class GpioDock:
         if exc.errno == errno.EBUSY:
             return DriverError(f"{what}: the line is in use by another consumer (see `gpioinfo`)")
         if exc.errno == errno.EINVAL:
-            return DriverConfigError(f"{what}: the chip rejected the settings (no such line, or no edge or "
-                                     f"bias support): {exc.strerror or exc}")
+            return DriverConfigError(
+                f"{what}: the chip rejected the settings (no such line, or no edge or "
+                f"bias support): {exc.strerror or exc}"
+            )
         return DriverError(f"{what}: {exc.strerror or exc}")
 
     async def present(self) -> bool:
@@ -183,8 +198,7 @@ class GpioDock:
             return  # another wake-up drained it already
         except OSError as exc:
             # ENODEV: the chip went away (an expander unplugged, a driver unbound). Nothing will come back.
-            self._fault(DriverError(f"{self.name}: reading edge events from {self.path} failed: "
-                                    f"{exc.strerror or exc}"))
+            self._fault(DriverError(f"{self.name}: reading edge events from {self.path} failed: {exc.strerror or exc}"))
             return
         for event in events:
             pump.feed(event.event_type == gpiod.EdgeEvent.Type.RISING_EDGE, event.timestamp_ns / 1e9)

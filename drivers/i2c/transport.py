@@ -141,13 +141,15 @@ class I2cBus:
         try:
             return await wait_for(future, self.timeout)
         except TimeoutError:
-            raise BusTimeoutError(f"{self.name}: no answer within {self.timeout:.2f}s trying to {what}",
-                                  errno.ETIMEDOUT) from None
+            raise BusTimeoutError(
+                f"{self.name}: no answer within {self.timeout:.2f}s trying to {what}", errno.ETIMEDOUT
+            ) from None
         except OSError as exc:
             code = exc.errno
             if code in _NACK_ERRNOS:
-                raise NotAcknowledgedError(f"{self.name}: not acknowledged trying to {what} "
-                                           f"({errno.errorcode.get(code, code)})", code) from exc
+                raise NotAcknowledgedError(
+                    f"{self.name}: not acknowledged trying to {what} ({errno.errorcode.get(code, code)})", code
+                ) from exc
             if code == errno.ETIMEDOUT:
                 raise BusTimeoutError(f"{self.name}: timed out trying to {what}", code) from exc
             raise BusError(f"{self.name}: failed to {what}: {exc.strerror or exc}", code) from exc

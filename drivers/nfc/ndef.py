@@ -106,31 +106,36 @@ def iter_records(message: bytes) -> Iterator[NdefRecord]:
             raise NdefError(f"NDEF record {index} at offset {start} uses the reserved TNF 0x07")
         fixed = 2 + (1 if header & SR else 4) + (1 if header & IL else 0)
         if size - offset < fixed:
-            raise NdefError(f"NDEF record {index} at offset {start} is truncated: its header needs {fixed} bytes, "
-                            f"{size - offset} left")
+            raise NdefError(
+                f"NDEF record {index} at offset {start} is truncated: its header needs {fixed} bytes, "
+                f"{size - offset} left"
+            )
         type_length = message[offset + 1]
         if header & SR:
             payload_length = message[offset + 2]
             offset += 3
         else:
-            payload_length = int.from_bytes(message[offset + 2:offset + 6], "big")
+            payload_length = int.from_bytes(message[offset + 2 : offset + 6], "big")
             offset += 6
         id_length = 0
         if header & IL:
             id_length = message[offset]
             offset += 1
         if size - offset < type_length:
-            raise NdefError(f"NDEF record {index} at offset {start} is truncated: its type needs {type_length} bytes, "
-                            f"{size - offset} left")
-        record_type = bytes(message[offset:offset + type_length])
+            raise NdefError(
+                f"NDEF record {index} at offset {start} is truncated: its type needs {type_length} bytes, "
+                f"{size - offset} left"
+            )
+        record_type = bytes(message[offset : offset + type_length])
         offset += type_length
         what = f"NDEF record {index} ({NdefRecord(tnf, record_type, b'').describe()}) at offset {start}"
         if size - offset < id_length + payload_length:
-            raise NdefError(f"{what} is truncated: id and payload need {id_length + payload_length} bytes, "
-                            f"{size - offset} left")
-        record_id = bytes(message[offset:offset + id_length])
+            raise NdefError(
+                f"{what} is truncated: id and payload need {id_length + payload_length} bytes, {size - offset} left"
+            )
+        record_id = bytes(message[offset : offset + id_length])
         offset += id_length
-        payload = bytes(message[offset:offset + payload_length])
+        payload = bytes(message[offset : offset + payload_length])
         offset += payload_length
         yield NdefRecord(tnf, record_type, payload, record_id, bool(header & CF))
         index += 1
@@ -154,8 +159,13 @@ def encode_join_payload(offer: JoinOffer) -> bytes:
         raise NdefError(f"join offer of {offer.node_id!r} needs an endpoint (host:port)")
     if offer.expires_at < 0:
         raise NdefError(f"join offer of {offer.node_id!r} has a negative expires_at ({offer.expires_at})")
-    body: dict[str, Any] = {"v": JOIN_VERSION, "node": offer.node_id, "ep": offer.endpoint, "tok": offer.token,
-                            "exp": offer.expires_at}
+    body: dict[str, Any] = {
+        "v": JOIN_VERSION,
+        "node": offer.node_id,
+        "ep": offer.endpoint,
+        "tok": offer.token,
+        "exp": offer.expires_at,
+    }
     for key in sorted(offer.extra):
         if key in body:
             raise NdefError(f"join offer extra field {key!r} collides with a fixed field {_FIXED_KEYS}")
@@ -166,11 +176,15 @@ def encode_join_payload(offer: JoinOffer) -> bytes:
     try:
         payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate in a field: no UTF-8 for it, so no tag can carry it
-        raise NdefError(f"join offer of {offer.node_id!r} has text that is not valid Unicode "
-                        f"({exc.object[exc.start:exc.end]!r}); send well-formed strings") from None
+        raise NdefError(
+            f"join offer of {offer.node_id!r} has text that is not valid Unicode "
+            f"({exc.object[exc.start : exc.end]!r}); send well-formed strings"
+        ) from None
     if len(payload) > MAX_PAYLOAD:
-        raise OfferTooLargeError(f"join offer of {offer.node_id!r} is {len(payload)} bytes of JSON; the most an NFC "
-                                 f"offer carries is {MAX_PAYLOAD} (shorten the token or the extra fields)")
+        raise OfferTooLargeError(
+            f"join offer of {offer.node_id!r} is {len(payload)} bytes of JSON; the most an NFC "
+            f"offer carries is {MAX_PAYLOAD} (shorten the token or the extra fields)"
+        )
     return payload
 
 
@@ -184,8 +198,10 @@ def decode_join_payload(payload: bytes) -> JoinOffer:
     # Checked before parsing: within MAX_PAYLOAD bytes JSON cannot nest deep enough to exhaust the parser's
     # recursion, nor hold a number too long for int(), so json.loads can only fail with JSONDecodeError.
     if len(payload) > MAX_PAYLOAD:
-        raise OfferTooLargeError(f"join offer payload is {len(payload)} bytes; the most an NFC offer carries is "
-                                 f"{MAX_PAYLOAD}, so this tag was not written by a Thox module")
+        raise OfferTooLargeError(
+            f"join offer payload is {len(payload)} bytes; the most an NFC offer carries is "
+            f"{MAX_PAYLOAD}, so this tag was not written by a Thox module"
+        )
     try:
         body = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -207,8 +223,11 @@ def decode_join_payload(payload: bytes) -> JoinOffer:
     expires = body.get("exp", 0)
     if not isinstance(expires, int) or isinstance(expires, bool) or expires < 0:
         raise NdefError(f"join offer field 'exp' must be a non-negative integer (unix seconds), got {expires!r}")
-    extra = {_unicode(key, f"join offer field name {key!r}"): _string(body, key, required=True)
-             for key in body if key not in _FIXED_KEYS}
+    extra = {
+        _unicode(key, f"join offer field name {key!r}"): _string(body, key, required=True)
+        for key in body
+        if key not in _FIXED_KEYS
+    }
     return JoinOffer(node_id=node, endpoint=endpoint, token=token, expires_at=expires, extra=extra)
 
 
@@ -231,8 +250,10 @@ def _unicode(text: str, what: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise NdefError(f"{what} holds a lone UTF-16 surrogate ({text[exc.start:exc.end]!r} at character "
-                        f"{exc.start}); it is not valid Unicode") from None
+        raise NdefError(
+            f"{what} holds a lone UTF-16 surrogate ({text[exc.start : exc.end]!r} at character "
+            f"{exc.start}); it is not valid Unicode"
+        ) from None
     return text
 
 
@@ -248,8 +269,10 @@ def decode_join_offer(message: bytes) -> JoinOffer:
             seen.append(record.describe())
             continue
         if record.tnf != TNF_EXTERNAL:
-            raise NdefError(f"NDEF record {index} has type 'thox.ai:join' with TNF 0x{record.tnf:02x}; "
-                            f"a join offer is an NFC Forum external type (TNF 0x04)")
+            raise NdefError(
+                f"NDEF record {index} has type 'thox.ai:join' with TNF 0x{record.tnf:02x}; "
+                f"a join offer is an NFC Forum external type (TNF 0x04)"
+            )
         if record.chunked:
             raise NdefError(f"NDEF record {index} is a chunked thox.ai:join record; join offers are never chunked")
         return decode_join_payload(record.payload)

@@ -110,8 +110,10 @@ class NfcpyLink:
 
     def __init__(self, path: str, *, targets: Sequence[str] | None = None) -> None:
         if not path.startswith(_PATH_PREFIXES):
-            raise DriverConfigError(f"{path!r} is not an nfcpy device path; expected usb[:vendor[:product]], "
-                                    f"tty:<port>:<driver>, com:<port>:<driver> or udp[:host][:port]")
+            raise DriverConfigError(
+                f"{path!r} is not an nfcpy device path; expected usb[:vendor[:product]], "
+                f"tty:<port>:<driver>, com:<port>:<driver> or udp[:host][:port]"
+            )
         self._path = path
         self._targets = tuple(targets) if targets else (UDP_TARGETS if path.startswith("udp") else HARDWARE_TARGETS)
         self._state = DriverState.CLOSED
@@ -177,11 +179,13 @@ class NfcpyLink:
     async def present(self, message: bytes, timeout: float) -> bool:
         """Emulate a read-only Type 3 Tag holding any NDEF `message`; True once a reader has read all of it."""
         area = NdefArea(message)
-        return await self._operate("offer", timeout, lambda stop, deadline: self._offer_blocking(area, stop, deadline),
-                                   False)
+        return await self._operate(
+            "offer", timeout, lambda stop, deadline: self._offer_blocking(area, stop, deadline), False
+        )
 
-    async def _operate(self, what: str, timeout: float, blocking: Callable[[threading.Event, float], _T],
-                       on_timeout: _T) -> _T:
+    async def _operate(
+        self, what: str, timeout: float, blocking: Callable[[threading.Event, float], _T], on_timeout: _T
+    ) -> _T:
         async with self._lock:
             worker = self._worker
             if worker is None or self._state is not DriverState.OPEN:
@@ -245,8 +249,10 @@ class NfcpyLink:
         except Exception as exc:
             raise ReaderError(f"{self.name}: nfcpy failed during {what}: {exc!r}") from exc
         if result is False:  # nfcpy's answer to IOError and UnsupportedTargetError; it has logged the cause
-            raise ReaderError(f"{self.name}: the reader stopped during {what} (device gone, or it cannot {what}; "
-                              f"nfcpy's log names the cause)")
+            raise ReaderError(
+                f"{self.name}: the reader stopped during {what} (device gone, or it cannot {what}; "
+                f"nfcpy's log names the cause)"
+            )
         return result
 
     def _read_blocking(self, stop: threading.Event, deadline: float) -> JoinOffer | None:
@@ -292,8 +298,7 @@ class NfcpyLink:
             log.debug("nfc_tag_not_a_join_offer", driver=self.name, tag=str(tag), reason=str(exc))
             return None
         except NdefError as exc:
-            log.warning("nfc_join_offer_malformed", driver=self.name, tag=str(tag), error=str(exc),
-                        octets=octets.hex())
+            log.warning("nfc_join_offer_malformed", driver=self.name, tag=str(tag), error=str(exc), octets=octets.hex())
             return exc
 
     def _offer_blocking(self, area: NdefArea, stop: threading.Event, deadline: float) -> bool:

@@ -69,12 +69,20 @@ class AttributeInfo:
             raise Tag3Error(f"a Type 3 Tag attribute block is {BLOCK_SIZE} bytes, got {len(block)}")
         check = int.from_bytes(block[14:16], "big")
         if sum(block[0:14]) != check:
-            raise Tag3Error(f"attribute block checksum 0x{check:04x} does not match its bytes "
-                            f"(0x{sum(block[0:14]):04x})")
+            raise Tag3Error(
+                f"attribute block checksum 0x{check:04x} does not match its bytes (0x{sum(block[0:14]):04x})"
+            )
         if block[0] >> 4 != MAPPING_VERSION >> 4:
             raise Tag3Error(f"unsupported Type 3 Tag NDEF mapping version 0x{block[0]:02x}; expected 1.x")
-        return cls(nbr=block[1], nbw=block[2], nmaxb=int.from_bytes(block[3:5], "big"),
-                   ln=int.from_bytes(block[11:14], "big"), writef=block[9], rwflag=block[10], version=block[0])
+        return cls(
+            nbr=block[1],
+            nbw=block[2],
+            nmaxb=int.from_bytes(block[3:5], "big"),
+            ln=int.from_bytes(block[11:14], "big"),
+            writef=block[9],
+            rwflag=block[10],
+            version=block[0],
+        )
 
 
 class NdefArea:
@@ -91,8 +99,9 @@ class NdefArea:
             raise Tag3Error(f"a {len(message)}-byte message does not fit a Type 3 Tag")
         self.attributes = AttributeInfo(nbr=nbr, nbw=0, nmaxb=self.data_blocks, ln=len(message))
         padded = self.message + bytes(self.data_blocks * BLOCK_SIZE - len(message))
-        self._blocks = [self.attributes.encode()] + [padded[i:i + BLOCK_SIZE] for i in range(0, len(padded),
-                                                                                            BLOCK_SIZE)]
+        self._blocks = [self.attributes.encode()] + [
+            padded[i : i + BLOCK_SIZE] for i in range(0, len(padded), BLOCK_SIZE)
+        ]
         self._unread = set(range(1, self.data_blocks + 1))
 
     def block(self, number: int) -> bytes | None:

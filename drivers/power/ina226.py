@@ -68,8 +68,7 @@ def config_word(averages: int, conversion_us: int) -> int:
     if conversion_us not in CONVERSION_US:
         raise ValueError(f"conversion time {conversion_us} us is not one of {CONVERSION_US}")
     time_code = CONVERSION_US.index(conversion_us)
-    return (0x4000 | AVERAGES.index(averages) << 9 | time_code << 6 | time_code << 3
-            | MODE_CONTINUOUS_SHUNT_AND_BUS)
+    return 0x4000 | AVERAGES.index(averages) << 9 | time_code << 6 | time_code << 3 | MODE_CONTINUOUS_SHUNT_AND_BUS
 
 
 def calibration(shunt_ohms: float, max_current_a: float) -> int:
@@ -77,8 +76,10 @@ def calibration(shunt_ohms: float, max_current_a: float) -> int:
     if shunt_ohms <= 0 or max_current_a <= 0:
         raise ValueError("shunt resistance and maximum current must be positive")
     if max_current_a * shunt_ohms > SHUNT_FULL_SCALE_V:
-        raise ValueError(f"{max_current_a} A through {shunt_ohms} ohm is {max_current_a * shunt_ohms * 1000:.1f} mV, "
-                         f"beyond the shunt input's {SHUNT_FULL_SCALE_V * 1000:.2f} mV")
+        raise ValueError(
+            f"{max_current_a} A through {shunt_ohms} ohm is {max_current_a * shunt_ohms * 1000:.1f} mV, "
+            f"beyond the shunt input's {SHUNT_FULL_SCALE_V * 1000:.2f} mV"
+        )
     cal = int(0.00512 / (max_current_a / 32768 * shunt_ohms))
     if not 1 <= cal <= 0x7FFF:
         raise ValueError(f"calibration {cal} for {shunt_ohms} ohm and {max_current_a} A is outside 1..32767")
@@ -102,12 +103,14 @@ def decode_reading(raw: RawReading, cal: int, shunt_ohms: float, max_current_a: 
     shunt, current = signed(raw.shunt), signed(raw.current)
     expected_current = int(shunt * cal / 2048)
     if abs(current - expected_current) > 1 + abs(expected_current) // 100:
-        raise ValueError(f"current register {current} does not match shunt {shunt} x CAL {cal} / 2048 = "
-                         f"{expected_current}")
+        raise ValueError(
+            f"current register {current} does not match shunt {shunt} x CAL {cal} / 2048 = {expected_current}"
+        )
     expected_power = int(abs(current) * raw.bus / 20000)
     if abs(raw.power - expected_power) > 1 + expected_power // 100:
-        raise ValueError(f"power register {raw.power} does not match current {current} x bus {raw.bus} / 20000 = "
-                         f"{expected_power}")
+        raise ValueError(
+            f"power register {raw.power} does not match current {current} x bus {raw.bus} / 20000 = {expected_power}"
+        )
     current_lsb_a = 0.00512 / (cal * shunt_ohms)
     current_ma = current * current_lsb_a * 1000
     if raw.bus == 0 and abs(current_ma) > max_current_a * 10:  # more than 1% of range with no bus voltage
@@ -123,8 +126,16 @@ class Ina226(I2cDevice):
 
     _kind = "ina226"
 
-    def __init__(self, bus: I2cBus, address: int = 0x40, shunt_ohms: float = 0.01, max_current_a: float = 5.0, *,
-                 averages: int = 16, conversion_us: int = 1100) -> None:
+    def __init__(
+        self,
+        bus: I2cBus,
+        address: int = 0x40,
+        shunt_ohms: float = 0.01,
+        max_current_a: float = 5.0,
+        *,
+        averages: int = 16,
+        conversion_us: int = 1100,
+    ) -> None:
         try:
             self._cal = calibration(shunt_ohms, max_current_a)
             self._config = config_word(averages, conversion_us)
@@ -142,8 +153,10 @@ class Ina226(I2cDevice):
         manufacturer = await self._read(MANUFACTURER_ID)
         die = await self._read(DIE_ID)
         if manufacturer != MANUFACTURER_TI or die >> 4 != DIE_INA226:
-            raise DeviceMismatchError(f"{self.name}: manufacturer/die ID read 0x{manufacturer:04x}/0x{die:04x}, "
-                                      "expected 0x5449/0x226x (INA226); is another chip at this address?")
+            raise DeviceMismatchError(
+                f"{self.name}: manufacturer/die ID read 0x{manufacturer:04x}/0x{die:04x}, "
+                "expected 0x5449/0x226x (INA226); is another chip at this address?"
+            )
 
     async def _prepare(self) -> None:
         """Reset, calibrate and configure the chip, and check it took the calibration and configuration."""
@@ -154,8 +167,10 @@ class Ina226(I2cDevice):
         config = await self._read(CONFIGURATION)
         cal = await self._read(CALIBRATION)
         if (config, cal) != (self._config, self._cal):
-            raise ImplausibleReadingError(f"{self.name}: configuration/calibration read back 0x{config:04x}/"
-                                          f"0x{cal:04x} after writing 0x{self._config:04x}/0x{self._cal:04x}")
+            raise ImplausibleReadingError(
+                f"{self.name}: configuration/calibration read back 0x{config:04x}/"
+                f"0x{cal:04x} after writing 0x{self._config:04x}/0x{self._cal:04x}"
+            )
 
     async def _before_close(self) -> None:
         """Reset the chip to its power-on configuration."""
@@ -173,18 +188,26 @@ class Ina226(I2cDevice):
             cal = await self._read(CALIBRATION)
             if cal != self._cal:
                 await self._configure()
-                raise ImplausibleReadingError(f"{self.name}: calibration reads 0x{cal:04x}, not the 0x{self._cal:04x} "
-                                              "written: the chip reset itself (brown-out?); calibrated again")
-            raw = RawReading(shunt=await self._read(SHUNT_VOLTAGE), bus=await self._read(BUS_VOLTAGE),
-                             current=await self._read(CURRENT), power=await self._read(POWER))
+                raise ImplausibleReadingError(
+                    f"{self.name}: calibration reads 0x{cal:04x}, not the 0x{self._cal:04x} "
+                    "written: the chip reset itself (brown-out?); calibrated again"
+                )
+            raw = RawReading(
+                shunt=await self._read(SHUNT_VOLTAGE),
+                bus=await self._read(BUS_VOLTAGE),
+                current=await self._read(CURRENT),
+                power=await self._read(POWER),
+            )
             if await self._read(MASK_ENABLE) & CVRF:
                 continue  # a conversion finished while reading: the registers may mix two conversions
             try:
                 return decode_reading(raw, self._cal, self._shunt_ohms, self._max_current_a)
             except ValueError as exc:
                 raise ImplausibleReadingError(f"{self.name}: {exc}") from None
-        raise ImplausibleReadingError(f"{self.name}: a conversion finished during each of {READ_ATTEMPTS} reads; "
-                                      f"the {self._period_s * 1000:.1f} ms conversion is too short for this bus")
+        raise ImplausibleReadingError(
+            f"{self.name}: a conversion finished during each of {READ_ATTEMPTS} reads; "
+            f"the {self._period_s * 1000:.1f} ms conversion is too short for this bus"
+        )
 
     # ------------------------------------------------------------------ plumbing
 
@@ -200,8 +223,10 @@ class Ina226(I2cDevice):
         while not await self._read(MASK_ENABLE) & CVRF:
             if loop.time() >= deadline:
                 waited_ms = (2 * self._period_s + 0.05) * 1000
-                raise ImplausibleReadingError(f"{self.name}: no conversion finished within {waited_ms:.0f} ms "
-                                              "(Mask/Enable CVRF stays 0): the chip is stuck, powered down or reset")
+                raise ImplausibleReadingError(
+                    f"{self.name}: no conversion finished within {waited_ms:.0f} ms "
+                    "(Mask/Enable CVRF stays 0): the chip is stuck, powered down or reset"
+                )
             await asyncio.sleep(pause)
 
     async def _read(self, register: int) -> int:

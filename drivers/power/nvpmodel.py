@@ -69,13 +69,14 @@ def parse_query(text: str) -> tuple[str, int | None]:
     for index, line in enumerate(lines):
         match = _QUERY_NAME.search(line)
         if match:
-            following = next((rest.strip() for rest in lines[index + 1:] if rest.strip()), "")
+            following = next((rest.strip() for rest in lines[index + 1 :] if rest.strip()), "")
             return match.group(1), int(following) if following.isdigit() else None
     raise DriverError(f"nvpmodel -q printed no 'NV Power Mode:' line: {text.strip()[:200]!r}")
 
 
 def needs_reboot(current: ModeSpec, target: ModeSpec) -> bool:
     """True when switching changes a setting that only applies at boot (TPC power gating)."""
+
     def boot_settings(spec: ModeSpec) -> dict[str, str]:
         return {k: v for k, v in spec.settings.items() if k.split()[0] in REBOOT_SETTINGS}
 
@@ -85,8 +86,13 @@ def needs_reboot(current: ModeSpec, target: ModeSpec) -> bool:
 class NvpModel:
     """PowerModeControl over the `nvpmodel` command (or a privileged helper with the same interface)."""
 
-    def __init__(self, command: str = "nvpmodel", conf_path: Path | None = Path("/etc/nvpmodel.conf"),
-                 timeout: float = 20.0, restore_on_close: bool = False) -> None:
+    def __init__(
+        self,
+        command: str = "nvpmodel",
+        conf_path: Path | None = Path("/etc/nvpmodel.conf"),
+        timeout: float = 20.0,
+        restore_on_close: bool = False,
+    ) -> None:
         self._command = command
         self._argv: Sequence[str] = shlex.split(command)  # "sudo -n nvpmodel" works too
         if not self._argv:
@@ -167,18 +173,23 @@ class NvpModel:
             raise DriverError(
                 f"{self.name}: switching from mode {current.id} ({current.name}) to {mode_id} ({target.mode.name}) "
                 "changes GPU TPC power gating and only applies after a reboot; refused (the agent never reboots "
-                "the device). Switch by hand with `nvpmodel -m` and reboot if that mode is wanted.")
+                "the device). Switch by hand with `nvpmodel -m` and reboot if that mode is wanted."
+            )
         # Whatever happens, the answer to "reboot now?" is NO.
         code, output = await self._run("-m", str(mode_id), stdin=b"NO\n")
         if re.search(r"reboot", output, re.IGNORECASE):
-            raise DriverError(f"{self.name}: mode {mode_id} ({target.mode.name}) needs a reboot to apply; "
-                              "declined, the mode is unchanged until someone reboots the device")
+            raise DriverError(
+                f"{self.name}: mode {mode_id} ({target.mode.name}) needs a reboot to apply; "
+                "declined, the mode is unchanged until someone reboots the device"
+            )
         if code != 0 or "NVPM ERROR" in output:
             raise DriverError(f"{self.name}: `-m {mode_id}` failed (exit {code}): {_tail(output)}")
         now = await self.get()
         if now.id != mode_id:
-            raise DriverError(f"{self.name}: asked for mode {mode_id} ({target.mode.name}) but the device reports "
-                              f"{now.id} ({now.name}): {_tail(output)}")
+            raise DriverError(
+                f"{self.name}: asked for mode {mode_id} ({target.mode.name}) but the device reports "
+                f"{now.id} ({now.name}): {_tail(output)}"
+            )
 
     # ------------------------------------------------------------------ subprocess
 
@@ -200,12 +211,17 @@ class NvpModel:
         """Run the tool with `args`; (exit code, stdout+stderr). Killed on timeout or cancellation."""
         try:
             process = await asyncio.create_subprocess_exec(
-                *self._argv, *args,
+                *self._argv,
+                *args,
                 stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+            )
         except FileNotFoundError as exc:
-            raise DriverError(f"{self.name}: {self._argv[0]!r} not found; nvpmodel exists only on Jetson "
-                              "(JetPack), use the sim power mode elsewhere") from exc
+            raise DriverError(
+                f"{self.name}: {self._argv[0]!r} not found; nvpmodel exists only on Jetson "
+                "(JetPack), use the sim power mode elsewhere"
+            ) from exc
         except PermissionError as exc:
             raise DriverError(f"{self.name}: not allowed to run {self._argv[0]!r}: {exc.strerror}") from exc
         try:

@@ -101,36 +101,65 @@ def decode_source_capabilities(words: Sequence[int]) -> tuple[Pdo, ...]:
     return tuple(pdos)
 
 
-def encode_fixed_pdo(mv: int, ma: int, *, dual_role_power: bool = False, usb_suspend: bool = False,
-                     unconstrained_power: bool = False, usb_communications: bool = False,
-                     dual_role_data: bool = False, unchunked_extended: bool = False, peak_current: int = 0) -> int:
+def encode_fixed_pdo(
+    mv: int,
+    ma: int,
+    *,
+    dual_role_power: bool = False,
+    usb_suspend: bool = False,
+    unconstrained_power: bool = False,
+    usb_communications: bool = False,
+    dual_role_data: bool = False,
+    unchunked_extended: bool = False,
+    peak_current: int = 0,
+) -> int:
     """A fixed-supply PDO (source flags; a sink PDO uses bits 29..26 alike and leaves the rest 0)."""
     if not 0 <= peak_current <= 3:
         raise ValueError(f"peak current code {peak_current} is not 0..3")
-    flags = (dual_role_power << 29 | usb_suspend << 28 | unconstrained_power << 27 | usb_communications << 26
-             | dual_role_data << 25 | unchunked_extended << 24 | peak_current << 20)
+    flags = (
+        dual_role_power << 29
+        | usb_suspend << 28
+        | unconstrained_power << 27
+        | usb_communications << 26
+        | dual_role_data << 25
+        | unchunked_extended << 24
+        | peak_current << 20
+    )
     return flags | _units(mv, 50, 10, "voltage (mV)") << 10 | _units(ma, 10, 10, "current (mA)")
 
 
 def encode_battery_pdo(min_mv: int, max_mv: int, max_mw: int) -> int:
     """A battery-supply PDO."""
     _check_range(min_mv, max_mv)
-    return (1 << 30 | _units(max_mv, 50, 10, "maximum voltage (mV)") << 20
-            | _units(min_mv, 50, 10, "minimum voltage (mV)") << 10 | _units(max_mw, 250, 10, "power (mW)"))
+    return (
+        1 << 30
+        | _units(max_mv, 50, 10, "maximum voltage (mV)") << 20
+        | _units(min_mv, 50, 10, "minimum voltage (mV)") << 10
+        | _units(max_mw, 250, 10, "power (mW)")
+    )
 
 
 def encode_variable_pdo(min_mv: int, max_mv: int, max_ma: int) -> int:
     """A variable-supply PDO."""
     _check_range(min_mv, max_mv)
-    return (2 << 30 | _units(max_mv, 50, 10, "maximum voltage (mV)") << 20
-            | _units(min_mv, 50, 10, "minimum voltage (mV)") << 10 | _units(max_ma, 10, 10, "current (mA)"))
+    return (
+        2 << 30
+        | _units(max_mv, 50, 10, "maximum voltage (mV)") << 20
+        | _units(min_mv, 50, 10, "minimum voltage (mV)") << 10
+        | _units(max_ma, 10, 10, "current (mA)")
+    )
 
 
 def encode_pps_apdo(min_mv: int, max_mv: int, max_ma: int, *, power_limited: bool = False) -> int:
     """An SPR programmable power supply APDO."""
     _check_range(min_mv, max_mv)
-    return (3 << 30 | power_limited << 27 | _units(max_mv, 100, 8, "maximum voltage (mV)") << 17
-            | _units(min_mv, 100, 8, "minimum voltage (mV)") << 8 | _units(max_ma, 50, 7, "current (mA)"))
+    return (
+        3 << 30
+        | power_limited << 27
+        | _units(max_mv, 100, 8, "maximum voltage (mV)") << 17
+        | _units(min_mv, 100, 8, "minimum voltage (mV)") << 8
+        | _units(max_ma, 50, 7, "current (mA)")
+    )
 
 
 def _check_range(min_mv: int, max_mv: int) -> None:
@@ -169,9 +198,15 @@ def satisfies(pdo: Pdo, min_mv: int | None = None, max_mv: int | None = None, mi
     return (pdo.max_ma or 0) >= min_ma
 
 
-def choose_pdo(pdos: Iterable[Pdo], min_mv: int | None = None, max_mv: int | None = None,
-               min_ma: int | None = None, prefer: Preference = "highest_power", *,
-               kinds: Collection[str] | None = None) -> Pdo | None:
+def choose_pdo(
+    pdos: Iterable[Pdo],
+    min_mv: int | None = None,
+    max_mv: int | None = None,
+    min_ma: int | None = None,
+    prefer: Preference = "highest_power",
+    *,
+    kinds: Collection[str] | None = None,
+) -> Pdo | None:
     """The offered object that satisfies the window, by preference; ties go to the lower voltage, then position.
 
     A PPS range counts by the part of it inside the window (it can be programmed anywhere in its range).
@@ -224,20 +259,39 @@ def decode_rdo(raw: int) -> Rdo:
     raw = _word(raw)
     if raw >> 31:
         raise ValueError(f"RDO 0x{raw:08x} sets bit 31 (an EPR object position), which no SPR sink sends")
-    return Rdo(object_position=_field(raw, 30, 28), operating_ma=_field(raw, 19, 10) * 10,
-               max_ma=_field(raw, 9, 0) * 10, capability_mismatch=bool(raw >> 26 & 1), raw=raw)
+    return Rdo(
+        object_position=_field(raw, 30, 28),
+        operating_ma=_field(raw, 19, 10) * 10,
+        max_ma=_field(raw, 9, 0) * 10,
+        capability_mismatch=bool(raw >> 26 & 1),
+        raw=raw,
+    )
 
 
-def encode_rdo(object_position: int, operating_ma: int, max_ma: int, *, capability_mismatch: bool = False,
-               give_back: bool = False, usb_communications: bool = False, no_usb_suspend: bool = False,
-               unchunked_extended: bool = False) -> int:
+def encode_rdo(
+    object_position: int,
+    operating_ma: int,
+    max_ma: int,
+    *,
+    capability_mismatch: bool = False,
+    give_back: bool = False,
+    usb_communications: bool = False,
+    no_usb_suspend: bool = False,
+    unchunked_extended: bool = False,
+) -> int:
     """A fixed/variable-supply RDO."""
     if not 1 <= object_position <= MAX_DATA_OBJECTS:
         raise ValueError(f"object position {object_position} is not 1..{MAX_DATA_OBJECTS}")
-    return (object_position << 28 | give_back << 27 | capability_mismatch << 26 | usb_communications << 25
-            | no_usb_suspend << 24 | unchunked_extended << 23
-            | _units(operating_ma, 10, 10, "operating current (mA)") << 10
-            | _units(max_ma, 10, 10, "maximum current (mA)"))
+    return (
+        object_position << 28
+        | give_back << 27
+        | capability_mismatch << 26
+        | usb_communications << 25
+        | no_usb_suspend << 24
+        | unchunked_extended << 23
+        | _units(operating_ma, 10, 10, "operating current (mA)") << 10
+        | _units(max_ma, 10, 10, "maximum current (mA)")
+    )
 
 
 # ----------------------------------------------------------------------------- message headers
@@ -268,9 +322,15 @@ def decode_header(raw: int) -> PdHeader:
     revision = _field(raw, 7, 6)
     if revision == 3:
         raise ValueError(f"header 0x{raw:04x} has the reserved specification revision 11b")
-    return PdHeader(message_type=_field(raw, 4, 0), data_objects=_field(raw, 14, 12), message_id=_field(raw, 11, 9),
-                    source=bool(raw >> 8 & 1), dfp=bool(raw >> 5 & 1), spec_revision=revision,
-                    extended=bool(raw >> 15))
+    return PdHeader(
+        message_type=_field(raw, 4, 0),
+        data_objects=_field(raw, 14, 12),
+        message_id=_field(raw, 11, 9),
+        source=bool(raw >> 8 & 1),
+        dfp=bool(raw >> 5 & 1),
+        spec_revision=revision,
+        extended=bool(raw >> 15),
+    )
 
 
 def encode_header(header: PdHeader) -> int:
@@ -279,5 +339,12 @@ def encode_header(header: PdHeader) -> int:
         raise ValueError(f"{header} does not fit a header")
     if not 0 <= header.message_id <= 7 or not 0 <= header.spec_revision <= 2:
         raise ValueError(f"{header} has a message ID or revision out of range")
-    return (header.extended << 15 | header.data_objects << 12 | header.message_id << 9 | header.source << 8
-            | header.spec_revision << 6 | header.dfp << 5 | header.message_type)
+    return (
+        header.extended << 15
+        | header.data_objects << 12
+        | header.message_id << 9
+        | header.source << 8
+        | header.spec_revision << 6
+        | header.dfp << 5
+        | header.message_type
+    )

@@ -108,7 +108,7 @@ def encode_u32(value: int) -> bytes:
 
 def decode_objects(data: bytes, count: int) -> tuple[int, ...]:
     """`count` little-endian 32-bit data objects from RX_DATA_OBJ1 on."""
-    return tuple(decode_u32(data[4 * i:4 * i + 4]) for i in range(count))
+    return tuple(decode_u32(data[4 * i : 4 * i + 4]) for i in range(count))
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -119,8 +119,9 @@ class Stusb4500(I2cPdSink):
 
     _kind = "stusb4500"
 
-    def __init__(self, bus: I2cBus, address: int = 0x28, *, settle_timeout: float = 1.0,
-                 poll_interval: float = 0.005) -> None:
+    def __init__(
+        self, bus: I2cBus, address: int = 0x28, *, settle_timeout: float = 1.0, poll_interval: float = 0.005
+    ) -> None:
         super().__init__(bus, address, settle_timeout=settle_timeout, poll_interval=poll_interval)
         # One soft-reset exchange at a time: a second would reset the first and read its messages.
         self._exchanging = asyncio.Lock()
@@ -129,8 +130,10 @@ class Stusb4500(I2cPdSink):
         """Check DEVICE_ID (DeviceMismatchError if it is not a STUSB4500)."""
         device_id = (await self._read(DEVICE_ID, 1))[0]
         if device_id not in DEVICE_IDS:
-            raise DeviceMismatchError(f"{self.name}: DEVICE_ID (0x2F) reads 0x{device_id:02x}, expected 0x25 or 0x21; "
-                                      "is another chip at this address?")
+            raise DeviceMismatchError(
+                f"{self.name}: DEVICE_ID (0x2F) reads 0x{device_id:02x}, expected 0x25 or 0x21; "
+                "is another chip at this address?"
+            )
 
     async def _read_attached(self) -> bool:
         """PORT_STATUS_1 ATTACH."""
@@ -168,8 +171,12 @@ class Stusb4500(I2cPdSink):
         what = f"{describe(pdo)} at {current_ma} mA"
         rdo = await self._renegotiate(what)
         selected = next((p for p in self._caps if p.index == rdo.object_position), None)
-        if (rdo.object_position != pdo_index or rdo.capability_mismatch or selected is None
-                or selected.max_mv != pdo.max_mv):
+        if (
+            rdo.object_position != pdo_index
+            or rdo.capability_mismatch
+            or selected is None
+            or selected.max_mv != pdo.max_mv
+        ):
             raise NegotiationError(f"{self.name}: asked for {what}, but the contract is {_rdo_text(rdo)}")
         return Contract("explicit", self._caps, selected, rdo)
 
@@ -196,8 +203,9 @@ class Stusb4500(I2cPdSink):
             return Contract("detached")
         rdo = await self._renegotiate("the 5 V default contract")
         if rdo.object_position != 1:
-            raise NegotiationError(f"{self.name}: asked for the 5 V default contract, but the contract is "
-                                   f"{_rdo_text(rdo)}")
+            raise NegotiationError(
+                f"{self.name}: asked for the 5 V default contract, but the contract is {_rdo_text(rdo)}"
+            )
         self._raised = False
         return Contract("explicit", self._caps, self._caps[0], rdo)
 
@@ -236,8 +244,9 @@ class Stusb4500(I2cPdSink):
                 if what is None:
                     return
                 verb = "rejected" if header.message_type == CONTROL_REJECT else "answered Wait to"
-                raise NegotiationError(f"{self.name}: the source {verb} the request for {what}; "
-                                       f"the previous contract stays")
+                raise NegotiationError(
+                    f"{self.name}: the source {verb} the request for {what}; the previous contract stays"
+                )
             elif header.is_control and header.message_type == CONTROL_PS_RDY and accepted:
                 return
 
@@ -254,8 +263,9 @@ class Stusb4500(I2cPdSink):
         while True:
             # Checked before every poll, not only when idle: a source that keeps sending must not hold us forever.
             if loop.time() >= deadline:
-                raise NegotiationError(f"{self.name}: no {expected} from the source within "
-                                       f"{self._settle_timeout:.2f} s")
+                raise NegotiationError(
+                    f"{self.name}: no {expected} from the source within {self._settle_timeout:.2f} s"
+                )
             block = decode_alert_block(await self._read(ALERT_STATUS_1, ALERT_BLOCK_LENGTH))
             if not block.attached:
                 self._caps = ()
@@ -278,8 +288,9 @@ class Stusb4500(I2cPdSink):
             return decode_source_capabilities(objects)
         except ValueError as exc:
             words = " ".join(f"0x{w:08x}" for w in objects)
-            raise ImplausibleReadingError(f"{self.name}: Source_Capabilities [{words}] cannot be right: "
-                                          f"{exc}") from None
+            raise ImplausibleReadingError(
+                f"{self.name}: Source_Capabilities [{words}] cannot be right: {exc}"
+            ) from None
 
     async def _read_rdo(self) -> Rdo:
         raw = decode_u32(await self._read(RDO_REG_STATUS, 4))
@@ -302,5 +313,7 @@ class Stusb4500(I2cPdSink):
 
 def _rdo_text(rdo: Rdo) -> str:
     """RDO fields for error messages."""
-    return (f"RDO 0x{rdo.raw:08x} (object position {rdo.object_position}, operating {rdo.operating_ma} mA, "
-            f"max {rdo.max_ma} mA, capability mismatch {'set' if rdo.capability_mismatch else 'clear'})")
+    return (
+        f"RDO 0x{rdo.raw:08x} (object position {rdo.object_position}, operating {rdo.operating_ma} mA, "
+        f"max {rdo.max_ma} mA, capability mismatch {'set' if rdo.capability_mismatch else 'clear'})"
+    )

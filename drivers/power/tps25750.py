@@ -79,13 +79,13 @@ def decode_block(register: int, data: bytes, length: int) -> bytes:
         raise ValueError(f"register 0x{register:02x} reports {count} bytes; no register is longer than {MAX_BLOCK}")
     if count < length:
         raise ValueError(f"register 0x{register:02x} reports {count} bytes; expected at least {length}")
-    return data[1:1 + length]
+    return data[1 : 1 + length]
 
 
 def decode_pdo_list(data: bytes) -> tuple[int, ...]:
     """RX_SOURCE_CAPS/TX_SINK_CAPS contents: bits 2..0 of byte 0 count the valid PDOs that follow."""
     count = data[0] & 0x07
-    return tuple(int.from_bytes(data[1 + 4 * i:5 + 4 * i], "little") for i in range(count))
+    return tuple(int.from_bytes(data[1 + 4 * i : 5 + 4 * i], "little") for i in range(count))
 
 
 def encode_sink_caps(pdos: tuple[int, ...]) -> bytes:
@@ -107,8 +107,9 @@ class Tps25750(I2cPdSink):
 
     _kind = "tps25750"
 
-    def __init__(self, bus: I2cBus, address: int = 0x21, *, settle_timeout: float = 1.0,
-                 poll_interval: float = 0.005) -> None:
+    def __init__(
+        self, bus: I2cBus, address: int = 0x21, *, settle_timeout: float = 1.0, poll_interval: float = 0.005
+    ) -> None:
         super().__init__(bus, address, settle_timeout=settle_timeout, poll_interval=poll_interval)
         self._commanding = asyncio.Lock()  # one 4CC task (and the registers it sets) at a time
 
@@ -118,13 +119,17 @@ class Tps25750(I2cPdSink):
         try:
             mode = decode_block(MODE, data, 4).decode("ascii")
         except (ValueError, UnicodeDecodeError):
-            raise DeviceMismatchError(f"{self.name}: MODE (0x03) reads {data.hex(' ')}, not a TPS25750 mode "
-                                      "(APP , BOOT, PTCH); is another chip at this address?") from None
+            raise DeviceMismatchError(
+                f"{self.name}: MODE (0x03) reads {data.hex(' ')}, not a TPS25750 mode "
+                "(APP , BOOT, PTCH); is another chip at this address?"
+            ) from None
         if mode not in MODES:
             raise DeviceMismatchError(f"{self.name}: MODE (0x03) reads {mode!r}, not a TPS25750 mode")
         if mode != "APP ":
-            raise DriverStateError(f"{self.name}: the chip is in {MODES[mode]} mode ({mode!r}), not running its "
-                                   "application firmware; it needs its patch bundle (EEPROM or PBMs/PBMc)")
+            raise DriverStateError(
+                f"{self.name}: the chip is in {MODES[mode]} mode ({mode!r}), not running its "
+                "application firmware; it needs its patch bundle (EEPROM or PBMs/PBMc)"
+            )
 
     async def _read_attached(self) -> bool:
         """STATUS PlugPresent."""
@@ -159,10 +164,17 @@ class Tps25750(I2cPdSink):
         self._caps = await self._read_caps()
         contract = await self._read_contract()
         selected = contract.selected
-        if (contract.rdo is None or contract.rdo.object_position != pdo_index or contract.rdo.capability_mismatch
-                or selected is None or selected.max_mv != pdo.max_mv):
-            raise NegotiationError(f"{self.name}: asked for {describe(pdo)} at {current_ma} mA, but the contract is "
-                                   f"{_contract_text(contract)}")
+        if (
+            contract.rdo is None
+            or contract.rdo.object_position != pdo_index
+            or contract.rdo.capability_mismatch
+            or selected is None
+            or selected.max_mv != pdo.max_mv
+        ):
+            raise NegotiationError(
+                f"{self.name}: asked for {describe(pdo)} at {current_ma} mA, but the contract is "
+                f"{_contract_text(contract)}"
+            )
         return contract
 
     async def contract(self) -> Contract:
@@ -186,8 +198,9 @@ class Tps25750(I2cPdSink):
         self._caps = await self._read_caps()
         contract = await self._read_contract()
         if contract.rdo is None or contract.rdo.object_position != 1:
-            raise NegotiationError(f"{self.name}: asked for the 5 V default contract, but the contract is "
-                                   f"{_contract_text(contract)}")
+            raise NegotiationError(
+                f"{self.name}: asked for the 5 V default contract, but the contract is {_contract_text(contract)}"
+            )
         self._raised = False
         return contract
 
@@ -201,13 +214,17 @@ class Tps25750(I2cPdSink):
         while True:
             state = await self._read(CMD1, 4)
             if state == b"!CMD":
-                raise DeviceMismatchError(f"{self.name}: the chip does not know 4CC {command!r} (CMD1 reads '!CMD'); "
-                                          "is this a TPS25750 running its application firmware?")
+                raise DeviceMismatchError(
+                    f"{self.name}: the chip does not know 4CC {command!r} (CMD1 reads '!CMD'); "
+                    "is this a TPS25750 running its application firmware?"
+                )
             if state == bytes(4):
                 break
             if loop.time() >= deadline:
-                raise NegotiationError(f"{self.name}: 4CC {command!r} still running after {self._settle_timeout:.2f} s "
-                                       f"(CMD1 reads {state!r})")
+                raise NegotiationError(
+                    f"{self.name}: 4CC {command!r} still running after {self._settle_timeout:.2f} s "
+                    f"(CMD1 reads {state!r})"
+                )
             await asyncio.sleep(self._poll_interval)
         result = (await self._read(DATA1, 1))[0]
         if result != 0:
@@ -217,8 +234,10 @@ class Tps25750(I2cPdSink):
     async def _read_caps(self) -> tuple[Pdo, ...]:
         words = decode_pdo_list(await self._read(RX_SOURCE_CAPS, CAPS_LENGTH))
         if not words:
-            raise NegotiationError(f"{self.name}: the source sent no Source_Capabilities (RX_SOURCE_CAPS is empty); "
-                                   "is it a Type-C source without USB PD?")
+            raise NegotiationError(
+                f"{self.name}: the source sent no Source_Capabilities (RX_SOURCE_CAPS is empty); "
+                "is it a Type-C source without USB PD?"
+            )
         try:
             return decode_source_capabilities(words)
         except ValueError as exc:
@@ -267,5 +286,7 @@ def _contract_text(contract: Contract) -> str:
     if rdo is None:
         return f"{contract.state} (no RDO)"
     pdo = describe(contract.selected) if contract.selected is not None else "unknown PDO"
-    return (f"RDO 0x{rdo.raw:08x} ({pdo}; object position {rdo.object_position}, operating {rdo.operating_ma} mA, "
-            f"max {rdo.max_ma} mA, capability mismatch {'set' if rdo.capability_mismatch else 'clear'})")
+    return (
+        f"RDO 0x{rdo.raw:08x} ({pdo}; object position {rdo.object_position}, operating {rdo.operating_ma} mA, "
+        f"max {rdo.max_ma} mA, capability mismatch {'set' if rdo.capability_mismatch else 'clear'})"
+    )

@@ -17,6 +17,18 @@ from drivers.serial.frame import (
 from drivers.serial.link import ControllerError, SerialDockLink
 
 __all__ = [
-    "DOCK_PRODUCT_ID", "ControllerError", "DockStatus", "ErrorCode", "ErrorReply", "FrameDecoder", "FrameError",
-    "Kind", "LedMode", "LedState", "Pong", "SerialDockLink", "crc16_ccitt_false", "encode_frame",
+    "DOCK_PRODUCT_ID",
+    "ControllerError",
+    "DockStatus",
+    "ErrorCode",
+    "ErrorReply",
+    "FrameDecoder",
+    "FrameError",
+    "Kind",
+    "LedMode",
+    "LedState",
+    "Pong",
+    "SerialDockLink",
+    "crc16_ccitt_false",
+    "encode_frame",
 ]

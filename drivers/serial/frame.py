@@ -66,7 +66,7 @@ class LedMode(enum.IntEnum):
 
 
 def kind_name(kind: int) -> str:
-    """"PING" for a known kind, "0x2a" otherwise (for messages)."""
+    """ "PING" for a known kind, "0x2a" otherwise (for messages)."""
     try:
         return Kind(kind).name
     except ValueError:
@@ -178,13 +178,16 @@ class FrameDecoder:
             if len(buffer) < end:
                 break
             received = buffer[end - 2] | buffer[end - 1] << 8
-            if crc16_ccitt_false(memoryview(buffer)[1:end - 2]) != received:
+            if crc16_ccitt_false(memoryview(buffer)[1 : end - 2]) != received:
                 # Drop only the start byte: the real frame may begin inside what this one claimed.
                 self.stats.crc_errors += 1
                 self._skip(1)
                 continue
-            messages.append(SerialMessage(kind=buffer[1] & MAX_KIND, sequence=buffer[2],
-                                          payload=bytes(buffer[HEADER_LENGTH:end - 2])))
+            messages.append(
+                SerialMessage(
+                    kind=buffer[1] & MAX_KIND, sequence=buffer[2], payload=bytes(buffer[HEADER_LENGTH : end - 2])
+                )
+            )
             del buffer[:end]
             self.stats.frames += 1
         return messages
@@ -279,8 +282,12 @@ class DockStatus:
         flags = payload[0]
         if flags & ~(_MAGNET | _MODULE):
             raise FrameError(f"{kind.name} flags 0x{flags:02x} set reserved bits")
-        return cls(bool(flags & _MAGNET), bool(flags & _MODULE), int.from_bytes(payload[1:3], "little"),
-                   LedState.decode(payload[3:], kind))
+        return cls(
+            bool(flags & _MAGNET),
+            bool(flags & _MODULE),
+            int.from_bytes(payload[1:3], "little"),
+            LedState.decode(payload[3:], kind),
+        )
 
 
 @dataclass(frozen=True)
@@ -304,7 +311,7 @@ class ErrorReply:
 
     @property
     def code_name(self) -> str:
-        """"BAD_VALUE" for a known code, "0x2a" otherwise."""
+        """ "BAD_VALUE" for a known code, "0x2a" otherwise."""
         try:
             return ErrorCode(self.code).name
         except ValueError:

@@ -55,8 +55,16 @@ class ControllerError(LinkError):
 class SerialDockLink:
     """SerialLink to the dock controller: framed requests, one retry, unsolicited EVENTs on a queue."""
 
-    def __init__(self, url: str, baudrate: int = 115200, *, retries: int = 1, verify: bool = True,
-                 verify_timeout: float = 1.0, idle_resync: float = IDLE_RESYNC) -> None:
+    def __init__(
+        self,
+        url: str,
+        baudrate: int = 115200,
+        *,
+        retries: int = 1,
+        verify: bool = True,
+        verify_timeout: float = 1.0,
+        idle_resync: float = IDLE_RESYNC,
+    ) -> None:
         self.url = url
         self.baudrate = baudrate
         self.retries = retries
@@ -92,12 +100,19 @@ class SerialDockLink:
         loop = asyncio.get_running_loop()
         try:
             reader, writer = await serial_asyncio_fast.open_serial_connection(
-                loop=loop, url=self.url, baudrate=self.baudrate, bytesize=serial.EIGHTBITS,
-                parity=serial.PARITY_NONE, stopbits=serial.STOPBITS_ONE, exclusive=True)
+                loop=loop,
+                url=self.url,
+                baudrate=self.baudrate,
+                bytesize=serial.EIGHTBITS,
+                parity=serial.PARITY_NONE,
+                stopbits=serial.STOPBITS_ONE,
+                exclusive=True,
+            )
         except (serial.SerialException, OSError, ValueError) as exc:
             self._state = DriverState.FAULTED
-            raise LinkError(f"{self.name}: cannot open the dock controller's port at {self.baudrate} 8N1: "
-                            f"{exc}") from exc
+            raise LinkError(
+                f"{self.name}: cannot open the dock controller's port at {self.baudrate} 8N1: {exc}"
+            ) from exc
         self._reader, self._writer = reader, writer
         self.decoder = FrameDecoder()
         self._events = asyncio.Queue()
@@ -114,9 +129,11 @@ class SerialDockLink:
         if pong.product_id != DOCK_PRODUCT_ID:
             await self.close()
             self._state = DriverState.FAULTED
-            raise DeviceMismatchError(f"{self.name}: answered PING as product 0x{pong.product_id:04x} firmware "
-                                      f"{pong.firmware[0]}.{pong.firmware[1]}, expected a Thox dock controller "
-                                      f"(0x{DOCK_PRODUCT_ID:04x})")
+            raise DeviceMismatchError(
+                f"{self.name}: answered PING as product 0x{pong.product_id:04x} firmware "
+                f"{pong.firmware[0]}.{pong.firmware[1]}, expected a Thox dock controller "
+                f"(0x{DOCK_PRODUCT_ID:04x})"
+            )
         self.controller = pong
 
     async def close(self) -> None:
@@ -166,17 +183,23 @@ class SerialDockLink:
                     self._pending.pop(sequence, None)
             if not reply.done():
                 reply.cancel()
-                raise LinkError(f"{self.name}: no answer to {kind_name(kind)} (sequence "
-                                f"{', '.join(map(str, sequences))}) within {timeout:g}s per attempt")
+                raise LinkError(
+                    f"{self.name}: no answer to {kind_name(kind)} (sequence "
+                    f"{', '.join(map(str, sequences))}) within {timeout:g}s per attempt"
+                )
         message = reply.result()  # raises the reader's LinkError if the link broke meanwhile
         if message.kind == Kind.ERROR:
             error = ErrorReply.decode(message.payload)
-            raise ControllerError(f"{self.name}: the dock controller rejected {kind_name(kind)}: {error.text} "
-                                  f"({error.code_name})", error.code, error.text)
+            raise ControllerError(
+                f"{self.name}: the dock controller rejected {kind_name(kind)}: {error.text} ({error.code_name})",
+                error.code,
+                error.text,
+            )
         expected = REPLY_KINDS.get(kind)
         if expected is not None and message.kind != expected:
-            raise LinkError(f"{self.name}: {kind_name(kind)} answered with {kind_name(message.kind)}, "
-                            f"expected {expected.name}")
+            raise LinkError(
+                f"{self.name}: {kind_name(kind)} answered with {kind_name(message.kind)}, expected {expected.name}"
+            )
         return message
 
     async def ping(self, nonce: bytes = b"thox", timeout: float = 1.0) -> Pong:

@@ -49,15 +49,17 @@ class SimBoard:
         self.tmp117 = Tmp117Model(temperature_c=lambda: world.temperatures()[board_zone])
         self.stusb4500 = Stusb4500Model(source=self._adjacent_pdos)
         self.tps25750 = Tps25750Model(source=self._adjacent_pdos)
-        self.ina226 = Ina226Model(bus_mv=self._vbus_mv, current_ma=lambda: world.board_current_ma(self._vbus_mv()),
-                                  shunt_ohms=SHUNT_OHMS)
+        self.ina226 = Ina226Model(
+            bus_mv=self._vbus_mv, current_ma=lambda: world.board_current_ma(self._vbus_mv()), shunt_ohms=SHUNT_OHMS
+        )
         self.buses[BOARD_BUS].attach(TMP117_ADDRESS, self.tmp117)
         self.buses[DOCK_BUS].attach(STUSB4500_ADDRESS, self.stusb4500)
         self.buses[DOCK_BUS].attach(TPS25750_ADDRESS, self.tps25750)
         self.buses[DOCK_BUS].attach(INA226_ADDRESS, self.ina226)
         zones = [z for z in world.zones if z != board_zone]
-        self.sysfs = SimSysfs(sysfs_root, zone_temperatures=lambda: {
-            z: c for z, c in world.temperatures().items() if z in zones})
+        self.sysfs = SimSysfs(
+            sysfs_root, zone_temperatures=lambda: {z: c for z, c in world.temperatures().items() if z in zones}
+        )
         self.nfc = SimNfc(current_offer=self._adjacent_offer)
         # A few contact bounces on every change, so the debounce path runs as it does on the real switch.
         self.dock = SimDock(world=world, bounce=3)
@@ -95,8 +97,7 @@ class SimBoard:
 
     def _dock_status(self) -> DockStatus:
         module = self.world.adjacent()
-        return DockStatus(magnet=module is not None, module_present=module is not None,
-                          vbus_mv=int(self._vbus_mv()))
+        return DockStatus(magnet=module is not None, module_present=module is not None, vbus_mv=int(self._vbus_mv()))
 
     # ------------------------------------------------------------------ fault injection
 
@@ -133,8 +134,9 @@ class SimBoard:
                 raise ValueError("target 'serial': the dock controller twin is not running (serial is 'none')")
             self.dock_controller.set_faults([SerialFault(kind, rate)])
         else:
-            raise ValueError(f"unknown target {target!r}; targets: i2c-1, i2c-7[@0xADDR], sysfs:ZONE, nfc, dock, "
-                             "serial")
+            raise ValueError(
+                f"unknown target {target!r}; targets: i2c-1, i2c-7[@0xADDR], sysfs:ZONE, nfc, dock, serial"
+            )
         self._faults[target] = f"{kind}@{rate:g}"
 
     def clear_faults(self) -> None:

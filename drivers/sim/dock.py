@@ -25,16 +25,26 @@ DOCK_FAULTS: tuple[DockFault, ...] = ("stuck",)
 class SimDock:
     """DockSensor twin driven by `set_magnet`; optional contact bounce; fault "stuck"."""
 
-    def __init__(self, *, label: str = "dock", magnet: bool = False, debounce: float = DEFAULT_DEBOUNCE,
-                 confirm: float = DEFAULT_CONFIRM, bounce: int = 0, bounce_interval: float = 0.002,
-                 world: SimWorld | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        label: str = "dock",
+        magnet: bool = False,
+        debounce: float = DEFAULT_DEBOUNCE,
+        confirm: float = DEFAULT_CONFIRM,
+        bounce: int = 0,
+        bounce_interval: float = 0.002,
+        world: SimWorld | None = None,
+    ) -> None:
         Debouncer(debounce, confirm)  # validates the times now
         if bounce < 0:
             raise DriverConfigError(f"sim dock {label}: bounce count {bounce} is negative")
         if bounce and not 0 < bounce_interval < debounce:
             # A train slower than the debounce time would be a real dock/undock sequence, not bounce.
-            raise DriverConfigError(f"sim dock {label}: bounce_interval {bounce_interval}s must be between 0 and "
-                                    f"the debounce time {debounce}s")
+            raise DriverConfigError(
+                f"sim dock {label}: bounce_interval {bounce_interval}s must be between 0 and "
+                f"the debounce time {debounce}s"
+            )
         self.label = label
         self.debounce = debounce
         self.confirm = confirm

@@ -78,8 +78,15 @@ def status_from_world(world: SimWorld, vbus_mv: int = 5000) -> Callable[[], Dock
 class DockControllerTwin:
     """The dock controller's firmware behaviour behind a pty, in its own thread."""
 
-    def __init__(self, status: Callable[[], DockStatus], *, product_id: int = DOCK_PRODUCT_ID,
-                 firmware: tuple[int, int] = (1, 0), faults: Iterable[SerialFault] = (), seed: int = 0) -> None:
+    def __init__(
+        self,
+        status: Callable[[], DockStatus],
+        *,
+        product_id: int = DOCK_PRODUCT_ID,
+        firmware: tuple[int, int] = (1, 0),
+        faults: Iterable[SerialFault] = (),
+        seed: int = 0,
+    ) -> None:
         self.product_id = product_id
         self.firmware = firmware
         self.led = LedState()
@@ -141,8 +148,9 @@ class DockControllerTwin:
     def __enter__(self) -> DockControllerTwin:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def set_faults(self, faults: Iterable[SerialFault]) -> None:

@@ -102,8 +102,13 @@ def _read_int(path: Path) -> int | None:
 class SimSysfs:
     """A generated Orin-like /sys under `root`; `refresh()` moves it one step of the outside world forward."""
 
-    def __init__(self, root: Path, zone_temperatures: Callable[[], Mapping[str, float]] | None = None,
-                 zones: Sequence[SimZone] = ORIN_ZONES, fan: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        zone_temperatures: Callable[[], Mapping[str, float]] | None = None,
+        zones: Sequence[SimZone] = ORIN_ZONES,
+        fan: bool = True,
+    ) -> None:
         self.root = Path(root)
         self.zones = tuple(zones)
         self.zone_temperatures: Callable[[], Mapping[str, float]] = zone_temperatures or (lambda: {})
@@ -118,8 +123,13 @@ class SimSysfs:
         self.refresh()
 
     @classmethod
-    async def create(cls, root: Path, zone_temperatures: Callable[[], Mapping[str, float]] | None = None,
-                     zones: Sequence[SimZone] = ORIN_ZONES, fan: bool = True) -> SimSysfs:
+    async def create(
+        cls,
+        root: Path,
+        zone_temperatures: Callable[[], Mapping[str, float]] | None = None,
+        zones: Sequence[SimZone] = ORIN_ZONES,
+        fan: bool = True,
+    ) -> SimSysfs:
         """Build the tree in a worker thread (for use from async code)."""
         return await asyncio.to_thread(cls, root, zone_temperatures, zones, fan)
 
@@ -195,7 +205,8 @@ class SimSysfs:
                 if fault in ("stuck", "unreadable") or index in self._removed:
                     continue
                 text = {"implausible": "-256000", "zero": "0", "empty": ""}.get(
-                    fault or "", str(round(self._temps[index] * 1000)))
+                    fault or "", str(round(self._temps[index] * 1000))
+                )
                 _write_atomic(self._zone_path(index) / "temp", f"{text}\n" if text else "")
             if self._has_fan:
                 self._refresh_fan()

@@ -88,8 +88,12 @@ class SimWorld:
             zone.celsius += (target - zone.celsius) * decay
 
     def _target(self, physics: ZonePhysics) -> float:
-        return (self.ambient_c + physics.idle_rise_c + physics.load_rise_c * self._load * self._power_scale
-                - physics.fan_cooling_c * self._fan)
+        return (
+            self.ambient_c
+            + physics.idle_rise_c
+            + physics.load_rise_c * self._load * self._power_scale
+            - physics.fan_cooling_c * self._fan
+        )
 
     def temperatures(self) -> dict[str, float]:
         """Every zone's temperature now, in degrees Celsius."""
@@ -178,8 +182,10 @@ class SimWorld:
     def update_module(self, module_id: str, **changes: object) -> None:
         """Change a stacked module's offers in place (for scenarios: a source that changes its caps)."""
         with self._lock:
-            self._stack = [replace(m, **changes) if m.module_id == module_id else m  # type: ignore[arg-type]
-                           for m in self._stack]
+            self._stack = [
+                replace(m, **changes) if m.module_id == module_id else m  # type: ignore[arg-type]
+                for m in self._stack
+            ]
 
     @property
     def modules(self) -> tuple[SimModule, ...]:
@@ -201,12 +207,21 @@ class SimWorld:
         temperatures = self.temperatures()
         with self._lock:
             return {
-                "ambient_c": self.ambient_c, "time_constant_s": self.time_constant_s, "load": self._load,
-                "fan_duty": self._fan, "power_scale": self._power_scale,
+                "ambient_c": self.ambient_c,
+                "time_constant_s": self.time_constant_s,
+                "load": self._load,
+                "fan_duty": self._fan,
+                "power_scale": self._power_scale,
                 "zones": {name: round(c, 3) for name, c in temperatures.items()},
                 "pinned": {name: z.pinned for name, z in self._state.items() if z.pinned is not None},
-                "modules": [{"id": m.module_id, "source_pdos": [f"0x{p:08x}" for p in m.source_pdos],
-                             "offer": None if m.offer is None else {"node_id": m.offer.node_id,
-                                                                     "endpoint": m.offer.endpoint}}
-                            for m in self._stack],
+                "modules": [
+                    {
+                        "id": m.module_id,
+                        "source_pdos": [f"0x{p:08x}" for p in m.source_pdos],
+                        "offer": None
+                        if m.offer is None
+                        else {"node_id": m.offer.node_id, "endpoint": m.offer.endpoint},
+                    }
+                    for m in self._stack
+                ],
             }

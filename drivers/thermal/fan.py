@@ -28,11 +28,15 @@ def describe_write_error(path: Path, exc: OSError) -> str:
     """Say why a sysfs attribute could not be written, and what usually causes it."""
     what = f"cannot write {path}: {exc.strerror or exc}"
     if exc.errno in (errno.EACCES, errno.EPERM):
-        return (f"{what}. The agent needs write access to the fan's hwmon attributes "
-                "(a udev rule giving its group pwm1/pwm1_enable, or the privileged helper)")
+        return (
+            f"{what}. The agent needs write access to the fan's hwmon attributes "
+            "(a udev rule giving its group pwm1/pwm1_enable, or the privileged helper)"
+        )
     if exc.errno == errno.EROFS:
-        return (f"{what}. /sys is read-only for this process; systemd's ProtectKernelTunables=yes does that, "
-                "so leave it off for the agent or make the path a ReadWritePaths= entry")
+        return (
+            f"{what}. /sys is read-only for this process; systemd's ProtectKernelTunables=yes does that, "
+            "so leave it off for the agent or make the path a ReadWritePaths= entry"
+        )
     return f"{what}; is this really a pwm fan's hwmon node?"
 
 
@@ -48,16 +52,24 @@ def find_fan(hwmon_class: Path, hwmon_name: str | None) -> HwmonNode:
     """The first hwmon node with a pwm1 (and the given `name`, if any) plus its tachometer (blocking)."""
     if not hwmon_class.is_dir():
         raise DriverConfigError(f"{hwmon_class} does not exist; no hwmon devices to find a fan in")
-    nodes = sorted((p for p in hwmon_class.iterdir() if p.name.startswith("hwmon")),
-                   key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else 1 << 30)
+    nodes = sorted(
+        (p for p in hwmon_class.iterdir() if p.name.startswith("hwmon")),
+        key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else 1 << 30,
+    )
     names = {node: _read_text(node / "name") for node in nodes}
     for node in nodes:
         if (node / "pwm1").exists() and hwmon_name in (None, names[node]):
             if (node / "fan1_input").exists():
                 return HwmonNode(node, node / "fan1_input")
             # Some boards expose the tachometer as a separate hwmon node (for example "pwm_tach").
-            tach = next((n / "fan1_input" for n in nodes if n != node and "tach" in (names[n] or "")
-                         and (n / "fan1_input").exists()), None)
+            tach = next(
+                (
+                    n / "fan1_input"
+                    for n in nodes
+                    if n != node and "tach" in (names[n] or "") and (n / "fan1_input").exists()
+                ),
+                None,
+            )
             return HwmonNode(node, tach)
     wanted = f"named {hwmon_name!r} " if hwmon_name else ""
     found = ", ".join(f"{n.name}={names[n]!r}" for n in nodes) or "none"

@@ -136,7 +136,8 @@ class SysfsThermal:
             if missing:
                 raise DriverConfigError(
                     f"{self.name}: no thermal zone named {', '.join(repr(m) for m in missing)}; "
-                    f"this board has {', '.join(by_name)}")
+                    f"this board has {', '.join(by_name)}"
+                )
             zones = [by_name[name] for name in self._wanted]
         self._zones = zones
         self._state = DriverState.OPEN

@@ -78,8 +78,7 @@ class Tmp117(I2cDevice):
     _faults_on_failed_open = False
     # close() only releases the bus: the sensor keeps converting in its reset configuration, its safe state.
 
-    def __init__(self, bus: I2cBus, address: int = 0x48, zone: str = "board",
-                 critical_c: float | None = None) -> None:
+    def __init__(self, bus: I2cBus, address: int = 0x48, zone: str = "board", critical_c: float | None = None) -> None:
         super().__init__(bus, address)
         self._zone = zone
         self._critical_c = critical_c
@@ -92,7 +91,8 @@ class Tmp117(I2cDevice):
         if device_id != DEVICE_ID:
             raise DeviceMismatchError(
                 f"{self.name}: Device_ID register (0Fh) reads 0x{int.from_bytes(raw, 'big'):04x}; "
-                f"a TMP117 reads 0x{DEVICE_ID:04x} in bits 11:0. Is another chip at this address?")
+                f"a TMP117 reads 0x{DEVICE_ID:04x} in bits 11:0. Is another chip at this address?"
+            )
         self.revision = revision
 
     async def read(self) -> Mapping[str, float | None]:

@@ -52,6 +52,7 @@ class CacheSpaceError(EngineError):
     """The disk holding the converted-model cache has no room for a conversion; the message says where and what
     to do."""
 
+
 T = TypeVar("T")
 
 
@@ -214,8 +215,14 @@ def _remove_stale_temps(parent: Path) -> None:
 
 
 def ensure_entry(
-    cache_root: Path, digest: str, flavour: str, build: Callable[[Path], object], load: Callable[[Path], T], *,
-    label: str = "the model", min_bytes: int = 0,
+    cache_root: Path,
+    digest: str,
+    flavour: str,
+    build: Callable[[Path], object],
+    load: Callable[[Path], T],
+    *,
+    label: str = "the model",
+    min_bytes: int = 0,
 ) -> T:
     """Return `load(cache_root/onnx/<digest>/<flavour>)`, running `build(temp dir)` first if that fails.
 
@@ -250,12 +257,11 @@ def _build_entry(
     if free < min_bytes:
         raise CacheSpaceError(
             f"not enough space in the model cache {work.parent} to convert {label}: it needs at least "
-            f"{_mb(min_bytes)}, {_mb(free)} free; {_WHAT_TO_DO}")
+            f"{_mb(min_bytes)}, {_mb(free)} free; {_WHAT_TO_DO}"
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-", dir=work))
     try:
-        tmp.chmod(
-            0o755
-        )  # mkdtemp makes it private; the finished entry should be readable like any cache file
+        tmp.chmod(0o755)  # mkdtemp makes it private; the finished entry should be readable like any cache file
         build(tmp)
         _fsync_path(tmp)
         final.parent.mkdir(parents=True, exist_ok=True)

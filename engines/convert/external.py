@@ -27,9 +27,7 @@ class ExternalDataWriter:
 
     def __init__(self, file: BinaryIO, location: str) -> None:
         self._file = file
-        self._location = (
-            location  # relative to model.onnx, which ONNX Runtime resolves against the model's dir
-        )
+        self._location = location  # relative to model.onnx, which ONNX Runtime resolves against the model's dir
         self._offset = 0
 
     def tensor(self, name: str, data_type: int, dims: tuple[int, ...], raw: bytes) -> TensorProto:

@@ -157,7 +157,12 @@ class FusedBuilder(GraphBuilder):
         nb = packed.k // BLOCK
         scale3 = self.weight(f"{t.name}.row_scale", np.ascontiguousarray(w.scale).reshape(packed.n, nb, 1))
         rows = self.ms(
-            "GatherBlockQuantized", [packed.b, ids, scale3], "/embed", bits=8, block_size=BLOCK, gather_axis=0,
+            "GatherBlockQuantized",
+            [packed.b, ids, scale3],
+            "/embed",
+            bits=8,
+            block_size=BLOCK,
+            gather_axis=0,
             quantize_axis=2,
         )[0]
         return self.op("Reshape", [rows, self.ints(-1, packed.k)], "/embed")
@@ -220,8 +225,17 @@ def build_fused_graph(
         b.nodes.append(
             helper.make_node(
                 "GroupQueryAttention",
-                [b.op("Reshape", [qkv, bsx], hint), "", "", past_k, past_v, SEQLENS_K, TOTAL_SEQUENCE_LENGTH,
-                 cos_name, sin_name],
+                [
+                    b.op("Reshape", [qkv, bsx], hint),
+                    "",
+                    "",
+                    past_k,
+                    past_v,
+                    SEQLENS_K,
+                    TOTAL_SEQUENCE_LENGTH,
+                    cos_name,
+                    sin_name,
+                ],
                 [attn, pres_k, pres_v],
                 name=gqa,
                 domain=MS_DOMAIN,
@@ -260,9 +274,7 @@ def build_fused_graph(
         helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [BATCH]),
         helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
     ]
-    outputs = [
-        helper.make_tensor_value_info("logits", f32, [BATCH, 1 if logits == "last" else SEQ, cfg.vocab_size])
-    ]
+    outputs = [helper.make_tensor_value_info("logits", f32, [BATCH, 1 if logits == "last" else SEQ, cfg.vocab_size])]
     for i in range(cfg.n_layers):
         inputs += [helper.make_tensor_value_info(n, f32, [BATCH, n_kv, CAPACITY, hd]) for n in past_names(i)]
         outputs += [helper.make_tensor_value_info(n, f32, [BATCH, n_kv, CAPACITY, hd]) for n in present_names(i)]

@@ -133,14 +133,10 @@ class GgufModel:
             )
         rope_dim = int(self.field("llama.rope.dimension_count", head_dim))
         if rope_dim != head_dim:
-            raise ModelFormatError(
-                f"{self.path.name}: partial rotary embedding ({rope_dim} of {head_dim}) unsupported"
-            )
+            raise ModelFormatError(f"{self.path.name}: partial rotary embedding ({rope_dim} of {head_dim}) unsupported")
         n_kv = int(self.field("llama.attention.head_count_kv", n_heads))
         if n_heads % n_kv:
-            raise ModelFormatError(
-                f"{self.path.name}: {n_heads} query heads do not divide into {n_kv} KV heads"
-            )
+            raise ModelFormatError(f"{self.path.name}: {n_heads} query heads do not divide into {n_kv} KV heads")
         embd = self._tensors.get("token_embd.weight")
         if embd is None:
             raise ModelFormatError(f"{self.path.name}: tensor 'token_embd.weight' is missing")
@@ -175,18 +171,14 @@ class GgufModel:
         if kind == "linear" or (kind == "none" and old_linear is not None):
             factor = factor or float(old_linear or 1.0)
             return 1.0 / factor
-        raise ModelFormatError(
-            f"{self.path.name}: rope scaling {kind!r} is not supported (only none and linear)"
-        )
+        raise ModelFormatError(f"{self.path.name}: rope scaling {kind!r} is not supported (only none and linear)")
 
     def _check_tensors(self) -> None:
         cfg = self.config
         names = set(self._tensors)
         unknown = sorted(n for n in names if not _is_llama_tensor(n, cfg.n_layers))
         if unknown:
-            raise ModelFormatError(
-                f"{self.path.name}: tensors not part of a plain llama decoder: {unknown[:8]}"
-            )
+            raise ModelFormatError(f"{self.path.name}: tensors not part of a plain llama decoder: {unknown[:8]}")
         wanted = ["token_embd.weight", "output_norm.weight"] + [
             f"blk.{i}.{part}.weight" for i in range(cfg.n_layers) for part in _BLOCK_PARTS
         ]

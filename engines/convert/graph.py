@@ -180,12 +180,8 @@ def build_graph(
             [b.linear(xn, model.tensor(p + "attn_q.weight"), hint), b.ints(0, 0, cfg.n_heads, hd)],
             hint,
         )
-        k = b.op(
-            "Reshape", [b.linear(xn, model.tensor(p + "attn_k.weight"), hint), b.ints(0, 0, n_kv, hd)], hint
-        )
-        v = b.op(
-            "Reshape", [b.linear(xn, model.tensor(p + "attn_v.weight"), hint), b.ints(0, 0, n_kv, hd)], hint
-        )
+        k = b.op("Reshape", [b.linear(xn, model.tensor(p + "attn_k.weight"), hint), b.ints(0, 0, n_kv, hd)], hint)
+        v = b.op("Reshape", [b.linear(xn, model.tensor(p + "attn_v.weight"), hint), b.ints(0, 0, n_kv, hd)], hint)
         q = b.op("Transpose", [rope(q, cos_q, sin_q, hint)], hint, perm=[0, 2, 1, 3])  # [B, H, S, hd]
         k = b.op("Transpose", [rope(k, cos, sin, hint)], hint, perm=[0, 2, 1, 3])  # [B, n_kv, S, hd]
         v = b.op("Transpose", [v], hint, perm=[0, 2, 1, 3])
@@ -198,9 +194,7 @@ def build_graph(
         scores = b.op("MatMul", [qg, b.op("Transpose", [k], hint, perm=[0, 1, 3, 2])], hint)
         probs = b.op("Softmax", [b.op("Add", [scores, mask], hint)], hint, axis=-1)
         ctx = b.op("Reshape", [b.op("MatMul", [probs, v], hint), b.ints(0, cfg.n_heads, -1, hd)], hint)
-        ctx = b.op(
-            "Reshape", [b.op("Transpose", [ctx], hint, perm=[0, 2, 1, 3]), b.ints(0, 0, cfg.d_model)], hint
-        )
+        ctx = b.op("Reshape", [b.op("Transpose", [ctx], hint, perm=[0, 2, 1, 3]), b.ints(0, 0, cfg.d_model)], hint)
         h = b.op("Add", [h, b.linear(ctx, model.tensor(p + "attn_output.weight"), hint)], hint)
 
         hint = f"/blk{i}/ffn"
@@ -224,9 +218,7 @@ def build_graph(
         helper.make_tensor_value_info(ids, TensorProto.INT64, [BATCH, SEQ]),
         helper.make_tensor_value_info(pos, TensorProto.INT64, [BATCH, SEQ]),
     ]
-    outputs = [
-        helper.make_tensor_value_info("logits", f32, [BATCH, 1 if logits == "last" else SEQ, cfg.vocab_size])
-    ]
+    outputs = [helper.make_tensor_value_info("logits", f32, [BATCH, 1 if logits == "last" else SEQ, cfg.vocab_size])]
     for i in range(cfg.n_layers):
         inputs += [helper.make_tensor_value_info(n, f32, [BATCH, n_kv, PAST, hd]) for n in past_names(i)]
         outputs += [helper.make_tensor_value_info(n, f32, [BATCH, n_kv, TOTAL, hd]) for n in present_names(i)]

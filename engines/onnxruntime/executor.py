@@ -152,9 +152,7 @@ class OrtExecutor:
         converted = ensure_converted(
             gguf_path, cache_root, sha256=sha256, progress=progress, logits=logits, flavour=flavour
         )
-        return cls(
-            converted, threads, max_context=max_context, max_batch=max_batch, accuracy_level=accuracy_level
-        )
+        return cls(converted, threads, max_context=max_context, max_batch=max_batch, accuracy_level=accuracy_level)
 
     # --- the Executor protocol -------------------------------------------------------------------------------
 
@@ -232,8 +230,7 @@ class OrtExecutor:
         ids = self._check_ids(token_ids)
         if s.length + len(ids) > self._max_context:
             raise ContextOverflowError(
-                f"sequence would hold {s.length + len(ids)} tokens, more than the context limit of "
-                f"{self._max_context}"
+                f"sequence would hold {s.length + len(ids)} tokens, more than the context limit of {self._max_context}"
             )
         if not self._fused:
             return self._standard_step(s, ids, every_position)

@@ -69,8 +69,9 @@ class _Sequence:
 class Scheduler:
     """Runs requests on one executor and reports every outcome through `emit` as typed events."""
 
-    def __init__(self, executor: Executor, emit: Callable[[GenerationEvent], None],
-                 limits: SchedulerLimits | None = None) -> None:
+    def __init__(
+        self, executor: Executor, emit: Callable[[GenerationEvent], None], limits: SchedulerLimits | None = None
+    ) -> None:
         self._executor = executor
         self._emit = emit
         self.limits = limits or SchedulerLimits()
@@ -113,8 +114,10 @@ class Scheduler:
         if not request.prompt:
             return "bad_request", "empty prompt"
         if len(request.prompt) >= self._executor.max_context:
-            return ("context_length_exceeded", f"prompt of {len(request.prompt)} tokens does not fit the "
-                    f"{self._executor.max_context}-token context")
+            return (
+                "context_length_exceeded",
+                f"prompt of {len(request.prompt)} tokens does not fit the {self._executor.max_context}-token context",
+            )
         # A cancelled sequence still holds its slot until the next token boundary, but it no longer counts:
         # the agent counts it gone as soon as its client leaves, and the two counts must agree.
         taken = sum(1 for seq in self._by_id.values() if not seq.cancelled)
@@ -137,10 +140,15 @@ class Scheduler:
 
     def stats(self) -> dict[str, Any]:
         """Counters for health reports."""
-        return {"live": len(self._live), "waiting": len(self._waiting), "decoding": self._last_batch,
-                "concurrency": self._concurrency, "prefix_hits": self.prefix_cache.hits,
-                "prefix_tokens_reused": self.prefix_cache.reused_tokens,
-                "prefix_cache_tokens": self.prefix_cache.tokens_held}
+        return {
+            "live": len(self._live),
+            "waiting": len(self._waiting),
+            "decoding": self._last_batch,
+            "concurrency": self._concurrency,
+            "prefix_hits": self.prefix_cache.hits,
+            "prefix_tokens_reused": self.prefix_cache.reused_tokens,
+            "prefix_cache_tokens": self.prefix_cache.tokens_held,
+        }
 
     # -------------------------------------------------------------------- loop
 

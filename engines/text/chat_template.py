@@ -96,16 +96,20 @@ class _Budget:
     def step(self) -> None:
         self.steps -= 1
         if self.steps < 0:
-            raise _LimitExceeded(f"chat template took more than {self.limits.steps} steps (loop iterations, calls "
-                                 "and operations); it loops without end or does far too much work")
+            raise _LimitExceeded(
+                f"chat template took more than {self.limits.steps} steps (loop iterations, calls "
+                "and operations); it loops without end or does far too much work"
+            )
         if not self.steps & 63 and time.monotonic() > self.deadline:  # the clock costs more than a step
             raise _LimitExceeded(f"chat template took more than {self.limits.seconds:g} s to render")
 
     def check(self, size: int, what: str = "text", *details: object) -> None:
         """Refuse, before building it, something `size` characters (or items) long that does not fit."""
         if size > self.room:  # `what` is formatted with `details` only here: checks are on the hot path
-            raise _LimitExceeded(f"chat template builds {what.format(*details)} of about {size} characters, "
-                                 f"past the {self.limits.text} one render may build in all")
+            raise _LimitExceeded(
+                f"chat template builds {what.format(*details)} of about {size} characters, "
+                f"past the {self.limits.text} one render may build in all"
+            )
 
     def charge(self, size: int, what: str = "text", *details: object) -> None:
         if size > self.room:
@@ -260,9 +264,27 @@ def _str_method_size(method: Any, args: tuple[Any, ...], kwargs: dict[str, Any],
 
 # Filters that turn their input into text, with how many characters they may build per character of it, and the
 # ones whose arguments multiply it; the others build at most what they are given and are charged afterwards.
-_TEXT_FILTERS = {"string": 1, "safe": 1, "title": 3, "upper": 3, "lower": 3, "capitalize": 3, "trim": 1,
-                 "striptags": 1, "wordcount": 1, "tojson": 1, "list": 1, "urlencode": 3, "pprint": 8, "escape": 6,
-                 "e": 6, "forceescape": 6, "xmlattr": 6, "urlize": 10, "truncate": 1}
+_TEXT_FILTERS = {
+    "string": 1,
+    "safe": 1,
+    "title": 3,
+    "upper": 3,
+    "lower": 3,
+    "capitalize": 3,
+    "trim": 1,
+    "striptags": 1,
+    "wordcount": 1,
+    "tojson": 1,
+    "list": 1,
+    "urlencode": 3,
+    "pprint": 8,
+    "escape": 6,
+    "e": 6,
+    "forceescape": 6,
+    "xmlattr": 6,
+    "urlize": 10,
+    "truncate": 1,
+}
 
 
 def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
@@ -472,7 +494,8 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
     def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
         # As the sandbox's own, with formatters that check each field against the budget before formatting it.
         if not isinstance(value, (types.MethodType, types.BuiltinMethodType)) or value.__name__ not in (
-            "format", "format_map"
+            "format",
+            "format_map",
         ):
             return None
         owner = value.__self__
@@ -555,8 +578,9 @@ class ChatTemplate:
         self.eos_token = eos_token
         self.limits = limits or RenderLimits()
         if len(source) > MAX_TEMPLATE_CHARS:
-            raise ChatTemplateError(f"chat template is {len(source)} characters; the most this server compiles is "
-                                    f"{MAX_TEMPLATE_CHARS}")
+            raise ChatTemplateError(
+                f"chat template is {len(source)} characters; the most this server compiles is {MAX_TEMPLATE_CHARS}"
+            )
         env = _environment()
         try:
             tree = env.parse(source)
@@ -565,7 +589,8 @@ class ChatTemplate:
             raise ChatTemplateError(f"chat template does not compile: {_short(str(exc))} (line {exc.lineno})") from exc
         except Exception as exc:  # untrusted source: Python's compiler limits, nesting too deep to parse, ...
             raise ChatTemplateError(
-                f"chat template does not compile: {type(exc).__name__}: {_short(str(exc))}") from exc
+                f"chat template does not compile: {type(exc).__name__}: {_short(str(exc))}"
+            ) from exc
 
     @classmethod
     def from_reader(cls, reader: GgufFile, *, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
@@ -603,10 +628,12 @@ class ChatTemplate:
         except jinja2.exceptions.SecurityError as exc:
             raise ChatTemplateError(f"chat template attempted an unsafe operation: {_short(str(exc))}") from None
         except RecursionError:
-            raise ChatTemplateError("chat template recursed too deeply (a macro or recursive loop without end)"
-                                    ) from None
+            raise ChatTemplateError(
+                "chat template recursed too deeply (a macro or recursive loop without end)"
+            ) from None
         except Exception as exc:  # untrusted code: whatever it makes fail must become a clear 4xx
             raise ChatTemplateError(
-                f"chat template failed to render: {type(exc).__name__}: {_short(str(exc))}") from exc
+                f"chat template failed to render: {type(exc).__name__}: {_short(str(exc))}"
+            ) from exc
         finally:
             _BUDGET.reset(token)

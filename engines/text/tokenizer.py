@@ -170,9 +170,7 @@ class GgufTokenizer:
         """Build the tokenizer from an open GGUF file's metadata."""
         model = _required(reader, "tokenizer.ggml.model")
         if model != "gpt2":
-            raise ModelFormatError(
-                f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE 'gpt2')"
-            )
+            raise ModelFormatError(f"GGUF tokenizer model {model!r} is not supported (only byte-level BPE 'gpt2')")
         return cls(
             _strings(reader, "tokenizer.ggml.tokens"),
             _ints(reader, "tokenizer.ggml.token_type"),

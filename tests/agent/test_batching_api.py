@@ -17,8 +17,10 @@ MODEL = "smollm2-135m-instruct"
 @pytest.fixture(scope="module")
 def constrained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
     """An agent that runs one sequence at a time, queues none and keeps no prefixes."""
-    running = start_agent(tmp_path_factory.mktemp("constrained-home"), env={
-        "THOX_ENGINE_MAX_BATCH": "1", "THOX_ENGINE_MAX_QUEUE": "0", "THOX_ENGINE_PREFIX_CACHE_TOKENS": "0"})
+    running = start_agent(
+        tmp_path_factory.mktemp("constrained-home"),
+        env={"THOX_ENGINE_MAX_BATCH": "1", "THOX_ENGINE_MAX_QUEUE": "0", "THOX_ENGINE_PREFIX_CACHE_TOKENS": "0"},
+    )
     yield running
     running.stop()
 
@@ -29,8 +31,13 @@ def sdk(agent: RunningAgent) -> openai.OpenAI:
 
 def ask(client: openai.OpenAI, content: str, seed: int, max_tokens: int = 40) -> str:
     reply = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": content}], temperature=0.8, top_p=0.95, seed=seed,
-        max_tokens=max_tokens)
+        model=MODEL,
+        messages=[{"role": "user", "content": content}],
+        temperature=0.8,
+        top_p=0.95,
+        seed=seed,
+        max_tokens=max_tokens,
+    )
     return reply.choices[0].message.content or ""
 
 
@@ -54,14 +61,19 @@ def test_a_full_queue_answers_503_with_retry_after(constrained: RunningAgent) ->
     client = sdk(constrained)
     # A completion that keeps counting holds the only place for as long as the test needs.
     with client.completions.with_streaming_response.create(
-        model=MODEL, prompt="1, 2, 3, 4, 5, 6, 7,", max_tokens=1000, temperature=0, stream=True,
+        model=MODEL,
+        prompt="1, 2, 3, 4, 5, 6, 7,",
+        max_tokens=1000,
+        temperature=0,
+        stream=True,
     ) as running:
         lines = running.iter_lines()  # keep the iterator: dropping it closes the connection
         next(lines)
         for stream in (False, True):
             with pytest.raises(openai.InternalServerError) as info:
                 client.chat.completions.create(
-                    model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=stream)
+                    model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=stream
+                )
             assert info.value.status_code == 503
             assert info.value.code == "server_overloaded"
             assert info.value.response.headers["retry-after"] == "1"
@@ -80,16 +92,17 @@ def test_the_sdk_retries_a_503_until_a_slot_frees(constrained: RunningAgent) -> 
 
 
 def test_prefix_reuse_gives_identical_output(running_agent: RunningAgent, constrained: RunningAgent) -> None:
-    system = ("You are a meticulous assistant for a small hardware company. Answer briefly, in plain English, "
-              "and never invent facts you do not know.")
+    system = (
+        "You are a meticulous assistant for a small hardware company. Answer briefly, in plain English, "
+        "and never invent facts you do not know."
+    )
     turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "What is a capacitor?"}]
 
     def conversation(agent: RunningAgent) -> tuple[str, str]:
         client = sdk(agent)
         first = client.chat.completions.create(model=MODEL, messages=turn1, temperature=0, max_tokens=40)
         answer = first.choices[0].message.content or ""
-        turn2 = [*turn1, {"role": "assistant", "content": answer},
-                 {"role": "user", "content": "And a resistor?"}]
+        turn2 = [*turn1, {"role": "assistant", "content": answer}, {"role": "user", "content": "And a resistor?"}]
         second = client.chat.completions.create(model=MODEL, messages=turn2, temperature=0, max_tokens=40)
         return answer, second.choices[0].message.content or ""
 

@@ -28,8 +28,11 @@ def test_chat_answers_with_the_default_model(client: openai.OpenAI, running_agen
 def test_omitted_model_uses_the_loaded_default(running_agent: RunningAgent) -> None:
     from tests.agent_process import http_json
 
-    status, _, body = http_json("POST", f"{running_agent.inference_url}/chat/completions",
-                                {"messages": QUESTION, "temperature": 0, "max_tokens": 40})
+    status, _, body = http_json(
+        "POST",
+        f"{running_agent.inference_url}/chat/completions",
+        {"messages": QUESTION, "temperature": 0, "max_tokens": 40},
+    )
     assert status == 200, body
     assert body["model"] == "smollm2-135m-instruct"
     assert "Paris" in body["choices"][0]["message"]["content"]
@@ -43,15 +46,20 @@ def test_usage_counts_completion_tokens_exactly(client: openai.OpenAI) -> None:
 
 def test_max_completion_tokens_is_honoured(client: openai.OpenAI) -> None:
     completion = client.chat.completions.create(
-        messages=QUESTION, model="smollm2-135m-instruct", max_completion_tokens=3)
+        messages=QUESTION, model="smollm2-135m-instruct", max_completion_tokens=3
+    )
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage is not None and completion.usage.completion_tokens == 3
 
 
 def test_streaming_chunks_follow_the_openai_shape(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        messages=QUESTION, model="smollm2-135m-instruct", temperature=0, stream=True,
-        stream_options={"include_usage": True})
+        messages=QUESTION,
+        model="smollm2-135m-instruct",
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     finishes = [c for c in chunks if c.choices and c.choices[0].finish_reason is not None]
@@ -69,8 +77,9 @@ def test_streaming_chunks_follow_the_openai_shape(client: openai.OpenAI) -> None
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(client: openai.OpenAI) -> None:
-    chunks = list(client.chat.completions.create(
-        messages=QUESTION, model="smollm2-135m-instruct", max_tokens=4, stream=True))
+    chunks = list(
+        client.chat.completions.create(messages=QUESTION, model="smollm2-135m-instruct", max_tokens=4, stream=True)
+    )
     assert all(c.choices for c in chunks)
     assert chunks[-1].choices[0].finish_reason == "length"
 
@@ -80,7 +89,8 @@ def test_stop_strings_end_the_answer_and_are_never_emitted(client: openai.OpenAI
     text = free.choices[0].message.content or ""
     assert "Paris" in text
     stopped = client.chat.completions.create(
-        messages=QUESTION, model="smollm2-135m-instruct", temperature=0, stop=["Paris", "zzz"])
+        messages=QUESTION, model="smollm2-135m-instruct", temperature=0, stop=["Paris", "zzz"]
+    )
     assert stopped.choices[0].finish_reason == "stop"
     assert stopped.choices[0].message.content == text[: text.index("Paris")]
     assert stopped.usage is not None and free.usage is not None
@@ -89,7 +99,8 @@ def test_stop_strings_end_the_answer_and_are_never_emitted(client: openai.OpenAI
     streamed = "".join(
         c.choices[0].delta.content or ""
         for c in client.chat.completions.create(
-            messages=QUESTION, model="smollm2-135m-instruct", temperature=0, stop="Paris", stream=True)
+            messages=QUESTION, model="smollm2-135m-instruct", temperature=0, stop="Paris", stream=True
+        )
         if c.choices
     )
     assert streamed == text[: text.index("Paris")]
@@ -100,7 +111,8 @@ def test_same_seed_same_answer(client: openai.OpenAI) -> None:
 
     def sample(seed: int) -> str:
         completion = client.chat.completions.create(
-            messages=prompt, model="smollm2-135m-instruct", temperature=1.0, top_p=0.95, seed=seed, max_tokens=40)
+            messages=prompt, model="smollm2-135m-instruct", temperature=1.0, top_p=0.95, seed=seed, max_tokens=40
+        )
         return completion.choices[0].message.content or ""
 
     first = sample(1234)
@@ -116,7 +128,8 @@ def test_penalties_change_sampling(client: openai.OpenAI) -> None:
 
     def answer(**extra: float) -> str:
         completion = client.chat.completions.create(
-            messages=prompt, model="smollm2-135m-instruct", temperature=0, max_tokens=40, **extra)  # type: ignore[arg-type]
+            messages=prompt, model="smollm2-135m-instruct", temperature=0, max_tokens=40, **extra
+        )  # type: ignore[arg-type]
         return completion.choices[0].message.content or ""
 
     plain = answer()

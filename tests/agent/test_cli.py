@@ -15,8 +15,13 @@ from tests.agent_process import REPO, RunningAgent
 def thox(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("THOX_", "OPENAI_"))}
     return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True, timeout=120, cwd=REPO,
-        env={**clean, "COLUMNS": "200", **(env or {})})
+        [sys.executable, "-m", "agent.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**clean, "COLUMNS": "200", **(env or {})},
+    )
 
 
 def test_version() -> None:
@@ -66,8 +71,15 @@ def test_chat_streams_an_answer(running_agent: RunningAgent) -> None:
 
 
 def test_chat_honours_openai_environment(running_agent: RunningAgent, tmp_path: Path) -> None:
-    result = thox("chat", "What is the capital of France?", "--max-tokens", "3", "--home", str(tmp_path),
-                  env={"OPENAI_API_BASE": running_agent.inference_url})
+    result = thox(
+        "chat",
+        "What is the capital of France?",
+        "--max-tokens",
+        "3",
+        "--home",
+        str(tmp_path),
+        env={"OPENAI_API_BASE": running_agent.inference_url},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     bad = thox("chat", "hi", "--model", "gpt-9", env={"THOX_API_URL": running_agent.inference_url})
@@ -79,7 +91,7 @@ def test_serve_refuses_bad_settings(tmp_path: Path) -> None:
     result = thox("serve", "--home", str(tmp_path), env={"THOX_API_INFERENCE_PORT": "eighty"})
     assert result.returncode == 2
     assert "api.inference_port" in result.stderr
-    (tmp_path / "config.toml").write_text('[api]\ninference_prot = 1\n')
+    (tmp_path / "config.toml").write_text("[api]\ninference_prot = 1\n")
     result = thox("serve", "--home", str(tmp_path))
     assert result.returncode == 2
     assert "unknown setting 'api.inference_prot'" in result.stderr

@@ -10,7 +10,8 @@ from tests.bundled import smollm2_gguf
 
 def test_completion_continues_the_prompt(client: openai.OpenAI) -> None:
     completion = client.completions.create(
-        model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=8, temperature=0)
+        model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     assert completion.object == "text_completion"
     choice = completion.choices[0]
     assert "Paris" in choice.text
@@ -20,8 +21,8 @@ def test_completion_continues_the_prompt(client: openai.OpenAI) -> None:
 
 def test_completion_defaults_to_sixteen_tokens(client: openai.OpenAI) -> None:
     completion = client.completions.create(
-        model="smollm2-135m-instruct", prompt="Once upon a time", temperature=0,
-        stop=None)
+        model="smollm2-135m-instruct", prompt="Once upon a time", temperature=0, stop=None
+    )
     assert completion.usage is not None
     assert completion.usage.completion_tokens <= 16
     if completion.choices[0].finish_reason == "length":
@@ -29,8 +30,7 @@ def test_completion_defaults_to_sixteen_tokens(client: openai.OpenAI) -> None:
 
 
 def test_streamed_completion_matches_the_whole_one(client: openai.OpenAI) -> None:
-    kwargs = {"model": "smollm2-135m-instruct", "prompt": "The capital of France is", "max_tokens": 8,
-              "temperature": 0}
+    kwargs = {"model": "smollm2-135m-instruct", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
     whole = client.completions.create(**kwargs)  # type: ignore[call-overload]
     chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))  # type: ignore[call-overload]
     text = "".join(c.choices[0].text for c in chunks if c.choices)
@@ -42,7 +42,8 @@ def test_streamed_completion_matches_the_whole_one(client: openai.OpenAI) -> Non
 
 def test_completion_accepts_token_ids(client: openai.OpenAI) -> None:
     as_text = client.completions.create(
-        model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=4, temperature=0)
+        model="smollm2-135m-instruct", prompt="The capital of France is", max_tokens=4, temperature=0
+    )
     ids = TextPipeline.from_gguf(smollm2_gguf()).tokenizer.encode("The capital of France is")
     as_ids = client.completions.create(model="smollm2-135m-instruct", prompt=ids, max_tokens=4, temperature=0)
     assert as_ids.choices[0].text == as_text.choices[0].text

@@ -12,8 +12,14 @@ from pathlib import Path
 def thox(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("THOX_")}
     child_env.update({"COLUMNS": "200", **(env or {})})
-    return subprocess.run([sys.executable, "-m", "agent.cli", "config", *args, "--home", str(home)],
-                          capture_output=True, text=True, timeout=60, check=False, env=child_env)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "config", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=child_env,
+    )
 
 
 def test_set_get_unset_round_trip_with_types(tmp_path: Path) -> None:

@@ -18,8 +18,7 @@ def cosine(a: list[float], b: list[float]) -> float:
 
 
 def test_vectors_match_the_sentence_transformers_reference(client: openai.OpenAI) -> None:
-    result = client.embeddings.create(
-        model=MODEL, input=["A man is eating food.", "A man is eating a piece of bread."])
+    result = client.embeddings.create(model=MODEL, input=["A man is eating food.", "A man is eating a piece of bread."])
     assert result.model == MODEL and result.object == "list"
     first, second = (item.embedding for item in result.data)
     assert len(first) == 384
@@ -32,8 +31,11 @@ def test_vectors_match_the_sentence_transformers_reference(client: openai.OpenAI
 
 def test_single_string_base64_and_omitted_model(running_agent: RunningAgent, client: openai.OpenAI) -> None:
     as_float = client.embeddings.create(model=MODEL, input="The quick brown fox", encoding_format="float")
-    status, _, raw = http_json("POST", f"{running_agent.inference_url}/embeddings",
-                               {"input": "The quick brown fox", "encoding_format": "base64"})
+    status, _, raw = http_json(
+        "POST",
+        f"{running_agent.inference_url}/embeddings",
+        {"input": "The quick brown fox", "encoding_format": "base64"},
+    )
     assert status == 200, raw
     assert raw["model"] == MODEL  # omitted model: the embedding model
     decoded = np.frombuffer(base64.b64decode(raw["data"][0]["embedding"]), dtype="<f4")

@@ -17,10 +17,23 @@ def _process_state(pid: int) -> str:
 async def test_a_paused_build_stops_the_converting_host_and_resumes_to_ready(tmp_path: Path) -> None:
     gguf = smollm2_gguf()
     sha256 = await asyncio.to_thread(sha256_file, gguf)
-    host = EngineHost(EngineHostConfig(
-        model_id="smollm2", gguf=gguf, sha256=sha256, cache_dir=tmp_path / "cache",  # empty: it must convert
-        run_dir=tmp_path / "run", threads=2, max_context=512, max_batch=4, max_queue=4, kv_budget_tokens=2048,
-        prefix_cache_tokens=0, start_timeout=120, ready_wait=1))
+    host = EngineHost(
+        EngineHostConfig(
+            model_id="smollm2",
+            gguf=gguf,
+            sha256=sha256,
+            cache_dir=tmp_path / "cache",  # empty: it must convert
+            run_dir=tmp_path / "run",
+            threads=2,
+            max_context=512,
+            max_batch=4,
+            max_queue=4,
+            kv_budget_tokens=2048,
+            prefix_cache_tokens=0,
+            start_timeout=120,
+            ready_wait=1,
+        )
+    )
     host.controls.pause_builds(True)
     task = asyncio.create_task(host.run())
     try:

@@ -65,7 +65,10 @@ def test_health_reports_the_agent_process(agent: RunningAgent) -> None:
     idle_tasks = process["asyncio_tasks"]
     assert idle_tasks > 1  # the health request's own task plus the agent's long-lived ones
     with sdk(agent).chat.completions.with_streaming_response.create(
-        messages=LONG, model="smollm2-135m-instruct", max_tokens=1000, stream=True  # type: ignore[arg-type]
+        messages=LONG,
+        model="smollm2-135m-instruct",
+        max_tokens=1000,
+        stream=True,  # type: ignore[arg-type]
     ) as response:
         lines = response.iter_lines()
         for _ in range(3):
@@ -81,7 +84,8 @@ def test_engine_killed_mid_stream_gives_an_error_event_and_recovers(agent: Runni
     pid = engine_pid(agent)
     restarts = agent.health()["engine"]["restarts"]
     stream = sdk(agent).chat.completions.create(
-        messages=LONG, model="smollm2-135m-instruct", max_tokens=1000, stream=True)  # type: ignore[arg-type]
+        messages=LONG, model="smollm2-135m-instruct", max_tokens=1000, stream=True
+    )  # type: ignore[arg-type]
 
     def read_all() -> None:
         for received, _ in enumerate(stream, start=1):
@@ -99,8 +103,10 @@ def test_engine_killed_mid_stream_gives_an_error_event_and_recovers(agent: Runni
     assert health["engine"]["restarts"] == restarts + 1
     assert health["engine"]["pid"] != pid
     reply = sdk(agent).chat.completions.create(
-        messages=[{"role": "user", "content": "What is the capital of France?"}], model="smollm2-135m-instruct",
-        temperature=0)
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        model="smollm2-135m-instruct",
+        temperature=0,
+    )
     assert "Paris" in (reply.choices[0].message.content or "")
 
 
@@ -109,8 +115,9 @@ def test_engine_killed_during_a_plain_request_gives_503(agent: RunningAgent) -> 
     result: dict[str, Any] = {}
 
     def call() -> None:
-        result["reply"] = http_json("POST", f"{agent.inference_url}/chat/completions",
-                                    {"messages": LONG, "max_tokens": 1000})
+        result["reply"] = http_json(
+            "POST", f"{agent.inference_url}/chat/completions", {"messages": LONG, "max_tokens": 1000}
+        )
 
     caller = threading.Thread(target=call)
     caller.start()
@@ -147,7 +154,10 @@ def test_client_disconnect_cancels_generation(agent: RunningAgent) -> None:
     agent.wait_healthy()
     client = sdk(agent)
     with client.chat.completions.with_streaming_response.create(
-        messages=LONG, model="smollm2-135m-instruct", max_tokens=1000, stream=True  # type: ignore[arg-type]
+        messages=LONG,
+        model="smollm2-135m-instruct",
+        max_tokens=1000,
+        stream=True,  # type: ignore[arg-type]
     ) as response:
         lines = response.iter_lines()
         for _ in range(6):
@@ -165,8 +175,11 @@ def test_client_disconnect_cancels_a_plain_request(agent: RunningAgent) -> None:
     host, port = agent.inference_url.split("//")[1].split("/")[0].split(":")
     body = json.dumps({"messages": LONG, "max_tokens": 1000}).encode()
     with socket.create_connection((host, int(port))) as conn:
-        conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         deadline = time.monotonic() + 30
         while agent.health()["engine"]["active_streams"] == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -181,7 +194,8 @@ def test_sigterm_lets_in_flight_streams_finish(fresh_home: Path) -> None:
     running = start_agent(fresh_home)
     pid = engine_pid(running)
     stream = sdk(running).chat.completions.create(
-        messages=LONG, model="smollm2-135m-instruct", max_tokens=40, stream=True)  # type: ignore[arg-type]
+        messages=LONG, model="smollm2-135m-instruct", max_tokens=40, stream=True
+    )  # type: ignore[arg-type]
     chunks = []
     for chunk in stream:
         chunks.append(chunk)

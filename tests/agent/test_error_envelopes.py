@@ -24,8 +24,9 @@ def assert_envelope(body: Any, *, type_: str, param: str | None, code: str | Non
     assert (error["type"], error["param"], error["code"]) == (type_, param, code), error
 
 
-def chat(agent: RunningAgent, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
-         ) -> tuple[int, dict[str, str], Any]:
+def chat(
+    agent: RunningAgent, body: bytes | dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
     return http_json("POST", f"{agent.inference_url}/chat/completions", body, headers)
 
 
@@ -75,14 +76,29 @@ def test_wrong_content_type(running_agent: RunningAgent) -> None:
         ({"messages": QUESTION, "frobnicate": True}, "frobnicate", "unknown_parameter"),
         ({"messages": QUESTION, "n": 2}, "n", "unsupported_parameter"),
         ({"messages": QUESTION, "logprobs": True}, "logprobs", "unsupported_parameter"),
-        ({"messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format",
-         "unsupported_parameter"),
-        ({"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools",
-         "unsupported_parameter"),
+        (
+            {"messages": QUESTION, "response_format": {"type": "json_object"}},
+            "response_format",
+            "unsupported_parameter",
+        ),
+        (
+            {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]},
+            "tools",
+            "unsupported_parameter",
+        ),
         ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
-        ({"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]},
-         "messages[0].content[0].type", "unsupported_parameter"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}],
+                    }
+                ]
+            },
+            "messages[0].content[0].type",
+            "unsupported_parameter",
+        ),
     ],
 )
 def test_schema_violations_name_the_parameter(
@@ -94,9 +110,22 @@ def test_schema_violations_name_the_parameter(
 
 
 def test_text_content_parts_are_accepted(running_agent: RunningAgent) -> None:
-    status, _, body = chat(running_agent, {"messages": [{"role": "user", "content": [
-        {"type": "text", "text": "What is the capital "}, {"type": "text", "text": "of France?"}]}],
-        "temperature": 0, "max_tokens": 30})
+    status, _, body = chat(
+        running_agent,
+        {
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is the capital "},
+                        {"type": "text", "text": "of France?"},
+                    ],
+                }
+            ],
+            "temperature": 0,
+            "max_tokens": 30,
+        },
+    )
     assert status == 200, body
     assert "Paris" in body["choices"][0]["message"]["content"]
 
@@ -153,10 +182,12 @@ def raw_exchange(url: str, request: bytes) -> tuple[int, dict[str, str], bytes]:
 
 
 @pytest.mark.parametrize("api", ["inference_url", "cluster_url"])
-def test_a_request_the_http_parser_refuses_gets_the_envelope_and_one_warning(running_agent: RunningAgent,
-                                                                             api: str) -> None:
-    status, headers, body = raw_exchange(getattr(running_agent, api),
-                                         b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Bad: a\x00b\r\n\r\n")
+def test_a_request_the_http_parser_refuses_gets_the_envelope_and_one_warning(
+    running_agent: RunningAgent, api: str
+) -> None:
+    status, headers, body = raw_exchange(
+        getattr(running_agent, api), b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Bad: a\x00b\r\n\r\n"
+    )
     assert status == 400 and headers["content-type"].startswith("application/json")
     assert_envelope(json.loads(body), type_="invalid_request_error", param=None, code="bad_http_request")
     request_id = headers["x-request-id"]

@@ -23,7 +23,9 @@ from tests.agent_process import TEST_MODEL_CACHE
 async def test_serving_never_blocks_the_event_loop(tmp_path: Path) -> None:
     settings = load_settings(
         {"api.inference_port": 0, "api.cluster_port": 0, "engine.threads": 2, "cache_dir": str(TEST_MODEL_CACHE)},
-        home=tmp_path, env={})
+        home=tmp_path,
+        env={},
+    )
     endpoints = settings.run_dir / "endpoints.json"
     question = {"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 12}
     with blockbuster_ctx(["agent", "engines"]):

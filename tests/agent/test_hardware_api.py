@@ -28,9 +28,14 @@ HYSTERESIS_C = 5.0
 
 @pytest.fixture(scope="module")
 def hw_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
-    agent = start_agent(tmp_path_factory.mktemp("hw-home"), env={
-        "THOX_HARDWARE_THERMAL_POLL_SECONDS": "0.2", "THOX_HARDWARE_POWER_POLL_SECONDS": "0.2",
-        "THOX_HARDWARE_MIN_DWELL_SECONDS": "1.0"})
+    agent = start_agent(
+        tmp_path_factory.mktemp("hw-home"),
+        env={
+            "THOX_HARDWARE_THERMAL_POLL_SECONDS": "0.2",
+            "THOX_HARDWARE_POWER_POLL_SECONDS": "0.2",
+            "THOX_HARDWARE_MIN_DWELL_SECONDS": "1.0",
+        },
+    )
     yield agent
     assert agent.stop() == 0
 
@@ -44,8 +49,12 @@ def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
 
 
 def _load(url: str, stop: threading.Event, worker: int) -> None:
-    body = {"messages": [{"role": "user", "content": f"Tell story number {worker} about a robot."}],
-            "max_tokens": 48, "temperature": 1.0, "seed": worker}
+    body = {
+        "messages": [{"role": "user", "content": f"Tell story number {worker} about a robot."}],
+        "max_tokens": 48,
+        "temperature": 1.0,
+        "seed": worker,
+    }
     while not stop.is_set():
         status, _, payload = http_json("POST", f"{url}/chat/completions", body)
         assert status in (200, 503), payload
@@ -59,16 +68,22 @@ def test_heat_throttles_engine_concurrency_then_recovers_with_hysteresis(hw_agen
         worker.start()
     try:
         # Eight streams really decode together while the box is cool.
-        _until(lambda: hw_agent.health()["engine"].get("scheduler", {}).get("decoding", 0) >= 6, 60,
-               "six or more sequences decoding together")
+        _until(
+            lambda: hw_agent.health()["engine"].get("scheduler", {}).get("decoding", 0) >= 6,
+            60,
+            "six or more sequences decoding together",
+        )
         cool = hw_agent.health()
         assert cool["hardware"]["thermal"]["level"] == "normal"
         assert cool["engine"]["concurrency"]["applied"] == 16
 
         status, _, _ = http_json("PUT", f"{cluster}/sim/thermal", {"ambient_c": 72.0, "time_constant_s": 0.5})
         assert status == 200
-        hot = _until(lambda: (h := hw_agent.health())["engine"]["concurrency"]["applied"] <= 8 and h, 15,
-                     "the governor to lower the engine's concurrency")
+        hot = _until(
+            lambda: (h := hw_agent.health())["engine"]["concurrency"]["applied"] <= 8 and h,
+            15,
+            "the governor to lower the engine's concurrency",
+        )
         assert hot["temperature_c"] >= ENTRY_C["throttle"]
         assert hot["hardware"]["thermal"]["level"] in ("throttle", "hot")
         assert hot["status"] == "throttled"
@@ -80,8 +95,11 @@ def test_heat_throttles_engine_concurrency_then_recovers_with_hysteresis(hw_agen
 
         status, _, _ = http_json("PUT", f"{cluster}/sim/thermal", {"ambient_c": 25.0})
         assert status == 200
-        cooled = _until(lambda: (h := hw_agent.health())["hardware"]["thermal"]["level"] == "normal" and h, 30,
-                        "the box to cool back to normal")
+        cooled = _until(
+            lambda: (h := hw_agent.health())["hardware"]["thermal"]["level"] == "normal" and h,
+            30,
+            "the box to cool back to normal",
+        )
         assert _until(lambda: hw_agent.health()["engine"]["concurrency"]["applied"] == 16, 5, "full concurrency")
     finally:
         stop.set()
@@ -103,9 +121,15 @@ def test_power_contract_over_http(hw_agent: RunningAgent) -> None:
     status, _, body = http_json("POST", f"{cluster}/power/contract", {"voltage_mv": 9000})
     assert status == 409 and body["error"]["code"] == "no_module_docked"
 
-    status, _, _ = http_json("POST", f"{cluster}/sim/modules", {
-        "id": "module-b", "pdos": [{"mv": 5000, "ma": 3000}, {"mv": 9000, "ma": 3000}, {"mv": 20000, "ma": 2250}],
-        "offer": {"node_id": "thox-b", "endpoint": "127.0.0.1:6381", "token": "K10::s"}})
+    status, _, _ = http_json(
+        "POST",
+        f"{cluster}/sim/modules",
+        {
+            "id": "module-b",
+            "pdos": [{"mv": 5000, "ma": 3000}, {"mv": 9000, "ma": 3000}, {"mv": 20000, "ma": 2250}],
+            "offer": {"node_id": "thox-b", "endpoint": "127.0.0.1:6381", "token": "K10::s"},
+        },
+    )
     assert status == 201
     # The dock switch is debounced and presence-confirmed, then the NFC tag is read.
     _until(lambda: hw_agent.health()["hardware"]["dock"]["join_offer"], 5, "the join offer")
@@ -116,8 +140,11 @@ def test_power_contract_over_http(hw_agent: RunningAgent) -> None:
     assert body["peer_module_id"] == "thox-b"  # read from the module's NFC tag when it docked
     status, _, listing = http_json("GET", f"{cluster}/power/contract")
     assert status == 200 and listing["data"][0]["selected"]["pdo_index"] == 3
-    measured = _until(lambda: (h := hw_agent.health()["hardware"]["power"])["bus_mV"] and
-                      abs(h["bus_mV"] - 20000) < 10 and h, 5, "the INA226 to measure 20 V")
+    measured = _until(
+        lambda: (h := hw_agent.health()["hardware"]["power"])["bus_mV"] and abs(h["bus_mV"] - 20000) < 10 and h,
+        5,
+        "the INA226 to measure 20 V",
+    )
     assert measured["current_mA"] > 0
 
     status, _, body = http_json("POST", f"{cluster}/power/contract", {"voltage_mv": 15000})
@@ -139,9 +166,15 @@ def test_power_contract_over_http(hw_agent: RunningAgent) -> None:
 def test_thox_hw_commands(hw_agent: RunningAgent) -> None:
     http_json("POST", f"{hw_agent.cluster_url}/sim/modules", {"id": "module-c"})
     try:
+
         def thox(*args: str) -> subprocess.CompletedProcess[str]:
-            return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--home", str(hw_agent.home)],
-                                  capture_output=True, text=True, timeout=60, check=False)
+            return subprocess.run(
+                [sys.executable, "-m", "agent.cli", *args, "--home", str(hw_agent.home)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
 
         result = thox("hw", "pd", "request", "--volts", "15")
         assert result.returncode == 0, result.stderr
@@ -170,8 +203,9 @@ def test_bad_sim_requests_get_clear_errors(hw_agent: RunningAgent) -> None:
 async def test_device_profile_has_no_sim_routes(tmp_path: Path) -> None:
     settings = load_settings({"profile": "device"}, home=tmp_path, env={})
     hardware = HardwareManager(settings, [])
-    app = build_cluster_app(HealthSources(time.monotonic(), (), EventLoopMonitor(), hardware), hardware,
-                            max_request_bytes=1 << 20)
+    app = build_cluster_app(
+        HealthSources(time.monotonic(), (), EventLoopMonitor(), hardware), hardware, max_request_bytes=1 << 20
+    )
     async with TestClient(TestServer(app)) as client:
         response = await client.get("/v1/sim/world")
         assert response.status == 404
@@ -202,10 +236,16 @@ def test_emergency_heat_ends_streams_cleanly_and_refuses_until_cooled(hw_agent: 
     cluster = hw_agent.cluster_url
     parts = urllib.parse.urlsplit(hw_agent.inference_url)
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
-    body = {"messages": [{"role": "user", "content": "Write a very long story about the sea."}],
-            "max_tokens": 1500, "temperature": 1.0, "seed": 3, "stream": True}
-    connection.request("POST", f"{parts.path}/chat/completions", body=json.dumps(body),
-                       headers={"Content-Type": "application/json"})
+    body = {
+        "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
+        "max_tokens": 1500,
+        "temperature": 1.0,
+        "seed": 3,
+        "stream": True,
+    }
+    connection.request(
+        "POST", f"{parts.path}/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+    )
     response = connection.getresponse()
     assert response.status == 200
     assert response.readline().startswith(b"data: ")  # the stream is running
@@ -217,15 +257,21 @@ def test_emergency_heat_ends_streams_cleanly_and_refuses_until_cooled(hw_agent: 
         connection.close()
     error = json.loads(events[-2][6:]) if events[-1] == "data: [DONE]" else json.loads(events[-1][6:])
     assert error["error"]["code"] == "thermal_emergency", events[-3:]
-    status, headers, refused = http_json("POST", f"{hw_agent.inference_url}/chat/completions",
-                                         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    status, headers, refused = http_json(
+        "POST",
+        f"{hw_agent.inference_url}/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
     assert status == 503 and refused["error"]["code"] == "thermal_emergency" and headers["retry-after"] == "30"
     assert hw_agent.health()["hardware"]["thermal"]["level"] == "emergency"
 
     http_json("PUT", f"{cluster}/sim/thermal", {"ambient_c": 25.0})
     _until(lambda: hw_agent.health()["hardware"]["thermal"]["level"] == "normal", 30, "the box to cool")
-    status, _, answer = http_json("POST", f"{hw_agent.inference_url}/chat/completions",
-                                  {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    status, _, answer = http_json(
+        "POST",
+        f"{hw_agent.inference_url}/chat/completions",
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
     assert status == 200, answer
 
 
@@ -234,10 +280,20 @@ def test_a_bad_driver_string_stops_serve_with_a_clear_message(tmp_path: Path) ->
 
     from tests.agent_process import TEST_MODEL_CACHE
 
-    env = {**os.environ, "THOX_HOME": str(tmp_path), "THOX_CACHE_DIR": str(TEST_MODEL_CACHE),
-           "THOX_HARDWARE_PD": "stusb4500:i2c-7@0x99"}
-    result = subprocess.run([sys.executable, "-m", "agent.cli", "serve", "--inference-port", "0", "--cluster-port",
-                             "0"], env=env, capture_output=True, text=True, timeout=120, check=False)
+    env = {
+        **os.environ,
+        "THOX_HOME": str(tmp_path),
+        "THOX_CACHE_DIR": str(TEST_MODEL_CACHE),
+        "THOX_HARDWARE_PD": "stusb4500:i2c-7@0x99",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "serve", "--inference-port", "0", "--cluster-port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 1
     assert "hardware settings" in result.stderr and "0x99" in result.stderr and "reserved" in result.stderr
     assert "Traceback" not in result.stderr

@@ -24,8 +24,14 @@ from tests.agent_process import RunningAgent, http_json, start_agent
 def thox(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("THOX_")}
     child_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--home", str(home)],
-                          capture_output=True, text=True, timeout=60, check=False, env=child_env)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=child_env,
+    )
 
 
 def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
@@ -77,7 +83,7 @@ def test_rate_limit_change_applies_at_once_and_engine_change_waits_for_restart(l
 
 def test_a_hand_edited_file_that_does_not_validate_changes_nothing(limited_agent: RunningAgent) -> None:
     agent, home = limited_agent, limited_agent.home
-    (home / "config.toml").write_text("[api]\nrate_limit = 0\nauth = \"always\"\n")
+    (home / "config.toml").write_text('[api]\nrate_limit = 0\nauth = "always"\n')
     status, _, body = http_json("POST", f"{agent.cluster_url}/config/reload")
     assert status == 422 and body["error"]["code"] == "invalid_config"
     assert "api.rate_limit" in body["error"]["message"]
@@ -94,8 +100,9 @@ def test_thermal_thresholds_apply_live(limited_agent: RunningAgent) -> None:
     # A warm threshold below the box's temperature: the governor must go to WARM at its next poll.
     assert thox(home, "config", "set", "hardware.warm_c", "20").returncode == 0
     eventually(lambda: agent.health()["hardware"]["thermal"]["level"] == "warm")
-    assert any(line.get("event") == "thermal_thresholds_changed" and line.get("warm_c") == 20.0
-               for line in agent.log_lines())
+    assert any(
+        line.get("event") == "thermal_thresholds_changed" and line.get("warm_c") == 20.0 for line in agent.log_lines()
+    )
 
 
 def test_sighup_applies_the_file_and_environment_pins_are_reported(tmp_path: Path) -> None:
@@ -114,8 +121,9 @@ def test_sighup_applies_the_file_and_environment_pins_are_reported(tmp_path: Pat
         refused = eventually(lambda: (r := models(agent))[0] == 401 and r)
         assert refused[2]["error"]["type"] == "authentication_error"
         assert agent.process.poll() is None  # SIGHUP reloads; it does not stop the agent
-        assert any(line.get("event") == "config_reloaded" and line.get("applied") == ["api.auth"]
-                   for line in agent.log_lines())
+        assert any(
+            line.get("event") == "config_reloaded" and line.get("applied") == ["api.auth"] for line in agent.log_lines()
+        )
     finally:
         agent.stop()
 

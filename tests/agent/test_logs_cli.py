@@ -19,14 +19,24 @@ from tests.agent_process import start_agent
 def thox(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("THOX_") and k != "JOURNAL_STREAM"}
     child_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--home", str(home)],
-                          capture_output=True, text=True, timeout=60, check=False, env=child_env)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args, "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=child_env,
+    )
 
 
 def follower(home: Path, *args: str) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("THOX_")}
-    return subprocess.Popen([sys.executable, "-m", "agent.cli", "logs", "--follow", *args, "--home", str(home)],
-                            stdout=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "logs", "--follow", *args, "--home", str(home)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def stop(process: subprocess.Popen[str]) -> None:
@@ -123,19 +133,21 @@ def test_the_journal_is_read_under_systemd(tmp_path: Path) -> None:
     # A journalctl double on PATH: prints canned lines the way `--output=cat` does and records its arguments.
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()
-    lines = [json.dumps({"event": f"thermal_{n}", "logger": "agent.hardware.thermal", "level": "info"})
-             for n in range(3)] + [json.dumps({"event": "api_listening", "logger": "agent.service", "level": "info"})]
+    lines = [
+        json.dumps({"event": f"thermal_{n}", "logger": "agent.hardware.thermal", "level": "info"}) for n in range(3)
+    ] + [json.dumps({"event": "api_listening", "logger": "agent.service", "level": "info"})]
     script = bin_dir / "journalctl"
-    script.write_text("#!/bin/sh\n"
-                      f"echo \"$@\" >> {calls}\n"
-                      f"cat <<'EOF'\n" + "\n".join(lines) + "\n-- cursor: s=abc;i=4\nEOF\n")
+    script.write_text(
+        f"#!/bin/sh\necho \"$@\" >> {calls}\ncat <<'EOF'\n" + "\n".join(lines) + "\n-- cursor: s=abc;i=4\nEOF\n"
+    )
     script.chmod(0o755)
     home = tmp_path / "home"
     (home / "run").mkdir(parents=True)
     # A running agent under systemd says so in its endpoints file; `thox logs` then reads the journal.
     (home / "run" / "endpoints.json").write_text(json.dumps({"logs": "journald"}))
-    result = thox(home, "logs", "--filter", "thermal", "-n", "2", "--json",
-                  env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    result = thox(
+        home, "logs", "--filter", "thermal", "-n", "2", "--json", env={"PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    )
     assert result.returncode == 0, result.stderr
     assert [json.loads(text)["event"] for text in result.stdout.splitlines()] == ["thermal_1", "thermal_2"]
     arguments = calls.read_text().split()
@@ -150,10 +162,18 @@ def test_journald_is_detected_from_journal_stream(tmp_path: Path, matching: bool
     info = target.stat()
     stream = f"{info.st_dev}:{info.st_ino}" if matching else f"{info.st_dev}:{info.st_ino + 1}"
     with target.open("w") as stderr:
-        result = subprocess.run([sys.executable, "-c", "import sys; from agent.logs import under_journald; "
-                                 "print(under_journald(), file=sys.stdout)"],
-                                stdout=subprocess.PIPE, stderr=stderr, text=True, check=True,
-                                env={**os.environ, "JOURNAL_STREAM": stream})
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from agent.logs import under_journald; print(under_journald(), file=sys.stdout)",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            check=True,
+            env={**os.environ, "JOURNAL_STREAM": stream},
+        )
     assert result.stdout.strip() == str(matching)
 
 

@@ -64,8 +64,13 @@ def lan() -> Iterator[str]:
 
 def _from_lan(lan: str, url: str, path: str, key: str = "") -> tuple[int, dict[str, object]]:
     port = int(url.split(":")[2].split("/")[0])
-    result = subprocess.run(["ip", "netns", "exec", lan, sys.executable, "-c", _CLIENT, HOST_ADDRESS, str(port),
-                             path, key], capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        ["ip", "netns", "exec", lan, sys.executable, "-c", _CLIENT, HOST_ADDRESS, str(port), path, key],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     answer = json.loads(result.stdout)
     return answer["status"], answer["body"]
 
@@ -75,8 +80,12 @@ def _agent(home: Path, **settings: str) -> RunningAgent:
 
 
 def _key(agent: RunningAgent, scope: str = "inference") -> str:
-    return subprocess.run([sys.executable, "-m", "agent.cli", "api-key", "generate", "--scope", scope, "--home",
-                           str(agent.home)], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "api-key", "generate", "--scope", scope, "--home", str(agent.home)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def test_remote_policy_needs_keys_from_the_lan_only(lan: str, tmp_path: Path) -> None:

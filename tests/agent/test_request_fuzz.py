@@ -20,8 +20,14 @@ from agent.errors import InvalidRequestError
 MODELS: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, EmbeddingRequest]
 CODES = {"invalid_json", "invalid_value", "unknown_parameter", "missing_required_parameter", "unsupported_parameter"}
 
-_scalars = (st.none() | st.booleans() | st.integers() | st.integers(-(2**70), 2**70)
-            | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
 _json: st.SearchStrategy[Any] = st.recursive(
     _scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -31,26 +37,50 @@ _messages = st.lists(
     st.one_of(
         st.fixed_dictionaries(
             {"role": st.sampled_from(["system", "developer", "user", "assistant", "tool", ""])},
-            optional={"content": st.one_of(st.text(max_size=8), _json,
-                                           st.lists(st.fixed_dictionaries({"type": st.just("text"),
-                                                                           "text": st.text(max_size=8)}))),
-                      "name": _json, "refusal": _json},
+            optional={
+                "content": st.one_of(
+                    st.text(max_size=8),
+                    _json,
+                    st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)})),
+                ),
+                "name": _json,
+                "refusal": _json,
+            },
         ),
         _json,
     ),
     max_size=3,
 )
 _sampling = {
-    "model": _json, "stream": _json, "stream_options": _json, "temperature": _json, "top_p": _json,
-    "seed": _json, "stop": st.one_of(st.lists(st.text(max_size=4), max_size=6), _json), "presence_penalty": _json,
-    "frequency_penalty": _json, "user": _json, "n": _json, "logprobs": _json, "logit_bias": _json,
-    "max_tokens": _json, "max_completion_tokens": _json, "tools": _json, "tool_choice": _json,
-    "response_format": _json, "metadata": _json, "echo": _json, "suffix": _json, "max-tokens": _json, "": _json,
+    "model": _json,
+    "stream": _json,
+    "stream_options": _json,
+    "temperature": _json,
+    "top_p": _json,
+    "seed": _json,
+    "stop": st.one_of(st.lists(st.text(max_size=4), max_size=6), _json),
+    "presence_penalty": _json,
+    "frequency_penalty": _json,
+    "user": _json,
+    "n": _json,
+    "logprobs": _json,
+    "logit_bias": _json,
+    "max_tokens": _json,
+    "max_completion_tokens": _json,
+    "tools": _json,
+    "tool_choice": _json,
+    "response_format": _json,
+    "metadata": _json,
+    "echo": _json,
+    "suffix": _json,
+    "max-tokens": _json,
+    "": _json,
 }
 _requests = st.one_of(
     st.fixed_dictionaries({"messages": _messages}, optional=_sampling),
-    st.fixed_dictionaries({"prompt": st.one_of(st.text(max_size=8), st.lists(st.integers(0, 99)), _json)},
-                          optional=_sampling),
+    st.fixed_dictionaries(
+        {"prompt": st.one_of(st.text(max_size=8), st.lists(st.integers(0, 99)), _json)}, optional=_sampling
+    ),
     st.fixed_dictionaries(
         {"input": st.one_of(st.text(max_size=8), st.lists(st.text(max_size=4)), st.lists(st.integers()), _json)},
         optional={"model": _json, "encoding_format": _json, "dimensions": _json, "user": _json, "x": _json},
@@ -107,7 +137,7 @@ def test_lone_surrogates_anywhere_are_refused(payload: Any, data: st.DataObject)
     text = json.dumps(payload)
     at = data.draw(st.sampled_from([i for i, c in enumerate(text) if c == '"'] or [0]), label="quote")
     surrogate = data.draw(st.sampled_from(["\\ud800", "\\uDBFF", "\\udc00", "\\uDFFF", "\\ud83d"]), label="escape")
-    raw = (text[: at + 1] + surrogate + text[at + 1:]).encode()
+    raw = (text[: at + 1] + surrogate + text[at + 1 :]).encode()
     try:
         decoded = decode_json(raw)
     except InvalidRequestError as exc:
@@ -148,8 +178,11 @@ def test_deep_nesting_is_a_400_not_a_recursion_error() -> None:
 @pytest.mark.parametrize(
     ("raw", "param", "match"),
     [
-        (rb'{"messages":[{"role":"user","content":"a\ud800b"}]}', "messages[0].content",
-         r"Invalid value for 'messages\[0\].content': it holds a lone UTF-16 surrogate \('\\ud800'\)"),
+        (
+            rb'{"messages":[{"role":"user","content":"a\ud800b"}]}',
+            "messages[0].content",
+            r"Invalid value for 'messages\[0\].content': it holds a lone UTF-16 surrogate \('\\ud800'\)",
+        ),
         (rb'{"prompt":"\udfff"}', "prompt", "lone UTF-16 surrogate"),
         (rb'{"input":["ok","x\ud83d"]}', "input[1]", "lone UTF-16 surrogate"),
         (rb'{"\udc00":1}', "\udc00", "lone UTF-16 surrogate"),

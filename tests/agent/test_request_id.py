@@ -12,8 +12,11 @@ from tests.agent_process import RunningAgent, http_json
 def test_client_request_id_is_echoed_and_logged(running_agent: RunningAgent) -> None:
     request_id = f"test-{time.monotonic_ns()}"
     status, headers, body = http_json(
-        "POST", f"{running_agent.inference_url}/chat/completions",
-        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}, {"X-Request-ID": request_id})
+        "POST",
+        f"{running_agent.inference_url}/chat/completions",
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        {"X-Request-ID": request_id},
+    )
     assert status == 200, body
     assert headers["x-request-id"] == request_id
     deadline = time.monotonic() + 5
@@ -35,7 +38,10 @@ def test_request_id_is_generated_on_every_response(running_agent: RunningAgent) 
 
 def test_streaming_response_carries_the_request_id(client: openai.OpenAI) -> None:
     with client.chat.completions.with_streaming_response.create(
-        messages=[{"role": "user", "content": "Hi"}], model="smollm2-135m-instruct", max_tokens=2, stream=True,
+        messages=[{"role": "user", "content": "Hi"}],
+        model="smollm2-135m-instruct",
+        max_tokens=2,
+        stream=True,
         extra_headers={"X-Request-ID": "stream-id-1"},
     ) as response:
         assert response.headers["x-request-id"] == "stream-id-1"
@@ -45,7 +51,8 @@ def test_streaming_response_carries_the_request_id(client: openai.OpenAI) -> Non
 
 def test_invalid_request_id_is_refused(running_agent: RunningAgent) -> None:
     status, headers, body = http_json(
-        "GET", f"{running_agent.inference_url}/models", headers={"X-Request-ID": "bad id with spaces"})
+        "GET", f"{running_agent.inference_url}/models", headers={"X-Request-ID": "bad id with spaces"}
+    )
     assert status == 400
     assert body["error"]["param"] == "X-Request-ID"
     assert headers["x-request-id"] != "bad id with spaces"

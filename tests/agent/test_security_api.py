@@ -16,15 +16,22 @@ CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]:
-    agent = start_agent(tmp_path_factory.mktemp("guarded"), env={
-        "THOX_API_AUTH": "always", "THOX_API_RATE_LIMIT_LOOPBACK": "true", "THOX_API_RATE_LIMIT": "4"})
+    agent = start_agent(
+        tmp_path_factory.mktemp("guarded"),
+        env={"THOX_API_AUTH": "always", "THOX_API_RATE_LIMIT_LOOPBACK": "true", "THOX_API_RATE_LIMIT": "4"},
+    )
     yield agent
     assert agent.stop() == 0
 
 
 def thox(agent: RunningAgent, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "agent.cli", *args, "--home", str(agent.home)],
-                            capture_output=True, text=True, timeout=60, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args, "--home", str(agent.home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return result.stdout.strip()
 
 
@@ -79,8 +86,7 @@ def test_rate_limit_answers_429_with_headers_and_the_sdk_waits(guarded: RunningA
 
 def test_foreign_host_and_origin_are_refused(guarded: RunningAgent) -> None:
     key = thox(guarded, "api-key", "generate", "--name", "hosts")
-    for headers in ({"Host": "evil.example"}, {"Host": "127.0.0.1.evil.example"},
-                    {"Origin": "http://evil.example"}):
+    for headers in ({"Host": "evil.example"}, {"Host": "127.0.0.1.evil.example"}, {"Origin": "http://evil.example"}):
         status, _, body = http_json("GET", f"{guarded.cluster_url}/health", headers={**bearer(key), **headers})
         assert status == 403 and body["error"]["code"] == "host_not_allowed", headers
     assert http_json("GET", f"{guarded.cluster_url}/health", headers={"Host": "thox.local:5381"})[0] == 200

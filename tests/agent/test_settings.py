@@ -18,8 +18,9 @@ def test_defaults_follow_the_profile(tmp_path: Path) -> None:
 
 
 def test_layers_override_in_order(tmp_path: Path) -> None:
-    (tmp_path / "config.toml").write_text('default_model = "a"\n[api]\ninference_port = 1000\ncluster_port = 1001\n'
-                                          "[engine]\nthreads = 3\n")
+    (tmp_path / "config.toml").write_text(
+        'default_model = "a"\n[api]\ninference_port = 1000\ncluster_port = 1001\n[engine]\nthreads = 3\n'
+    )
     env = {"THOX_API_CLUSTER_PORT": "2001", "THOX_ENGINE_THREADS": "4"}
     settings = load_settings({"engine.threads": 5}, home=tmp_path, env=env)
     assert settings.default_model == "a"
@@ -40,7 +41,7 @@ def test_home_comes_from_thox_home() -> None:
         ("", {}, {"profile": "cloud"}, "profile"),
         ("[api\n", {}, {}, "not valid TOML"),
         ("", {}, {"engine.max_context": 1}, "engine.max_context"),
-        ("[engine]\nexecutor = \"cuda-magic\"\n", {}, {}, "no executor named 'cuda-magic'; known: onnxruntime"),
+        ('[engine]\nexecutor = "cuda-magic"\n', {}, {}, "no executor named 'cuda-magic'; known: onnxruntime"),
     ],
 )
 def test_bad_settings_are_refused_with_the_key(
@@ -56,10 +57,13 @@ def test_the_readme_documents_every_setting_and_whether_it_applies_live() -> Non
     from agent.settings import known_keys
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    readme = readme[readme.index("## Configuration"):]
-    readme = readme[:readme.index("\n## ")]
-    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[3].strip()
-            for line in readme.splitlines() if line.startswith("| `")}
+    readme = readme[readme.index("## Configuration") :]
+    readme = readme[: readme.index("\n## ")]
+    rows = {
+        line.split("|")[1].strip().strip("`"): line.split("|")[3].strip()
+        for line in readme.splitlines()
+        if line.startswith("| `")
+    }
     for key in known_keys():
         assert key in rows, f"README's configuration table lacks {key}"
         assert rows[key] == ("yes" if key in LIVE_KEYS else "restart"), key

@@ -118,7 +118,10 @@ def test_missing_socket_is_logged_once_per_outage_and_never_raised(tmp_path: Pat
         notifier.watchdog()
         notifier.watchdog()
     assert [entry["event"] for entry in logs] == [
-        "systemd_notify_failed", "systemd_notify_recovered", "systemd_notify_failed"]
+        "systemd_notify_failed",
+        "systemd_notify_recovered",
+        "systemd_notify_failed",
+    ]
 
 
 def test_unsupported_socket_address_disables_the_notifier() -> None:
@@ -128,14 +131,17 @@ def test_unsupported_socket_address_disables_the_notifier() -> None:
     assert [entry["event"] for entry in logs] == ["systemd_notify_unsupported_socket"]
 
 
-@pytest.mark.parametrize(("environ", "interval"), [
-    ({"WATCHDOG_USEC": "30000000"}, 15.0),
-    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "4242"}, 15.0),
-    ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "4243"}, None),  # pings are expected from another process
-    ({"WATCHDOG_USEC": "0"}, None),
-    ({"WATCHDOG_USEC": "thirty"}, None),
-    ({}, None),
-])
+@pytest.mark.parametrize(
+    ("environ", "interval"),
+    [
+        ({"WATCHDOG_USEC": "30000000"}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "4242"}, 15.0),
+        ({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "4243"}, None),  # pings are expected from another process
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "thirty"}, None),
+        ({}, None),
+    ],
+)
 def test_watchdog_interval_is_half_of_watchdog_usec(environ: dict[str, str], interval: float | None) -> None:
     with SystemdNotifier({"NOTIFY_SOCKET": "@unused", **environ}, pid=4242) as notifier:
         assert notifier.watchdog_interval == interval
@@ -275,7 +281,9 @@ async def test_stale_heartbeat_stops_pings_until_it_beats_again() -> None:
     await asyncio.gather(runner, return_exceptions=True)
 
     assert [(entry["event"], entry.get("subsystem")) for entry in logs] == [
-        ("watchdog_withheld", "power"), ("watchdog_heartbeat_recovered", "power")]
+        ("watchdog_withheld", "power"),
+        ("watchdog_heartbeat_recovered", "power"),
+    ]
     assert logs[0]["reason"] == "heartbeat_stale" and logs[0]["age_s"] == 11.0
     assert watchdog.stale() == []
 
@@ -296,8 +304,11 @@ def test_each_stale_episode_is_logged_once_and_unregister_forgets() -> None:
         assert watchdog.check()
         assert not watchdog.check(loop_lag=6.0)
     assert [(entry["event"], entry.get("reason")) for entry in logs] == [
-        ("watchdog_withheld", "heartbeat_stale"), ("watchdog_heartbeat_recovered", None),
-        ("watchdog_withheld", "heartbeat_stale"), ("watchdog_withheld", "loop_lag")]
+        ("watchdog_withheld", "heartbeat_stale"),
+        ("watchdog_heartbeat_recovered", None),
+        ("watchdog_withheld", "heartbeat_stale"),
+        ("watchdog_withheld", "loop_lag"),
+    ]
     watchdog.register("x")
     with pytest.raises(ValueError, match="already registered"):
         watchdog.register("x")

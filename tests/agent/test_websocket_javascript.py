@@ -24,8 +24,9 @@ def test_readme_example_streams_an_answer(running_agent: RunningAgent) -> None:
     host = running_agent.inference_url.split("//")[1].split("/")[0]
     # Only the address changes: the docs say thox.local:8080, the test agent listens on a free port.
     script = readme_javascript().replace("thox.local:8080", host)
-    result = subprocess.run([node, "--experimental-websocket", "-e", script], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [node, "--experimental-websocket", "-e", script], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     answer, usage_line = result.stdout.rsplit("\nusage: ", 1)
     assert answer.strip()

@@ -27,9 +27,13 @@ async def test_documented_javascript_flow(running_agent: RunningAgent) -> None:
     # What the product docs' example does: send {model, messages}, print choices[0].delta.content of each
     # message until the done event.
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url(running_agent)) as ws:
-        await ws.send_json({"model": "smollm2-135m-instruct",
-                            "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                            "temperature": 0})
+        await ws.send_json(
+            {
+                "model": "smollm2-135m-instruct",
+                "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                "temperature": 0,
+            }
+        )
         events = await collect(ws)
     chunks, done = events[:-1], events[-1]
     assert chunks and all(isinstance(c["choices"][0]["delta"]["content"], str) for c in chunks)
@@ -45,8 +49,9 @@ async def test_several_requests_on_one_connection(running_agent: RunningAgent) -
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url(running_agent)) as ws:
         # Sent back to back: they run in order, each ends with its own done event.
         for i in range(3):
-            await ws.send_json({"id": f"r{i}", "messages": [{"role": "user", "content": f"Count to {i + 2}."}],
-                                "max_tokens": 5 + i})
+            await ws.send_json(
+                {"id": f"r{i}", "messages": [{"role": "user", "content": f"Count to {i + 2}."}], "max_tokens": 5 + i}
+            )
         for i in range(3):
             events = await collect(ws)
             assert {e["request"] for e in events} == {f"r{i}"}
@@ -65,9 +70,16 @@ async def test_bad_requests_get_error_events_and_the_connection_survives(running
         assert error["type"] == "error" and error["error"]["code"] == "invalid_json"
         await ws.send_json({"id": "x", "model": "gpt-9", "messages": [{"role": "user", "content": "Hi"}]})
         error = await ws.receive_json(timeout=30)
-        assert error == {"type": "error", "request": "x", "error": {
-            "message": error["error"]["message"], "type": "invalid_request_error", "param": "model",
-            "code": "model_not_found"}}
+        assert error == {
+            "type": "error",
+            "request": "x",
+            "error": {
+                "message": error["error"]["message"],
+                "type": "invalid_request_error",
+                "param": "model",
+                "code": "model_not_found",
+            },
+        }
         await ws.send_json({"messages": [{"role": "user", "content": "Hi"}], "temperature": 9})
         error = await ws.receive_json(timeout=30)
         assert error["error"]["param"] == "temperature"
@@ -78,8 +90,9 @@ async def test_bad_requests_get_error_events_and_the_connection_survives(running
 
 async def test_cancel_ends_only_the_current_request(running_agent: RunningAgent) -> None:
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url(running_agent)) as ws:
-        await ws.send_json({"id": "long", "messages": [{"role": "user", "content": "Tell a long story."}],
-                            "max_tokens": 1000})
+        await ws.send_json(
+            {"id": "long", "messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 1000}
+        )
         first = await ws.receive_json(timeout=60)
         assert first["type"] == "chunk"
         await ws.send_json({"type": "cancel"})

@@ -248,8 +248,17 @@ def use_served_models(spec: dict[str, Any], chat_models: Sequence[str], embeddin
 # `logprobs`, image content, ...) are refused with a 400 naming them"; the table is agent/api/openai/protocol.py).
 NOT_IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "CreateChatCompletionRequest": (
-        "n", "logprobs", "top_logprobs", "logit_bias", "tools", "tool_choice", "parallel_tool_calls", "functions",
-        "function_call", "response_format"),
+        "n",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "response_format",
+    ),
     "CreateCompletionRequest": ("n", "logprobs", "logit_bias", "echo", "suffix", "best_of"),
     # Only the model's own size is accepted (it cannot shorten vectors).
     "CreateEmbeddingRequest": ("dimensions",),

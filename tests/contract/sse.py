@@ -13,8 +13,9 @@ def post_sse(url: str, body: dict[str, Any], headers: dict[str, str] | None = No
     parts = urllib.parse.urlsplit(url)
     connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=120)
     try:
-        connection.request("POST", parts.path, body=json.dumps(body),
-                           headers={"Content-Type": "application/json", **(headers or {})})
+        connection.request(
+            "POST", parts.path, body=json.dumps(body), headers={"Content-Type": "application/json", **(headers or {})}
+        )
         response = connection.getresponse()
         raw = response.read().decode()
         content_type = response.getheader("Content-Type", "")

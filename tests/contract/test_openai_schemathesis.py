@@ -66,12 +66,17 @@ class Contract:
 
 @pytest.fixture(scope="module")
 def contract(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Contract]:
-    agent = start_agent(tmp_path_factory.mktemp("contract-home"),
-                        env={"THOX_ENGINE_MAX_CONTEXT": "64", "THOX_API_AUTH": "always"})
+    agent = start_agent(
+        tmp_path_factory.mktemp("contract-home"), env={"THOX_ENGINE_MAX_CONTEXT": "64", "THOX_API_AUTH": "always"}
+    )
     try:
         key = subprocess.run(
             [sys.executable, "-m", "agent.cli", "api-key", "generate", "--name", "contract", "--home", str(agent.home)],
-            capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout.strip()
         status, _, body = http_json("GET", f"{agent.inference_url}/models", headers={"Authorization": f"Bearer {key}"})
         assert status == 200, body
         chat = [m["id"] for m in body["data"] if "chat.completions" in m.get("capabilities", [])]
@@ -86,25 +91,38 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(contract: 
     spec_path = tmp_path / "openai-normalised.json"
     spec_path.write_text(json.dumps(normalised_spec(contract.chat_models, contract.embedding_models)))
     command = [
-        str(ST), "run", str(spec_path),
-        "--url", contract.agent.inference_url,
-        "--checks", ",".join(CHECKS),
-        "--phases", "examples,coverage,fuzzing",
-        "--max-examples", str(MAX_EXAMPLES),
-        "--workers", "2",
-        "--request-timeout", "60",
-        "--generation-database", "none",
+        str(ST),
+        "run",
+        str(spec_path),
+        "--url",
+        contract.agent.inference_url,
+        "--checks",
+        ",".join(CHECKS),
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        str(MAX_EXAMPLES),
+        "--workers",
+        "2",
+        "--request-timeout",
+        "60",
+        "--generation-database",
+        "none",
         "--no-color",
-        "--output-sanitize", "false",
+        "--output-sanitize",
+        "false",
     ]
     # The key goes in last and is masked in the report; the seed schemathesis prints reproduces a failing run.
     secret = ["--header", f"Authorization: Bearer {contract.key}"]
     started = time.monotonic()
-    result = subprocess.run(command + secret, cwd=tmp_path, capture_output=True, text=True,
-                            timeout=RUN_TIMEOUT_S, check=False)
+    result = subprocess.run(
+        command + secret, cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False
+    )
     elapsed = time.monotonic() - started
-    report = (f"$ {shlex.join(command)} --header 'Authorization: Bearer <key>'\n"
-              f"(exit {result.returncode} after {elapsed:.0f} s)\n{result.stdout}\n{result.stderr}")
+    report = (
+        f"$ {shlex.join(command)} --header 'Authorization: Bearer <key>'\n"
+        f"(exit {result.returncode} after {elapsed:.0f} s)\n{result.stdout}\n{result.stderr}"
+    )
     assert result.returncode == 0, report
 
     log = contract.agent.log_lines()
@@ -122,9 +140,18 @@ def test_schemathesis_finds_no_server_error_and_no_contract_violation(contract: 
 
 
 def test_streamed_chat_chunks_match_the_spec(contract: Contract) -> None:
-    chunks = streamed_chunks(f"{contract.agent.inference_url}/chat/completions", {
-        "model": contract.chat_models[0], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
-        "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}, contract.auth)
+    chunks = streamed_chunks(
+        f"{contract.agent.inference_url}/chat/completions",
+        {
+            "model": contract.chat_models[0],
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        contract.auth,
+    )
     for chunk in chunks:
         validate_event(chunk, "CreateChatCompletionStreamResponse")
     *content, usage = chunks
@@ -138,9 +165,18 @@ def test_streamed_chat_chunks_match_the_spec(contract: Contract) -> None:
 
 
 def test_streamed_completion_chunks_match_the_spec(contract: Contract) -> None:
-    chunks = streamed_chunks(f"{contract.agent.inference_url}/completions", {
-        "model": contract.chat_models[0], "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0,
-        "stream": True, "stream_options": {"include_usage": True}}, contract.auth)
+    chunks = streamed_chunks(
+        f"{contract.agent.inference_url}/completions",
+        {
+            "model": contract.chat_models[0],
+            "prompt": "Once upon a time",
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+        contract.auth,
+    )
     for chunk in chunks:
         # Streamed completions are CreateCompletionResponse objects, with a null finish_reason until the last.
         validate_event(chunk, "CreateCompletionStreamResponse")

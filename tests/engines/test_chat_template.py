@@ -85,9 +85,7 @@ def test_sandbox_refuses_mutating_inputs() -> None:
 
 
 def test_tojson_does_not_html_escape_and_accepts_hf_arguments() -> None:
-    t = ChatTemplate(
-        "{{ messages[0] | tojson }}|{{ {'b': 1, 'a': [1]} | tojson(indent=None, sort_keys=True) }}"
-    )
+    t = ChatTemplate("{{ messages[0] | tojson }}|{{ {'b': 1, 'a': [1]} | tojson(indent=None, sort_keys=True) }}")
     rendered = t.render([{"role": "user", "content": "<b>&é</b>"}])
     assert rendered == '{"role": "user", "content": "<b>&é</b>"}|{"a": [1], "b": 1}'
 
@@ -118,6 +116,4 @@ def test_gguf_without_template_falls_back_to_chatml(tmp_path: Path) -> None:
     t = ChatTemplate.from_reader(GgufFile(path))
     assert t.is_fallback
     assert t.source == CHATML_TEMPLATE
-    assert t.render([{"role": "user", "content": "Hi"}]) == (
-        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    )
+    assert t.render([{"role": "user", "content": "Hi"}]) == ("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")

@@ -24,8 +24,11 @@ from tests.engines.text_model import smollm_pipeline
 
 # Small bounds keep each example fast; the explicit tests below use the real ones.
 SMALL = RenderLimits(steps=20_000, text=200_000, seconds=2.0)
-MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi <b>&</b>"},
-            {"role": "assistant", "content": "Hello."}]
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi <b>&</b>"},
+    {"role": "assistant", "content": "Hello."},
+]
 
 
 def render_or_refuse(source: str, messages: Any = MESSAGES, limits: RenderLimits = SMALL, **extra: Any) -> str | None:
@@ -43,15 +46,110 @@ def render_or_refuse(source: str, messages: Any = MESSAGES, limits: RenderLimits
 
 # Pieces of Jinja that, thrown together, make every kind of template: broken, valid, looping, huge, recursive.
 _FRAGMENTS = [
-    "{{ ", " }}", "{% ", " %}", "{#", "#}", "{%- ", " -%}", "for x in ", "for m in messages", "endfor", "if ", "else",
-    "endif", "set ", "endset", "macro f(n) ", "endmacro", "f(", "n", "call ", "endcall", "caller()", "recursive",
-    "loop(", "loop.index", "loop.length", "x", "m", "ns", "namespace(v=1)", "ns.v", "messages", "messages[0]",
-    "m['content']", "m.role", "bos_token", "add_generation_prompt", "range(", "99999", "9", "0", "-1", "2**62",
-    "100000", "'a'", "'%9999d'", "'{:>99999}'", "''", "[", "]", "(", ")", ",", ":", ".", "|", "~", "+", "*", "**",
-    "/", "//", "%", " and ", " not ", " in ", " is ", "defined", "==", "=", "upper", "join(", "center(", "replace(",
-    "tojson", "list", "batch(", "format(", "int", "string", "length", "indent(", "wordwrap(", "sum", "e", "first",
-    "ljust(", "format", "items()", "__class__", "__mro__", "mro", "raise_exception(", "strftime_now(", "'%Y'",
-    "cycler(", "joiner(", "dict(", "break", "continue", "\n", " ", "text",
+    "{{ ",
+    " }}",
+    "{% ",
+    " %}",
+    "{#",
+    "#}",
+    "{%- ",
+    " -%}",
+    "for x in ",
+    "for m in messages",
+    "endfor",
+    "if ",
+    "else",
+    "endif",
+    "set ",
+    "endset",
+    "macro f(n) ",
+    "endmacro",
+    "f(",
+    "n",
+    "call ",
+    "endcall",
+    "caller()",
+    "recursive",
+    "loop(",
+    "loop.index",
+    "loop.length",
+    "x",
+    "m",
+    "ns",
+    "namespace(v=1)",
+    "ns.v",
+    "messages",
+    "messages[0]",
+    "m['content']",
+    "m.role",
+    "bos_token",
+    "add_generation_prompt",
+    "range(",
+    "99999",
+    "9",
+    "0",
+    "-1",
+    "2**62",
+    "100000",
+    "'a'",
+    "'%9999d'",
+    "'{:>99999}'",
+    "''",
+    "[",
+    "]",
+    "(",
+    ")",
+    ",",
+    ":",
+    ".",
+    "|",
+    "~",
+    "+",
+    "*",
+    "**",
+    "/",
+    "//",
+    "%",
+    " and ",
+    " not ",
+    " in ",
+    " is ",
+    "defined",
+    "==",
+    "=",
+    "upper",
+    "join(",
+    "center(",
+    "replace(",
+    "tojson",
+    "list",
+    "batch(",
+    "format(",
+    "int",
+    "string",
+    "length",
+    "indent(",
+    "wordwrap(",
+    "sum",
+    "e",
+    "first",
+    "ljust(",
+    "format",
+    "items()",
+    "__class__",
+    "__mro__",
+    "mro",
+    "raise_exception(",
+    "strftime_now(",
+    "'%Y'",
+    "cycler(",
+    "joiner(",
+    "dict(",
+    "break",
+    "continue",
+    "\n",
+    " ",
+    "text",
 ]
 _sources = st.lists(st.sampled_from(_FRAGMENTS), max_size=40).map("".join)
 
@@ -82,16 +180,70 @@ _leaves = st.one_of(
 
 def _compound(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     binop = st.tuples(inner, st.sampled_from(["+", "-", "*", "/", "//", "%", "**", "~", "==", "in", "and"]), inner)
-    filt = st.tuples(inner, st.sampled_from([
-        "upper", "length", "list", "string", "tojson", "tojson(indent=2)", "join(', ')", "join(x)", "center(99999)",
-        "replace('a', 'aaaa')", "replace('', x)", "batch(3)", "batch(99999, 'f')", "format(x)", "int", "sum",
-        "indent(4)", "indent(x)", "wordwrap(1)", "first", "last", "reverse", "sort", "unique", "items", "trim",
-        "default('d')", "e", "pprint", "urlencode", "map('upper')", "select", "selectattr('role')", "dictsort",
-    ]))
-    call = st.tuples(inner, st.sampled_from([
-        ".ljust(99999)", ".format(x)", ".split()", ".join(x)", ".replace(x, x)", ".expandtabs(99999)", ".items()",
-        ".get('role')", ".upper()", "[0]", "[1:]", "[::-1]", "['content']", ".content", ".__class__", ".mro()",
-    ]))
+    filt = st.tuples(
+        inner,
+        st.sampled_from(
+            [
+                "upper",
+                "length",
+                "list",
+                "string",
+                "tojson",
+                "tojson(indent=2)",
+                "join(', ')",
+                "join(x)",
+                "center(99999)",
+                "replace('a', 'aaaa')",
+                "replace('', x)",
+                "batch(3)",
+                "batch(99999, 'f')",
+                "format(x)",
+                "int",
+                "sum",
+                "indent(4)",
+                "indent(x)",
+                "wordwrap(1)",
+                "first",
+                "last",
+                "reverse",
+                "sort",
+                "unique",
+                "items",
+                "trim",
+                "default('d')",
+                "e",
+                "pprint",
+                "urlencode",
+                "map('upper')",
+                "select",
+                "selectattr('role')",
+                "dictsort",
+            ]
+        ),
+    )
+    call = st.tuples(
+        inner,
+        st.sampled_from(
+            [
+                ".ljust(99999)",
+                ".format(x)",
+                ".split()",
+                ".join(x)",
+                ".replace(x, x)",
+                ".expandtabs(99999)",
+                ".items()",
+                ".get('role')",
+                ".upper()",
+                "[0]",
+                "[1:]",
+                "[::-1]",
+                "['content']",
+                ".content",
+                ".__class__",
+                ".mro()",
+            ]
+        ),
+    )
     return st.one_of(
         binop.map(lambda t: f"({t[0]} {t[1]} {t[2]})"),
         filt.map(lambda t: f"({t[0]}|{t[1]})"),
@@ -109,8 +261,9 @@ def _statements(inner: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     body = st.lists(inner, max_size=3).map("".join)
     return st.one_of(
         st.tuples(_expressions, body).map(lambda t: f"{{% for x in {t[0]} %}}{t[1]}{{% endfor %}}"),
-        st.tuples(_expressions, body).map(lambda t: f"{{% for x in {t[0]} recursive %}}{t[1]}{{{{ loop([x]) }}}}"
-                                                    "{% endfor %}"),
+        st.tuples(_expressions, body).map(
+            lambda t: f"{{% for x in {t[0]} recursive %}}{t[1]}{{{{ loop([x]) }}}}{{% endfor %}}"
+        ),
         st.tuples(_expressions, body, body).map(lambda t: f"{{% if {t[0]} %}}{t[1]}{{% else %}}{t[2]}{{% endif %}}"),
         st.tuples(body, _expressions).map(lambda t: f"{{% macro f(n) %}}{t[0]}{{% endmacro %}}{{{{ f({t[1]}) }}}}"),
         st.tuples(_expressions, body).map(lambda t: f"{{% set ns = namespace(v={t[0]}) %}}{t[1]}"),
@@ -145,8 +298,12 @@ _values: st.SearchStrategy[Any] = st.recursive(
 )
 _messages = st.lists(
     st.one_of(
-        st.fixed_dictionaries({"role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool"]), _values),
-                               "content": st.one_of(st.text(max_size=40), _values)}),
+        st.fixed_dictionaries(
+            {
+                "role": st.one_of(st.sampled_from(["system", "user", "assistant", "tool"]), _values),
+                "content": st.one_of(st.text(max_size=40), _values),
+            }
+        ),
         st.dictionaries(st.text(max_size=8), _values, max_size=3),
         _values,
     ),
@@ -214,12 +371,16 @@ def test_real_templates_render_any_messages_or_refuse_them(
         ("{{ ('a\\n' * 1000)|indent('x' * 10**6) }}", "filter 'indent'"),
         ("{{ strftime_now('%c' * 10**6) }}", "strftime_now format of 2000000 characters"),
         # Doubling a string 60 times: 2**61 characters.
-        ("{% set ns = namespace(v='ab') %}{% for i in range(60) %}{% set ns.v = ns.v ~ ns.v %}{% endfor %}",
-         r"text \(~\)"),
+        (
+            "{% set ns = namespace(v='ab') %}{% for i in range(60) %}{% set ns.v = ns.v ~ ns.v %}{% endfor %}",
+            r"text \(~\)",
+        ),
         # Nested literals: a list that prints as 10**12 characters without any operator building it.
-        ("{% set a = 'x' * 10**6 %}{% set b = [a, a, a, a, a, a, a, a, a, a] %}"
-         "{% set c = [b, b, b, b, b, b, b, b, b, b] %}{% set d = [c, c, c, c, c, c, c, c, c, c] %}{{ d }}",
-         "builds output"),
+        (
+            "{% set a = 'x' * 10**6 %}{% set b = [a, a, a, a, a, a, a, a, a, a] %}"
+            "{% set c = [b, b, b, b, b, b, b, b, b, b] %}{% set d = [c, c, c, c, c, c, c, c, c, c] %}{{ d }}",
+            "builds output",
+        ),
         (f"{{{{ 3 ** {MAX_INT_BITS} }}}}", r"operator '\*\*'\)"),
         # lipsum(10**6) generated text for minutes.
         ("{{ lipsum(10**6) }}", "'lipsum' is undefined"),

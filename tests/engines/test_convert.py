@@ -59,9 +59,7 @@ def _pearson_per_row(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> 
 
 def _quantized(qtype: Q, shape: tuple[int, int], seed: int = 0) -> GgufTensor:
     rng = np.random.default_rng(seed)
-    data = rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.01, 3.0, (shape[0], 1)).astype(
-        np.float32
-    )
+    data = rng.standard_normal(shape).astype(np.float32) * rng.uniform(0.01, 3.0, (shape[0], 1)).astype(np.float32)
     return GgufTensor("w", qtype, shape, gguf.quants.quantize(data, qtype))
 
 
@@ -83,9 +81,7 @@ def test_repack_is_exact_on_the_real_model(smollm2_model: GgufModel) -> None:
         t = smollm2_model.tensor(name)
         w = repack(t)
         got = w.dequantize() if isinstance(w, BlockWeight) else w
-        np.testing.assert_array_equal(
-            got, gguf.quants.dequantize(t.data, t.qtype).reshape(t.shape), err_msg=name
-        )
+        np.testing.assert_array_equal(got, gguf.quants.dequantize(t.data, t.qtype).reshape(t.shape), err_msg=name)
 
 
 def test_pack_int4_puts_the_first_element_in_the_low_nibble() -> None:
@@ -177,9 +173,7 @@ def test_cache_layout_and_meta(converted_last: ConvertedModel, model_cache: Path
     assert ConvertedModel.load(entry) == converted_last
 
 
-def test_second_call_reuses_the_entry(
-    smollm2_gguf: Path, model_cache: Path, converted_last: ConvertedModel
-) -> None:
+def test_second_call_reuses_the_entry(smollm2_gguf: Path, model_cache: Path, converted_last: ConvertedModel) -> None:
     stages: list[str] = []
     mtime = converted_last.data_path.stat().st_mtime_ns
     again = ensure_converted(

@@ -51,9 +51,7 @@ def _pearson_per_row(a: F32, b: F32) -> npt.NDArray[np.float64]:
     return np.array([np.corrcoef(x, y)[0, 1] for x, y in zip(a, b, strict=True)])
 
 
-def test_fused_graph_reproduces_the_dequantized_model(
-    exact_executor: OrtExecutor, reference_logits: F32
-) -> None:
+def test_fused_graph_reproduces_the_dequantized_model(exact_executor: OrtExecutor, reference_logits: F32) -> None:
     """With fp32 activations the fused graph (GQA rotary, fused QKV/gate-up, exact Q4_1) is the oracle."""
     seq = exact_executor.new_sequence()
     logits = exact_executor.prefill_all(seq, CHATML_WITH_SYSTEM)

@@ -12,8 +12,9 @@ from engines.onnxruntime import OrtExecutor
 
 def test_onnxruntime_is_registered_and_builds_the_cpu_executor(fused_last: ConvertedModel) -> None:
     assert "onnxruntime" in executors.names()
-    executor = executors.create("onnxruntime", fused_last, executors.ExecutorOptions(threads=1, max_context=128,
-                                                                                      max_batch=2))
+    executor = executors.create(
+        "onnxruntime", fused_last, executors.ExecutorOptions(threads=1, max_context=128, max_batch=2)
+    )
     try:
         assert isinstance(executor, OrtExecutor)
         assert (executor.max_context, executor.max_batch) == (128, 2)

@@ -19,8 +19,27 @@ from tests.engines.tiny_gguf import TinySpec, write_tiny_gguf
 
 V = GgufValueType
 # Values that break naive length arithmetic: zero, one, word boundaries, the 2**40 / 2**62 "allocate this" claims.
-EXTREME_U64 = [0, 1, 2, 7, 8, 31, 32, 255, 2**16, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**40, 2**62, 2**63 - 1,
-               2**63, 2**64 - 2, 2**64 - 1]
+EXTREME_U64 = [
+    0,
+    1,
+    2,
+    7,
+    8,
+    31,
+    32,
+    255,
+    2**16,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**40,
+    2**62,
+    2**63 - 1,
+    2**63,
+    2**64 - 2,
+    2**64 - 1,
+]
 EXTREME_U32 = [v for v in EXTREME_U64 if v < 2**32]
 MAX_PEAK_BYTES = 50 * 2**20
 
@@ -81,8 +100,15 @@ def parse(tmp_path_factory: pytest.TempPathFactory) -> Parse:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     """A small, valid llama GGUF (with a string array, scalars and a mix of tensor types) as bytes."""
-    spec = TinySpec(n_layers=1, d_model=32, d_ff=64, n_heads=2, n_kv_heads=1, vocab=32,
-                    extra_kv={"tokenizer.chat_template": "{{ messages }}"})
+    spec = TinySpec(
+        n_layers=1,
+        d_model=32,
+        d_ff=64,
+        n_heads=2,
+        n_kv_heads=1,
+        vocab=32,
+        extra_kv={"tokenizer.chat_template": "{{ messages }}"},
+    )
     path = write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", spec)
     return path.read_bytes()
 
@@ -90,8 +116,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> bytes:
 # --- unstructured bytes -------------------------------------------------------------------------------------
 
 # Random bytes behind a valid magic and version, so the parser gets past the first check.
-_HEADERED = st.builds(lambda version, tail: b"GGUF" + struct.pack("<I", version) + tail,
-                      st.sampled_from([2, 3]), st.binary(max_size=512))
+_HEADERED = st.builds(
+    lambda version, tail: b"GGUF" + struct.pack("<I", version) + tail, st.sampled_from([2, 3]), st.binary(max_size=512)
+)
 
 
 @given(st.one_of(st.binary(max_size=256), _HEADERED))
@@ -145,8 +172,19 @@ def _value(draw: st.DrawFn, vtype: int, depth: int = 0) -> bytes:
         count = draw(st.one_of(st.integers(0, 3), _u64))
         items = b"".join(draw(_value(item, depth + 1)) for _ in range(min(count, 3) if depth < 3 else 0))
         return struct.pack("<IQ", item, count) + items
-    size = {V.UINT8: 1, V.INT8: 1, V.BOOL: 1, V.UINT16: 2, V.INT16: 2, V.UINT32: 4, V.INT32: 4,
-            V.FLOAT32: 4, V.UINT64: 8, V.INT64: 8, V.FLOAT64: 8}.get(vtype, 4)
+    size = {
+        V.UINT8: 1,
+        V.INT8: 1,
+        V.BOOL: 1,
+        V.UINT16: 2,
+        V.INT16: 2,
+        V.UINT32: 4,
+        V.INT32: 4,
+        V.FLOAT32: 4,
+        V.UINT64: 8,
+        V.INT64: 8,
+        V.FLOAT64: 8,
+    }.get(vtype, 4)
     return draw(st.binary(min_size=0, max_size=size))
 
 
@@ -164,8 +202,12 @@ def _tensor(draw: st.DrawFn) -> bytes:
     dims = [draw(st.one_of(st.sampled_from([0, 1, 2, 4, 32, 256]), _u64)) for _ in range(min(n_dims, 5))]
     ggml_type = draw(st.one_of(st.sampled_from(sorted(GGML_TYPES)), _u32))
     offset = draw(st.one_of(st.sampled_from([0, 32, 64]), _u64))
-    return (draw(_string()) + struct.pack("<I", n_dims) + struct.pack(f"<{len(dims)}Q", *dims)
-            + struct.pack("<IQ", ggml_type, offset))
+    return (
+        draw(_string())
+        + struct.pack("<I", n_dims)
+        + struct.pack(f"<{len(dims)}Q", *dims)
+        + struct.pack("<IQ", ggml_type, offset)
+    )
 
 
 @given(

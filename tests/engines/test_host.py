@@ -18,8 +18,9 @@ HEADER = 4
 
 
 class HostConnection:
-    def __init__(self, process: asyncio.subprocess.Process, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, process: asyncio.subprocess.Process, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.process, self.reader, self.writer = process, reader, writer
 
     async def next(self) -> ToAgent:
@@ -38,8 +39,22 @@ class HostConnection:
 async def host(tmp_path: Path) -> AsyncIterator[HostConnection]:
     socket = tmp_path / "engine.sock"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "engines.host", "--socket", str(socket), "--gguf", str(bundled.smollm2_gguf()),
-        "--cache-dir", str(TEST_MODEL_CACHE), "--threads", "1", "--max-context", "256", "--max-batch", "2")
+        sys.executable,
+        "-m",
+        "engines.host",
+        "--socket",
+        str(socket),
+        "--gguf",
+        str(bundled.smollm2_gguf()),
+        "--cache-dir",
+        str(TEST_MODEL_CACHE),
+        "--threads",
+        "1",
+        "--max-context",
+        "256",
+        "--max-batch",
+        "2",
+    )
     try:
         for _ in range(1200):
             try:
@@ -82,8 +97,7 @@ async def test_every_malformed_frame_gets_an_error_reply_and_the_host_keeps_serv
     host.writer.write(encode(Limit(1)))
     assert await host.next() == Limited(1)
     host.writer.write(encode(Cancel(12345)))  # an unknown id: it may just have finished; no answer, no harm
-    host.writer.write(encode(GenerationRequest(1, [1, 2, 3], SamplingParams(max_tokens=4, temperature=0),
-                                               frozenset())))
+    host.writer.write(encode(GenerationRequest(1, [1, 2, 3], SamplingParams(max_tokens=4, temperature=0), frozenset())))
     tokens: list[int] = []
     while not isinstance(message := await host.next(), Done):
         assert isinstance(message, Tokens) and message.id == 1, message

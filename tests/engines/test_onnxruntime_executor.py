@@ -191,9 +191,7 @@ def test_greedy_answer_names_paris(clean: OrtExecutor, smollm2_vocab: list[str])
     assert "Paris" in text
 
 
-def test_greedy_answer_with_system_prompt_names_paris(
-    exact_executor: OrtExecutor, smollm2_vocab: list[str]
-) -> None:
+def test_greedy_answer_with_system_prompt_names_paris(exact_executor: OrtExecutor, smollm2_vocab: list[str]) -> None:
     """The chat template's real prompt, with fp32 activations."""
     text = detokenize(smollm2_vocab, _greedy(exact_executor, CHATML_WITH_SYSTEM, 12))
     assert text.startswith("The capital of France is Paris")

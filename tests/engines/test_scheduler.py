@@ -57,8 +57,15 @@ def next_token(history: Sequence[int]) -> int:
 class ScriptedExecutor:
     """Greedy output depends on the whole history, so a wrongly restored prefix changes the text."""
 
-    def __init__(self, *, max_context: int = 256, max_batch: int = 16, stop_after: dict[int, int] | None = None,
-                 fail_prefill_on: int | None = None, fail_decode: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        max_context: int = 256,
+        max_batch: int = 16,
+        stop_after: dict[int, int] | None = None,
+        fail_prefill_on: int | None = None,
+        fail_decode: bool = False,
+    ) -> None:
         self.live: list[ScriptedSequence] = []
         self.decode_batches: list[int] = []
         self.prefilled: list[int] = []  # tokens computed per prefill call
@@ -127,8 +134,9 @@ class ScriptedExecutor:
 
 
 def request(rid: int, prompt: list[int], max_tokens: int = 10, **params: float) -> GenerationRequest:
-    return GenerationRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0, **params),
-                             frozenset({STOP}))
+    return GenerationRequest(
+        rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0, **params), frozenset({STOP})
+    )
 
 
 async def until(condition: Callable[[], bool]) -> None:

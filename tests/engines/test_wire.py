@@ -43,19 +43,33 @@ def payload_of(frame: bytes) -> bytes:
 def test_frame_bytes() -> None:
     assert encode(Cancel(7)) == b'\x00\x00\x00\x16{"op":"cancel","id":7}'
     assert payload_of(encode(Tokens(3, (5, 6)))) == b'{"op":"tokens","id":3,"ids":[5,6]}'
-    assert payload_of(encode(Failed(None, "bad_request", "x"))) == \
-        b'{"op":"error","id":null,"code":"bad_request","message":"x"}'
+    assert (
+        payload_of(encode(Failed(None, "bad_request", "x")))
+        == b'{"op":"error","id":null,"code":"bad_request","message":"x"}'
+    )
 
 
 TO_HOST: list[Message] = [
-    GenerationRequest(1, [1, 2, 3], SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, seed=42,
-                                                   presence_penalty=0.5, frequency_penalty=-0.5), frozenset({2, 0})),
+    GenerationRequest(
+        1,
+        [1, 2, 3],
+        SamplingParams(max_tokens=5, temperature=0.7, top_p=0.9, seed=42, presence_penalty=0.5, frequency_penalty=-0.5),
+        frozenset({2, 0}),
+    ),
     GenerationRequest(2, [9], SamplingParams(max_tokens=1), frozenset()),
-    Cancel(4), Embed(5, [[101, 7, 102], [101, 102]]), Limit(3),
+    Cancel(4),
+    Embed(5, [[101, 7, 102], [101, 102]]),
+    Limit(3),
 ]
 TO_AGENT: list[Message] = [
-    Progress("convert", 3, 30), Ready({"flavour": "fused"}, None, 2048, 77), Ready({}, {"dimensions": 384}, 8, 1),
-    Tokens(1, (4, 5)), Done(1, "stop", 3, 2), Stats({"live": 1}), Limited(2), Failed(1, "overloaded", "full"),
+    Progress("convert", 3, 30),
+    Ready({"flavour": "fused"}, None, 2048, 77),
+    Ready({}, {"dimensions": 384}, 8, 1),
+    Tokens(1, (4, 5)),
+    Done(1, "stop", 3, 2),
+    Stats({"live": 1}),
+    Limited(2),
+    Failed(1, "overloaded", "full"),
     Fatal("out of memory"),
 ]
 
@@ -80,7 +94,9 @@ def test_embeddings_round_trip_as_little_endian_float32() -> None:
 async def test_payloads_are_read_in_order_to_a_clean_end() -> None:
     reader = reader_of(encode(Tokens(1, (1, 2, 3))) + encode(Done(1, "stop", 3, 3)))
     assert [decode_to_agent(p) for p in [await read_payload(reader), await read_payload(reader)] if p] == [
-        Tokens(1, (1, 2, 3)), Done(1, "stop", 3, 3)]
+        Tokens(1, (1, 2, 3)),
+        Done(1, "stop", 3, 3),
+    ]
     assert await read_payload(reader) is None
 
 

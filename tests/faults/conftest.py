@@ -20,8 +20,9 @@ def tmpfs() -> Iterator[Callable[[Path, int], Tmpfs]]:
 
     def mount(where: Path, megabytes: int) -> Tmpfs:
         where.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0755", "tmpfs", str(where)],
-                       check=True, timeout=30)
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={megabytes}m,mode=0755", "tmpfs", str(where)], check=True, timeout=30
+        )
         mounted.append(where)
         return Tmpfs(where)
 

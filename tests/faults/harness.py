@@ -16,7 +16,8 @@ from tests.waiting import eventually
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("mount") is None,
-    reason="a small disk is a tmpfs mount, which needs root and mount(8) (run the suite as root to include it)")
+    reason="a small disk is a tmpfs mount, which needs root and mount(8) (run the suite as root to include it)",
+)
 
 
 class Tmpfs:
@@ -72,5 +73,6 @@ def alive(pid: int) -> bool:
 
 def stopped(pid: int) -> bool:
     """Whether every thread of `pid` has stopped after a SIGSTOP (a write in flight then has finished)."""
-    return all(stat.read_text().rsplit(")", 1)[1].split()[0] == "T"
-               for stat in Path(f"/proc/{pid}/task").glob("*/stat"))
+    return all(
+        stat.read_text().rsplit(")", 1)[1].split()[0] == "T" for stat in Path(f"/proc/{pid}/task").glob("*/stat")
+    )

@@ -22,8 +22,9 @@ def model_sha256() -> str:
     return hashlib.sha256(smollm2_gguf().read_bytes()).hexdigest()
 
 
-def two_boxes(tmp_path: Path, boxes: Callable[..., RunningAgent],
-              receiver_env: dict[str, str] | None = None) -> tuple[RunningAgent, RunningAgent]:
+def two_boxes(
+    tmp_path: Path, boxes: Callable[..., RunningAgent], receiver_env: dict[str, str] | None = None
+) -> tuple[RunningAgent, RunningAgent]:
     """box-a (leading, the only holder of ALIAS) and box-b (joined to it), both live in the topology."""
     install_alias(tmp_path / "box-a", ALIAS)
     source = boxes("box-a", {"THOX_DEFAULT_MODEL": DEFAULT})
@@ -40,8 +41,12 @@ def pull(agent: RunningAgent, model: str, node: str) -> list[dict[str, Any]]:
     parts = urllib.parse.urlsplit(f"{agent.cluster_url}/models/pull")
     connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=120)
     try:
-        connection.request("POST", parts.path, body=json.dumps({"model": model, "nodes": [node]}),
-                           headers={"Content-Type": "application/json"})
+        connection.request(
+            "POST",
+            parts.path,
+            body=json.dumps({"model": model, "nodes": [node]}),
+            headers={"Content-Type": "application/json"},
+        )
         response = connection.getresponse()
         assert response.status == 200, response.read()
         return [json.loads(line) for line in response.read().splitlines() if line.strip()]

@@ -31,7 +31,8 @@ from tests.waiting import eventually
 
 @needs_etcd
 def test_a_pull_cut_by_a_killed_agent_resumes_after_restart_and_is_verified(
-    tmp_path: Path, boxes: Callable[..., RunningAgent],
+    tmp_path: Path,
+    boxes: Callable[..., RunningAgent],
 ) -> None:
     size = smollm2_gguf().stat().st_size
     source, receiver = two_boxes(tmp_path, boxes)
@@ -64,13 +65,19 @@ def test_a_pull_cut_by_a_killed_agent_resumes_after_restart_and_is_verified(
     # It resumed from exactly what it had: its own log says so, and the source was asked only for the rest.
     resumed = [line for line in again.log_lines() if line.get("event") == "model_pull_resumed"]
     assert [(line["from_bytes"], line["size"]) for line in resumed] == [(had, size)], resumed
-    served = [line.get("range") for line in source.log_lines()
-              if line.get("event") == "model_file_served" and line.get("model") == ALIAS]
+    served = [
+        line.get("range")
+        for line in source.log_lines()
+        if line.get("event") == "model_file_served" and line.get("model") == ALIAS
+    ]
     assert served == [None, f"bytes={had}-"], served
     assert any(line.get("event") == "model_pulled" and line.get("model") == ALIAS for line in again.log_lines())
     # And the stack sees it: box-b is live again and its record lists the model in its store.
-    eventually(lambda: ALIAS in (next(n for n in topology(source)["nodes"] if n["id"] == "box-b").get("store")
-                                 or {}), "box-b's record listing the model", 30)
+    eventually(
+        lambda: ALIAS in (next(n for n in topology(source)["nodes"] if n["id"] == "box-b").get("store") or {}),
+        "box-b's record listing the model",
+        30,
+    )
 
 
 class StoreOnly:
@@ -102,8 +109,14 @@ async def test_a_pull_taken_up_before_the_box_sees_the_cluster_waits_for_a_sourc
                 return {}  # the node view not loaded yet
             return {"box-a": {"address": host, "peer_port": int(port), "store": {model: {"size": 1}}}}
 
-        keeper = ReplicaKeeper("box-b", cast(ModelLoader, loader), live_nodes, lambda: "box-a", lambda: session,
-                               lambda work, name: asyncio.create_task(work, name=name))
+        keeper = ReplicaKeeper(
+            "box-b",
+            cast(ModelLoader, loader),
+            live_nodes,
+            lambda: "box-a",
+            lambda: session,
+            lambda work, name: asyncio.create_task(work, name=name),
+        )
         state: dict[str, Any] = {}
         await keeper._copy(model, state)
     assert views > 3 and loader.refreshed == 1

@@ -50,14 +50,19 @@ def onnx_files(cache: Path) -> list[str]:
 
 
 def test_a_conversion_that_fills_the_disk_is_reported_and_retried_once_there_is_room(
-    tmp_path: Path, tmpfs: Callable[[Path, int], Tmpfs], agents: list[RunningAgent],
+    tmp_path: Path,
+    tmpfs: Callable[[Path, int], Tmpfs],
+    agents: list[RunningAgent],
 ) -> None:
     # Room for the check made before converting (about the GGUF's size), not for the whole entry (~117 MB): the
     # disk fills up in the middle of writing the weights.
     disk = tmpfs(tmp_path / "cache", 100)
     # Requests wait at most 0.3 s for the (failing) engine, so the 503 they get is quick to see.
-    agent = start_agent(tmp_path / "home", env={"THOX_CACHE_DIR": str(disk.where),
-                                                "THOX_ENGINE_READY_WAIT_SECONDS": "0.3"}, wait_healthy=False)
+    agent = start_agent(
+        tmp_path / "home",
+        env={"THOX_CACHE_DIR": str(disk.where), "THOX_ENGINE_READY_WAIT_SECONDS": "0.3"},
+        wait_healthy=False,
+    )
     agents.append(agent)
 
     def failed_for_space() -> dict[str, Any] | None:
@@ -72,11 +77,16 @@ def test_a_conversion_that_fills_the_disk_is_reported_and_retried_once_there_is_
     assert "free space there" in error and "THOX_CACHE_DIR" in error, error
     assert agent.process.poll() is None and health["process"]["pid"] == agent.process.pid
     # A request meanwhile gets a 503 that says the same, not a hang or a 500.
-    status, _, body = http_json("POST", f"{agent.inference_url}/chat/completions", {
-        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    status, _, body = http_json(
+        "POST",
+        f"{agent.inference_url}/chat/completions",
+        {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+    )
     assert status == 503 and body["error"]["code"] == "engine_unavailable", body
-    assert "no space left in the model cache" in body["error"]["message"] or \
-        "not enough space in the model cache" in body["error"]["message"], body
+    assert (
+        "no space left in the model cache" in body["error"]["message"]
+        or "not enough space in the model cache" in body["error"]["message"]
+    ), body
     # Nothing a later start would take for a finished conversion (a retry may be writing its temp folder now).
     assert entries(disk.where) == []
     assert all("/.tmp-" in f"/{f}" for f in onnx_files(disk.where)), onnx_files(disk.where)
@@ -84,9 +94,15 @@ def test_a_conversion_that_fills_the_disk_is_reported_and_retried_once_there_is_
     # Room made: the engine host's next try converts and the same agent serves.
     disk.resize(400)
     agent.wait_healthy(timeout=180)
-    reply = http_json("POST", f"{agent.inference_url}/chat/completions", {
-        "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 16,
-        "temperature": 0})
+    reply = http_json(
+        "POST",
+        f"{agent.inference_url}/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 16,
+            "temperature": 0,
+        },
+    )
     assert reply[0] == 200 and "Paris" in reply[2]["choices"][0]["message"]["content"], reply
     assert agent.process.poll() is None
     assert sum(1 for line in agent.log_lines() if line.get("event") == "agent_starting") == 1
@@ -94,8 +110,9 @@ def test_a_conversion_that_fills_the_disk_is_reported_and_retried_once_there_is_
     assert not [f for f in onnx_files(disk.where) if ".tmp-" in f]  # every unfinished try cleaned up
 
 
-def test_a_cache_far_too_small_is_refused_before_converting(tmp_path: Path,
-                                                            tmpfs: Callable[[Path, int], Tmpfs]) -> None:
+def test_a_cache_far_too_small_is_refused_before_converting(
+    tmp_path: Path, tmpfs: Callable[[Path, int], Tmpfs]
+) -> None:
     disk = tmpfs(tmp_path / "cache", 16)
     stages: list[str] = []
     gguf = smollm2_gguf()

@@ -69,7 +69,9 @@ def open_files_under(pid: int, root: Path) -> list[str]:
 
 @needs_etcd
 def test_a_pull_onto_a_full_disk_fails_clearly_and_succeeds_once_there_is_room(
-    tmp_path: Path, tmpfs: Callable[[Path, int], Tmpfs], boxes: Callable[..., RunningAgent],
+    tmp_path: Path,
+    tmpfs: Callable[[Path, int], Tmpfs],
+    boxes: Callable[..., RunningAgent],
 ) -> None:
     size = smollm2_gguf().stat().st_size
     bundled = size + tree_size(minilm_dir())  # every box copies the bundled models into its store at start
@@ -118,8 +120,14 @@ def test_a_pull_onto_a_full_disk_fails_clearly_and_succeeds_once_there_is_room(
     # Room made: the same pull now goes through, and the copy is verified against the source's digest.
     filler.unlink()
     lines = pull(source, ALIAS, "box-b")
-    assert box_lines(lines, "box-b")[-1] == {"status": "done", "model": ALIAS, "node": "box-b", "completed": size,
-                                             "total": size, "progress": 1.0}, lines
+    assert box_lines(lines, "box-b")[-1] == {
+        "status": "done",
+        "model": ALIAS,
+        "node": "box-b",
+        "completed": size,
+        "total": size,
+        "progress": 1.0,
+    }, lines
     assert lines[-1] == {"status": "success", "model": ALIAS, "nodes": ["box-b"]}
     installed = manifest(receiver)[ALIAS]
     assert installed["sha256"] == model_sha256() and installed["size"] == size
@@ -130,7 +138,8 @@ def test_a_pull_onto_a_full_disk_fails_clearly_and_succeeds_once_there_is_room(
 
 
 async def test_a_copy_whose_manifest_entry_cannot_be_written_is_not_left_in_the_store(
-    tmp_path: Path, tmpfs: Callable[[Path, int], Tmpfs],
+    tmp_path: Path,
+    tmpfs: Callable[[Path, int], Tmpfs],
 ) -> None:
     # The disk fills up after the last byte came and before the manifest names the model: the pulled file must
     # not stay behind unlisted, holding the (now full) disk.
@@ -138,8 +147,9 @@ async def test_a_copy_whose_manifest_entry_cannot_be_written_is_not_left_in_the_
     await asyncio.to_thread(source_store.install_bundled, BUNDLED_MODELS[0])
     disk = tmpfs(tmp_path / "receiver", math.ceil(smollm2_gguf().stat().st_size / MIB) + 32)
     target = ModelStore(disk.where / "models")
-    await asyncio.to_thread(atomic_write_bytes, disk.where / "models" / "manifest.json",
-                            json.dumps({"version": 1, "models": []}).encode())
+    await asyncio.to_thread(
+        atomic_write_bytes, disk.where / "models" / "manifest.json", json.dumps({"version": 1, "models": []}).encode()
+    )
     filler = disk.where / "filler"
 
     def fill_at_the_end(done: int, total: int) -> None:

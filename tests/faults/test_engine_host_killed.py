@@ -52,8 +52,7 @@ class Stream:
 
     @property
     def finish_reason(self) -> str | None:
-        return next((c["finish_reason"] for e in self.events for c in e.get("choices", []) if c["finish_reason"]),
-                    None)
+        return next((c["finish_reason"] for e in self.events for c in e.get("choices", []) if c["finish_reason"]), None)
 
 
 async def read_stream(session: aiohttp.ClientSession, url: str, stream: Stream) -> None:
@@ -64,7 +63,7 @@ async def read_stream(session: aiohttp.ClientSession, url: str, stream: Stream) 
             line = raw.decode().strip()
             if not line.startswith("data: "):
                 continue
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             if data == "[DONE]":
                 stream.done = True
                 continue
@@ -84,8 +83,11 @@ async def test_sixteen_streams_end_with_engine_crashed_and_the_next_request_is_s
         readers = [asyncio.create_task(read_stream(session, agent.inference_url, s)) for s in streams]
         try:
             # Kill only once every stream is decoding in the engine (each has had generated text).
-            await until(lambda: all(s.content_chunks for s in streams) or any(r.done() for r in readers),
-                        "every stream producing text", timeout=120)
+            await until(
+                lambda: all(s.content_chunks for s in streams) or any(r.done() for r in readers),
+                "every stream producing text",
+                timeout=120,
+            )
             assert not any(r.done() for r in readers), [r.exception() for r in readers if r.done()]
             os.kill(engine_pid, signal.SIGKILL)
             # None hangs: each reader returns once its stream has ended.
@@ -111,8 +113,12 @@ async def test_sixteen_streams_end_with_engine_crashed_and_the_next_request_is_s
         assert health["engine"]["restarts"] == restarts + 1 and health["engine"]["pid"] != engine_pid
         assert not alive(engine_pid)  # the killed host is gone, not somehow still serving
         assert health["uptime_seconds"] > before["uptime_seconds"]
-        reply_body = {"model": MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
-                      "temperature": 0, "max_tokens": 16}
+        reply_body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0,
+            "max_tokens": 16,
+        }
         async with session.post(f"{agent.inference_url}/chat/completions", json=reply_body) as answer:
             assert answer.status == 200, await answer.text()
             reply = await answer.json()

@@ -51,8 +51,12 @@ async def load(request: web.Request) -> web.Response:
     timeout passed while they are still coming up (202, with their progress)."""
     node = request.app[CLUSTER_NODE_KEY]
     body = parse_body(ModelLoadBody, await read_json_body(request))
-    spec = PlacementSpec(model=body.model, replicas=body.replicas, context_length=body.options.context_length,
-                         nodes=tuple(body.nodes or ()))
+    spec = PlacementSpec(
+        model=body.model,
+        replicas=body.replicas,
+        context_length=body.options.context_length,
+        nodes=tuple(body.nodes or ()),
+    )
     placed = await _cluster_call(lambda: node.load_model(spec))
     deadline = time.monotonic() + body.timeout_seconds
     while body.wait and placed["status"] == "placing" and time.monotonic() < deadline:
@@ -60,8 +64,9 @@ async def load(request: web.Request) -> web.Response:
         placed = await _cluster_call(lambda: node.model_placement(body.model))
     if placed["status"] == "failed":
         errors = "; ".join(f"{r['node']}: {r.get('error')}" for r in placed["replicas"])
-        raise ClusterRequestError(f"{body.model} could not be loaded on any box: {errors}", code="model_load_failed",
-                                  status=500)
+        raise ClusterRequestError(
+            f"{body.model} could not be loaded on any box: {errors}", code="model_load_failed", status=500
+        )
     return web.json_response(placed, status=200 if placed["status"] == "ready" else 202)
 
 
@@ -94,22 +99,34 @@ def model_size(live_nodes: Mapping[str, Mapping[str, Any]], model: str) -> int:
     return 0
 
 
-def pull_line(model: str, node: str, status: str, completed: int, total: int, error: str | None = None
-              ) -> dict[str, Any]:
+def pull_line(
+    model: str, node: str, status: str, completed: int, total: int, error: str | None = None
+) -> dict[str, Any]:
     """One box's line of the pull stream (the contract in the module docstring)."""
     if status == "done":
         completed = total  # done means every byte is there, however the box's record last counted them
     elif total:
         completed = min(completed, total)
-    line: dict[str, Any] = {"status": status, "model": model, "node": node, "completed": completed,
-                            "total": total, "progress": round(completed / total, 4) if total else 0.0}
+    line: dict[str, Any] = {
+        "status": status,
+        "model": model,
+        "node": node,
+        "completed": completed,
+        "total": total,
+        "progress": round(completed / total, 4) if total else 0.0,
+    }
     if error is not None:
         line["error"] = error
     return line
 
 
-def pull_lines(live_nodes: Mapping[str, Mapping[str, Any]], model: str, targets: list[str], since: float,
-               earlier: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def pull_lines(
+    live_nodes: Mapping[str, Mapping[str, Any]],
+    model: str,
+    targets: list[str],
+    since: float,
+    earlier: Mapping[str, dict[str, Any]],
+) -> dict[str, dict[str, Any]]:
     """Each target's pull line as its node record shows it (a box that has not picked the request up is queued).
 
     `earlier` holds the lines sent before: a box's count never goes back (a record read in between may be older)
@@ -129,8 +146,14 @@ def pull_lines(live_nodes: Mapping[str, Mapping[str, Any]], model: str, targets:
         if isinstance(state, dict) and (state.get("state") == "pulling" or finished):
             status = str(state.get("state"))
             error = str(state.get("error")) if status == "failed" else None
-            lines[target] = pull_line(model, target, status, max(had, int(state.get("completed") or 0)),
-                                      int(state.get("total") or total), error)
+            lines[target] = pull_line(
+                model,
+                target,
+                status,
+                max(had, int(state.get("completed") or 0)),
+                int(state.get("total") or total),
+                error,
+            )
         elif model in (record.get("store") or {}):
             lines[target] = pull_line(model, target, "done", total, total)
         else:
@@ -175,12 +198,17 @@ async def pull(request: web.Request) -> web.StreamResponse:
             break
         await asyncio.sleep(POLL_SECONDS)
     failed = {t: line.get("error", "timed out") for t, line in lines.items() if line["status"] != "done"}
-    summary = {"status": "success" if not failed else "error", "model": body.model, "nodes": targets,
-               **({"errors": failed} if failed else {})}
+    summary = {
+        "status": "success" if not failed else "error",
+        "model": body.model,
+        "nodes": targets,
+        **({"errors": failed} if failed else {}),
+    }
     if stream is None:
         if failed:
-            raise ClusterRequestError(f"{body.model} was not copied to every box: {failed}", code="model_pull_failed",
-                                      status=500)
+            raise ClusterRequestError(
+                f"{body.model} was not copied to every box: {failed}", code="model_pull_failed", status=500
+            )
         return web.json_response(summary)
     await stream.write(json.dumps(summary).encode() + b"\n")
     await stream.write_eof()

@@ -22,7 +22,8 @@ async def negotiate_contract(request: web.Request) -> web.Response:
     """POST /v1/power/contract: 200 with the contract, 409 if nothing is docked, 422 if no PDO satisfies it."""
     body = parse_body(ContractRequestBody, await read_json_body(request))
     record = await request.app[HARDWARE_KEY].power.negotiate(
-        body.port, ContractRequest(pdo_index=body.pdo_index, voltage_mv=body.voltage_mv, current_ma=body.current_ma))
+        body.port, ContractRequest(pdo_index=body.pdo_index, voltage_mv=body.voltage_mv, current_ma=body.current_ma)
+    )
     return web.json_response(record)
 
 

@@ -90,9 +90,13 @@ async def _process_part() -> dict[str, int | None]:
 def _cluster_part(node: ClusterNode) -> dict[str, Any]:
     # Cheap and local on purpose: health must answer even when etcd does not; /v1/cluster has the full view.
     election = node.election
-    return {"node_id": node.node_id or None, "cluster_id": node.cluster_id, "running": election is not None,
-            "is_leader": election.is_leader if election is not None else False,
-            **({"unavailable": node.unavailable_reason} if node.unavailable_reason else {})}
+    return {
+        "node_id": node.node_id or None,
+        "cluster_id": node.cluster_id,
+        "running": election is not None,
+        "is_leader": election.is_leader if election is not None else False,
+        **({"unavailable": node.unavailable_reason} if node.unavailable_reason else {}),
+    }
 
 
 async def health(request: web.Request) -> web.Response:

@@ -54,8 +54,11 @@ async def stack_module(request: web.Request) -> web.Response:
             raise InvalidRequestError("the first PDO of a USB-PD source must be fixed 5 V", param="pdos[0]")
         pdos = tuple(words)
     offer = body.offer
-    join_offer = JoinOffer(node_id=offer.node_id, endpoint=offer.endpoint, token=offer.token,
-                           expires_at=offer.expires_at) if offer else JoinOffer(body.id, f"{body.id}.local:5381")
+    join_offer = (
+        JoinOffer(node_id=offer.node_id, endpoint=offer.endpoint, token=offer.token, expires_at=offer.expires_at)
+        if offer
+        else JoinOffer(body.id, f"{body.id}.local:5381")
+    )
     try:
         _board(request).world.stack(SimModule(body.id, pdos, join_offer))
     except ValueError as exc:
@@ -85,8 +88,9 @@ async def set_thermal(request: web.Request) -> web.Response:
     sim_world = _board(request).world
     for zone in body.pin or {}:
         if zone not in sim_world.zones:
-            raise InvalidRequestError(f"unknown zone {zone!r}; zones: {', '.join(sim_world.zones)}",
-                                      param=f"pin.{zone}")
+            raise InvalidRequestError(
+                f"unknown zone {zone!r}; zones: {', '.join(sim_world.zones)}", param=f"pin.{zone}"
+            )
     sim_world.set_thermal(ambient_c=body.ambient_c, time_constant_s=body.time_constant_s)
     for zone, celsius in (body.pin or {}).items():
         sim_world.pin(zone, celsius)
@@ -101,8 +105,9 @@ async def tap_nfc(request: web.Request) -> web.Response:
     offer = await nfc.tap(timeout=TAP_WAIT_SECONDS)
     if offer is None:
         raise NotFoundError(f"the box presented no join offer within {TAP_WAIT_SECONDS:.0f} s", code="no_offer")
-    return web.json_response({"node_id": offer.node_id, "endpoint": offer.endpoint, "token": offer.token,
-                              "expires_at": offer.expires_at})
+    return web.json_response(
+        {"node_id": offer.node_id, "endpoint": offer.endpoint, "token": offer.token, "expires_at": offer.expires_at}
+    )
 
 
 async def inject_fault(request: web.Request) -> web.Response:
@@ -130,4 +135,3 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/sim/nfc/tap", tap_nfc)
     app.router.add_post("/v1/sim/faults", inject_fault)
     app.router.add_delete("/v1/sim/faults", clear_faults)
-

@@ -56,8 +56,7 @@ async def join_cluster(request: web.Request) -> web.Response:
     try:
         return await _answer(lambda: request.app[CLUSTER_NODE_KEY].join(body.token, body.server))
     except TokenError as exc:
-        raise ClusterRequestError(exc.message, code=exc.code,
-                               status=403 if exc.code == "ca_mismatch" else 400) from exc
+        raise ClusterRequestError(exc.message, code=exc.code, status=403 if exc.code == "ca_mismatch" else 400) from exc
     except JoinRefused as exc:
         raise ClusterRequestError(exc.message, code=exc.code, status=exc.status) from exc
 

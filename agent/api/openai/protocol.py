@@ -88,11 +88,13 @@ class _SamplingRequest(_Strict):
             if check is not None and not check(getattr(self, name)):
                 raise UnsupportedParameterError(
                     f"'{name}' with value {_quote.repr(getattr(self, name))} is not supported by this server yet; "
-                    "omit it or use its default", param=name)
+                    "omit it or use its default",
+                    param=name,
+                )
         if self.stream_options is not None and not self.stream:
             raise UnsupportedParameterError(
-                "'stream_options' is only allowed when 'stream' is true", param="stream_options",
-                code="invalid_value")
+                "'stream_options' is only allowed when 'stream' is true", param="stream_options", code="invalid_value"
+            )
         return self
 
     def stop_strings(self) -> list[str]:
@@ -117,7 +119,9 @@ class ChatMessage(_Strict):
             if self.role != "assistant":
                 raise UnsupportedParameterError(
                     f"messages[{index}].content is required for role '{self.role}'",
-                    param=f"messages[{index}].content", code="invalid_value")
+                    param=f"messages[{index}].content",
+                    code="invalid_value",
+                )
             return ""
         if isinstance(self.content, str):
             return self.content
@@ -127,7 +131,8 @@ class ChatMessage(_Strict):
             if kind != "text" or not isinstance(part.get("text"), str):
                 raise UnsupportedParameterError(
                     f"content part type {kind!r} is not supported (only 'text' parts are)",
-                    param=f"messages[{index}].content[{j}].type")
+                    param=f"messages[{index}].content[{j}].type",
+                )
             pieces.append(part["text"])
         return "".join(pieces)
 
@@ -158,7 +163,9 @@ class ChatCompletionRequest(_SamplingRequest):
             if self.max_tokens != self.max_completion_tokens:
                 raise UnsupportedParameterError(
                     "'max_tokens' and 'max_completion_tokens' disagree; send only 'max_completion_tokens'",
-                    param="max_tokens", code="invalid_value")
+                    param="max_tokens",
+                    code="invalid_value",
+                )
         return self.max_completion_tokens or self.max_tokens
 
 
@@ -190,7 +197,9 @@ class EmbeddingRequest(_Strict):
         if len(items) > MAX_EMBEDDING_INPUTS:
             raise UnsupportedParameterError(
                 f"'input' has {len(items)} items; at most {MAX_EMBEDDING_INPUTS} per request",
-                param="input", code="invalid_value")
+                param="input",
+                code="invalid_value",
+            )
         for i, item in enumerate(items):
             if not item:
                 raise UnsupportedParameterError(f"input[{i}] is empty", param=f"input[{i}]", code="invalid_value")

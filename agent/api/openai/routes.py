@@ -37,12 +37,14 @@ MAX_MESSAGE_BYTES_KEY = web.AppKey("max_message_bytes", int)
 
 
 async def _open_sse(request: web.Request) -> web.StreamResponse:
-    response = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream; charset=utf-8",
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-        REQUEST_ID_HEADER: request[REQUEST_ID_KEY],
-    })
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+            REQUEST_ID_HEADER: request[REQUEST_ID_KEY],
+        }
+    )
     await response.prepare(request)
     return response
 
@@ -69,8 +71,9 @@ async def _stream_with_error_event(
         # The 200 is already out; the client still gets the envelope, as an event, instead of a cut stream.
         log.exception("stream_crashed")
         request_id = request[REQUEST_ID_KEY]
-        await _send_event(response, AgentError(
-            f"internal error; quote request id {request_id} when reporting it").envelope())
+        await _send_event(
+            response, AgentError(f"internal error; quote request id {request_id} when reporting it").envelope()
+        )
         return response
     await _send_event(response, "[DONE]")
     return response
@@ -100,15 +103,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = parse_body(ChatCompletionRequest, await read_json_body(request))
     prepared = await serving.prepare_chat(body)
     completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
-    log.info("chat_completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids),
-             user=body.user)
+    log.info("chat_completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids), user=body.user)
     # The engine place is held for the whole response; without one, a 503 goes out before any 200.
     async with prepared.model.engine.admission():
         if not body.stream:
             text, finish = await serving.complete(prepared)
             return web.json_response(chat_response(completion_id, created, model, text, finish))
-        return await _stream_with_error_event(request, _chat_events(serving, prepared, completion_id, created,
-                                                                    body.stream_options))
+        return await _stream_with_error_event(
+            request, _chat_events(serving, prepared, completion_id, created, body.stream_options)
+        )
 
 
 async def _chat_events(
@@ -145,9 +148,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if not body.stream:
             text, finish = await serving.complete(prepared)
             return web.json_response(
-                completion_object(completion_id, created, model, text, finish.finish_reason, finish.usage()))
+                completion_object(completion_id, created, model, text, finish.finish_reason, finish.usage())
+            )
         return await _stream_with_error_event(
-            request, _completion_events(serving, prepared, completion_id, created, body.stream_options))
+            request, _completion_events(serving, prepared, completion_id, created, body.stream_options)
+        )
 
 
 async def _completion_events(

@@ -109,8 +109,9 @@ class OpenAIServing:
             try:
                 prompt = model.text.template.render(messages, add_generation_prompt=True)
             except ChatTemplateError as exc:
-                raise InvalidRequestError(f"the model's chat template refused the messages: {exc}",
-                                          param="messages") from exc
+                raise InvalidRequestError(
+                    f"the model's chat template refused the messages: {exc}", param="messages"
+                ) from exc
             return model.text.tokenizer.encode(prompt)
 
         prompt_ids = await asyncio.to_thread(render_and_encode)
@@ -124,7 +125,10 @@ class OpenAIServing:
             if len(request.prompt) != 1:
                 raise InvalidRequestError(
                     f"batched prompts ({len(request.prompt)} prompts) are not supported yet; send one prompt per "
-                    "request", param="prompt", code="unsupported_parameter")
+                    "request",
+                    param="prompt",
+                    code="unsupported_parameter",
+                )
             prompt = request.prompt[0]
         else:
             prompt = request.prompt  # type: ignore[assignment]
@@ -136,8 +140,9 @@ class OpenAIServing:
             prompt_ids = [int(t) for t in prompt]
             vocab = model.text.tokenizer.vocab_size
             if not prompt_ids or any(not 0 <= t < vocab for t in prompt_ids):
-                raise InvalidRequestError(f"token ids in 'prompt' must be non-empty and in [0, {vocab})",
-                                          param="prompt", code="invalid_value")
+                raise InvalidRequestError(
+                    f"token ids in 'prompt' must be non-empty and in [0, {vocab})", param="prompt", code="invalid_value"
+                )
         return self._prepared(model, prompt_ids, request, request.max_tokens, "prompt")
 
     @staticmethod
@@ -153,12 +158,16 @@ class OpenAIServing:
         if room < 1:
             raise ContextLengthError(
                 f"This model's maximum context length is {context} tokens, but the prompt is "
-                f"{len(prompt_ids)} tokens; shorten it", param=prompt_param)
+                f"{len(prompt_ids)} tokens; shorten it",
+                param=prompt_param,
+            )
         if max_tokens is not None and max_tokens > room:
             raise ContextLengthError(
                 f"This model's maximum context length is {context} tokens. However, you requested "
                 f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
-                "completion). Reduce the prompt or the completion length.", param="max_tokens")
+                "completion). Reduce the prompt or the completion length.",
+                param="max_tokens",
+            )
         defaults = model.installed.sampling_defaults
         temperature = defaults.get("temperature", 1.0) if request.temperature is None else request.temperature
         top_p = defaults.get("top_p", 1.0) if request.top_p is None else request.top_p
@@ -185,7 +194,8 @@ class OpenAIServing:
         if request.dimensions is not None and request.dimensions != dimensions:
             raise UnsupportedParameterError(
                 f"'{model.id}' makes {dimensions}-dimensional vectors and cannot shorten them; omit 'dimensions'",
-                param="dimensions")
+                param="dimensions",
+            )
         tokenizer = model.tokenizer
         items = request.items()
 
@@ -197,8 +207,10 @@ class OpenAIServing:
                 else:
                     if any(not 0 <= t < tokenizer.vocab_size for t in item):
                         raise InvalidRequestError(
-                            f"input[{i}] has token ids outside [0, {tokenizer.vocab_size})", param=f"input[{i}]",
-                            code="invalid_value")
+                            f"input[{i}] has token ids outside [0, {tokenizer.vocab_size})",
+                            param=f"input[{i}]",
+                            code="invalid_value",
+                        )
                     batch.append(tokenizer.wrap(item))
             return batch
 
@@ -207,7 +219,9 @@ class OpenAIServing:
             if len(ids) > tokenizer.max_tokens:
                 raise ContextLengthError(
                     f"input[{i}] is {len(ids)} tokens; '{model.id}' accepts at most {tokenizer.max_tokens} tokens "
-                    "per input (special tokens included). Shorten or split it.", param=f"input[{i}]")
+                    "per input (special tokens included). Shorten or split it.",
+                    param=f"input[{i}]",
+                )
         async with model.engine.admission():
             result = await model.engine.embed(batch)
         data = []
@@ -218,8 +232,12 @@ class OpenAIServing:
             else:
                 embedding = vector.tolist()
             data.append({"object": "embedding", "index": index, "embedding": embedding})
-        return {"object": "list", "data": data, "model": model.id,
-                "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens}}
+        return {
+            "object": "list",
+            "data": data,
+            "model": model.id,
+            "usage": {"prompt_tokens": result.tokens, "total_tokens": result.tokens},
+        }
 
     # ---------------------------------------------------------------- generate
 
@@ -269,7 +287,8 @@ class OpenAIServing:
             log.info(
                 "generation_finished" if finish else "generation_abandoned",
                 finish_reason=finish.finish_reason if finish else None,
-                prompt_tokens=len(prepared.prompt_ids), completion_tokens=generated,
+                prompt_tokens=len(prepared.prompt_ids),
+                completion_tokens=generated,
                 ttft_ms=round((first_token_at - started) * 1000, 1) if first_token_at else None,
                 duration_ms=round(elapsed * 1000, 1),
             )
@@ -279,12 +298,20 @@ class OpenAIServing:
 
 
 def chat_chunk(
-    completion_id: str, created: int, model: str, delta: dict[str, Any], finish_reason: str | None,
-    *, with_usage_field: bool,
+    completion_id: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None,
+    *,
+    with_usage_field: bool,
 ) -> dict[str, Any]:
     """One chat.completion.chunk object."""
     chunk: dict[str, Any] = {
-        "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
     }
     if with_usage_field:
@@ -294,31 +321,49 @@ def chat_chunk(
 
 def usage_chunk(completion_id: str, created: int, model: str, obj: str, finish: Finish) -> dict[str, Any]:
     """The final usage-only chunk of stream_options.include_usage."""
-    return {"id": completion_id, "object": obj, "created": created, "model": model, "choices": [],
-            "usage": finish.usage()}
+    return {
+        "id": completion_id,
+        "object": obj,
+        "created": created,
+        "model": model,
+        "choices": [],
+        "usage": finish.usage(),
+    }
 
 
 def chat_response(completion_id: str, created: int, model: str, text: str, finish: Finish) -> dict[str, Any]:
     """A non-streaming chat.completion object."""
     return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text, "refusal": None},
-            "logprobs": None,
-            "finish_reason": finish.finish_reason,
-        }],
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish.finish_reason,
+            }
+        ],
         "usage": finish.usage(),
     }
 
 
 def completion_object(
-    completion_id: str, created: int, model: str, text: str, finish_reason: str | None,
+    completion_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None,
     usage: dict[str, int] | None,
 ) -> dict[str, Any]:
     """A text_completion object (whole response, or one streamed chunk when usage is None)."""
     body: dict[str, Any] = {
-        "id": completion_id, "object": "text_completion", "created": created, "model": model,
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
         "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
     }
     if usage is not None:

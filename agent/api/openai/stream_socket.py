@@ -92,8 +92,11 @@ class _Connection:
         if failure is None or isinstance(failure, ConnectionError):  # done, or the client went away mid-send
             return None
         log.error("stream_request_crashed", exc_info=failure)
-        return {"type": "error", "request": client_id,
-                **AgentError("internal error while generating; see the agent log").envelope()}
+        return {
+            "type": "error",
+            "request": client_id,
+            **AgentError("internal error while generating; see the agent log").envelope(),
+        }
 
     async def _run_one(self, payload: dict[str, Any]) -> None:
         client_id = payload.pop("id", None)
@@ -104,12 +107,19 @@ class _Connection:
             prepared = await self.serving.prepare_chat(body)
             completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
             first = True
-            async with prepared.model.engine.admission(), \
-                    aclosing(self.serving.generate_text(prepared)) as stream:
+            async with prepared.model.engine.admission(), aclosing(self.serving.generate_text(prepared)) as stream:
                 async for item in stream:
                     if isinstance(item, Finish):
-                        await self.send({"type": "done", "request": client_id, "id": completion_id, "model": model,
-                                         "finish_reason": item.finish_reason, "usage": item.usage()})
+                        await self.send(
+                            {
+                                "type": "done",
+                                "request": client_id,
+                                "id": completion_id,
+                                "model": model,
+                                "finish_reason": item.finish_reason,
+                                "usage": item.usage(),
+                            }
+                        )
                         return
                     delta = {"role": "assistant", "content": item} if first else {"content": item}
                     first = False
@@ -123,8 +133,7 @@ def _refusal(message: str) -> dict[str, Any]:
     return {"type": "error", "request": None, **InvalidRequestError(message, code="invalid_json").envelope()}
 
 
-async def stream_socket(request: web.Request, serving: OpenAIServing, max_message_bytes: int
-                        ) -> web.WebSocketResponse:
+async def stream_socket(request: web.Request, serving: OpenAIServing, max_message_bytes: int) -> web.WebSocketResponse:
     """Serve one WebSocket connection until the client closes it (format in the module docstring)."""
     ws = web.WebSocketResponse(heartbeat=30.0, max_msg_size=max_message_bytes)
     ws.headers[REQUEST_ID_HEADER] = request[REQUEST_ID_KEY]

@@ -45,8 +45,18 @@ AFF = 1 << 4
 LEN = 1 << 0
 _MASK_WRITABLE = 0xFC03  # SOL SUL BOL BUL POL CNVR, APOL, LEN
 
-_POWER_ON: dict[int, int] = {CONFIGURATION: CONFIG_RESET, SHUNT_VOLTAGE: 0, BUS_VOLTAGE: 0, POWER: 0, CURRENT: 0,
-                             CALIBRATION: 0, MASK_ENABLE: 0, ALERT_LIMIT: 0, MANUFACTURER_ID: 0x5449, DIE_ID: 0x2260}
+_POWER_ON: dict[int, int] = {
+    CONFIGURATION: CONFIG_RESET,
+    SHUNT_VOLTAGE: 0,
+    BUS_VOLTAGE: 0,
+    POWER: 0,
+    CURRENT: 0,
+    CALIBRATION: 0,
+    MASK_ENABLE: 0,
+    ALERT_LIMIT: 0,
+    MANUFACTURER_ID: 0x5449,
+    DIE_ID: 0x2260,
+}
 _AVERAGES = (1, 4, 16, 64, 128, 256, 512, 1024)
 _CONVERSION_S = (140e-6, 204e-6, 332e-6, 588e-6, 1.1e-3, 2.116e-3, 4.156e-3, 8.244e-3)
 
@@ -63,8 +73,14 @@ def _clamp(value: int, low: int, high: int) -> tuple[int, bool]:
 class Ina226Model(Register16Model):
     """An INA226 measuring `bus_mv()` across a `shunt_ohms` shunt carrying `current_ma()`."""
 
-    def __init__(self, bus_mv: Callable[[], float], current_ma: Callable[[], float], shunt_ohms: float = 0.01, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        bus_mv: Callable[[], float],
+        current_ma: Callable[[], float],
+        shunt_ohms: float = 0.01,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.bus_mv = bus_mv
         self.current_ma = current_ma
         self.shunt_ohms = shunt_ohms
@@ -138,8 +154,9 @@ class Ina226Model(Register16Model):
             overflow |= clipped
         if mode & 0b010:
             registers[BUS_VOLTAGE] = _clamp(round(self.bus_mv() / 1.25), 0, 0x7FFF)[0]
-        current, clipped = _clamp(int(_signed(registers[SHUNT_VOLTAGE]) * registers[CALIBRATION] / 2048),
-                                  -0x8000, 0x7FFF)
+        current, clipped = _clamp(
+            int(_signed(registers[SHUNT_VOLTAGE]) * registers[CALIBRATION] / 2048), -0x8000, 0x7FFF
+        )
         overflow |= clipped
         power, clipped = _clamp(int(abs(current) * registers[BUS_VOLTAGE] / 20000), 0, 0xFFFF)
         overflow |= clipped

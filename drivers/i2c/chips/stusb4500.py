@@ -70,8 +70,9 @@ MSG_RECEIVED = 1 << 2
 SOFT_RESET_HEADER = 0x0D
 SEND_COMMAND = 0x26
 
-_WRITABLE = frozenset({ALERT_STATUS_MASK, PD_COMMAND_CTRL, RESET_CTRL, TX_HEADER, DPM_PDO_NUMB,
-                       *range(DPM_SNK_PDO1, DPM_SNK_PDO1 + 12)})
+_WRITABLE = frozenset(
+    {ALERT_STATUS_MASK, PD_COMMAND_CTRL, RESET_CTRL, TX_HEADER, DPM_PDO_NUMB, *range(DPM_SNK_PDO1, DPM_SNK_PDO1 + 12)}
+)
 _CLEAR_ON_READ = (ALERT_STATUS_1, PORT_STATUS_0, PRT_STATUS)
 
 # Message types the source sends (USB PD 3.x); kept apart from drivers.power.pdo so a codec bug cannot hide.
@@ -96,8 +97,14 @@ class _Message:
 class Stusb4500Model:
     """A STUSB4500 on the fake bus, sinking from whatever `source()` offers (raw PDO words, None = detached)."""
 
-    def __init__(self, source: Callable[[], Sequence[int] | None], *, device_id: int = 0x25,
-                 sink_pdos: Sequence[int] = FACTORY_SINK_PDOS, pdo_count: int = 1) -> None:
+    def __init__(
+        self,
+        source: Callable[[], Sequence[int] | None],
+        *,
+        device_id: int = 0x25,
+        sink_pdos: Sequence[int] = FACTORY_SINK_PDOS,
+        pdo_count: int = 1,
+    ) -> None:
         self._source = source
         self._lock = threading.Lock()
         self.registers = bytearray(256)
@@ -244,12 +251,11 @@ class Stusb4500Model:
             return
         message = self._queue.pop(0)
         self._current, self._header_read = message, False
-        header = (len(message.objects) << 12 | self._message_id << 9 | 1 << 8 | 2 << 6 | 1 << 5
-                  | message.message_type)
+        header = len(message.objects) << 12 | self._message_id << 9 | 1 << 8 | 2 << 6 | 1 << 5 | message.message_type
         self._message_id = (self._message_id + 1) % 8
-        self.registers[RX_HEADER:RX_HEADER + 2] = header.to_bytes(2, "little")
+        self.registers[RX_HEADER : RX_HEADER + 2] = header.to_bytes(2, "little")
         data = b"".join(word.to_bytes(4, "little") for word in message.objects)
-        self.registers[RX_DATA_OBJ:RX_DATA_OBJ + 28] = data.ljust(28, b"\x00")
+        self.registers[RX_DATA_OBJ : RX_DATA_OBJ + 28] = data.ljust(28, b"\x00")
         self.registers[PRT_STATUS] |= MSG_RECEIVED
         self.registers[ALERT_STATUS_1] |= PRT_STATUS_AL
         if message.message_type == _ACCEPT and not message.objects and self._pending_rdo:
@@ -279,10 +285,10 @@ class Stusb4500Model:
     # ------------------------------------------------------------------ helpers
 
     def _get32(self, register: int) -> int:
-        return int.from_bytes(self.registers[register:register + 4], "little")
+        return int.from_bytes(self.registers[register : register + 4], "little")
 
     def _put32(self, register: int, value: int) -> None:
-        self.registers[register:register + 4] = value.to_bytes(4, "little")
+        self.registers[register : register + 4] = value.to_bytes(4, "little")
 
 
 def _rdo(position: int, ma: int, *, mismatch: bool) -> int:

@@ -89,8 +89,12 @@ def _to_celsius(raw: int) -> float:
 class Tmp117Model(Register16Model):
     """A TMP117 on the fake bus: register file, pointer, conversion timing, alert flags, soft reset."""
 
-    def __init__(self, temperature_c: Callable[[], float], first_conversion_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        temperature_c: Callable[[], float],
+        first_conversion_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.temperature_c = temperature_c
         self.first_conversion_s = first_conversion_s
         self._clock = clock

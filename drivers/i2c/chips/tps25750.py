@@ -51,8 +51,19 @@ TX_SINK_CAPS = 0x33
 ACTIVE_CONTRACT_PDO = 0x34
 ACTIVE_CONTRACT_RDO = 0x35
 
-LENGTHS: dict[int, int] = {MODE: 4, CMD1: 4, DATA1: 64, INT_EVENT1: 11, INT_MASK1: 11, INT_CLEAR1: 11, STATUS: 5,
-                           RX_SOURCE_CAPS: 29, TX_SINK_CAPS: 29, ACTIVE_CONTRACT_PDO: 6, ACTIVE_CONTRACT_RDO: 4}
+LENGTHS: dict[int, int] = {
+    MODE: 4,
+    CMD1: 4,
+    DATA1: 64,
+    INT_EVENT1: 11,
+    INT_MASK1: 11,
+    INT_CLEAR1: 11,
+    STATUS: 5,
+    RX_SOURCE_CAPS: 29,
+    TX_SINK_CAPS: 29,
+    ACTIVE_CONTRACT_PDO: 6,
+    ACTIVE_CONTRACT_RDO: 4,
+}
 _WRITABLE = frozenset({CMD1, DATA1, INT_MASK1, INT_CLEAR1, TX_SINK_CAPS})
 
 EVENT_PLUG = 3
@@ -71,9 +82,14 @@ def _fixed_pdo(mv: int, ma: int) -> int:
 class Tps25750Model:
     """A TPS25750 in application mode on the fake bus, sinking from whatever `source()` offers."""
 
-    def __init__(self, source: Callable[[], Sequence[int] | None], *,
-                 sink_caps: Sequence[int] = (_fixed_pdo(5000, 3000),), mode: str = "APP ",
-                 command_polls: int = 1) -> None:
+    def __init__(
+        self,
+        source: Callable[[], Sequence[int] | None],
+        *,
+        sink_caps: Sequence[int] = (_fixed_pdo(5000, 3000),),
+        mode: str = "APP ",
+        command_polls: int = 1,
+    ) -> None:
         self._source = source
         self._lock = threading.Lock()
         self.registers: dict[int, bytearray] = {register: bytearray(n) for register, n in LENGTHS.items()}
@@ -124,13 +140,13 @@ class Tps25750Model:
             self.pointer = data[0]
             if len(data) < 2 or self.pointer not in _WRITABLE:
                 return
-            payload = data[2:2 + data[1]][:LENGTHS[self.pointer]]
+            payload = data[2 : 2 + data[1]][: LENGTHS[self.pointer]]
             if self.pointer == INT_CLEAR1:
                 events = self.registers[INT_EVENT1]
                 for i, value in enumerate(payload):
                     events[i] &= ~value
                 return
-            self.registers[self.pointer][:len(payload)] = payload
+            self.registers[self.pointer][: len(payload)] = payload
             if self.pointer == CMD1 and len(payload) == 4:
                 self._start(bytes(payload))
 
@@ -240,7 +256,7 @@ class Tps25750Model:
     def _pdos(self, register: int) -> list[int]:
         value = self.registers[register]
         count = min(value[0] & 0x07, 7)
-        return [int.from_bytes(value[1 + 4 * i:5 + 4 * i], "little") for i in range(count)]
+        return [int.from_bytes(value[1 + 4 * i : 5 + 4 * i], "little") for i in range(count)]
 
     def _set_pdos(self, register: int, pdos: Sequence[int]) -> None:
         data = bytes([len(pdos)]) + b"".join(word.to_bytes(4, "little") for word in pdos)

@@ -28,10 +28,23 @@ class ScriptedEngine(EngineHost):
     """Answers every generation with `answer`'s tokens; with `hold` set, waits at `gate` after the first one."""
 
     def __init__(self, *, max_batch: int = 4, max_queue: int = 4) -> None:
-        super().__init__(EngineHostConfig(
-            model_id=MODEL_ID, gguf=Path("unused.gguf"), sha256="0" * 64, cache_dir=Path("unused"),
-            run_dir=Path("unused"), threads=1, max_context=2048, max_batch=max_batch, max_queue=max_queue,
-            kv_budget_tokens=16384, prefix_cache_tokens=0, start_timeout=1.0, ready_wait=0.1))
+        super().__init__(
+            EngineHostConfig(
+                model_id=MODEL_ID,
+                gguf=Path("unused.gguf"),
+                sha256="0" * 64,
+                cache_dir=Path("unused"),
+                run_dir=Path("unused"),
+                threads=1,
+                max_context=2048,
+                max_batch=max_batch,
+                max_queue=max_queue,
+                kv_budget_tokens=16384,
+                prefix_cache_tokens=0,
+                start_timeout=1.0,
+                ready_wait=0.1,
+            )
+        )
         self.state = EngineState.READY
         self._ready.set()
         self.answer = smollm_pipeline().tokenizer.encode(" The capital of France is Paris.")
@@ -57,8 +70,12 @@ class ScriptedEngine(EngineHost):
                 if position == 0 and self.hold:
                     await self._held(failures)
             completed = True
-            yield Done(request_id, "length" if params.max_tokens <= len(self.answer) else "stop", len(prompt),
-                             min(params.max_tokens, len(self.answer)))
+            yield Done(
+                request_id,
+                "length" if params.max_tokens <= len(self.answer) else "stop",
+                len(prompt),
+                min(params.max_tokens, len(self.answer)),
+            )
         finally:
             self._streams.pop(request_id, None)
             if completed:
@@ -66,7 +83,6 @@ class ScriptedEngine(EngineHost):
             else:
                 self.abandoned += 1
             self.ended.set()
-
 
     async def _held(self, failures: asyncio.Queue[Any]) -> None:
         """Wait at the gate; an error put on the stream meanwhile (suspend, crash) ends the generation."""
@@ -85,7 +101,15 @@ def scripted_serving(engine: ScriptedEngine) -> OpenAIServing:
     """OpenAI serving over one chat model run by `engine`, with the bundled model's real tokenizer and template."""
     bundled = BUNDLED_MODELS[0]
     installed = InstalledModel(
-        id=MODEL_ID, path=smollm2_gguf(), size=0, sha256="0" * 64, format=bundled.format,
-        quantization=bundled.quantization, capabilities=bundled.capabilities, source="test", license=bundled.license,
-        installed_at=0)
+        id=MODEL_ID,
+        path=smollm2_gguf(),
+        size=0,
+        sha256="0" * 64,
+        format=bundled.format,
+        quantization=bundled.quantization,
+        capabilities=bundled.capabilities,
+        source="test",
+        license=bundled.license,
+        installed_at=0,
+    )
     return OpenAIServing(ModelRegistry([ChatModel(installed, smollm_pipeline(), engine)], [], MODEL_ID))

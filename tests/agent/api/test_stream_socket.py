@@ -107,7 +107,7 @@ async def test_cancel_ends_the_current_request_and_the_connection_goes_on(
 
 
 async def test_an_engine_without_room_gets_a_503_error_event_and_the_connection_stays(
-    aiohttp_client: ClientFactory
+    aiohttp_client: ClientFactory,
 ) -> None:
     engine = ScriptedEngine(max_batch=1, max_queue=0)
     engine.hold = True
@@ -133,7 +133,7 @@ async def test_an_engine_without_room_gets_a_503_error_event_and_the_connection_
 
 
 async def test_bad_messages_get_error_events_and_the_connection_stays(
-    client: TestClient[web.Request, web.Application]
+    client: TestClient[web.Request, web.Application],
 ) -> None:
     async with client.ws_connect("/v1/stream") as ws:
         await ws.send_str("{not json")

@@ -15,8 +15,10 @@ import pytest
 
 from tests.agent_process import RunningAgent, cluster_env, http_json, start_agent
 
-needs_etcd = pytest.mark.skipif(shutil.which("etcd") is None, reason="etcd is not installed (Debian etcd-server; "
-                                "scripts/system-deps.sh installs it)")
+needs_etcd = pytest.mark.skipif(
+    shutil.which("etcd") is None,
+    reason="etcd is not installed (Debian etcd-server; scripts/system-deps.sh installs it)",
+)
 
 
 def start_box(tmp_path: Path, name: str, extra: dict[str, str] | None = None) -> RunningAgent:

@@ -37,10 +37,12 @@ def test_voters_and_the_standby_of_a_two_box_stack_hold_the_key_and_nobody_else(
 
 
 def test_holders_are_live_boxes_that_say_so_with_the_leader_first() -> None:
-    live = {"a": {"holds_ca_key": True, "address": "10.0.0.1", "peer_port": 5382},
-            "b": {"holds_ca_key": True, "address": "10.0.0.2", "peer_port": 5382},
-            "c": {"holds_ca_key": False, "address": "10.0.0.3", "peer_port": 5382},
-            "d": {"holds_ca_key": True, "address": "10.0.0.4"}}
+    live = {
+        "a": {"holds_ca_key": True, "address": "10.0.0.1", "peer_port": 5382},
+        "b": {"holds_ca_key": True, "address": "10.0.0.2", "peer_port": 5382},
+        "c": {"holds_ca_key": False, "address": "10.0.0.3", "peer_port": 5382},
+        "d": {"holds_ca_key": True, "address": "10.0.0.4"},
+    }
     assert holders(live, "b", "x") == ["https://10.0.0.2:5382", "https://10.0.0.1:5382"]
     assert holders(live, None, "a") == ["https://10.0.0.2:5382"]
 
@@ -61,8 +63,16 @@ def test_a_key_is_stored_only_if_it_is_this_clusters(tmp_path: Path) -> None:
 
 
 def test_a_grant_without_the_key_round_trips() -> None:
-    grant = JoinGrant("stack-1", "-----BEGIN CERTIFICATE-----x", "-----BEGIN CERTIFICATE-----y", None, "b=https://x",
-                      "learner", "a", ["a", "b"])
+    grant = JoinGrant(
+        "stack-1",
+        "-----BEGIN CERTIFICATE-----x",
+        "-----BEGIN CERTIFICATE-----y",
+        None,
+        "b=https://x",
+        "learner",
+        "a",
+        ["a", "b"],
+    )
     assert JoinGrant.from_json(grant.to_json()) == grant
 
 
@@ -112,7 +122,9 @@ async def test_the_peer_api_hands_the_key_only_to_an_entitled_member() -> None:
                 await fetch_key(session, url)
             assert refused.value.status == 403 and b"not_entitled" in refused.value.message.encode()
         stranger = await asyncio.to_thread(node_context, ca, None)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=stranger)) as session, \
-                session.get(f"{url}{CA_KEY_PATH}") as answer:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=stranger)) as session,
+            session.get(f"{url}{CA_KEY_PATH}") as answer,
+        ):
             assert answer.status == 401 and (await answer.json())["error"]["code"] == "client_certificate_required"
     assert source.asked == ["c", "d"]  # the caller is named by its verified certificate, never by the request

@@ -37,8 +37,9 @@ def no_blocking_calls_on_the_loop() -> Iterator[None]:
 
 
 @pytest.fixture
-async def make_member(tmp_path: Path, free_ports: Callable[[int], list[int]],
-                      cluster_ca: TestCa) -> AsyncIterator[MakeMember]:
+async def make_member(
+    tmp_path: Path, free_ports: Callable[[int], list[int]], cluster_ca: TestCa
+) -> AsyncIterator[MakeMember]:
     """Members on fresh loopback ports with certificates from the cluster CA; all stopped at the end."""
     made: list[EtcdMember] = []
     used: set[int] = set()
@@ -46,9 +47,16 @@ async def make_member(tmp_path: Path, free_ports: Callable[[int], list[int]],
     def make(name: str, *, tls: PeerTls | None = None, **overrides: Any) -> EtcdMember:
         ports = [p for p in free_ports(6) if p not in used][:2]
         used.update(ports)
-        config = EtcdConfig(name=name, data_dir=tmp_path / name / "etcd", peer_host="127.0.0.1",
-                            tls=tls or cluster_ca.issue(name), client_port=ports[0], peer_port=ports[1],
-                            start_timeout_s=20, **overrides)
+        config = EtcdConfig(
+            name=name,
+            data_dir=tmp_path / name / "etcd",
+            peer_host="127.0.0.1",
+            tls=tls or cluster_ca.issue(name),
+            client_port=ports[0],
+            peer_port=ports[1],
+            start_timeout_s=20,
+            **overrides,
+        )
         member = EtcdMember(config)
         made.append(member)
         return member
@@ -146,8 +154,8 @@ async def _tls_probe(port: int, ca: Path, cert: PeerTls | None) -> bytes:
         return ctx
 
     reader, writer = await asyncio.wait_for(
-        asyncio.open_connection("127.0.0.1", port, ssl=await asyncio.to_thread(context),
-                                server_hostname="127.0.0.1"), 5)
+        asyncio.open_connection("127.0.0.1", port, ssl=await asyncio.to_thread(context), server_hostname="127.0.0.1"), 5
+    )
     try:
         writer.write(b"GET /version HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         return await asyncio.wait_for(reader.readuntil(b"}"), 5)  # the JSON body's end; etcd keeps the connection
@@ -156,7 +164,8 @@ async def _tls_probe(port: int, ca: Path, cert: PeerTls | None) -> bytes:
 
 
 async def test_peer_port_refuses_certificates_from_another_ca(
-        make_member: MakeMember, cluster_ca: TestCa, other_ca: TestCa) -> None:
+    make_member: MakeMember, cluster_ca: TestCa, other_ca: TestCa
+) -> None:
     member = make_member("n1")
     await member.start_new("cluster-tls")
     port = member.config.peer_port
@@ -183,7 +192,7 @@ async def test_peer_port_refuses_certificates_from_another_ca(
 
 
 async def test_client_ports_refuse_clients_without_a_cluster_certificate(
-        make_member: MakeMember, free_ports: Callable[[int], list[int]], cluster_ca: TestCa, other_ca: TestCa
+    make_member: MakeMember, free_ports: Callable[[int], list[int]], cluster_ca: TestCa, other_ca: TestCa
 ) -> None:
     # Loopback included: on a shared box any local user can reach 127.0.0.1, only the agent's user holds the key.
     member = make_member("n1", client_tls_port=free_ports(1)[0])
@@ -243,7 +252,7 @@ async def test_sigkill_of_the_leader_fails_over_within_three_seconds(make_member
 
     # Cancelled while starting (the agent shutting down): etcd is killed, not left behind.
     task = asyncio.create_task(last.start_existing())
-    await until(lambda: (last.pid is not None), 10, "etcd launched")
+    await until(lambda: last.pid is not None, 10, "etcd launched")
     pid = last.pid
     assert pid is not None
     await asyncio.sleep(0.2)
@@ -262,7 +271,7 @@ async def test_watcher_restarts_etcd_after_kill_9(make_member: MakeMember) -> No
     assert pid is not None
     with capture_logs() as logs:
         os.kill(pid, signal.SIGKILL)
-        await until(lambda: (member.pid not in (None, pid)), 10, "etcd restarted")
+        await until(lambda: member.pid not in (None, pid), 10, "etcd restarted")
         answer = await member.wait_ready(10)
     assert answer.leader_id == answer.member_id
     assert member.restarts == 1
@@ -297,7 +306,7 @@ async def test_force_new_cluster_two_voters_survivor_keeps_its_data(make_member:
     pid = survivor.pid
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
-    await until(lambda: (survivor.pid not in (None, pid)), 10, "etcd restarted")
+    await until(lambda: survivor.pid not in (None, pid), 10, "etcd restarted")
     new_pid = survivor.pid
     assert new_pid is not None
     assert b"--force-new-cluster" not in await asyncio.to_thread(Path(f"/proc/{new_pid}/cmdline").read_bytes)
@@ -367,11 +376,28 @@ async def test_start_reaps_an_etcd_left_behind_by_a_dead_agent(make_member: Make
     cfg = member.config
     # What a SIGKILLed agent leaves: its etcd still running on the data dir and ports, and the pid file.
     orphan = await asyncio.create_subprocess_exec(
-        shutil.which("etcd") or "etcd", "--name", cfg.name, "--data-dir", str(cfg.data_dir),
-        "--listen-client-urls", cfg.client_url, "--advertise-client-urls", cfg.client_url,
-        "--cert-file", str(cfg.tls.cert), "--key-file", str(cfg.tls.key), "--client-cert-auth",
-        "--trusted-ca-file", str(cfg.tls.ca), "--listen-peer-urls", f"http://127.0.0.1:{cfg.peer_port}",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        shutil.which("etcd") or "etcd",
+        "--name",
+        cfg.name,
+        "--data-dir",
+        str(cfg.data_dir),
+        "--listen-client-urls",
+        cfg.client_url,
+        "--advertise-client-urls",
+        cfg.client_url,
+        "--cert-file",
+        str(cfg.tls.cert),
+        "--key-file",
+        str(cfg.tls.key),
+        "--client-cert-auth",
+        "--trusted-ca-file",
+        str(cfg.tls.ca),
+        "--listen-peer-urls",
+        f"http://127.0.0.1:{cfg.peer_port}",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         await asyncio.to_thread(cfg.pid_file.write_text, f"{orphan.pid}\n")
         await asyncio.sleep(0.3)

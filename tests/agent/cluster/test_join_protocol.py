@@ -127,7 +127,10 @@ class Peer:
 
 @asynccontextmanager
 async def peer_api(
-    authority: FakeAuthority, *, serves_ca: bytes | None = None, tls_ca: ClusterCA | None = None,
+    authority: FakeAuthority,
+    *,
+    serves_ca: bytes | None = None,
+    tls_ca: ClusterCA | None = None,
     also_trust: bytes | None = None,
 ) -> AsyncIterator[Peer]:
     """The peer API of SERVER on a free loopback port; `serves_ca`/`tls_ca` let it lie about or swap its CA."""
@@ -156,20 +159,26 @@ async def _client_context(ca: ClusterCA, node: Node | None = None) -> ssl.SSLCon
 
 
 async def _call(
-    method: str, url: str, context: ssl.SSLContext, *, data: bytes | None = None,
+    method: str,
+    url: str,
+    context: ssl.SSLContext,
+    *,
+    data: bytes | None = None,
     content_type: str = "application/json",
 ) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as session, session.request(
-        method, url, data=data, headers={"Content-Type": content_type}, ssl=context
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(method, url, data=data, headers={"Content-Type": content_type}, ssl=context) as response,
+    ):
         text = await response.text()
         return response.status, (json.loads(text) if response.content_type == "application/json" else text)
 
 
 async def _join(peer: Peer, token: JoinToken, node_id: str = JOINER, key_pem: bytes | None = None) -> JoinGrant:
     key = key_pem if key_pem is not None else await asyncio.to_thread(NodeKey.create)
-    return await join(LOOPBACK, peer.port, token, node_id=node_id, key_pem=key, address=LOOPBACK,
-                      etcd_peer_port=5383, timeout=10)
+    return await join(
+        LOOPBACK, peer.port, token, node_id=node_id, key_pem=key, address=LOOPBACK, etcd_peer_port=5383, timeout=10
+    )
 
 
 # --- the happy path --------------------------------------------------------------------------------------------
@@ -187,8 +196,12 @@ async def test_join_grants_a_certificate_that_opens_the_members_only_routes(ca: 
         assert pki.cert_matches_key(grant.node_cert_pem.encode(), key)
         assert pki.ca_fingerprint(grant.ca_cert_pem.encode()) == ca.fingerprint
         assert grant.ca_key_pem == ca.key_pem.decode()
-        assert (grant.cluster_id, grant.role, grant.leader, grant.members) == ("stack-1", "learner", SERVER,
-                                                                                [SERVER, JOINER])
+        assert (grant.cluster_id, grant.role, grant.leader, grant.members) == (
+            "stack-1",
+            "learner",
+            SERVER,
+            [SERVER, JOINER],
+        )
         assert grant.initial_cluster.endswith(f"{JOINER}=https://{LOOPBACK}:5383")
         assert authority.records[token.token_id].used
         assert [(r.node_id, r.address, r.etcd_peer_port) for r in authority.requests] == [(JOINER, LOOPBACK, 5383)]
@@ -213,9 +226,10 @@ async def test_join_grants_a_certificate_that_opens_the_members_only_routes(ca: 
 
 async def test_ca_route_is_open_and_serves_the_pem(ca: ClusterCA) -> None:
     async with peer_api(FakeAuthority(ca, {})) as peer:
-        async with aiohttp.ClientSession() as session, session.get(
-            f"{peer.url}/cluster/ca", ssl=await _client_context(ca)
-        ) as response:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"{peer.url}/cluster/ca", ssl=await _client_context(ca)) as response,
+        ):
             assert response.status == 200
             assert response.content_type == "text/plain"
             assert await response.read() == ca.cert_pem
@@ -340,8 +354,14 @@ async def test_an_authority_fault_is_a_clean_500(ca: ClusterCA) -> None:
 def _request_json(ca: ClusterCA, **changes: Any) -> bytes:
     token, _ = _token(ca)
     csr = make_csr(NodeKey.create(), JOINER).decode()
-    body: dict[str, Any] = {"token_id": token.token_id, "secret": token.secret, "node_id": JOINER, "csr_pem": csr,
-                            "address": LOOPBACK, "etcd_peer_port": 5383}
+    body: dict[str, Any] = {
+        "token_id": token.token_id,
+        "secret": token.secret,
+        "node_id": JOINER,
+        "csr_pem": csr,
+        "address": LOOPBACK,
+        "etcd_peer_port": 5383,
+    }
     body.update(changes)
     return json.dumps({k: v for k, v in body.items() if v is not ...}).encode()
 
@@ -379,8 +399,11 @@ async def test_malformed_and_oversized_join_bodies(ca: ClusterCA) -> None:
             (await asyncio.to_thread(_request_json, ca), "text/plain"),
         ]:
             status, body = await _call("POST", url, context, data=data, content_type=content_type)
-            assert (status, body["error"]["code"], body["error"]["type"]) == (400, "bad_request",
-                                                                              "invalid_request_error"), data
+            assert (status, body["error"]["code"], body["error"]["type"]) == (
+                400,
+                "bad_request",
+                "invalid_request_error",
+            ), data
         status, body = await _call("POST", url, context, data=b"{" + b" " * (100 * 1024) + b"}")
         assert (status, body["error"]["code"]) == (413, "request_too_large")
         status, body = await _call("GET", url, context)
@@ -396,8 +419,15 @@ async def test_an_unreachable_server_names_its_address(ca: ClusterCA, free_ports
     token, _ = _token(ca)
     (port,) = free_ports(1)
     with pytest.raises(JoinRefused) as caught:
-        await join(LOOPBACK, port, token, node_id=JOINER, key_pem=await asyncio.to_thread(NodeKey.create),
-                   address=LOOPBACK, etcd_peer_port=5383)
+        await join(
+            LOOPBACK,
+            port,
+            token,
+            node_id=JOINER,
+            key_pem=await asyncio.to_thread(NodeKey.create),
+            address=LOOPBACK,
+            etcd_peer_port=5383,
+        )
     assert caught.value.code == "unreachable"
     assert f"{LOOPBACK}:{port}" in caught.value.message
     assert "connection refused" in caught.value.message
@@ -455,13 +485,15 @@ def _reissue(ca: ClusterCA, node_id: str, request: JoinRequest, key_pem: bytes |
 def _tamperers(ca: ClusterCA, twin: ClusterCA, other: ClusterCA) -> dict[str, Tamper]:
     return {
         "certificate for another node": lambda g, r: dataclasses.replace(
-            g, node_cert_pem=_reissue(ca, "box-z", r, NodeKey.create())),
+            g, node_cert_pem=_reissue(ca, "box-z", r, NodeKey.create())
+        ),
         "certificate for another key": lambda g, r: dataclasses.replace(
-            g, node_cert_pem=_reissue(ca, r.node_id, r, NodeKey.create())),
+            g, node_cert_pem=_reissue(ca, r.node_id, r, NodeKey.create())
+        ),
         "certificate from a CA of the same name": lambda g, r: dataclasses.replace(
-            g, node_cert_pem=_reissue(twin, r.node_id, r)),
-        "another CA certificate in the grant": lambda g, r: dataclasses.replace(
-            g, ca_cert_pem=other.cert_pem.decode()),
+            g, node_cert_pem=_reissue(twin, r.node_id, r)
+        ),
+        "another CA certificate in the grant": lambda g, r: dataclasses.replace(g, ca_cert_pem=other.cert_pem.decode()),
         "a CA key that is not the CA's": lambda g, r: dataclasses.replace(g, ca_key_pem=twin.key_pem.decode()),
         "another cluster id": lambda g, r: dataclasses.replace(g, cluster_id="stack-9"),
         "an unknown role": lambda g, r: dataclasses.replace(g, role="king"),
@@ -497,11 +529,24 @@ def test_wire_types_round_trip_and_hide_secrets(ca: ClusterCA) -> None:
     request = JoinRequest.from_json(_request_json(ca))
     assert JoinRequest.from_json(request.to_json()) == request
     assert request.secret not in repr(request)
-    assert set(json.loads(request.to_json())) == {"token_id", "secret", "node_id", "csr_pem", "address",
-                                                  "etcd_peer_port"}
-    grant = JoinGrant(cluster_id="stack-1", node_cert_pem=_node(ca, JOINER).cert_pem.decode(),
-                      ca_cert_pem=ca.cert_pem.decode(), ca_key_pem=ca.key_pem.decode(),
-                      initial_cluster=f"{JOINER}=https://{LOOPBACK}:5383", role="voter", leader=None, members=[JOINER])
+    assert set(json.loads(request.to_json())) == {
+        "token_id",
+        "secret",
+        "node_id",
+        "csr_pem",
+        "address",
+        "etcd_peer_port",
+    }
+    grant = JoinGrant(
+        cluster_id="stack-1",
+        node_cert_pem=_node(ca, JOINER).cert_pem.decode(),
+        ca_cert_pem=ca.cert_pem.decode(),
+        ca_key_pem=ca.key_pem.decode(),
+        initial_cluster=f"{JOINER}=https://{LOOPBACK}:5383",
+        role="voter",
+        leader=None,
+        members=[JOINER],
+    )
     assert JoinGrant.from_json(grant.to_json()) == grant
     assert "PRIVATE KEY" not in repr(grant)
     newer = json.loads(grant.to_json()) | {"added_later": True}
@@ -509,8 +554,15 @@ def test_wire_types_round_trip_and_hide_secrets(ca: ClusterCA) -> None:
 
 
 def test_refusal_statuses() -> None:
-    expected = {"token_invalid": 403, "token_used": 403, "token_expired": 403, "token_unknown": 403,
-                "bad_request": 400, "already_member": 409, "cluster_unavailable": 503}
+    expected = {
+        "token_invalid": 403,
+        "token_used": 403,
+        "token_expired": 403,
+        "token_unknown": 403,
+        "bad_request": 400,
+        "already_member": 409,
+        "cluster_unavailable": 503,
+    }
     assert {code: JoinRefused("m", code=code).status for code in expected} == expected
     assert JoinRefused("m", code="unreachable").status == 502
     assert JoinRefused("m", code="x", status=418).status == 418

@@ -21,8 +21,10 @@ import pytest
 from agent.cluster.membership import CLAIM_MARGIN_SECONDS, DEFAULT_TTL_SECONDS, LeaderElection, NodeRegistry
 from tests.agent_process import free_port
 
-pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
-                                reason="etcd is not installed (Debian etcd-server; scripts/system-deps.sh installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("etcd") is None,
+    reason="etcd is not installed (Debian etcd-server; scripts/system-deps.sh installs it)",
+)
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -31,12 +33,30 @@ def etcd(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """One plain etcd on loopback with the agent's timing (heartbeat 50 ms, election 500 ms)."""
     client, peer = free_port(), free_port()
     process = subprocess.Popen(
-        ["etcd", "--name", "solo", "--data-dir", str(tmp_path / "etcd"),
-         "--listen-client-urls", f"http://127.0.0.1:{client}", "--advertise-client-urls", f"http://127.0.0.1:{client}",
-         "--listen-peer-urls", f"http://127.0.0.1:{peer}", "--initial-advertise-peer-urls", f"http://127.0.0.1:{peer}",
-         "--initial-cluster", f"solo=http://127.0.0.1:{peer}", "--heartbeat-interval", "50",
-         "--election-timeout", "500"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            "etcd",
+            "--name",
+            "solo",
+            "--data-dir",
+            str(tmp_path / "etcd"),
+            "--listen-client-urls",
+            f"http://127.0.0.1:{client}",
+            "--advertise-client-urls",
+            f"http://127.0.0.1:{client}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{peer}",
+            "--initial-cluster",
+            f"solo=http://127.0.0.1:{peer}",
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 20
     while True:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", client), timeout=0.2):
@@ -84,8 +104,12 @@ async def nodes_become(registry: NodeRegistry, expected: set[str], timeout: floa
 
 
 def child(script: str, stdout: int | None = None) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], cwd=REPO, stdout=stdout,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        cwd=REPO,
+        stdout=stdout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 async def test_one_leader_and_everyone_agrees(etcd: tuple[subprocess.Popen[bytes], int]) -> None:
@@ -116,7 +140,8 @@ async def test_an_orderly_stop_hands_over_at_once(etcd: tuple[subprocess.Popen[b
 
 
 async def test_a_killed_leader_is_replaced_within_its_ttl(etcd: tuple[subprocess.Popen[bytes], int]) -> None:
-    doomed = child(f"""
+    doomed = child(
+        f"""
         import asyncio, aetcd
         from agent.cluster.membership import LeaderElection
         async def main():
@@ -127,7 +152,9 @@ async def test_a_killed_leader_is_replaced_within_its_ttl(etcd: tuple[subprocess
             print("leading", flush=True)
             await task
         asyncio.run(main())
-    """, stdout=subprocess.PIPE)
+    """,
+        stdout=subprocess.PIPE,
+    )
     try:
         assert doomed.stdout is not None
         while doomed.stdout.readline().strip() != b"leading":  # (its log lines come first, on stdout too)

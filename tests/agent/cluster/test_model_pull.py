@@ -49,8 +49,9 @@ async def source(store: ModelStore) -> AsyncIterator[tuple[str, aiohttp.ClientSe
     ca = await asyncio.to_thread(ClusterCA.create, "stack-test")
     server_key, server_cert = await asyncio.to_thread(_credentials, ca, "box-a")
     client_key, client_cert = await asyncio.to_thread(_credentials, ca, "box-b")
-    server = await asyncio.to_thread(pki.server_context_from_pem, ca.cert_pem, server_cert, server_key,
-                                     require_client_cert=False)
+    server = await asyncio.to_thread(
+        pki.server_context_from_pem, ca.cert_pem, server_cert, server_key, require_client_cert=False
+    )
     client = await asyncio.to_thread(pki.client_context_from_pem, ca.cert_pem, client_cert, client_key)
     app = build_peer_app(NoJoins(), ca.cert_pem, None, store)
     ranges: list[str] = []
@@ -59,13 +60,16 @@ async def source(store: ModelStore) -> AsyncIterator[tuple[str, aiohttp.ClientSe
         ranges.append(request.headers.get("Range", ""))
 
     app.on_response_prepare.append(record)
-    async with serve_peer_api(app, LOOPBACK, 0, server) as port, \
-            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client)) as session:
+    async with (
+        serve_peer_api(app, LOOPBACK, 0, server) as port,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client)) as session,
+    ):
         yield f"https://{LOOPBACK}:{port}", session, ranges
 
 
 async def test_a_model_is_copied_with_progress_and_listed_only_when_complete(
-    source_store: ModelStore, tmp_path: Path,
+    source_store: ModelStore,
+    tmp_path: Path,
 ) -> None:
     target = ModelStore(tmp_path / "models")
     seen: list[tuple[int, int]] = []
@@ -122,7 +126,9 @@ async def test_unknown_models_paths_outside_a_model_and_strangers_are_refused(so
             assert answer.status == 404
         async with session.get(f"{url}/cluster/models/{EMBEDDING}/files/%2E%2E/%2E%2E/manifest.json") as answer:
             assert answer.status == 404
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as stranger, \
-                stranger.get(f"{url}/cluster/models/{CHAT}") as answer:
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=False)) as stranger,
+            stranger.get(f"{url}/cluster/models/{CHAT}") as answer,
+        ):
             assert answer.status == 401
             assert (await answer.json())["error"]["code"] == "client_certificate_required"

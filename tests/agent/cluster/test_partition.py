@@ -143,14 +143,20 @@ class Lab:
     def start_agents(self, tmp_path: Path) -> None:
         def start(box: Box) -> RunningAgent:
             env = {
-                "THOX_CLUSTER_ENABLED": "true", "THOX_CLUSTER_NODE_ID": box.name, "THOX_CLUSTER_ADVERTISE": box.address,
-                "THOX_CLUSTER_MDNS": "false", "THOX_ENGINE_THREADS": "1",
+                "THOX_CLUSTER_ENABLED": "true",
+                "THOX_CLUSTER_NODE_ID": box.name,
+                "THOX_CLUSTER_ADVERTISE": box.address,
+                "THOX_CLUSTER_MDNS": "false",
+                "THOX_ENGINE_THREADS": "1",
                 # The APIs listen on the box's address, so the endpoints file names it and the test (in the root
                 # namespace, a private address) reaches them without a key and without being rate limited.
-                "THOX_API_BIND": box.address, "THOX_API_AUTH": "off", "THOX_API_CLUSTER_RATE_LIMIT": "1000000",
+                "THOX_API_BIND": box.address,
+                "THOX_API_AUTH": "off",
+                "THOX_API_CLUSTER_RATE_LIMIT": "1000000",
             }
-            return start_agent(tmp_path / box.name, env=env, timeout=300,
-                               command_prefix=["ip", "netns", "exec", box.netns])
+            return start_agent(
+                tmp_path / box.name, env=env, timeout=300, command_prefix=["ip", "netns", "exec", box.netns]
+            )
 
         with ThreadPoolExecutor(len(self.boxes)) as pool:
             for box, agent in zip(self.boxes, pool.map(start, self.boxes), strict=True):
@@ -163,13 +169,18 @@ class Lab:
             ["raft", "POST", "127.0.0.1", ETCD_CLIENT_PORT, "/v3/maintenance/status", 0.1, box.etcd_tls],
         ]
         if with_views:
-            plan += [["topology", "GET", box.address, cluster_port, "/v1/topology", 0.25],
-                     ["cluster", "GET", box.address, cluster_port, "/v1/cluster", 0.25]]
+            plan += [
+                ["topology", "GET", box.address, cluster_port, "/v1/topology", 0.25],
+                ["cluster", "GET", box.address, cluster_port, "/v1/cluster", 0.25],
+            ]
         tmp_path.mkdir(parents=True, exist_ok=True)
         box.poll_log = tmp_path / f"{box.name}.poll.jsonl"
         with box.poll_log.open("wb") as out:
-            box.poller = subprocess.Popen(["ip", "netns", "exec", box.netns, sys.executable, "-c", POLLER,
-                                           json.dumps(plan)], stdout=out, stderr=subprocess.STDOUT)
+            box.poller = subprocess.Popen(
+                ["ip", "netns", "exec", box.netns, sys.executable, "-c", POLLER, json.dumps(plan)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def stop_pollers(self) -> None:
         for box in self.boxes:
@@ -188,8 +199,11 @@ class Lab:
             for pid in listed.stdout.split():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(int(pid), signal.SIGKILL)
-        for args in [*(("link", "del", box.cable) for box in self.boxes),
-                     *(("netns", "del", box.netns) for box in self.boxes), ("link", "del", self.bridge)]:
+        for args in [
+            *(("link", "del", box.cable) for box in self.boxes),
+            *(("netns", "del", box.netns) for box in self.boxes),
+            ("link", "del", self.bridge),
+        ]:
             with contextlib.suppress(RuntimeError):  # never created, or already gone with its namespace
                 ip(*args)
 
@@ -216,8 +230,12 @@ def lab() -> Iterator[Lab]:
         ip("addr", "add", f"{subnet}.1/24", "dev", made.bridge)
         ip("link", "set", made.bridge, "up")
         for index, letter in enumerate("abc"):
-            box = Box(name=f"box-{letter}", netns=f"thox-{suffix}-{letter}", address=f"{subnet}.{index + 2}",
-                      cable=f"thx{suffix}{letter}")
+            box = Box(
+                name=f"box-{letter}",
+                netns=f"thox-{suffix}-{letter}",
+                address=f"{subnet}.{index + 2}",
+                cable=f"thx{suffix}{letter}",
+            )
             made.boxes.append(box)
             try:
                 ip("netns", "add", box.netns)
@@ -252,8 +270,12 @@ def _wait_healthy(lab: Lab, leader: str | None, timeout: float) -> None:
     def agreed() -> bool:
         summaries = [call(box.running, "GET", "/cluster")[1] for box in lab.boxes]
         leaders = {summary.get("leader") for summary in summaries}
-        return (all(s.get("status") == "healthy" and s["voters"]["alive"] == 3 for s in summaries)
-                and len(leaders) == 1 and None not in leaders and (leader is None or leaders == {leader}))
+        return (
+            all(s.get("status") == "healthy" and s["voters"]["alive"] == 3 for s in summaries)
+            and len(leaders) == 1
+            and None not in leaders
+            and (leader is None or leaders == {leader})
+        )
 
     eventually(agreed, timeout, f"three healthy voters agreeing on {leader or 'a leader'}")
 
@@ -264,15 +286,33 @@ def _claims(box: Box) -> list[dict[str, Any]]:
 
 def etcd(box: Box, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
     """A call to the box's etcd member (its JSON gateway on the loopback client port), from inside its namespace."""
-    script = ("import http.client, json, ssl, sys; tls = json.loads(sys.argv[4]); "
-              "x = ssl.create_default_context(cafile=tls['ca']); x.check_hostname = False; "
-              "x.load_cert_chain(tls['cert'], tls['key']); "
-              "c = http.client.HTTPSConnection('127.0.0.1', int(sys.argv[1]), timeout=10, context=x); "
-              "c.request('POST', sys.argv[2], body=sys.argv[3]); r = c.getresponse(); print(r.status); "
-              "print(r.read().decode())")
-    done = subprocess.run(["ip", "netns", "exec", box.netns, sys.executable, "-c", script, str(ETCD_CLIENT_PORT),
-                           path, json.dumps(body or {}), json.dumps(box.etcd_tls)], capture_output=True, text=True,
-                          timeout=30, check=False)
+    script = (
+        "import http.client, json, ssl, sys; tls = json.loads(sys.argv[4]); "
+        "x = ssl.create_default_context(cafile=tls['ca']); x.check_hostname = False; "
+        "x.load_cert_chain(tls['cert'], tls['key']); "
+        "c = http.client.HTTPSConnection('127.0.0.1', int(sys.argv[1]), timeout=10, context=x); "
+        "c.request('POST', sys.argv[2], body=sys.argv[3]); r = c.getresponse(); print(r.status); "
+        "print(r.read().decode())"
+    )
+    done = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            box.netns,
+            sys.executable,
+            "-c",
+            script,
+            str(ETCD_CLIENT_PORT),
+            path,
+            json.dumps(body or {}),
+            json.dumps(box.etcd_tls),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
     status, _, answer = done.stdout.partition("\n")
     assert status == "200", (box.name, path, done.stdout, done.stderr)
     return json.loads(answer)  # type: ignore[no-any-return]
@@ -286,8 +326,11 @@ def place_raft_leader(lab: Lab, target: Box) -> None:
     if leader_id != target_id:
         current = next(box for box in lab.boxes if statuses[box.name]["header"]["member_id"] == leader_id)
         etcd(current, "/v3/maintenance/transfer-leadership", {"targetID": target_id})
-    eventually(lambda: all(etcd(box, "/v3/maintenance/status")["leader"] == target_id for box in lab.boxes),
-               15, f"{target.name}'s etcd member as raft leader")
+    eventually(
+        lambda: all(etcd(box, "/v3/maintenance/status")["leader"] == target_id for box in lab.boxes),
+        15,
+        f"{target.name}'s etcd member as raft leader",
+    )
 
 
 def partition_round(lab: Lab, tmp_path: Path, leader_name: str, *, raft_leader_too: bool) -> str:
@@ -297,8 +340,9 @@ def partition_round(lab: Lab, tmp_path: Path, leader_name: str, *, raft_leader_t
     place_raft_leader(lab, old if raft_leader_too else majority[0])
     _wait_healthy(lab, leader_name, 30)
     for box in lab.boxes:
-        lab.start_poller(box, tmp_path / ("raft-leader-too" if raft_leader_too else "raft-follower"),
-                         with_views=box is old)
+        lab.start_poller(
+            box, tmp_path / ("raft-leader-too" if raft_leader_too else "raft-follower"), with_views=box is old
+        )
     for box in lab.boxes:
         eventually(lambda box=box: len(_claims(box)) >= 5, 30, f"{box.name}'s poller")  # type: ignore[misc]
     assert _claims(old)[-1]["claim"] is True and not any(_claims(box)[-1]["claim"] for box in majority)
@@ -364,12 +408,14 @@ def partition_round(lab: Lab, tmp_path: Path, leader_name: str, *, raft_leader_t
     assert new_name == successor
 
     # Nor do the partitioned box's cluster views name any leader once it has stopped claiming.
-    views = {what: [r for r in old.samples(what) if stopped_at <= r["sent"] < heal_at]
-             for what in ("topology", "cluster")}
+    views = {
+        what: [r for r in old.samples(what) if stopped_at <= r["sent"] < heal_at] for what in ("topology", "cluster")
+    }
     assert views["topology"] and views["cluster"], views
     assert not any(r.get("leader") for answers in views.values() for r in answers), views
-    answered = {what: sorted({(r.get("status"), r.get("state")) for r in answers}, key=str)
-                for what, answers in views.items()}
+    answered = {
+        what: sorted({(r.get("status"), r.get("state")) for r in answers}, key=str) for what, answers in views.items()
+    }
     slowest_view = {what: max(r["recv"] - r["sent"] for r in answers) for what, answers in views.items()}
     placement = "also the raft leader" if raft_leader_too else "a raft follower"
     stepped = f"; its etcd member stepped down as raft leader by +{stepped_down:.3f} s" if raft_leader_too else ""
@@ -384,7 +430,8 @@ the majority's topology reported it at +{reported_at - cut_at:.3f} s
   reconnected: one leader, three healthy voters after {healed_in:.2f} s""")  # noqa: T201 - the measurements, for -s
 
     assert still_at < stopped_at - cut_at <= bound + slack, (
-        f"the partitioned leader claimed until +{stopped_at - cut_at:.3f} s after the cut (bound {bound:.2f} s)")
+        f"the partitioned leader claimed until +{stopped_at - cut_at:.3f} s after the cut (bound {bound:.2f} s)"
+    )
     assert stopped_at < new_not_before, "two boxes claimed leadership at the same time"
     assert stopped_at < reported_at, "the majority reported a new leader while the old one still claimed it"
     assert slowest_health < 0.5, f"health took {slowest_health:.3f} s on the partitioned box"
@@ -392,7 +439,8 @@ the majority's topology reported it at +{reported_at - cut_at:.3f} s
 
 
 def test_a_partitioned_leader_stops_claiming_before_another_box_can_lead_and_rejoins_as_a_follower(
-    lab: Lab, tmp_path: Path,
+    lab: Lab,
+    tmp_path: Path,
 ) -> None:
     lab.start_agents(tmp_path)
     leader = _form_cluster(lab)

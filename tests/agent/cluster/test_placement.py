@@ -26,8 +26,13 @@ DEFAULT = "smollm2-135m-instruct"
 
 
 def thox(agent: RunningAgent, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "agent.cli", *args, "--home", str(agent.home)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args, "--home", str(agent.home)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def ndjson_post(url: str, body: dict[str, Any]) -> tuple[int, str, list[dict[str, Any]]]:
@@ -54,9 +59,16 @@ def served_models(agent: RunningAgent) -> list[str]:
 
 
 def ask(agent: RunningAgent, model: str) -> tuple[int, dict[str, str], Any]:
-    return http_json("POST", f"{agent.inference_url}/chat/completions", {
-        "model": model, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 4,
-        "temperature": 0})
+    return http_json(
+        "POST",
+        f"{agent.inference_url}/chat/completions",
+        {
+            "model": model,
+            "messages": [{"role": "user", "content": "Name a colour."}],
+            "max_tokens": 4,
+            "temperature": 0,
+        },
+    )
 
 
 def placement(agent: RunningAgent, model: str) -> dict[str, Any]:
@@ -66,7 +78,8 @@ def placement(agent: RunningAgent, model: str) -> dict[str, Any]:
 
 
 def test_models_are_pulled_placed_replaced_after_a_box_dies_and_unloaded(
-    tmp_path: Path, boxes: Callable[..., RunningAgent],
+    tmp_path: Path,
+    boxes: Callable[..., RunningAgent],
 ) -> None:
     install_alias(tmp_path / "box-a", ALIAS)  # only box-a has this model; the others get it from the cluster
     first = boxes("box-a", {"THOX_DEFAULT_MODEL": DEFAULT})
@@ -77,8 +90,7 @@ def test_models_are_pulled_placed_replaced_after_a_box_dies_and_unloaded(
     eventually(lambda: topology(first)["node_count"] == 3, 60, "three live boxes")
 
     # Pull, streamed: box-c copies the model from the leader's store, with progress, and verifies it.
-    status, content_type, lines = ndjson_post(f"{second.cluster_url}/models/pull", {"model": ALIAS,
-                                                                                    "nodes": ["box-c"]})
+    status, content_type, lines = ndjson_post(f"{second.cluster_url}/models/pull", {"model": ALIAS, "nodes": ["box-c"]})
     assert status == 200 and content_type.startswith("application/x-ndjson")
     assert lines[0] == {"status": "started", "model": ALIAS, "nodes": ["box-c"]}
     # Progress lines come as the box reports them (a fast copy may go from queued to done between two reports);
@@ -97,8 +109,9 @@ def test_models_are_pulled_placed_replaced_after_a_box_dies_and_unloaded(
     assert unknown_node[0] == 404 and unknown_node[1]["error"]["code"] == "node_not_found"
 
     # Load two replicas, asked on a box that holds neither: the boxes with the file are chosen (no copy needed).
-    status, placed = call(second, "POST", "/models/load", {"model": ALIAS, "replicas": 2,
-                                                          "options": {"context_length": 512}})
+    status, placed = call(
+        second, "POST", "/models/load", {"model": ALIAS, "replicas": 2, "options": {"context_length": 512}}
+    )
     assert status == 200, placed
     assert placed["status"] == "ready" and sorted(r["node"] for r in placed["replicas"]) == ["box-a", "box-c"]
     assert all(r["state"] == "ready" and r["context_length"] == 512 for r in placed["replicas"])
@@ -109,8 +122,11 @@ def test_models_are_pulled_placed_replaced_after_a_box_dies_and_unloaded(
     assert listing.returncode == 0 and ALIAS in listing.stdout and "2/2" in listing.stdout, listing
     status, headers, answer = ask(third, ALIAS)
     assert status == 200 and "x-thox-node" not in headers, answer  # served where it is placed
-    eventually(lambda: ALIAS in next(n for n in topology(second)["nodes"] if n["id"] == "box-c").get("models", []),
-               10, "box-c's record listing the model")
+    eventually(
+        lambda: ALIAS in next(n for n in topology(second)["nodes"] if n["id"] == "box-c").get("models", []),
+        10,
+        "box-c's record listing the model",
+    )
     status, headers, answer = ask(second, ALIAS)
     assert status == 200 and headers["x-thox-node"] in ("box-a", "box-c"), answer  # routed from a box without it
 
@@ -157,8 +173,7 @@ def test_a_model_no_single_box_can_hold_is_refused_and_nothing_is_placed(
 
     # Other refusals, each specific: unknown model, embedding model, malformed body.
     assert call(box, "POST", "/models/load", {"model": "nope"})[1]["error"]["code"] == "model_not_found"
-    assert call(box, "POST", "/models/load", {"model": "all-minilm-l6-v2"})[1]["error"]["code"] == \
-        "model_not_supported"
+    assert call(box, "POST", "/models/load", {"model": "all-minilm-l6-v2"})[1]["error"]["code"] == "model_not_supported"
     too_many = call(box, "POST", "/models/load", {"model": DEFAULT, "replicas": 2})
     assert too_many[0] == 400 and "1 are live" in too_many[1]["error"]["message"]
     bad = call(box, "POST", "/models/load", {"model": DEFAULT, "replicas": 0})
@@ -176,9 +191,16 @@ def test_a_saturated_box_hands_requests_to_a_less_busy_replica(boxes: Callable[.
     long_answer: dict[str, Any] = {}
 
     def occupy() -> None:
-        long_answer["result"] = http_json("POST", f"{busy.inference_url}/chat/completions", {
-            "model": DEFAULT, "messages": [{"role": "user", "content": "Count from one to one hundred."}],
-            "max_tokens": 400, "temperature": 0})
+        long_answer["result"] = http_json(
+            "POST",
+            f"{busy.inference_url}/chat/completions",
+            {
+                "model": DEFAULT,
+                "messages": [{"role": "user", "content": "Count from one to one hundred."}],
+                "max_tokens": 400,
+                "temperature": 0,
+            },
+        )
 
     worker = threading.Thread(target=occupy)
     worker.start()

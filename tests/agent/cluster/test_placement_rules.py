@@ -44,8 +44,7 @@ def test_assignments_not_yet_loaded_count_against_a_box_and_pinned_nodes_are_res
 
 
 def test_the_view_says_why_replicas_are_missing() -> None:
-    nodes = {"a": box(1.0, store={"m": SMALL}, models=["m"]), "b": box(0.9, models=["d"],
-                                                                         store={"d": SMALL})}
+    nodes = {"a": box(1.0, store={"m": SMALL}, models=["m"]), "b": box(0.9, models=["d"], store={"d": SMALL})}
     placed = view(PlacementSpec("m", 2), {"m": {"a": {}}}, nodes, KV_BUDGET)
     assert placed["status"] == "placing" and placed["replicas"] == [{"node": "a", "state": "ready"}]
     assert placed["waiting"] == "1 more replica(s) wanted, but no live box without one has 0.85 GB free for it"

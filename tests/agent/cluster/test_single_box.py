@@ -14,8 +14,10 @@ import pytest
 
 from tests.agent_process import RunningAgent, cluster_env, http_json, start_agent
 
-pytestmark = pytest.mark.skipif(shutil.which("etcd") is None,
-                                reason="etcd is not installed (Debian etcd-server; scripts/system-deps.sh installs it)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("etcd") is None,
+    reason="etcd is not installed (Debian etcd-server; scripts/system-deps.sh installs it)",
+)
 
 
 def get(agent: RunningAgent, path: str) -> dict:  # type: ignore[type-arg]
@@ -61,17 +63,29 @@ def test_a_lone_box_founds_a_cluster_and_keeps_it_across_restarts(tmp_path: Path
         assert summary["total_ram_gb"] == node["ram_gb"] and summary["active_model"] == "smollm2-135m-instruct"
         assert summary["total_tops"] is None  # unknown on this board: not invented
         health = agent.health()["cluster"]
-        assert health == {"node_id": node["id"], "cluster_id": topology["cluster_id"], "running": True,
-                          "is_leader": True}
-        status_text = subprocess.run([sys.executable, "-m", "agent.cli", "status", "--home", str(agent.home)],
-                                     capture_output=True, text=True, timeout=60, check=False).stdout
+        assert health == {
+            "node_id": node["id"],
+            "cluster_id": topology["cluster_id"],
+            "running": True,
+            "is_leader": True,
+        }
+        status_text = subprocess.run(
+            [sys.executable, "-m", "agent.cli", "status", "--home", str(agent.home)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
         assert f"cluster  {topology['cluster_id']}   node {node['id']}   leader" in status_text, status_text
         nodes = get(agent, "/nodes")["data"]
         assert [n["id"] for n in nodes] == [node["id"]] and nodes[0]["last_seen_seconds_ago"] < 3
     finally:
         assert agent.stop() == 0
-    etcd_pid = int((agent.home / "cluster" / "etcd.pid").read_text()) if (
-        agent.home / "cluster" / "etcd.pid").exists() else None
+    etcd_pid = (
+        int((agent.home / "cluster" / "etcd.pid").read_text())
+        if (agent.home / "cluster" / "etcd.pid").exists()
+        else None
+    )
     assert etcd_pid is None or not pid_alive(etcd_pid)  # an orderly stop stops etcd too
 
     again = start_agent(agent.home, env=env)

@@ -52,8 +52,13 @@ def test_three_boxes_form_one_cluster_agree_on_a_leader_and_survive_losing_it(
     assert len({view["leader"] for view in views}) == 1 and views[0]["leader"] is not None
     assert sorted(n["id"] for n in views[0]["nodes"]) == ["box-a", "box-b", "box-c"]
     assert {n["role"] for n in views[0]["nodes"]} == {"voter"}
-    status_text = subprocess.run([sys.executable, "-m", "agent.cli", "cluster", "status", "--home", str(first.home)],
-                                 capture_output=True, text=True, timeout=60, check=False)
+    status_text = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "cluster", "status", "--home", str(first.home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert status_text.returncode == 0 and "healthy" in status_text.stdout and "box-c" in status_text.stdout
 
     leader_name = views[0]["leader"]
@@ -143,8 +148,14 @@ def test_a_two_box_stack_survives_losing_either_box(boxes: Callable[[str], Runni
     voter, learner = boxes("box-a"), boxes("box-b")
     eventually(lambda: topology(voter)["leader"], 15, "a leader")
     assert join(learner, token_for(voter))[0] == 200
-    eventually(lambda: {n["id"]: n["role"] for n in topology(voter)["nodes"] if n["alive"]}
-               == {"box-a": "voter", "box-b": "learner"}, 30, "a voter and a learner")
+    eventually(
+        lambda: (
+            {n["id"]: n["role"] for n in topology(voter)["nodes"] if n["alive"]}
+            == {"box-a": "voter", "box-b": "learner"}
+        ),
+        30,
+        "a voter and a learner",
+    )
     # The standby of a two-box stack takes the CA key with it: it may have to admit boxes alone.
     assert holds_ca_key(voter) and holds_ca_key(learner)
     gone, survivor = (voter, learner) if lost == "voter" else (learner, voter)
@@ -165,16 +176,24 @@ def test_a_two_box_stack_survives_losing_either_box(boxes: Callable[[str], Runni
 
 
 def test_requests_for_a_model_held_elsewhere_are_routed_and_streamed(
-    tmp_path: Path, boxes: Callable[..., RunningAgent],
+    tmp_path: Path,
+    boxes: Callable[..., RunningAgent],
 ) -> None:
     install_alias(tmp_path / "box-b", "smollm2-alias")
     entry, replica = boxes("box-a"), boxes("box-b", {"THOX_DEFAULT_MODEL": "smollm2-alias"})
     eventually(lambda: topology(entry)["leader"], 15, "a leader")
     assert join(replica, token_for(entry))[0] == 200
-    eventually(lambda: any("smollm2-alias" in n.get("models", []) for n in topology(entry)["nodes"] if n["alive"]),
-               30, "the replica's record")
-    question = {"model": "smollm2-alias", "messages": [{"role": "user", "content": "Name a colour."}],
-                "max_tokens": 8, "temperature": 0}
+    eventually(
+        lambda: any("smollm2-alias" in n.get("models", []) for n in topology(entry)["nodes"] if n["alive"]),
+        30,
+        "the replica's record",
+    )
+    question = {
+        "model": "smollm2-alias",
+        "messages": [{"role": "user", "content": "Name a colour."}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
     status, headers, answer = http_json("POST", f"{entry.inference_url}/chat/completions", question)
     assert status == 200, answer
     assert headers["x-thox-node"] == "box-b" and answer["model"] == "smollm2-alias"
@@ -190,8 +209,12 @@ def test_requests_for_a_model_held_elsewhere_are_routed_and_streamed(
     assert missing[0] == 404 and missing[2]["error"]["code"] == "model_not_found"
 
     # A client that hangs up mid-stream cancels the generation on the replica, not only on the box it called.
-    long_question = {**question, "max_tokens": 1500, "stream": True,
-                     "messages": [{"role": "user", "content": "Count from 1 to 2000, separated by commas."}]}
+    long_question = {
+        **question,
+        "max_tokens": 1500,
+        "stream": True,
+        "messages": [{"role": "user", "content": "Count from 1 to 2000, separated by commas."}],
+    }
     with routed_stream(entry, long_question) as (_, first_events):
         assert first_events and b"[DONE]" not in first_events
         assert replica.health()["engine"]["active_streams"] == 1
@@ -202,23 +225,28 @@ def test_requests_for_a_model_held_elsewhere_are_routed_and_streamed(
         replica.process.send_signal(signal.SIGKILL)
         replica.process.wait(10)
         rest = first_events + response.read()
-    events = [line[len(b"data: "):] for line in rest.split(b"\n") if line.startswith(b"data: ")]
+    events = [line[len(b"data: ") :] for line in rest.split(b"\n") if line.startswith(b"data: ")]
     assert events[-1] != b"[DONE]"
     assert json.loads(events[-1])["error"]["code"] == "replica_lost"
 
     # The replica gone: its record expires with its lease, and nothing is routed to it any more.
-    eventually(lambda: http_json("POST", f"{entry.inference_url}/chat/completions", question)[0] == 404, 10,
-               "no routing to the dead replica")
+    eventually(
+        lambda: http_json("POST", f"{entry.inference_url}/chat/completions", question)[0] == 404,
+        10,
+        "no routing to the dead replica",
+    )
 
 
 @contextlib.contextmanager
 def routed_stream(agent: RunningAgent, body: dict[str, Any]) -> Iterator[tuple[http.client.HTTPResponse, bytes]]:
     """A streamed request, open, with its first few events read; closing the connection hangs up."""
-    connection = http.client.HTTPConnection("127.0.0.1", int(agent.inference_url.split(":")[2].split("/")[0]),
-                                            timeout=60)
+    connection = http.client.HTTPConnection(
+        "127.0.0.1", int(agent.inference_url.split(":")[2].split("/")[0]), timeout=60
+    )
     try:
-        connection.request("POST", "/v1/chat/completions", body=json.dumps(body),
-                           headers={"Content-Type": "application/json"})
+        connection.request(
+            "POST", "/v1/chat/completions", body=json.dumps(body), headers={"Content-Type": "application/json"}
+        )
         response = connection.getresponse()
         assert response.status == 200 and response.getheader("X-Thox-Node") == "box-b"
         first = b""
@@ -259,12 +287,18 @@ def test_boxes_beyond_the_fourth_are_clients_and_a_box_gone_for_good_is_removed(
         if name == "box-c":  # the fourth box joins as the one learner once three boxes vote
             eventually(lambda: call(first, "GET", "/cluster")[1]["voters"]["alive"] == 3, 60, "three voters")
     cluster_id = topology(first)["cluster_id"]
-    roles = eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"]}
-                       if topology(first)["node_count"] == 4 else None, 60, "four live boxes")
+    roles = eventually(
+        lambda: {n["id"]: n["role"] for n in topology(first)["nodes"]} if topology(first)["node_count"] == 4 else None,
+        60,
+        "four live boxes",
+    )
     assert roles == {"box-a": "voter", "box-b": "voter", "box-c": "voter", "box-d": "learner"}
     # The CA key lives on the voters only (the promoted ones fetched it); the standby of a bigger stack has none.
-    eventually(lambda: all(holds_ca_key(b) for b in (first, others["box-b"], others["box-c"])), 30,
-               "the three voters holding the CA key")
+    eventually(
+        lambda: all(holds_ca_key(b) for b in (first, others["box-b"], others["box-c"])),
+        30,
+        "the three voters holding the CA key",
+    )
     assert not holds_ca_key(others["box-d"])
     # A fifth box: etcd takes one learner at a time, so it joins as a client of the voters (no etcd member). Its
     # token comes from the standby, which cannot sign: the standby relays the join to a box that can.
@@ -273,8 +307,11 @@ def test_boxes_beyond_the_fourth_are_clients_and_a_box_gone_for_good_is_removed(
     assert status == 200 and answer["role"] == "client", answer
     assert any(line.get("event") == "join_forwarded" for line in others["box-d"].log_lines())
     assert not holds_ca_key(fifth)
-    eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"] if n["alive"]}.get("box-e") == "client",
-               30, "box-e live as a client")
+    eventually(
+        lambda: {n["id"]: n["role"] for n in topology(first)["nodes"] if n["alive"]}.get("box-e") == "client",
+        30,
+        "box-e live as a client",
+    )
     assert topology(fifth)["cluster_id"] == cluster_id
 
     others["box-c"].process.send_signal(signal.SIGKILL)  # a voter pulled out and never brought back
@@ -295,11 +332,17 @@ def test_boxes_beyond_the_fourth_are_clients_and_a_box_gone_for_good_is_removed(
     fifth.process.wait(30)
     before_restart = fifth.log_lines()
     fifth = boxes("box-e", quick)
-    eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"] if n["alive"]}.get("box-e") == "learner",
-               60, "box-e back, as the standby")
+    eventually(
+        lambda: {n["id"]: n["role"] for n in topology(first)["nodes"] if n["alive"]}.get("box-e") == "learner",
+        60,
+        "box-e back, as the standby",
+    )
     assert topology(fifth)["cluster_id"] == cluster_id
-    eventually(lambda: any(line.get("event") == "client_became_member"
-                           for line in [*before_restart, *fifth.log_lines()]), 10, "client_became_member logged")
+    eventually(
+        lambda: any(line.get("event") == "client_became_member" for line in [*before_restart, *fifth.log_lines()]),
+        10,
+        "client_became_member logged",
+    )
 
     # A box that is frozen (or cut off) longer than the stack waits is removed while its etcd still runs; when it
     # wakes up its member has been refused by the others, and it carries on as a cluster of its own.
@@ -309,21 +352,28 @@ def test_boxes_beyond_the_fourth_are_clients_and_a_box_gone_for_good_is_removed(
         eventually(lambda: "box-d" not in {n["id"] for n in topology(first)["nodes"]}, 60, "box-d removed")
     finally:
         frozen.process.send_signal(signal.SIGCONT)
-    woken = eventually(lambda: topology(frozen) if topology(frozen)["leader"] == "box-d" else None, 60,
-                       "the woken box leading its own cluster")
+    woken = eventually(
+        lambda: topology(frozen) if topology(frozen)["leader"] == "box-d" else None,
+        60,
+        "the woken box leading its own cluster",
+    )
     assert woken["cluster_id"] != cluster_id and woken["node_count"] == 1
     assert any(line.get("event") == "etcd_member_removed" for line in frozen.log_lines())
     assert not list(frozen.home.glob("cluster/previous-*/tls/ca-key.pem"))  # the removed box keeps no key of ours
     # The standby (the former client) takes the free vote.
-    eventually(lambda: {n["id"]: n["role"] for n in topology(first)["nodes"]}.get("box-e") == "voter", 60,
-               "box-e voting")
+    eventually(
+        lambda: {n["id"]: n["role"] for n in topology(first)["nodes"]}.get("box-e") == "voter", 60, "box-e voting"
+    )
     eventually(lambda: call(first, "GET", "/cluster")[1]["status"] == "healthy", 30, "healthy again")
     assert call(first, "GET", "/cluster")[1]["voters"] == {"alive": 3, "expected": 3}
 
     # Brought back after all: its place was given away, so it carries on as a cluster of its own.
     returned = boxes("box-c", quick)
-    alone = eventually(lambda: topology(returned) if topology(returned)["leader"] == "box-c" else None, 30,
-                       "the returned box leading its own cluster")
+    alone = eventually(
+        lambda: topology(returned) if topology(returned)["leader"] == "box-c" else None,
+        30,
+        "the returned box leading its own cluster",
+    )
     assert alone["cluster_id"] != cluster_id and alone["node_count"] == 1
     assert any(line.get("event") == "cluster_member_removed" for line in returned.log_lines())
     assert sorted(n["id"] for n in topology(first)["nodes"]) == ["box-a", "box-b", "box-e"]

@@ -20,8 +20,9 @@ async def test_thousand_polls_at_ten_percent_nack_log_each_outage_once() -> None
     bus = I2cBus("i2c-1", lambda: fake)
     sensor = Tmp117(bus, 0x48, zone="board")
     readings: list[float | None] = []
-    coordinator = Coordinator("thermal:board", sensor, sensor.read, interval=0.001,
-                              on_data=lambda data: readings.append(data["board"]))
+    coordinator = Coordinator(
+        "thermal:board", sensor, sensor.read, interval=0.001, on_data=lambda data: readings.append(data["board"])
+    )
     poll_failed: list[bool] = []
     with capture_logs() as logs:
         for _ in range(1000):
@@ -33,8 +34,11 @@ async def test_thousand_polls_at_ten_percent_nack_log_each_outage_once() -> None
     # Ground truth from the injector: an outage is a run of consecutive polls that met a NACK.
     outages = sum(1 for i, failed in enumerate(poll_failed) if failed and (i == 0 or not poll_failed[i - 1]))
     assert outages >= 50  # the test really exercised the failure path
-    events = [entry["event"] for entry in logs
-              if entry["event"] in ("hardware_source_unavailable", "hardware_source_recovered")]
+    events = [
+        entry["event"]
+        for entry in logs
+        if entry["event"] in ("hardware_source_unavailable", "hardware_source_recovered")
+    ]
     assert events.count("hardware_source_unavailable") == outages
     assert events.count("hardware_source_recovered") == outages - (1 if poll_failed[-1] else 0)
     assert all(a != b for a, b in zip(events, events[1:], strict=False)), "unavailable and recovered must alternate"

@@ -44,8 +44,12 @@ class RecordingEngine:
 
 @pytest.fixture
 async def hardware(tmp_path: Path) -> AsyncIterator[tuple[HardwareManager, RecordingEngine]]:
-    overrides = {"hardware.thermal_poll_seconds": 0.05, "hardware.power_poll_seconds": 0.05,
-                 "hardware.min_dwell_seconds": 0.2, "engine.max_batch": 8}
+    overrides = {
+        "hardware.thermal_poll_seconds": 0.05,
+        "hardware.power_poll_seconds": 0.05,
+        "hardware.min_dwell_seconds": 0.2,
+        "engine.max_batch": 8,
+    }
     settings = await asyncio.to_thread(load_settings, overrides, home=tmp_path, env={})
     engine = RecordingEngine()
     manager = HardwareManager(settings, [engine])  # type: ignore[list-item]
@@ -83,18 +87,28 @@ async def test_pd_from_docking_to_explicit_contract_and_back_to_5v_on_shutdown(
     with pytest.raises(ConflictError, match="no module is docked"):
         await manager.power.negotiate(DOCK_PORT, ContractRequest(voltage_mv=9000))
 
-    board.world.stack(SimModule("module-b", tuple(encode_fixed_pdo(mv, ma) for mv, ma in
-                                                  ((5000, 3000), (9000, 3000), (15000, 3000), (20000, 2250)))))
+    board.world.stack(
+        SimModule(
+            "module-b",
+            tuple(encode_fixed_pdo(mv, ma) for mv, ma in ((5000, 3000), (9000, 3000), (15000, 3000), (20000, 2250))),
+        )
+    )
     record = await manager.power.negotiate(DOCK_PORT, ContractRequest(voltage_mv=15000, current_ma=2000))
     assert record["state"] == "explicit"
-    assert record["selected"] == {"pdo_index": 3, "type": "fixed", "voltage_mV": 15000, "current_mA": 2000,
-                                  "power_mW": 30000}
+    assert record["selected"] == {
+        "pdo_index": 3,
+        "type": "fixed",
+        "voltage_mV": 15000,
+        "current_mA": 2000,
+        "power_mW": 30000,
+    }
     assert record["rdo"]["object_position"] == 3 and record["rdo"]["operating_mA"] == 2000
     assert [p["mV"] for p in record["source_pdos"]] == [5000, 9000, 15000, 20000]
     assert board.stusb4500.vbus_mv == 15000  # the twin's bus really is at 15 V now
     # The INA226 on the bus measures what was negotiated.
-    await _until(lambda: (sample := manager.coordinators["power_monitor"].data) is not None
-                 and abs(sample.bus_mv - 15000) < 5)
+    await _until(
+        lambda: (sample := manager.coordinators["power_monitor"].data) is not None and abs(sample.bus_mv - 15000) < 5
+    )
 
     with pytest.raises(UnprocessableError, match="no offered PDO provides 12000 mV"):
         await manager.power.negotiate(DOCK_PORT, ContractRequest(voltage_mv=12000))

@@ -50,9 +50,7 @@ def store_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def make_store(store_path: Path, clocks: FakeClocks) -> Callable[[], KeyStore]:
     def make() -> KeyStore:
-        store = KeyStore(
-            store_path, flush_interval=60.0, wall_clock=lambda: clocks.wall, monotonic=lambda: clocks.mono
-        )
+        store = KeyStore(store_path, flush_interval=60.0, wall_clock=lambda: clocks.wall, monotonic=lambda: clocks.mono)
         store.load()
         return store
 
@@ -71,7 +69,7 @@ def test_generate_returns_a_secret_once_and_stores_only_a_salted_hash(store: Key
     assert record == KeyRecord(record.id, "laptop", "inference", "generated", "2025-06-15T15:06:40Z", None)
     text = store_path.read_text()
     # The random part is the 43 characters after "thox_<8 hex>_" (it may itself contain "_").
-    assert secret not in text and secret[len("thox_12345678_"):] not in text
+    assert secret not in text and secret[len("thox_12345678_") :] not in text
     doc = json.loads(text)
     assert doc["version"] == 1
     (stored,) = doc["keys"]
@@ -339,9 +337,7 @@ def test_force_flush_ignores_the_interval(store: KeyStore, clocks: FakeClocks) -
     assert store.flush_last_used(force=True) is True
 
 
-def test_a_flush_never_undoes_another_process_revoke(
-    make_store: Callable[[], KeyStore], clocks: FakeClocks
-) -> None:
+def test_a_flush_never_undoes_another_process_revoke(make_store: Callable[[], KeyStore], clocks: FakeClocks) -> None:
     agent, cli = make_store(), make_store()
     record, secret = agent.generate("k")
     kept, _ = agent.generate("kept")
@@ -368,9 +364,7 @@ def test_a_failed_flush_keeps_the_pending_times(store: KeyStore, store_path: Pat
     assert KeyStore(store_path).list()[0].last_used == "2025-06-15T15:06:40Z"
 
 
-def test_touches_of_a_key_that_is_gone_write_nothing(
-    make_store: Callable[[], KeyStore], store_path: Path
-) -> None:
+def test_touches_of_a_key_that_is_gone_write_nothing(make_store: Callable[[], KeyStore], store_path: Path) -> None:
     agent, cli = make_store(), make_store()
     record, _ = agent.generate()
     agent.touch_last_used(record.id)

@@ -14,8 +14,9 @@ Step = tuple[float, bool]
 Expected = list[tuple[bool, float]]
 
 
-def run(steps: list[Step], until: float, *, start: bool = False, debounce: float = D,
-        confirm: float = C) -> list[DockEvent]:
+def run(
+    steps: list[Step], until: float, *, start: bool = False, debounce: float = D, confirm: float = C
+) -> list[DockEvent]:
     """Feed every step, then advance to `until`; collect what was reported."""
     machine = Debouncer(debounce, confirm, level=start, at=0.0)
     events: list[DockEvent] = []
@@ -37,32 +38,76 @@ TABLE: list[tuple[str, list[Step], float, Expected]] = [
     ("clean dock", DOCKED_AT_1, 5.0, [(True, 1.32)]),
     ("not yet confirmed just before the deadline", DOCKED_AT_1, 1.3199, []),
     ("confirmed exactly at the deadline", DOCKED_AT_1, 1.32, [(True, 1.32)]),
-    ("clean dock then lift: undock after debounce only",
-     [(1.0, True), (3.0, False)], 5.0, [(True, 1.32), (False, 3.02)]),
-    ("bounce train on docking: timed from the last edge",
-     [(1.000, True), (1.005, False), (1.010, True), (1.015, False), (1.020, True)], 5.0, [(True, 1.34)]),
-    ("bounce pulses shorter than debounce never count",
-     [(1.000, True), (1.019, False), (1.038, True), (1.057, False)], 5.0, []),
+    (
+        "clean dock then lift: undock after debounce only",
+        [(1.0, True), (3.0, False)],
+        5.0,
+        [(True, 1.32), (False, 3.02)],
+    ),
+    (
+        "bounce train on docking: timed from the last edge",
+        [(1.000, True), (1.005, False), (1.010, True), (1.015, False), (1.020, True)],
+        5.0,
+        [(True, 1.34)],
+    ),
+    (
+        "bounce pulses shorter than debounce never count",
+        [(1.000, True), (1.019, False), (1.038, True), (1.057, False)],
+        5.0,
+        [],
+    ),
     ("slide-by: magnet present 200 ms is not a dock", [(1.0, True), (1.2, False)], 5.0, []),
     ("slide-by leaving 1 ms before the confirmation", [(1.0, True), (1.319, False)], 5.0, []),
-    ("lift exactly at the confirmation: docked, then undocked",
-     [(1.0, True), (1.32, False)], 5.0, [(True, 1.32), (False, 1.34)]),
-    ("bounce on lifting: undock 20 ms after the last edge",
-     [(1.0, True), (3.000, False), (3.004, True), (3.008, False)], 5.0, [(True, 1.32), (False, 3.028)]),
-    ("dropout shorter than debounce while docked is ignored",
-     [(1.0, True), (3.0, False), (3.01, True)], 5.0, [(True, 1.32)]),
-    ("quick re-dock: lifted, then docked again 100 ms later",
-     [(1.0, True), (3.0, False), (3.1, True)], 5.0, [(True, 1.32), (False, 3.02), (True, 3.42)]),
-    ("re-dock before the undock counted: no events at all",
-     [(1.0, True), (3.0, False), (3.015, True)], 5.0, [(True, 1.32)]),
-    ("glitch inside the confirm window does not restart it",
-     [(1.0, True), (1.1, False), (1.105, True)], 5.0, [(True, 1.32)]),
-    ("glitch across the confirmation: confirmed when it ends",
-     [(1.0, True), (1.31, False), (1.325, True)], 5.0, [(True, 1.325)]),
+    (
+        "lift exactly at the confirmation: docked, then undocked",
+        [(1.0, True), (1.32, False)],
+        5.0,
+        [(True, 1.32), (False, 1.34)],
+    ),
+    (
+        "bounce on lifting: undock 20 ms after the last edge",
+        [(1.0, True), (3.000, False), (3.004, True), (3.008, False)],
+        5.0,
+        [(True, 1.32), (False, 3.028)],
+    ),
+    (
+        "dropout shorter than debounce while docked is ignored",
+        [(1.0, True), (3.0, False), (3.01, True)],
+        5.0,
+        [(True, 1.32)],
+    ),
+    (
+        "quick re-dock: lifted, then docked again 100 ms later",
+        [(1.0, True), (3.0, False), (3.1, True)],
+        5.0,
+        [(True, 1.32), (False, 3.02), (True, 3.42)],
+    ),
+    (
+        "re-dock before the undock counted: no events at all",
+        [(1.0, True), (3.0, False), (3.015, True)],
+        5.0,
+        [(True, 1.32)],
+    ),
+    (
+        "glitch inside the confirm window does not restart it",
+        [(1.0, True), (1.1, False), (1.105, True)],
+        5.0,
+        [(True, 1.32)],
+    ),
+    (
+        "glitch across the confirmation: confirmed when it ends",
+        [(1.0, True), (1.31, False), (1.325, True)],
+        5.0,
+        [(True, 1.325)],
+    ),
     ("glitch across the confirmation that turns into a lift", [(1.0, True), (1.31, False)], 5.0, []),
     ("repeated level is not an edge", [(1.0, True), (1.01, True), (1.015, True)], 5.0, [(True, 1.32)]),
-    ("two docks and lifts", [(1.0, True), (2.0, False), (4.0, True), (6.0, False)], 9.0,
-     [(True, 1.32), (False, 2.02), (True, 4.32), (False, 6.02)]),
+    (
+        "two docks and lifts",
+        [(1.0, True), (2.0, False), (4.0, True), (6.0, False)],
+        9.0,
+        [(True, 1.32), (False, 2.02), (True, 4.32), (False, 6.02)],
+    ),
 ]
 
 
@@ -72,8 +117,7 @@ def test_debounce_table(steps: list[Step], until: float, expected: Expected) -> 
 
 
 @pytest.mark.parametrize(("steps", "until", "expected"), [row[1:] for row in TABLE], ids=[row[0] for row in TABLE])
-def test_events_do_not_depend_on_how_often_time_is_polled(steps: list[Step], until: float,
-                                                           expected: Expected) -> None:
+def test_events_do_not_depend_on_how_often_time_is_polled(steps: list[Step], until: float, expected: Expected) -> None:
     """Polling every millisecond (as loop timers might) reports the same events at the same times."""
     machine = Debouncer(D, C)
     events: list[DockEvent] = []

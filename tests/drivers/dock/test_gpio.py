@@ -104,19 +104,26 @@ def now() -> float:
 
 
 async def test_open_requests_the_line_as_a_pulled_up_active_low_input_with_both_edges(
-        dock: GpioDock, requests: Requests) -> None:
+    dock: GpioDock, requests: Requests
+) -> None:
     ((path, consumer, config),) = requests.calls
     settings = config[17]
     assert (path, consumer, list(config)) == ("/dev/gpiochip0", "thox-agent", [17])
-    assert (settings.direction, settings.edge_detection, settings.bias, settings.active_low,
-            settings.event_clock) == (Direction.INPUT, Edge.BOTH, Bias.PULL_UP, True, Clock.MONOTONIC)
+    assert (settings.direction, settings.edge_detection, settings.bias, settings.active_low, settings.event_clock) == (
+        Direction.INPUT,
+        Edge.BOTH,
+        Bias.PULL_UP,
+        True,
+        Clock.MONOTONIC,
+    )
     assert settings.debounce_period == timedelta(milliseconds=5)
     assert requests.request is not None and not os.get_blocking(requests.request.fd)
     assert (dock.name, dock.state) == ("gpio:gpiochip0:17", DriverState.OPEN)
 
 
 async def test_a_rising_edge_docks_after_debounce_and_confirm_timed_from_the_kernel_timestamp(
-        dock: GpioDock, requests: Requests) -> None:
+    dock: GpioDock, requests: Requests
+) -> None:
     assert requests.request is not None
     edge = now()
     requests.request.push((RISING, edge))
@@ -126,13 +133,17 @@ async def test_a_rising_edge_docks_after_debounce_and_confirm_timed_from_the_ker
     assert await dock.present()
 
 
-async def test_a_bounce_train_read_in_one_batch_is_timed_from_its_last_edge(
-        dock: GpioDock, requests: Requests) -> None:
+async def test_a_bounce_train_read_in_one_batch_is_timed_from_its_last_edge(dock: GpioDock, requests: Requests) -> None:
     assert requests.request is not None
     await asyncio.sleep(0.02)
     start = now() - 0.01  # the train happened just before the loop got to read it
-    requests.request.push((RISING, start), (FALLING, start + 0.002), (RISING, start + 0.004),
-                          (FALLING, start + 0.006), (RISING, start + 0.008))
+    requests.request.push(
+        (RISING, start),
+        (FALLING, start + 0.002),
+        (RISING, start + 0.004),
+        (FALLING, start + 0.006),
+        (RISING, start + 0.008),
+    )
     event = await next_event(dock)
     assert event.docked and event.at == pytest.approx(start + 0.008 + DEBOUNCE + CONFIRM, abs=1e-6)
     assert requests.request.reads == 1
@@ -208,12 +219,15 @@ async def test_spurious_wake_up_is_ignored(dock: GpioDock, requests: Requests) -
     assert dock.state is DriverState.OPEN and requests.request.reads == 1
 
 
-@pytest.mark.parametrize(("error", "raised", "message"), [
-    (FileNotFoundError(errno.ENOENT, "No such file"), DriverConfigError, "no such GPIO chip"),
-    (OSError(errno.EBUSY, "Device or resource busy"), DriverError, "in use by another consumer"),
-    (PermissionError(errno.EACCES, "Permission denied"), DriverError, "permission denied"),
-    (ValueError("line offset of out range"), DriverConfigError, "has no line 17"),
-])
+@pytest.mark.parametrize(
+    ("error", "raised", "message"),
+    [
+        (FileNotFoundError(errno.ENOENT, "No such file"), DriverConfigError, "no such GPIO chip"),
+        (OSError(errno.EBUSY, "Device or resource busy"), DriverError, "in use by another consumer"),
+        (PermissionError(errno.EACCES, "Permission denied"), DriverError, "permission denied"),
+        (ValueError("line offset of out range"), DriverConfigError, "has no line 17"),
+    ],
+)
 async def test_open_errors_say_what_is_wrong(error: Exception, raised: type[DriverError], message: str) -> None:
     sensor = GpioDock("gpiochip0", 17, request_lines=Requests(error=error))
     with pytest.raises(raised, match=message):
@@ -236,4 +250,3 @@ def test_bad_config_strings_are_rejected(text: str) -> None:
 def test_kernel_debounce_may_not_exceed_the_software_debounce() -> None:
     with pytest.raises(DriverConfigError, match="kernel_debounce"):
         GpioDock("gpiochip0", 1, debounce=0.002)
-

@@ -104,10 +104,16 @@ def test_any_json_payload_is_an_offer_or_a_clear_error(value: Any) -> None:
 
 @given(
     st.fixed_dictionaries(
-        {"v": st.one_of(st.just(1), _json), "node": st.one_of(st.text(max_size=12), _json),
-         "ep": st.one_of(st.text(max_size=12), _json)},
-        optional={"tok": st.one_of(st.text(max_size=12), _json), "exp": st.one_of(st.integers(), _json),
-                  "fp": st.one_of(st.text(max_size=12), _json)},
+        {
+            "v": st.one_of(st.just(1), _json),
+            "node": st.one_of(st.text(max_size=12), _json),
+            "ep": st.one_of(st.text(max_size=12), _json),
+        },
+        optional={
+            "tok": st.one_of(st.text(max_size=12), _json),
+            "exp": st.one_of(st.integers(), _json),
+            "fp": st.one_of(st.text(max_size=12), _json),
+        },
     ),
     st.booleans(),
 )

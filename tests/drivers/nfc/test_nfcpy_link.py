@@ -69,9 +69,17 @@ async def tag(path: str) -> AsyncIterator[NfcpyLink]:
 
 async def test_join_offer_crosses_two_processes_over_udp(path: str) -> None:
     peer = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.drivers.nfc.offer_peer", path, "8", json.dumps(asdict(OFFER)),
-        cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        sys.executable,
+        "-m",
+        "tests.drivers.nfc.offer_peer",
+        path,
+        "8",
+        json.dumps(asdict(OFFER)),
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     assert peer.stdout is not None
     link = NfcpyLink(path)
     try:

@@ -19,24 +19,39 @@ from drivers.nfc.tag3 import (
 )
 
 
-@pytest.mark.parametrize(("info", "block"), [
-    # Ver Nbr Nbw Nmaxb     (0)     WriteF RWFlag  Ln        Check
-    pytest.param(AttributeInfo(nbr=3, nbw=0, nmaxb=4, ln=61),
-                 "10 03 00 0004 00000000 00 00 00003D 0054", id="61-byte-message"),
-    pytest.param(AttributeInfo(nbr=1, nbw=1, nmaxb=0x0100, ln=0x001001, writef=0x0F, rwflag=0x01),
-                 "10 01 01 0100 00000000 0F 01 001001 0034", id="all-fields"),
-])
+@pytest.mark.parametrize(
+    ("info", "block"),
+    [
+        # Ver Nbr Nbw Nmaxb     (0)     WriteF RWFlag  Ln        Check
+        pytest.param(
+            AttributeInfo(nbr=3, nbw=0, nmaxb=4, ln=61),
+            "10 03 00 0004 00000000 00 00 00003D 0054",
+            id="61-byte-message",
+        ),
+        pytest.param(
+            AttributeInfo(nbr=1, nbw=1, nmaxb=0x0100, ln=0x001001, writef=0x0F, rwflag=0x01),
+            "10 01 01 0100 00000000 0F 01 001001 0034",
+            id="all-fields",
+        ),
+    ],
+)
 def test_attribute_block_bytes(info: AttributeInfo, block: str) -> None:
     assert info.encode() == bytes.fromhex(block)
     assert AttributeInfo.decode(bytes.fromhex(block)) == info
 
 
-@pytest.mark.parametrize(("block", "reason"), [
-    pytest.param("10 03 00 0004 00000000 00 00 00003D 0055", "checksum 0x0055 does not match its bytes (0x0054)",
-                 id="checksum"),
-    pytest.param("20 03 00 0004 00000000 00 00 00003D 0064", "mapping version 0x20", id="version-2"),
-    pytest.param("10 03 00 0004 00000000 00 00 00003D", "16 bytes, got 14", id="short"),
-])
+@pytest.mark.parametrize(
+    ("block", "reason"),
+    [
+        pytest.param(
+            "10 03 00 0004 00000000 00 00 00003D 0055",
+            "checksum 0x0055 does not match its bytes (0x0054)",
+            id="checksum",
+        ),
+        pytest.param("20 03 00 0004 00000000 00 00 00003D 0064", "mapping version 0x20", id="version-2"),
+        pytest.param("10 03 00 0004 00000000 00 00 00003D", "16 bytes, got 14", id="short"),
+    ],
+)
 def test_attribute_block_errors(block: str, reason: str) -> None:
     with pytest.raises(Tag3Error, match=reason.replace("(", r"\(").replace(")", r"\)")):
         AttributeInfo.decode(bytes.fromhex(block))
@@ -63,11 +78,14 @@ def test_fully_read_needs_every_data_block_in_any_order() -> None:
     assert area.fully_read
 
 
-@pytest.mark.parametrize(("message", "nbr", "reason"), [
-    pytest.param(b"", 3, "non-empty NDEF message", id="empty"),
-    pytest.param(b"x", 0, "Nbr must be 1..15", id="nbr-0"),
-    pytest.param(b"x", 16, "Nbr must be 1..15", id="nbr-16"),
-])
+@pytest.mark.parametrize(
+    ("message", "nbr", "reason"),
+    [
+        pytest.param(b"", 3, "non-empty NDEF message", id="empty"),
+        pytest.param(b"x", 0, "Nbr must be 1..15", id="nbr-0"),
+        pytest.param(b"x", 16, "Nbr must be 1..15", id="nbr-16"),
+    ],
+)
 def test_ndef_area_refuses_what_a_tag_cannot_hold(message: bytes, nbr: int, reason: str) -> None:
     with pytest.raises(Tag3Error, match=reason):
         NdefArea(message, nbr)
@@ -99,8 +117,9 @@ def test_nfcpy_emulation_answers_reads_with_our_blocks_on_the_wire() -> None:
     response = emulation.process_command(bytearray.fromhex("10 06") + idm + bytearray.fromhex("01 0B00 01 8000"))
     assert bytes(response) == bytes.fromhex("1D 07") + idm + bytes.fromhex("0000 01") + area.attributes.encode()
     # blocks 1-3 in one command (Nbr = 3): 13 + 48 = 61 bytes, inside a PN532's 64-byte frame
-    response = emulation.process_command(bytearray.fromhex("14 06") + idm
-                                         + bytearray.fromhex("01 0B00 03 8001 8002 8003"))
+    response = emulation.process_command(
+        bytearray.fromhex("14 06") + idm + bytearray.fromhex("01 0B00 03 8001 8002 8003")
+    )
     assert bytes(response) == bytes.fromhex("3D 07") + idm + bytes.fromhex("0000 03") + message[0:48]
     assert not area.fully_read
     response = emulation.process_command(bytearray.fromhex("10 06") + idm + bytearray.fromhex("01 0B00 01 8004"))

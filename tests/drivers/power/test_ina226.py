@@ -57,11 +57,13 @@ async def rig() -> AsyncIterator[Rig]:
 
 async def test_open_identifies_resets_calibrates_and_configures(rig: Rig) -> None:
     assert rig.model.writes == [
-        b"\xfe", b"\xff",  # manufacturer and die ID
+        b"\xfe",
+        b"\xff",  # manufacturer and die ID
         b"\x00\x80\x00",  # Configuration: RST
         b"\x05\x0d\x1b",  # Calibration 3355 = trunc(0.00512 / (5 A / 2^15 x 0.01 ohm))
         b"\x00\x45\x27",  # Configuration: 16 averages, 1.1 ms bus and shunt, continuous
-        b"\x00", b"\x05",  # read both back
+        b"\x00",
+        b"\x05",  # read both back
     ]
     assert rig.driver.name == "ina226:i2c-7@0x40" and rig.driver.state is DriverState.OPEN
 
@@ -116,15 +118,19 @@ def test_a_shunt_and_range_the_chip_cannot_measure() -> None:
         Ina226(bus, averages=3)
 
 
-@pytest.mark.parametrize(("kind", "error", "code"), [
-    ("nack", NotAcknowledgedError, errno.EREMOTEIO),
-    ("enxio", NotAcknowledgedError, errno.ENXIO),
-    ("timeout", BusTimeoutError, errno.ETIMEDOUT),
-    ("stuck", ImplausibleReadingError, None),  # Mask/Enable repeats CVRF=0: no conversion ever seen to finish
-    ("implausible", ImplausibleReadingError, None),  # power-on values: no CVRF, calibration 0
-])
-async def test_faults_are_driver_errors_and_the_driver_recovers(rig: Rig, kind: FaultKind, error: type[DriverError],
-                                                              code: int | None) -> None:
+@pytest.mark.parametrize(
+    ("kind", "error", "code"),
+    [
+        ("nack", NotAcknowledgedError, errno.EREMOTEIO),
+        ("enxio", NotAcknowledgedError, errno.ENXIO),
+        ("timeout", BusTimeoutError, errno.ETIMEDOUT),
+        ("stuck", ImplausibleReadingError, None),  # Mask/Enable repeats CVRF=0: no conversion ever seen to finish
+        ("implausible", ImplausibleReadingError, None),  # power-on values: no CVRF, calibration 0
+    ],
+)
+async def test_faults_are_driver_errors_and_the_driver_recovers(
+    rig: Rig, kind: FaultKind, error: type[DriverError], code: int | None
+) -> None:
     await rig.driver.sample()
     rig.fake.faults.set_rules([FaultRule(kind, 1.0, 0x40)])
     loop = asyncio.get_running_loop()
@@ -171,12 +177,15 @@ async def test_close_restores_the_power_on_configuration(rig: Rig) -> None:
 # ----------------------------------------------------------------------------- codec
 
 
-@pytest.mark.parametrize(("averages", "conversion_us", "word"), [
-    (1, 1100, 0x4127),  # the power-on configuration
-    (16, 1100, 0x4527),
-    (1024, 8244, 0x4FFF),
-    (4, 140, 0x4207),
-])
+@pytest.mark.parametrize(
+    ("averages", "conversion_us", "word"),
+    [
+        (1, 1100, 0x4127),  # the power-on configuration
+        (16, 1100, 0x4527),
+        (1024, 8244, 0x4FFF),
+        (4, 140, 0x4207),
+    ],
+)
 def test_config_word(averages: int, conversion_us: int, word: int) -> None:
     assert config_word(averages, conversion_us) == word
 
@@ -189,17 +198,21 @@ def test_calibration_and_reading_arithmetic() -> None:
     assert sample.bus_mv == 9000.0
     assert sample.current_ma == pytest.approx(1233.99, abs=0.01)
     assert sample.power_mw == pytest.approx(11102.2, abs=0.1)
-    negative = decode_reading(RawReading(shunt=(-2000) & 0xFFFF, bus=7200, current=(-3276) & 0xFFFF, power=1179),
-                              3355, 0.01, 5.0)
+    negative = decode_reading(
+        RawReading(shunt=(-2000) & 0xFFFF, bus=7200, current=(-3276) & 0xFFFF, power=1179), 3355, 0.01, 5.0
+    )
     assert negative.current_ma < 0 < negative.power_mw
 
 
-@pytest.mark.parametrize(("raw", "message"), [
-    (RawReading(shunt=4936, bus=7200, current=8086, power=2000), "power register 2000 does not match"),
-    (RawReading(shunt=4936, bus=7200, current=0, power=0), "current register 0 does not match"),
-    (RawReading(shunt=4936, bus=0x8000, current=8086, power=0), "bit 15 is always 0"),
-    (RawReading(shunt=4936, bus=0, current=8086, power=0), "flows while the bus reads 0 V"),
-])
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (RawReading(shunt=4936, bus=7200, current=8086, power=2000), "power register 2000 does not match"),
+        (RawReading(shunt=4936, bus=7200, current=0, power=0), "current register 0 does not match"),
+        (RawReading(shunt=4936, bus=0x8000, current=8086, power=0), "bit 15 is always 0"),
+        (RawReading(shunt=4936, bus=0, current=8086, power=0), "flows while the bus reads 0 V"),
+    ],
+)
 def test_readings_no_working_chip_produces(raw: RawReading, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         decode_reading(raw, 3355, 0.01, 5.0)

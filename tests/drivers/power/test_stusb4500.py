@@ -80,7 +80,11 @@ async def test_docking_then_9v_then_back_to_5v_then_undocking(rig: Rig) -> None:
 
     caps = await driver.source_caps()
     assert [(p.index, p.kind, p.max_mv, p.max_ma) for p in caps] == [
-        (1, "fixed", 5000, 3000), (2, "fixed", 9000, 3000), (3, "fixed", 15000, 3000), (4, "fixed", 20000, 2250)]
+        (1, "fixed", 5000, 3000),
+        (2, "fixed", 9000, 3000),
+        (3, "fixed", 15000, 3000),
+        (4, "fixed", 20000, 2250),
+    ]
 
     contract = await driver.request(2)
     assert contract.state == "explicit" and contract.selected == caps[1] and contract.source_pdos == caps
@@ -107,20 +111,29 @@ async def test_reading_source_caps_follows_st_sample_code_on_the_wire(rig: Rig) 
         b"\x0b",  # read ALERT_STATUS_1..PRT_STATUS: clear what is latched
         b"\x51\x0d",  # TX_HEADER = Soft_Reset
         b"\x1a\x26",  # PD_COMMAND_CTRL = send
-        b"\x0b", b"\x31",  # alert, then RX_HEADER: the source's Accept of the soft reset
-        b"\x0b", b"\x31", b"\x33",  # alert, RX_HEADER: Source_Capabilities, then its four objects
-        b"\x0b", b"\x31",  # Accept: the source grants the request the chip made from its sink PDOs
-        b"\x0b", b"\x31",  # PS_RDY: the contract is settled
+        b"\x0b",
+        b"\x31",  # alert, then RX_HEADER: the source's Accept of the soft reset
+        b"\x0b",
+        b"\x31",
+        b"\x33",  # alert, RX_HEADER: Source_Capabilities, then its four objects
+        b"\x0b",
+        b"\x31",  # Accept: the source grants the request the chip made from its sink PDOs
+        b"\x0b",
+        b"\x31",  # PS_RDY: the contract is settled
     ]
 
 
-@pytest.mark.parametrize(("index", "operating_ma", "sink_pdo2"), [
-    (2, None, b"\x2c\xd1\x02\x00"),  # 9 V, 3 A: 0x0002D12C little-endian
-    (2, 1500, b"\x96\xd0\x02\x00"),  # 9 V, 1.5 A
-    (4, None, b"\xe1\x40\x06\x00"),  # 20 V, 2.25 A
-])
-async def test_request_writes_sink_pdo2_then_soft_reset(rig: Rig, index: int, operating_ma: int | None,
-                                                       sink_pdo2: bytes) -> None:
+@pytest.mark.parametrize(
+    ("index", "operating_ma", "sink_pdo2"),
+    [
+        (2, None, b"\x2c\xd1\x02\x00"),  # 9 V, 3 A: 0x0002D12C little-endian
+        (2, 1500, b"\x96\xd0\x02\x00"),  # 9 V, 1.5 A
+        (4, None, b"\xe1\x40\x06\x00"),  # 20 V, 2.25 A
+    ],
+)
+async def test_request_writes_sink_pdo2_then_soft_reset(
+    rig: Rig, index: int, operating_ma: int | None, sink_pdo2: bytes
+) -> None:
     rig.port.pdos = LAPTOP
     await rig.driver.source_caps()
     rig.model.writes.clear()
@@ -184,8 +197,10 @@ async def test_capability_mismatch_is_reported_with_the_rdo_fields(rig: Rig) -> 
     rig.port.pdos = LAPTOP
     await rig.driver.source_caps()
     rig.port.pdos = (LAPTOP[0], LAPTOP[2], LAPTOP[3])  # the source stops offering 9 V after we read its offer
-    expected = (r"asked for PDO 2: fixed 9000 mV 3000 mA at 3000 mA, but the contract is RDO 0x14025896 "
-                r"\(object position 1, operating 1500 mA, max 1500 mA, capability mismatch set\)")
+    expected = (
+        r"asked for PDO 2: fixed 9000 mV 3000 mA at 3000 mA, but the contract is RDO 0x14025896 "
+        r"\(object position 1, operating 1500 mA, max 1500 mA, capability mismatch set\)"
+    )
     with pytest.raises(NegotiationError, match=expected):
         await rig.driver.request(2)
     assert rig.model.vbus_mv == 5000
@@ -249,15 +264,19 @@ async def test_nobody_at_the_address() -> None:
     assert caught.value.errno == errno.EREMOTEIO and driver.state is DriverState.FAULTED
 
 
-@pytest.mark.parametrize(("kind", "error", "code"), [
-    ("nack", NotAcknowledgedError, errno.EREMOTEIO),
-    ("enxio", NotAcknowledgedError, errno.ENXIO),
-    ("timeout", BusTimeoutError, errno.ETIMEDOUT),
-    ("stuck", NegotiationError, None),  # the RX registers never change: no Accept before settle_timeout
-    ("implausible", ImplausibleReadingError, None),  # RX_HEADER 0xFFFF has the reserved revision 11b
-])
-async def test_faults_are_driver_errors_and_the_driver_recovers(rig: Rig, kind: FaultKind, error: type[DriverError],
-                                                              code: int | None) -> None:
+@pytest.mark.parametrize(
+    ("kind", "error", "code"),
+    [
+        ("nack", NotAcknowledgedError, errno.EREMOTEIO),
+        ("enxio", NotAcknowledgedError, errno.ENXIO),
+        ("timeout", BusTimeoutError, errno.ETIMEDOUT),
+        ("stuck", NegotiationError, None),  # the RX registers never change: no Accept before settle_timeout
+        ("implausible", ImplausibleReadingError, None),  # RX_HEADER 0xFFFF has the reserved revision 11b
+    ],
+)
+async def test_faults_are_driver_errors_and_the_driver_recovers(
+    rig: Rig, kind: FaultKind, error: type[DriverError], code: int | None
+) -> None:
     rig.port.pdos = LAPTOP
     await rig.driver.source_caps()
     rig.fake.faults.set_rules([FaultRule(kind, 1.0, 0x28)])

@@ -74,8 +74,12 @@ async def test_docking_then_9v_then_back_to_5v_then_undocking(rig: Rig) -> None:
     assert default.selected is not None and default.selected.max_mv == 5000 and model.vbus_mv == 5000
 
     caps = await driver.source_caps()
-    assert [(p.index, p.max_mv, p.max_ma) for p in caps] == [(1, 5000, 3000), (2, 9000, 3000), (3, 15000, 3000),
-                                                             (4, 20000, 2250)]
+    assert [(p.index, p.max_mv, p.max_ma) for p in caps] == [
+        (1, 5000, 3000),
+        (2, 9000, 3000),
+        (3, 15000, 3000),
+        (4, 20000, 2250),
+    ]
     contract = await driver.request(2)
     assert contract.state == "explicit" and contract.selected == caps[1] and contract.source_pdos == caps
     assert contract.rdo is not None and contract.rdo.raw == 0x2004B12C
@@ -100,12 +104,14 @@ async def test_request_rewrites_tx_sink_caps_then_issues_gsrc(rig: Rig) -> None:
     assert rig.model.writes == [
         b"\x1a",  # STATUS: PlugPresent?
         b"\x33",  # TX_SINK_CAPS: keep the Application Configuration's 5 V PDO
-        bytes([0x33, 29, 2]) + bytes.fromhex("2c910100" "c8b00400") + bytes(20),  # 5 V/3 A, 15 V/2 A
+        bytes([0x33, 29, 2]) + bytes.fromhex("2c910100c8b00400") + bytes(20),  # 5 V/3 A, 15 V/2 A
         b"\x08\x04GSrC",  # CMD1
-        b"\x08", b"\x08",  # CMD1 reads "GSrC" while the task runs, then 0
+        b"\x08",
+        b"\x08",  # CMD1 reads "GSrC" while the task runs, then 0
         b"\x09",  # DATA1: task result
         b"\x30",  # RX_SOURCE_CAPS
-        b"\x35", b"\x34",  # ACTIVE_CONTRACT_RDO, ACTIVE_CONTRACT_PDO
+        b"\x35",
+        b"\x34",  # ACTIVE_CONTRACT_RDO, ACTIVE_CONTRACT_PDO
     ]
     assert rig.model.contract_rdo == 0x300320C8  # position 3, 2000 mA, 2000 mA
     assert rig.model.vbus_mv == 15000
@@ -139,8 +145,11 @@ async def test_a_rejected_request_keeps_the_old_contract(rig: Rig) -> None:
     rig.port.pdos = LAPTOP
     await rig.driver.source_caps()
     rig.model.source_rejects = True
-    with pytest.raises(NegotiationError, match=r"asked for PDO 4: fixed 20000 mV 2250 mA at 2250 mA, but the contract "
-                                               r"is RDO 0x1004b12c \(PDO 1: fixed 5000 mV 3000 mA; object position 1"):
+    with pytest.raises(
+        NegotiationError,
+        match=r"asked for PDO 4: fixed 20000 mV 2250 mA at 2250 mA, but the contract "
+        r"is RDO 0x1004b12c \(PDO 1: fixed 5000 mV 3000 mA; object position 1",
+    ):
         await rig.driver.request(4)
     assert rig.model.vbus_mv == 5000
 
@@ -178,15 +187,19 @@ async def test_a_chip_waiting_for_its_patch_bundle() -> None:
         await driver.open()
 
 
-@pytest.mark.parametrize(("kind", "error", "code"), [
-    ("nack", NotAcknowledgedError, errno.EREMOTEIO),
-    ("enxio", NotAcknowledgedError, errno.ENXIO),
-    ("timeout", BusTimeoutError, errno.ETIMEDOUT),
-    ("stuck", NegotiationError, None),  # CMD1/RDO repeat their last answers: the contract is not the one asked for
-    ("implausible", ImplausibleReadingError, None),  # a byte count of 255
-])
-async def test_faults_are_driver_errors_and_the_driver_recovers(rig: Rig, kind: FaultKind, error: type[DriverError],
-                                                              code: int | None) -> None:
+@pytest.mark.parametrize(
+    ("kind", "error", "code"),
+    [
+        ("nack", NotAcknowledgedError, errno.EREMOTEIO),
+        ("enxio", NotAcknowledgedError, errno.ENXIO),
+        ("timeout", BusTimeoutError, errno.ETIMEDOUT),
+        ("stuck", NegotiationError, None),  # CMD1/RDO repeat their last answers: the contract is not the one asked for
+        ("implausible", ImplausibleReadingError, None),  # a byte count of 255
+    ],
+)
+async def test_faults_are_driver_errors_and_the_driver_recovers(
+    rig: Rig, kind: FaultKind, error: type[DriverError], code: int | None
+) -> None:
     rig.port.pdos = LAPTOP
     await rig.driver.source_caps()
     rig.fake.faults.set_rules([FaultRule(kind, 1.0, 0x21)])

@@ -48,18 +48,34 @@ ENCODED = [
     ("PING, no payload", Kind.PING, 1, b"", "a5 41 01 00 00 d8 ab"),
     ("PING with nonce", Kind.PING, 1, b"thox", "a5 41 01 04 00 74 68 6f 78 38 60"),
     ("GET_STATUS", Kind.GET_STATUS, 0x7F, b"", "a5 43 7f 00 00 b9 85"),
-    ("SET_LED blink", Kind.SET_LED, 0xFF, LedState(LedMode.BLINK, 0x10, 0x20, 0x30).encode(),
-     "a5 45 ff 04 00 02 10 20 30 3e b2"),
-    ("STATUS 20 V, red LED", Kind.STATUS, 2, DockStatus(True, False, 20000, LedState(LedMode.ON, 255, 0, 0)).encode(),
-     "a5 44 02 07 00 01 20 4e 01 ff 00 00 c2 44"),
+    (
+        "SET_LED blink",
+        Kind.SET_LED,
+        0xFF,
+        LedState(LedMode.BLINK, 0x10, 0x20, 0x30).encode(),
+        "a5 45 ff 04 00 02 10 20 30 3e b2",
+    ),
+    (
+        "STATUS 20 V, red LED",
+        Kind.STATUS,
+        2,
+        DockStatus(True, False, 20000, LedState(LedMode.ON, 255, 0, 0)).encode(),
+        "a5 44 02 07 00 01 20 4e 01 ff 00 00 c2 44",
+    ),
     ("ERROR", Kind.ERROR, 3, ErrorReply(ErrorCode.UNKNOWN_KIND, "no").encode(), "a5 7f 03 03 00 01 6e 6f 28 5d"),
-    ("EVENT, everything off", Kind.EVENT, 0, DockStatus(False, False, 0).encode(),
-     "a5 50 00 07 00 00 00 00 00 00 00 00 4c 74"),
+    (
+        "EVENT, everything off",
+        Kind.EVENT,
+        0,
+        DockStatus(False, False, 0).encode(),
+        "a5 50 00 07 00 00 00 00 00 00 00 00 4c 74",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("kind", "sequence", "payload", "expected"), [row[1:] for row in ENCODED],
-                         ids=[row[0] for row in ENCODED])
+@pytest.mark.parametrize(
+    ("kind", "sequence", "payload", "expected"), [row[1:] for row in ENCODED], ids=[row[0] for row in ENCODED]
+)
 def test_encoded_bytes(kind: int, sequence: int, payload: bytes, expected: str) -> None:
     frame = encode_frame(kind, sequence, payload)
     assert frame == wire(expected)
@@ -74,12 +90,15 @@ def test_largest_frame() -> None:
     assert len(frame) == 262 and frame[:5] == wire("a5 41 09 ff 00")
 
 
-@pytest.mark.parametrize(("kind", "sequence", "payload", "message"), [
-    (0x40, 1, b"", "6 bits"),
-    (Kind.PING, 256, b"", "one byte"),
-    (Kind.PING, -1, b"", "one byte"),
-    (Kind.PING, 1, bytes(256), "exceeds 255"),
-])
+@pytest.mark.parametrize(
+    ("kind", "sequence", "payload", "message"),
+    [
+        (0x40, 1, b"", "6 bits"),
+        (Kind.PING, 256, b"", "one byte"),
+        (Kind.PING, -1, b"", "one byte"),
+        (Kind.PING, 1, bytes(256), "exceeds 255"),
+    ],
+)
 def test_unencodable_frames(kind: int, sequence: int, payload: bytes, message: str) -> None:
     with pytest.raises(FrameError, match=message):
         encode_frame(kind, sequence, payload)
@@ -95,11 +114,14 @@ def test_status_payload_layout() -> None:
     assert DockStatus.decode(wire("02 00 00 00 00 00 00")) == DockStatus(False, True, 0)
 
 
-@pytest.mark.parametrize(("payload", "message"), [
-    ("03 94 13 00 00 00", "must be 7 bytes"),
-    ("04 94 13 00 00 00 00", "reserved bits"),
-    ("01 94 13 07 00 00 00", "LED mode 7"),
-])
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        ("03 94 13 00 00 00", "must be 7 bytes"),
+        ("04 94 13 00 00 00 00", "reserved bits"),
+        ("01 94 13 07 00 00 00", "LED mode 7"),
+    ],
+)
 def test_bad_status_payloads(payload: str, message: str) -> None:
     with pytest.raises(FrameError, match=message):
         DockStatus.decode(wire(payload))
@@ -177,28 +199,40 @@ def test_decodes_several_frames_in_one_chunk() -> None:
 RESYNC = [
     ("garbage before", wire("00 11 22 33") + PING, [M_PING], dict(discarded_bytes=4)),
     # Each stray 0xA5 is rejected by its header (version bits 0b10), before any CRC: no waiting for a payload.
-    ("garbage with start bytes before", wire("a5 a5 13 a5") + PING, [M_PING],
-     dict(header_errors=3, crc_errors=0, frames=1, discarded_bytes=4)),
+    (
+        "garbage with start bytes before",
+        wire("a5 a5 13 a5") + PING,
+        [M_PING],
+        dict(header_errors=3, crc_errors=0, frames=1, discarded_bytes=4),
+    ),
     ("bad CRC, then a good frame", corrupt(PING, -1) + STATUS, [M_STATUS], dict(crc_errors=1)),
     ("bad payload byte between good frames", PING + corrupt(STATUS, 2) + LED, [M_PING, M_LED], dict(crc_errors=1)),
-    ("wrong version byte", PING[:1] + bytes((PING[1] ^ 0xC0,)) + PING[2:] + STATUS, [M_STATUS],
-     dict(header_errors=1)),
+    ("wrong version byte", PING[:1] + bytes((PING[1] ^ 0xC0,)) + PING[2:] + STATUS, [M_STATUS], dict(header_errors=1)),
     ("length over 255", wire("a5 41 01 00 01") + STATUS, [M_STATUS], dict(header_errors=1)),
-    ("good frame inside a damaged frame's claimed length",
-     wire("a5 41 07 0a 00") + STATUS + wire("00 00 00 00 00") + LED, [M_STATUS, M_LED], dict(crc_errors=1)),
-    ("frame of another version with a valid CRC", b"\xa5\x81\x01\x00\x00"
-     + binascii.crc_hqx(b"\x81\x01\x00\x00", 0xFFFF).to_bytes(2, "little") + LED, [M_LED], dict(header_errors=1)),
+    (
+        "good frame inside a damaged frame's claimed length",
+        wire("a5 41 07 0a 00") + STATUS + wire("00 00 00 00 00") + LED,
+        [M_STATUS, M_LED],
+        dict(crc_errors=1),
+    ),
+    (
+        "frame of another version with a valid CRC",
+        b"\xa5\x81\x01\x00\x00" + binascii.crc_hqx(b"\x81\x01\x00\x00", 0xFFFF).to_bytes(2, "little") + LED,
+        [M_LED],
+        dict(header_errors=1),
+    ),
 ]
 
 
 @pytest.mark.parametrize(("stream", "expected", "stats"), [row[1:] for row in RESYNC], ids=[row[0] for row in RESYNC])
-def test_resynchronises_without_losing_the_following_frame(stream: bytes, expected: list[SerialMessage],
-                                                           stats: dict[str, int]) -> None:
+def test_resynchronises_without_losing_the_following_frame(
+    stream: bytes, expected: list[SerialMessage], stats: dict[str, int]
+) -> None:
     for chunk in (len(stream), 1, 3):  # whole, byte by byte, in odd pieces
         decoder = FrameDecoder()
         out: list[SerialMessage] = []
         for start in range(0, len(stream), chunk):
-            out += decoder.feed(stream[start:start + chunk])
+            out += decoder.feed(stream[start : start + chunk])
         assert out == expected
         assert decoder.pending == 0
         for name, value in stats.items():

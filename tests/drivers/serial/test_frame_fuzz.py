@@ -28,11 +28,13 @@ from drivers.serial.frame import (
 
 LONGEST_FRAME = HEADER_LENGTH + MAX_PAYLOAD + CRC_LENGTH
 
-_messages = st.builds(SerialMessage, kind=st.integers(0, MAX_KIND), sequence=st.integers(0, 0xFF),
-                      payload=st.binary(max_size=MAX_PAYLOAD))
+_messages = st.builds(
+    SerialMessage, kind=st.integers(0, MAX_KIND), sequence=st.integers(0, 0xFF), payload=st.binary(max_size=MAX_PAYLOAD)
+)
 # Garbage rich in start bytes and plausible version bytes, the worst case for a resynchronising decoder.
-_garbage = st.lists(st.one_of(st.integers(0, 255), st.sampled_from([SOF, 0x41, 0x44, 0x7F, 0x00, 0xFF])),
-                    max_size=40).map(bytes)
+_garbage = st.lists(
+    st.one_of(st.integers(0, 255), st.sampled_from([SOF, 0x41, 0x44, 0x7F, 0x00, 0xFF])), max_size=40
+).map(bytes)
 
 
 def _feed(decoder: FrameDecoder, stream: bytes, cuts: list[int]) -> list[SerialMessage]:
@@ -87,8 +89,12 @@ def test_good_frames_survive_garbage_between_them(
 
 @given(st.binary(max_size=2 * MAX_NONCE), st.sampled_from(list(Kind)))
 def test_any_payload_decodes_or_is_a_frame_error(payload: bytes, kind: Kind) -> None:
-    for decode in (Pong.decode, ErrorReply.decode, lambda p: LedState.decode(p, kind),
-                   lambda p: DockStatus.decode(p, kind)):
+    for decode in (
+        Pong.decode,
+        ErrorReply.decode,
+        lambda p: LedState.decode(p, kind),
+        lambda p: DockStatus.decode(p, kind),
+    ):
         try:
             value = decode(payload)
         except FrameError:
@@ -98,15 +104,27 @@ def test_any_payload_decodes_or_is_a_frame_error(payload: bytes, kind: Kind) -> 
 
 
 @given(
-    st.builds(Pong, product_id=st.integers(-1, 0x10000), firmware=st.tuples(st.integers(-1, 256), st.integers(-1, 256)),
-              nonce=st.binary(max_size=MAX_NONCE + 2)),
-    st.builds(LedState, mode=st.sampled_from(list(LedMode)), red=st.integers(-1, 256), green=st.integers(0, 255),
-              blue=st.integers(0, 255)),
+    st.builds(
+        Pong,
+        product_id=st.integers(-1, 0x10000),
+        firmware=st.tuples(st.integers(-1, 256), st.integers(-1, 256)),
+        nonce=st.binary(max_size=MAX_NONCE + 2),
+    ),
+    st.builds(
+        LedState,
+        mode=st.sampled_from(list(LedMode)),
+        red=st.integers(-1, 256),
+        green=st.integers(0, 255),
+        blue=st.integers(0, 255),
+    ),
     st.builds(ErrorReply, code=st.integers(0, 255), text=st.text(max_size=300)),
 )
 def test_payloads_round_trip_or_are_refused_when_encoding(pong: Pong, led: LedState, error: ErrorReply) -> None:
-    for value, decode in ((pong, Pong.decode), (led, LedState.decode), (DockStatus(True, False, 5000, led),
-                                                                        DockStatus.decode)):
+    for value, decode in (
+        (pong, Pong.decode),
+        (led, LedState.decode),
+        (DockStatus(True, False, 5000, led), DockStatus.decode),
+    ):
         try:
             payload = value.encode()
         except FrameError:

@@ -95,14 +95,18 @@ async def test_a_reply_kind_sent_as_a_request_is_rejected(link: SerialDockLink) 
         await link.request(Kind.STATUS, DockStatus(True, True, 1).encode())
 
 
-@pytest.mark.parametrize(("kind", "payload", "code", "text"), [
-    (Kind.SET_LED, bytes((9, 0, 0, 0)), ErrorCode.BAD_VALUE, "LED mode 9"),
-    (Kind.SET_LED, bytes((1, 0)), ErrorCode.BAD_LENGTH, "must be 4 bytes"),
-    (Kind.GET_STATUS, b"\x01", ErrorCode.BAD_LENGTH, "takes no payload"),
-    (Kind.PING, bytes(17), ErrorCode.BAD_LENGTH, "at most 16"),
-])
-async def test_malformed_payloads_are_answered_with_errors(link: SerialDockLink, twin: DockControllerTwin, kind: Kind,
-                                                           payload: bytes, code: ErrorCode, text: str) -> None:
+@pytest.mark.parametrize(
+    ("kind", "payload", "code", "text"),
+    [
+        (Kind.SET_LED, bytes((9, 0, 0, 0)), ErrorCode.BAD_VALUE, "LED mode 9"),
+        (Kind.SET_LED, bytes((1, 0)), ErrorCode.BAD_LENGTH, "must be 4 bytes"),
+        (Kind.GET_STATUS, b"\x01", ErrorCode.BAD_LENGTH, "takes no payload"),
+        (Kind.PING, bytes(17), ErrorCode.BAD_LENGTH, "at most 16"),
+    ],
+)
+async def test_malformed_payloads_are_answered_with_errors(
+    link: SerialDockLink, twin: DockControllerTwin, kind: Kind, payload: bytes, code: ErrorCode, text: str
+) -> None:
     with pytest.raises(ControllerError, match=text) as caught:
         await link.request(kind, payload)
     assert caught.value.code == code
@@ -134,7 +138,10 @@ async def test_events_arrive_between_replies(link: SerialDockLink, twin: DockCon
     second = await asyncio.wait_for(anext(events), 1.0)
     assert first == SerialMessage(Kind.EVENT, 0, DockStatus(False, False, 0).encode())
     assert (second.kind, second.sequence, DockStatus.decode(second.payload, Kind.EVENT)) == (
-        Kind.EVENT, 1, DockStatus(True, True, 5012))
+        Kind.EVENT,
+        1,
+        DockStatus(True, True, 5012),
+    )
     assert link.stale_replies == 0
 
 
@@ -146,8 +153,9 @@ async def test_garbage_between_frames_is_skipped(link: SerialDockLink, twin: Doc
     assert link.decoder.stats.discarded_bytes > 0 and link.timeouts == 0
 
 
-async def test_a_stray_header_mid_stream_does_not_stall_the_reply(link: SerialDockLink,
-                                                                  twin: DockControllerTwin) -> None:
+async def test_a_stray_header_mid_stream_does_not_stall_the_reply(
+    link: SerialDockLink, twin: DockControllerTwin
+) -> None:
     # A plausible header claiming 32 bytes arrives just before the reply: without the idle resync the reply would
     # sit inside the claimed payload until more bytes came, and the request would time out.
     twin.inject(bytes.fromhex("a5 41 09 20 00"))
@@ -182,8 +190,9 @@ async def test_corrupt_replies_every_time_fail(link: SerialDockLink, twin: DockC
     assert twin.injected == ["corrupt", "corrupt"]
 
 
-async def test_a_late_reply_to_the_first_attempt_completes_the_retry(link: SerialDockLink,
-                                                                     twin: DockControllerTwin) -> None:
+async def test_a_late_reply_to_the_first_attempt_completes_the_retry(
+    link: SerialDockLink, twin: DockControllerTwin
+) -> None:
     # The controller stays silent; the reply to the first attempt (sequence 2) turns up while the box is waiting
     # on its retry (sequence 3). It is the answer to the same request, so it is taken.
     twin.set_faults([SerialFault("drop")])
@@ -201,8 +210,9 @@ async def test_a_late_reply_to_the_first_attempt_completes_the_retry(link: Seria
     assert link.timeouts == 1 and [m.sequence for m in twin.requests[-2:]] == [2, 3]
 
 
-async def test_a_stale_reply_is_counted_and_never_taken_for_a_later_request(link: SerialDockLink,
-                                                                            twin: DockControllerTwin) -> None:
+async def test_a_stale_reply_is_counted_and_never_taken_for_a_later_request(
+    link: SerialDockLink, twin: DockControllerTwin
+) -> None:
     # A PONG for sequence 1 (answered long ago, at open) arrives just before the reply to GET_STATUS.
     twin.inject(encode_frame(Kind.PONG, 1, Pong(DOCK_PRODUCT_ID, (1, 0), b"thox").encode()))
     assert await link.status() == DockStatus(True, True, 5012)

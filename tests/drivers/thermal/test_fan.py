@@ -62,8 +62,9 @@ async def test_default_profile_reports_the_platform_duty_and_tachometer(sim: Sim
 
 
 @pytest.mark.parametrize(("profile", "pwm"), [("cool", 180), ("max", 255)])
-async def test_manual_profiles_take_the_fan_and_hold_their_duty(sim: SimSysfs, world: World,
-                                                                profile: str, pwm: int) -> None:
+async def test_manual_profiles_take_the_fan_and_hold_their_duty(
+    sim: SimSysfs, world: World, profile: str, pwm: int
+) -> None:
     fan = HwmonFan(sim.root)
     await fan.open()
     await fan.set_profile(profile)

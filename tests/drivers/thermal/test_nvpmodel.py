@@ -20,7 +20,7 @@ import pytest
 from drivers.base import DriverError, DriverState, DriverStateError, PowerMode
 from drivers.power.nvpmodel import ModeSpec, NvpModel, needs_reboot, parse_modes, parse_query
 
-TWIN = r'''
+TWIN = r"""
 import json, os, sys, time
 from pathlib import Path
 
@@ -88,7 +88,7 @@ elif args[:1] == ["-m"]:
 else:
     print(f"[ERROR] Unknown option: {args}")
     sys.exit(1)
-'''
+"""
 
 ORIN_CONF = """\
 # nvpmodel configuration in NVIDIA's format (abridged)
@@ -171,14 +171,24 @@ def test_query_parses_name_and_id_and_ignores_warnings() -> None:
 def test_conf_file_and_verbose_output_parse_to_the_same_modes() -> None:
     from_conf = parse_modes(ORIN_CONF)
     assert [spec.mode for spec in from_conf] == MODES
-    assert from_conf[0].settings == {"CPU_ONLINE CORE_0": "1", "TPC_POWER_GATING TPC_PG_MASK": "0",
-                                     "GPU MAX_FREQ": "-1"}
+    assert from_conf[0].settings == {
+        "CPU_ONLINE CORE_0": "1",
+        "TPC_POWER_GATING TPC_PG_MASK": "0",
+        "GPU MAX_FREQ": "-1",
+    }
     assert from_conf[3].settings == {"TPC_POWER_GATING TPC_PG_MASK": "5"}
-    verbose = "\n".join([
-        "NVPM VERB: PARAM TYPE=CLOCK NAME=GPU", "NVPM VERB: MAX_FREQ /sys/devices/gpu.0/devfreq/max_freq",
-        "NVPM VERB: ", "NVPM VERB: POWER_MODEL: ID=0 NAME=MAXN", "NVPM VERB: TPC_POWER_GATING TPC_PG_MASK 0",
-        "NVPM VERB: ", "NVPM VERB: POWER_MODEL: ID=1 NAME=MODE_15W", "NVPM VERB: TPC_POWER_GATING TPC_PG_MASK 248",
-    ])
+    verbose = "\n".join(
+        [
+            "NVPM VERB: PARAM TYPE=CLOCK NAME=GPU",
+            "NVPM VERB: MAX_FREQ /sys/devices/gpu.0/devfreq/max_freq",
+            "NVPM VERB: ",
+            "NVPM VERB: POWER_MODEL: ID=0 NAME=MAXN",
+            "NVPM VERB: TPC_POWER_GATING TPC_PG_MASK 0",
+            "NVPM VERB: ",
+            "NVPM VERB: POWER_MODEL: ID=1 NAME=MODE_15W",
+            "NVPM VERB: TPC_POWER_GATING TPC_PG_MASK 248",
+        ]
+    )
     assert parse_modes(verbose) == [
         ModeSpec(PowerMode(0, "MAXN"), {"TPC_POWER_GATING TPC_PG_MASK": "0"}),
         ModeSpec(PowerMode(1, "MODE_15W"), {"TPC_POWER_GATING TPC_PG_MASK": "248"}),

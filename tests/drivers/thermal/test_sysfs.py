@@ -84,8 +84,16 @@ async def test_critical_trips_come_only_from_critical_trip_points(sim: SimSysfs)
 
 
 async def test_lowest_critical_trip_wins_and_unreadable_trips_are_skipped(tmp_path: Path) -> None:
-    zone = SimZone("CPU-therm", 50.0, (SimTrip("critical", 101_500), SimTrip("critical", 97_000),
-                                       SimTrip("critical", 99_000), SimTrip("active", 60_000)))
+    zone = SimZone(
+        "CPU-therm",
+        50.0,
+        (
+            SimTrip("critical", 101_500),
+            SimTrip("critical", 97_000),
+            SimTrip("critical", 99_000),
+            SimTrip("active", 60_000),
+        ),
+    )
     sim = await SimSysfs.create(tmp_path, zones=[zone], fan=False)
     broken = sim.zone_dir("CPU-therm") / "trip_point_1_temp"
     await asyncio.to_thread(broken.write_text, "not a number\n")
@@ -95,8 +103,7 @@ async def test_lowest_critical_trip_wins_and_unreadable_trips_are_skipped(tmp_pa
 
 
 @pytest.mark.parametrize("kind", ["unreadable", "implausible", "zero", "empty"])
-async def test_a_broken_zone_is_offline_and_the_others_still_read(sim: SimSysfs, world: World,
-                                                                   kind: FaultKind) -> None:
+async def test_a_broken_zone_is_offline_and_the_others_still_read(sim: SimSysfs, world: World, kind: FaultKind) -> None:
     thermal = SysfsThermal(sim.root)
     await thermal.open()
     await asyncio.to_thread(sim.set_fault, "tj-thermal", kind)
@@ -154,13 +161,21 @@ async def test_a_zone_that_disappears_after_open_is_offline(sim: SimSysfs) -> No
 
 
 async def test_duplicate_zone_types_get_numbered_suffixes(tmp_path: Path) -> None:
-    zones = [SimZone("Tboard_tegra", 40.0), SimZone("CPU-therm", 50.0), SimZone("Tboard_tegra", 41.0),
-             SimZone("Tboard_tegra", 42.0)]
+    zones = [
+        SimZone("Tboard_tegra", 40.0),
+        SimZone("CPU-therm", 50.0),
+        SimZone("Tboard_tegra", 41.0),
+        SimZone("Tboard_tegra", 42.0),
+    ]
     await SimSysfs.create(tmp_path, zones=zones, fan=False)
     thermal = SysfsThermal(tmp_path)
     await thermal.open()
-    assert await thermal.read() == {"Tboard_tegra": 40.0, "CPU-therm": 50.0, "Tboard_tegra#2": 41.0,
-                                    "Tboard_tegra#3": 42.0}
+    assert await thermal.read() == {
+        "Tboard_tegra": 40.0,
+        "CPU-therm": 50.0,
+        "Tboard_tegra#2": 41.0,
+        "Tboard_tegra#3": 42.0,
+    }
 
 
 async def test_zone_index_order_is_numeric_not_lexical(tmp_path: Path) -> None:

@@ -280,8 +280,9 @@ async def test_read_before_open_is_a_state_error(bus: I2cBus) -> None:
     ("kind", "error"),
     [("nack", NotAcknowledgedError), ("enxio", NotAcknowledgedError), ("timeout", BusTimeoutError)],
 )
-async def test_bus_faults_raise_bus_errors(fake_bus: FakeSMBus, bus: I2cBus, kind: FaultKind,
-                                           error: type[BusError]) -> None:
+async def test_bus_faults_raise_bus_errors(
+    fake_bus: FakeSMBus, bus: I2cBus, kind: FaultKind, error: type[BusError]
+) -> None:
     fake_bus.attach(0x48, Tmp117Model(lambda: 25.0))
     sensor = Tmp117(bus)
     await sensor.open()

@@ -290,22 +290,8 @@ def _report_progress(notifier: SystemdNotifier, stage: str, percent: int) -> Non
     notifier.status(f"preparing the model: {stage} {percent}%")
 
 
-async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) -> None:
-    """Run the agent until SIGTERM/SIGINT; raises StartupError when it cannot start.
-
-    `overrides` are the command line's settings: a config reload applies them again, as the start did.
-    """
-    started = time.monotonic()
-    supervisor = Supervisor()
-    supervisor.install_signal_handlers()
-    log.info("agent_starting", version=agent.__version__, home=str(settings.home), profile=settings.profile)
-    notifier = SystemdNotifier()
-    watchdog = Watchdog(notifier, notifier.watchdog_interval) if notifier.watchdog_interval else None
-    if watchdog is not None:  # pings only while the loop is responsive and every subsystem beats
-        supervisor.spawn(watchdog.run(), name="watchdog")
-    notifier.status("preparing models")
-
-    models = await asyncio.to_thread(_prepare_models, settings)
+def _engine_and_models(settings: Settings, models: _Models) -> tuple[EngineHost, ModelRegistry]:
+    """The engine host for the prepared models, and the registry the API serves them from."""
     engine = EngineHost(
         EngineHostConfig.from_settings(
             settings.engine,
@@ -324,6 +310,48 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     registry = ModelRegistry(
         [ChatModel(models.chat, models.text, engine)], embedding_models, default_chat=models.chat.id
     )
+    return engine, registry
+
+
+def _cluster_node(
+    settings: Settings,
+    listening: list[_Listening],
+    registry: ModelRegistry,
+    hardware: HardwareManager,
+    serving: OpenAIServing,
+    loader: ModelLoader,
+) -> ClusterNode:
+    return ClusterNode(
+        settings,
+        lambda address: _placement(settings, listening, address),
+        lambda: _local_facts(registry, hardware),
+        lambda: hardware.dock,
+        # Other boxes' routers reach this box's models through the peer API (mutual TLS instead of a key).
+        lambda: build_inference_app(serving, max_request_bytes=settings.api.max_request_bytes),
+        loader,
+    )
+
+
+async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) -> None:
+    """Run the agent until SIGTERM/SIGINT; raises StartupError when it cannot start.
+
+    `overrides` are the command line's settings: a config reload applies them again, as the start did.
+    """
+    started = time.monotonic()
+    supervisor = Supervisor()
+    supervisor.install_signal_handlers()
+    log.info("agent_starting", version=agent.__version__, home=str(settings.home), profile=settings.profile)
+    notifier = SystemdNotifier()
+
+    def spawn(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        return supervisor.spawn(work, name=name)
+
+    watchdog = Watchdog(notifier, notifier.watchdog_interval) if notifier.watchdog_interval else None
+    if watchdog is not None:  # pings only while the loop is responsive and every subsystem beats
+        spawn(watchdog.run(), "watchdog")
+    notifier.status("preparing models")
+
+    engine, registry = _engine_and_models(settings, await asyncio.to_thread(_prepare_models, settings))
     api = settings.api
     keys = await asyncio.to_thread(_open_key_store, settings)
     inference_security, cluster_security = _security_policies(settings, keys)
@@ -340,26 +368,10 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     live.add_applier(hardware.prepare_thresholds)
     listening: list[_Listening] = []
     loader = ModelLoader(
-        settings,
-        ModelStore(settings.models_dir),
-        registry,
-        lambda work, name: supervisor.spawn(work, name=name),
-        hardware.attach_engine,
-        hardware.detach_engine,
+        settings, ModelStore(settings.models_dir), registry, spawn, hardware.attach_engine, hardware.detach_engine
     )
-    cluster = (
-        ClusterNode(
-            settings,
-            lambda address: _placement(settings, listening, address),
-            lambda: _local_facts(registry, hardware),
-            lambda: hardware.dock,
-            # Other boxes' routers reach this box's models through the peer API (mutual TLS instead of a key).
-            lambda: build_inference_app(serving, max_request_bytes=api.max_request_bytes),
-            loader,
-        )
-        if settings.cluster.enabled
-        else None
-    )
+    enabled = settings.cluster.enabled
+    cluster = _cluster_node(settings, listening, registry, hardware, serving, loader) if enabled else None
     inference_app = build_inference_app(
         serving,
         max_request_bytes=api.max_request_bytes,
@@ -373,29 +385,21 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
         security=cluster_security,
     )
     asyncio.get_running_loop().add_signal_handler(
-        signal.SIGHUP, lambda: supervisor.spawn(_reload_on_signal(live), name="config-reload")
+        signal.SIGHUP, lambda: spawn(_reload_on_signal(live), "config-reload")
     )
-    host = settings.bind_host
+    host, grace = settings.bind_host, api.shutdown_grace_seconds
+    clustered = [("cluster", cluster_subsystem(cluster, spawn))] if cluster is not None else []
     try:
         await supervisor.run(
             [
                 ("event-loop-monitor", _background(supervisor, monitor.run, "event-loop-monitor")),
                 ("key-store", _background(supervisor, lambda: _flush_key_use(keys), "key-store")),
-                ("hardware", hardware_subsystem(hardware, lambda work, name: supervisor.spawn(work, name=name))),
+                ("hardware", hardware_subsystem(hardware, spawn)),
                 ("engine", _background(supervisor, engine.run, "engine")),
                 ("placed-models", _placed_models(loader)),
-                *(
-                    [("cluster", cluster_subsystem(cluster, lambda work, name: supervisor.spawn(work, name=name)))]
-                    if cluster is not None
-                    else []
-                ),
+                *clustered,
                 ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),
-                (
-                    "inference-api",
-                    _http_api(
-                        "inference", inference_app, host, api.inference_port, api.shutdown_grace_seconds, listening
-                    ),
-                ),
+                ("inference-api", _http_api("inference", inference_app, host, api.inference_port, grace, listening)),
                 ("endpoints", _endpoints_file(settings, listening, notifier)),
                 *([("mdns", _advertised(cluster))] if cluster is not None else []),
             ]

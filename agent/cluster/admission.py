@@ -19,7 +19,7 @@ import structlog
 from agent.cluster import etcd_members
 from agent.cluster.etcd_members import EtcdError
 from agent.cluster.join import JoinGrant, JoinRefused, JoinRequest, Role
-from agent.cluster.membership import NODES_PREFIX, RPC_TIMEOUT_SECONDS
+from agent.cluster.membership import NODES_PREFIX, RPC_TIMEOUT_SECONDS, LeaderElection, NodeRegistry
 from agent.cluster.net import host_port
 from agent.cluster.pki import ClusterCA, Identity, PkiError, ca_fingerprint
 from agent.cluster.tokens import DEFAULT_TOKEN_TTL_SECONDS, JoinToken, TokenError, TokenRecord, TokenRecordError
@@ -31,6 +31,7 @@ log = structlog.get_logger("agent.cluster.admission")
 TOKENS_PREFIX = b"/thox/tokens/"
 MAX_VOTERS = 3
 PRUNE_AFTER_SECONDS = 3600.0
+VOTER_CHECK_SECONDS = 2.0
 
 
 def desired_voters(member_count: int) -> int:
@@ -270,3 +271,25 @@ async def reconcile_voters(client: aetcd.Client, live_nodes: set[str]) -> None:
     if learners and len(voters) < desired_voters(len(members)):
         await etcd_members.promote(client, learners[0].id)
         log.info("member_promoted", node=learners[0].name, voters=len(voters) + 1)
+
+
+async def keep_voters(
+    election: LeaderElection,
+    registry: NodeRegistry,
+    client: aetcd.Client,
+    remove_after: float,
+    every: float = VOTER_CHECK_SECONDS,
+) -> None:
+    """While this box leads, every `every` seconds: remove departed members, then promote learners as needed."""
+    absence = AbsenceClock()
+    while True:
+        await asyncio.sleep(every)
+        if not election.is_leader:
+            absence = AbsenceClock()  # absences count from when this box leads, never from an older term
+            continue
+        try:
+            live = set(await registry.nodes())
+            await remove_departed(client, live, absence, remove_after)
+            await reconcile_voters(client, live)
+        except (aetcd.exceptions.ClientError, EtcdError, TimeoutError) as exc:
+            log.info("voter_check_failed", error=str(exc))

@@ -366,6 +366,29 @@ def _check_grant(grant: JoinGrant, pinned_ca: bytes, node_id: str, key_pem: byte
         _bad_grant(f"it names cluster {grant.cluster_id!r}, but the pinned CA is cluster {cluster_id!r}")
 
 
+def parse_server(server: str, default_port: int) -> tuple[str, int]:
+    """ "host", "host:port" or "[v6]:port" -> (host, port); JoinRefused (bad_request) for anything else."""
+    text = server.strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest.removeprefix(":")
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host, port_text = text, ""
+    try:
+        port = int(port_text) if port_text else default_port
+    except ValueError:
+        port = 0
+    if not host or not 0 < port < 65536:
+        raise JoinRefused(
+            f"{server!r} is not a server address; use HOST or HOST:PORT (the peer port, default {default_port})",
+            code="bad_request",
+            status=400,
+        )
+    return host, port
+
+
 async def join(
     host: str,
     port: int,

@@ -232,3 +232,43 @@ class NodeRegistry:
                 continue
             found[kv.key[len(NODES_PREFIX) :].decode()] = record
         return found
+
+
+def _record_of(raw: bytes) -> dict[str, Any]:
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+class LiveNodes:
+    """The live nodes' records as this box last saw them (`records`), kept current by a watch: the router, the
+    replica keeper and the CA custodian read them without a round trip to etcd."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, dict[str, Any]] = {}
+
+    async def follow(self, client: aetcd.Client, retry_seconds: float = 0.5) -> None:
+        """A snapshot, then every change from a watch, until cancelled."""
+        while True:
+            try:
+                snapshot = await wait_for(client.get_prefix(NODES_PREFIX), RPC_TIMEOUT_SECONDS)
+                self.records = {kv.key[len(NODES_PREFIX) :].decode(): _record_of(kv.value) for kv in snapshot}
+                watch = await wait_for(
+                    client.watch_prefix(NODES_PREFIX, start_revision=snapshot.header.revision + 1), RPC_TIMEOUT_SECONDS
+                )
+                try:
+                    async for event in watch:
+                        node_id = event.kv.key[len(NODES_PREFIX) :].decode()
+                        if event.kind == "DELETE":
+                            self.records.pop(node_id, None)
+                        else:
+                            self.records[node_id] = _record_of(event.kv.value)
+                finally:
+                    await watch.cancel()
+            except (aetcd.exceptions.ClientError, TimeoutError) as exc:
+                # Unknown is not alive: route nowhere rather than to a node that may have gone meanwhile.
+                self.records = {}
+                log.info("node_view_lost", error=str(exc))
+                await asyncio.sleep(retry_seconds)

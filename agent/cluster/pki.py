@@ -150,6 +150,23 @@ def cluster_id_of(ca_cert_pem: bytes) -> str:
     return cluster_id
 
 
+def _node_public_key(csr_pem: bytes, node_id: str) -> ec.EllipticCurvePublicKey:
+    """The public key of a node's certificate signing request, once the request is proven to be for `node_id`."""
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError as exc:
+        raise PkiError(f"certificate signing request is not valid PEM: {exc}") from None
+    if not csr.is_signature_valid:
+        raise PkiError("certificate signing request's signature does not verify (it was not made with its key)")
+    cn = _common_name(csr.subject, "certificate signing request subject")
+    if cn != node_id:
+        raise PkiError(f"certificate signing request is for node {cn!r}, not {node_id!r}")
+    public_key = csr.public_key()
+    if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, _ACCEPTED_CURVES):
+        raise PkiError("certificate signing request must carry an EC P-256 or P-384 public key")
+    return public_key
+
+
 @dataclass(frozen=True)
 class ClusterCA:
     """The cluster's certificate authority: self-signed certificate and its private key, both PEM."""
@@ -238,18 +255,7 @@ class ClusterCA:
         _check_node_id(node_id)
         if days < 1:
             raise PkiError(f"certificate lifetime must be at least 1 day, not {days}")
-        try:
-            csr = x509.load_pem_x509_csr(csr_pem)
-        except ValueError as exc:
-            raise PkiError(f"certificate signing request is not valid PEM: {exc}") from None
-        if not csr.is_signature_valid:
-            raise PkiError("certificate signing request's signature does not verify (it was not made with its key)")
-        cn = _common_name(csr.subject, "certificate signing request subject")
-        if cn != node_id:
-            raise PkiError(f"certificate signing request is for node {cn!r}, not {node_id!r}")
-        public_key = csr.public_key()
-        if not isinstance(public_key, ec.EllipticCurvePublicKey) or not isinstance(public_key.curve, _ACCEPTED_CURVES):
-            raise PkiError("certificate signing request must carry an EC P-256 or P-384 public key")
+        public_key = _node_public_key(csr_pem, node_id)
         sans = _subject_alt_names(addresses, dns_names)
 
         ca_cert = _load_cert(self.cert_pem, "CA certificate")
@@ -409,27 +415,6 @@ def _base_context(protocol: ssl._SSLMethod) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     return context
-
-
-def server_context(
-    ca_cert_pem_path: Path, cert_path: Path, key_path: Path, *, require_client_cert: bool
-) -> ssl.SSLContext:
-    """`server_context_from_pem` from the identity files."""
-    return server_context_from_pem(
-        ca_cert_pem_path.read_bytes(),
-        cert_path.read_bytes(),
-        key_path.read_bytes(),
-        require_client_cert=require_client_cert,
-    )
-
-
-def client_context(ca_path: Path, cert_path: Path | None, key_path: Path | None) -> ssl.SSLContext:
-    """`client_context_from_pem` from the identity files."""
-    if (cert_path is None) != (key_path is None):
-        raise PkiError("a client certificate needs both its certificate file and its key file")
-    return client_context_from_pem(
-        ca_path.read_bytes(), cert_path.read_bytes() if cert_path else None, key_path.read_bytes() if key_path else None
-    )
 
 
 # Contexts are built from PEM bytes (a joiner's pinned CA, a node's identity already read). Blocking like the rest

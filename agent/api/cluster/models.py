@@ -29,8 +29,8 @@ from aiohttp import web
 from agent.api.body import parse_body, read_json_body
 from agent.api.cluster.protocol import ModelLoadBody, ModelPullBody, ModelUnloadBody
 from agent.api.cluster.topology import CLUSTER_NODE_KEY
-from agent.cluster.node import ClusterUnavailable
 from agent.cluster.placement import PlacementRefused, PlacementSpec
+from agent.cluster.views import ClusterUnavailable
 from agent.errors import ClusterRequestError, ClusterUnavailableError
 
 POLL_SECONDS = 0.25
@@ -57,11 +57,11 @@ async def load(request: web.Request) -> web.Response:
         context_length=body.options.context_length,
         nodes=tuple(body.nodes or ()),
     )
-    placed = await _cluster_call(lambda: node.load_model(spec))
+    placed = await _cluster_call(lambda: node.models.load(spec))
     deadline = time.monotonic() + body.timeout_seconds
     while body.wait and placed["status"] == "placing" and time.monotonic() < deadline:
         await asyncio.sleep(POLL_SECONDS)
-        placed = await _cluster_call(lambda: node.model_placement(body.model))
+        placed = await _cluster_call(lambda: node.models.placement(body.model))
     if placed["status"] == "failed":
         errors = "; ".join(f"{r['node']}: {r.get('error')}" for r in placed["replicas"])
         raise ClusterRequestError(
@@ -74,7 +74,7 @@ async def unload(request: web.Request) -> web.Response:
     """Withdraw a placement; answers once no box serves the model as a placed replica (or after 30 s)."""
     node = request.app[CLUSTER_NODE_KEY]
     body = parse_body(ModelUnloadBody, await read_json_body(request))
-    await _cluster_call(lambda: node.unload_model(body.model))
+    await _cluster_call(lambda: node.models.unload(body.model))
     deadline = time.monotonic() + UNLOAD_WAIT_SECONDS
     while time.monotonic() < deadline:
         holding = sorted(n for n, r in node.live_nodes.items() if body.model in (r.get("replicas") or {}))
@@ -87,7 +87,7 @@ async def unload(request: web.Request) -> web.Response:
 async def placement(request: web.Request) -> web.Response:
     node = request.app[CLUSTER_NODE_KEY]
     model = request.match_info.get("model")
-    return web.json_response(await _cluster_call(lambda: node.model_placement(model)))
+    return web.json_response(await _cluster_call(lambda: node.models.placement(model)))
 
 
 def model_size(live_nodes: Mapping[str, Mapping[str, Any]], model: str) -> int:
@@ -179,7 +179,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     node = request.app[CLUSTER_NODE_KEY]
     body = parse_body(ModelPullBody, await read_json_body(request))
     since = time.time()
-    targets = await _cluster_call(lambda: node.request_pull(body.model, body.nodes))
+    targets = await _cluster_call(lambda: node.models.request_pull(body.model, body.nodes))
     stream: web.StreamResponse | None = None
     if body.stream:
         stream = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})

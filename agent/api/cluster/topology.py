@@ -10,8 +10,9 @@ from aiohttp import web
 from agent.api.body import parse_body, read_json_body
 from agent.api.cluster.protocol import JoinRequestBody, TokenRequestBody
 from agent.cluster.join import JoinRefused
-from agent.cluster.node import ClusterNode, ClusterUnavailable
+from agent.cluster.node import ClusterNode
 from agent.cluster.tokens import TokenError
+from agent.cluster.views import ClusterUnavailable
 from agent.errors import ClusterRequestError, ClusterUnavailableError
 
 CLUSTER_NODE_KEY = web.AppKey("cluster_node", ClusterNode)
@@ -26,12 +27,12 @@ async def _answer(view: Callable[[], Awaitable[Any]]) -> web.Response:
 
 async def topology(request: web.Request) -> web.Response:
     """GET /v1/topology: cluster id, node count, the leader (only while its lease is current) and the nodes."""
-    return await _answer(request.app[CLUSTER_NODE_KEY].topology)
+    return await _answer(request.app[CLUSTER_NODE_KEY].views.topology)
 
 
 async def cluster(request: web.Request) -> web.Response:
     """GET /v1/cluster: healthy / degraded / no_quorum, pooled RAM and TOPS, the active model."""
-    return await _answer(request.app[CLUSTER_NODE_KEY].summary)
+    return await _answer(request.app[CLUSTER_NODE_KEY].views.summary)
 
 
 async def nodes(request: web.Request) -> web.Response:
@@ -39,7 +40,7 @@ async def nodes(request: web.Request) -> web.Response:
     node = request.app[CLUSTER_NODE_KEY]
 
     async def listing() -> dict[str, Any]:
-        return {"object": "list", "data": await node.nodes()}
+        return {"object": "list", "data": await node.views.nodes()}
 
     return await _answer(listing)
 

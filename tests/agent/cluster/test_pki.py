@@ -368,14 +368,15 @@ def tls_dirs(tmp_path_factory: pytest.TempPathFactory, ca: ClusterCA, other_ca: 
 
 
 def _server(directory: Path, *, require_client_cert: bool) -> ssl.SSLContext:
-    files = (directory / "ca.pem", directory / "node.pem", directory / "node-key.pem")
-    return pki.server_context(*files, require_client_cert=require_client_cert)
+    pems = ((directory / name).read_bytes() for name in ("ca.pem", "node.pem", "node-key.pem"))
+    return pki.server_context_from_pem(*pems, require_client_cert=require_client_cert)
 
 
 def _client(ca_dir: Path, cert_dir: Path | None) -> ssl.SSLContext:
     if cert_dir is None:
-        return pki.client_context(ca_dir / "ca.pem", None, None)
-    return pki.client_context(ca_dir / "ca.pem", cert_dir / "node.pem", cert_dir / "node-key.pem")
+        return pki.client_context_from_pem((ca_dir / "ca.pem").read_bytes(), None, None)
+    pems = ((cert_dir / name).read_bytes() for name in ("node.pem", "node-key.pem"))
+    return pki.client_context_from_pem((ca_dir / "ca.pem").read_bytes(), *pems)
 
 
 def test_mutual_tls_accepts_a_node_of_the_cluster(tls_dirs: dict[str, Path]) -> None:
@@ -438,8 +439,9 @@ def test_contexts_trust_only_the_cluster_ca_and_tls_1_2_up(tls_dirs: dict[str, P
 
 
 def test_client_context_needs_both_certificate_and_key(tls_dirs: dict[str, Path]) -> None:
-    with pytest.raises(PkiError, match="needs both its certificate file and its key file"):
-        pki.client_context(tls_dirs["client"] / "ca.pem", tls_dirs["client"] / "node.pem", None)
+    ca_pem, cert_pem = (tls_dirs["client"] / "ca.pem").read_bytes(), (tls_dirs["client"] / "node.pem").read_bytes()
+    with pytest.raises(PkiError, match="needs both its certificate and its key"):
+        pki.client_context_from_pem(ca_pem, cert_pem, None)
 
 
 # Identity files.

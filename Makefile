@@ -31,9 +31,12 @@ test: setup
 fuzz: setup
 	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -q -p no:cacheprovider -k fuzz tests $(PYTEST_ARGS)
 
+# Style, format and types over every package and the tests (mypy's scope and strictness: pyproject.toml).
+LINTED := agent drivers engines common tests
 lint: setup
-	$(BIN)/python -m pip install --quiet mypy ruff
-	$(BIN)/ruff check agent drivers engines tests
+	$(BIN)/python -m pip install --quiet -e '.[lint]'
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/mypy
 
 # Benchmark against llama.cpp's llama-server and llama-cpp-python's server (bench/run.py). The first run builds

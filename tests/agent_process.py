@@ -25,6 +25,7 @@ def http_json(
 ) -> tuple[int, dict[str, str], Any]:
     """One raw HTTP request (no SDK in the way); returns status, headers and the decoded JSON body."""
     parts = urllib.parse.urlsplit(url)
+    assert parts.hostname, url
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
     payload = json.dumps(body).encode() if isinstance(body, dict) else body
     all_headers = {"Content-Type": "application/json", **(headers or {})}
@@ -66,6 +67,7 @@ class RunningAgent:
     def health(self) -> dict[str, Any]:
         status, _, body = http_json("GET", f"{self.cluster_url}/health")
         assert status == 200, body
+        assert isinstance(body, dict), body
         return body
 
     def wait_healthy(self, timeout: float = 120.0) -> dict[str, Any]:

@@ -10,14 +10,22 @@ import asyncio
 import inspect
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
 
+@overload
 async def until(
-    condition: Callable[[], T | Awaitable[T]], what: str, timeout: float = 30.0, interval: float = 0.01
-) -> T:
+    condition: Callable[[], Awaitable[T]], what: str, timeout: float = 30.0, interval: float = 0.01
+) -> T: ...
+
+
+@overload
+async def until(condition: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.01) -> T: ...
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = 30.0, interval: float = 0.01) -> Any:
     """Await until `condition()` (plain or awaitable) is truthy; returns its value."""
     deadline = time.monotonic() + timeout
     while True:
@@ -25,7 +33,7 @@ async def until(
         if inspect.isawaitable(value):
             value = await value
         if value:
-            return value  # type: ignore[return-value]
+            return value
         assert time.monotonic() < deadline, f"not within {timeout:g} s: {what}"
         await asyncio.sleep(interval)  # noqa: ASYNC110
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.agent_process import RunningAgent, start_agent
 
@@ -96,13 +97,20 @@ def test_prefix_reuse_gives_identical_output(running_agent: RunningAgent, constr
         "You are a meticulous assistant for a small hardware company. Answer briefly, in plain English, "
         "and never invent facts you do not know."
     )
-    turn1 = [{"role": "system", "content": system}, {"role": "user", "content": "What is a capacitor?"}]
+    turn1: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": system},
+        {"role": "user", "content": "What is a capacitor?"},
+    ]
 
     def conversation(agent: RunningAgent) -> tuple[str, str]:
         client = sdk(agent)
         first = client.chat.completions.create(model=MODEL, messages=turn1, temperature=0, max_tokens=40)
         answer = first.choices[0].message.content or ""
-        turn2 = [*turn1, {"role": "assistant", "content": answer}, {"role": "user", "content": "And a resistor?"}]
+        turn2: list[ChatCompletionMessageParam] = [
+            *turn1,
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And a resistor?"},
+        ]
         second = client.chat.completions.create(model=MODEL, messages=turn2, temperature=0, max_tokens=40)
         return answer, second.choices[0].message.content or ""
 

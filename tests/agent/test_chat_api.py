@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.agent_process import RunningAgent
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_chat_answers_with_the_default_model(client: openai.OpenAI, running_agent: RunningAgent) -> None:
@@ -107,7 +108,7 @@ def test_stop_strings_end_the_answer_and_are_never_emitted(client: openai.OpenAI
 
 
 def test_same_seed_same_answer(client: openai.OpenAI) -> None:
-    prompt = [{"role": "user", "content": "Write a short poem about the sea."}]
+    prompt: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Write a short poem about the sea."}]
 
     def sample(seed: int) -> str:
         completion = client.chat.completions.create(
@@ -124,12 +125,19 @@ def test_same_seed_same_answer(client: openai.OpenAI) -> None:
 
 def test_penalties_change_sampling(client: openai.OpenAI) -> None:
     # Counting repeats digits and commas, which is exactly what the penalties push against.
-    prompt = [{"role": "user", "content": "Count from 1 to 30, separated by commas."}]
+    prompt: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Count from 1 to 30, separated by commas."}]
 
-    def answer(**extra: float) -> str:
+    def answer(
+        frequency_penalty: float | openai.Omit = openai.omit, presence_penalty: float | openai.Omit = openai.omit
+    ) -> str:
         completion = client.chat.completions.create(
-            messages=prompt, model="smollm2-135m-instruct", temperature=0, max_tokens=40, **extra
-        )  # type: ignore[arg-type]
+            messages=prompt,
+            model="smollm2-135m-instruct",
+            temperature=0,
+            max_tokens=40,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+        )
         return completion.choices[0].message.content or ""
 
     plain = answer()
@@ -149,7 +157,8 @@ def test_unknown_model_is_404_model_not_found(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.models.retrieve("gpt-9")
     assert info.value.code == "model_not_found"
-    assert info.value.body["param"] == "model"  # type: ignore[index]
+    body = info.value.body
+    assert isinstance(body, dict) and body["param"] == "model"
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(messages=QUESTION, model="gpt-9")
     assert info.value.code == "model_not_found"

@@ -30,9 +30,13 @@ def test_completion_defaults_to_sixteen_tokens(client: openai.OpenAI) -> None:
 
 
 def test_streamed_completion_matches_the_whole_one(client: openai.OpenAI) -> None:
-    kwargs = {"model": "smollm2-135m-instruct", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
-    whole = client.completions.create(**kwargs)  # type: ignore[call-overload]
-    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))  # type: ignore[call-overload]
+    model, prompt = "smollm2-135m-instruct", "The capital of France is"
+    whole = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model=model, prompt=prompt, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+        )
+    )
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == whole.choices[0].text
     finishes = [c for c in chunks if c.choices and c.choices[0].finish_reason]

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import base64
+from typing import Any
 
 import numpy as np
 import openai
 import pytest
+from openai.types import Model
 
 from tests.agent_process import RunningAgent, http_json
 
 MODEL = "all-minilm-l6-v2"
+
+
+def extra(model: Model) -> dict[str, Any]:
+    """The fields the agent adds to a model object beyond OpenAI's."""
+    assert model.model_extra is not None, model
+    return model.model_extra
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -94,6 +102,6 @@ def test_chat_refuses_the_embedding_model(client: openai.OpenAI) -> None:
 def test_models_lists_both_with_capabilities(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list().data}
     assert set(models) == {"smollm2-135m-instruct", MODEL}
-    assert models[MODEL].model_extra["capabilities"] == ["embeddings"]  # type: ignore[index]
-    assert models[MODEL].model_extra["dimensions"] == 384  # type: ignore[index]
-    assert "chat.completions" in models["smollm2-135m-instruct"].model_extra["capabilities"]  # type: ignore[index]
+    assert extra(models[MODEL])["capabilities"] == ["embeddings"]
+    assert extra(models[MODEL])["dimensions"] == 384
+    assert "chat.completions" in extra(models["smollm2-135m-instruct"])["capabilities"]

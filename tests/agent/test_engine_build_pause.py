@@ -8,6 +8,7 @@ from pathlib import Path
 from agent.engine import EngineHost, EngineHostConfig, EngineState
 from engines.convert.cache import sha256_file
 from tests.bundled import smollm2_gguf
+from tests.waiting import until
 
 
 def _process_state(pid: int) -> str:
@@ -37,23 +38,24 @@ async def test_a_paused_build_stops_the_converting_host_and_resumes_to_ready(tmp
     host.controls.pause_builds(True)
     task = asyncio.create_task(host.run())
     try:
-        for _ in range(600):  # the first progress frame of the conversion stops the host
-            if host._pid is not None and await asyncio.to_thread(_process_state, host._pid) == "T":
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the converting engine host was never stopped")
-        stopped_pid = host._pid
+
+        async def stopped() -> int:  # the first progress frame of the conversion stops the host (0: not yet)
+            pid = host._pid
+            return pid if pid is not None and await asyncio.to_thread(_process_state, pid) == "T" else 0
+
+        stopped_pid = await until(stopped, "the converting engine host stopped (SIGSTOP)", timeout=60)
+        # A window in which nothing may happen (it stays STARTING and stopped): there is no later event to wait
+        # for instead, so this is a bounded pause, not a wait for a condition.
         await asyncio.sleep(1.5)
         assert host.state is EngineState.STARTING  # nothing happened while paused, and no start timeout either
         assert await asyncio.to_thread(_process_state, stopped_pid) == "T"
 
         host.controls.pause_builds(False)
-        for _ in range(1200):
-            if host.state is EngineState.READY:
-                break
-            await asyncio.sleep(0.05)
-        assert host.state is EngineState.READY
+
+        def ready() -> bool:  # a def, not a lambda: mypy would carry the STARTING narrowing above into a lambda
+            return host.state is EngineState.READY
+
+        await until(ready, "the resumed build reaching READY", timeout=120)
         assert host.pid == stopped_pid and host.restarts == 0  # the same process finished its build
     finally:
         task.cancel()

@@ -14,10 +14,13 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.agent_process import RunningAgent, http_json, start_agent
 
-LONG = [{"role": "user", "content": "Tell me a very long story about a dragon and a knight."}]
+LONG: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "Tell me a very long story about a dragon and a knight."}
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +71,7 @@ def test_health_reports_the_agent_process(agent: RunningAgent) -> None:
         messages=LONG,
         model="smollm2-135m-instruct",
         max_tokens=1000,
-        stream=True,  # type: ignore[arg-type]
+        stream=True,
     ) as response:
         lines = response.iter_lines()
         for _ in range(3):
@@ -85,7 +88,7 @@ def test_engine_killed_mid_stream_gives_an_error_event_and_recovers(agent: Runni
     restarts = agent.health()["engine"]["restarts"]
     stream = sdk(agent).chat.completions.create(
         messages=LONG, model="smollm2-135m-instruct", max_tokens=1000, stream=True
-    )  # type: ignore[arg-type]
+    )
 
     def read_all() -> None:
         for received, _ in enumerate(stream, start=1):
@@ -157,7 +160,7 @@ def test_client_disconnect_cancels_generation(agent: RunningAgent) -> None:
         messages=LONG,
         model="smollm2-135m-instruct",
         max_tokens=1000,
-        stream=True,  # type: ignore[arg-type]
+        stream=True,
     ) as response:
         lines = response.iter_lines()
         for _ in range(6):
@@ -195,7 +198,7 @@ def test_sigterm_lets_in_flight_streams_finish(fresh_home: Path) -> None:
     pid = engine_pid(running)
     stream = sdk(running).chat.completions.create(
         messages=LONG, model="smollm2-135m-instruct", max_tokens=40, stream=True
-    )  # type: ignore[arg-type]
+    )
     chunks = []
     for chunk in stream:
         chunks.append(chunk)

@@ -9,11 +9,12 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.agent_process import RunningAgent, http_json
 from tests.waiting import eventually
 
-QUESTION = [{"role": "user", "content": "Hi"}]
+QUESTION: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
 
 
 def assert_envelope(body: Any, *, type_: str, param: str | None, code: str | None) -> None:
@@ -161,7 +162,7 @@ def test_completions_errors(running_agent: RunningAgent) -> None:
 
 def test_sdk_sees_typed_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(messages=QUESTION, model="smollm2-135m-instruct", n=3)  # type: ignore[arg-type]
+        client.chat.completions.create(messages=QUESTION, model="smollm2-135m-instruct", n=3)
     assert info.value.code == "unsupported_parameter"
     assert info.value.param == "n"
     assert info.value.request_id  # X-Request-ID reaches the SDK

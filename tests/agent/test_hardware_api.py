@@ -200,6 +200,7 @@ def test_bad_sim_requests_get_clear_errors(hw_agent: RunningAgent) -> None:
     assert status == 404 and body["error"]["code"] == "module_not_found"
 
 
+@pytest.mark.allow_blocking("load_settings and HardwareManager set up in the test; the routes stay checked")
 async def test_device_profile_has_no_sim_routes(tmp_path: Path) -> None:
     settings = load_settings({"profile": "device"}, home=tmp_path, env={})
     hardware = HardwareManager(settings, [])
@@ -235,6 +236,7 @@ def test_emergency_heat_ends_streams_cleanly_and_refuses_until_cooled(hw_agent: 
 
     cluster = hw_agent.cluster_url
     parts = urllib.parse.urlsplit(hw_agent.inference_url)
+    assert parts.hostname, hw_agent.inference_url
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     body = {
         "messages": [{"role": "user", "content": "Write a very long story about the sea."}],

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,7 +63,7 @@ def lan() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
-def _from_lan(lan: str, url: str, path: str, key: str = "") -> tuple[int, dict[str, object]]:
+def _from_lan(lan: str, url: str, path: str, key: str = "") -> tuple[int, dict[str, Any]]:
     port = int(url.split(":")[2].split("/")[0])
     result = subprocess.run(
         ["ip", "netns", "exec", lan, sys.executable, "-c", _CLIENT, HOST_ADDRESS, str(port), path, key],
@@ -93,11 +94,11 @@ def test_remote_policy_needs_keys_from_the_lan_only(lan: str, tmp_path: Path) ->
     try:
         key, admin = _key(agent), _key(agent, "admin")
         status, body = _from_lan(lan, agent.inference_url, "/v1/models")
-        assert status == 401 and body["error"]["code"] == "missing_api_key"  # type: ignore[index]
+        assert status == 401 and body["error"]["code"] == "missing_api_key"
         assert _from_lan(lan, agent.inference_url, "/v1/models", key)[0] == 200
         assert http_json("GET", f"{agent.inference_url}/models")[0] == 200  # this device itself: no key
         status, body = _from_lan(lan, agent.cluster_url, "/v1/power/contract", key)
-        assert status == 403 and body["error"]["code"] == "insufficient_scope"  # type: ignore[index]
+        assert status == 403 and body["error"]["code"] == "insufficient_scope"
         assert _from_lan(lan, agent.cluster_url, "/v1/power/contract", admin)[0] == 200
     finally:
         assert agent.stop() == 0
@@ -108,7 +109,7 @@ def test_allow_list_and_always_policy(lan: str, tmp_path: Path) -> None:
     try:
         key = _key(agent)
         status, body = _from_lan(lan, agent.inference_url, "/v1/models", key)
-        assert status == 403 and body["error"]["code"] == "address_not_allowed"  # type: ignore[index]
+        assert status == 403 and body["error"]["code"] == "address_not_allowed"
         status, _, body = http_json("GET", f"{agent.inference_url}/models")
         assert status == 401  # always: this device too
         assert http_json("GET", f"{agent.inference_url}/models", headers={"Authorization": f"Bearer {key}"})[0] == 200

@@ -94,6 +94,7 @@ def _check_error(exc: InvalidRequestError, payload: Any) -> None:
     assert exc.message and exc.code in CODES, (exc.message, exc.code)
     if exc.code in ("unknown_parameter", "missing_required_parameter"):
         assert exc.param or exc.message.endswith("'' (an empty key)"), exc.message
+        assert exc.param is not None, exc.message  # (a None here used to fail as a TypeError in endswith)
         assert exc.message.endswith((exc.param, f"'{exc.param}'", "(an empty key)")), exc.message
     if exc.param and isinstance(payload, dict) and exc.code == "unknown_parameter":
         top = exc.param.split(".")[0].split("[")[0]

@@ -8,10 +8,12 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.agent_process import RunningAgent, http_json, start_agent
 
-CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hi"}]
+CHAT = {"messages": MESSAGES, "max_tokens": 2}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def test_keys_and_scopes(guarded: RunningAgent) -> None:
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
 
     client = openai.OpenAI(base_url=guarded.inference_url, api_key=inference_key, max_retries=0)
-    assert client.chat.completions.create(model="", messages=CHAT["messages"], max_tokens=2).choices
+    assert client.chat.completions.create(model="", messages=MESSAGES, max_tokens=2).choices
 
     status, _, body = http_json("GET", f"{guarded.cluster_url}/power/contract", headers=bearer(inference_key))
     assert status == 403 and body["error"]["type"] == "permission_error"

@@ -13,7 +13,8 @@ from tests.agent_process import REPO, RunningAgent
 
 
 def readme_javascript() -> str:
-    [snippet] = re.findall(r"```javascript\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
+    snippets: list[str] = re.findall(r"```javascript\n(.*?)```", (REPO / "README.md").read_text(), flags=re.DOTALL)
+    [snippet] = snippets
     return snippet
 
 

@@ -118,4 +118,4 @@ def test_fused_is_the_default_flavour(tiny_gguf: Path, tmp_path: Path) -> None:
     assert ensure_converted(tiny_gguf, tmp_path).directory.name == "fused-last"
     assert ensure_converted(tiny_gguf, tmp_path, flavour="standard").directory.name == "standard-last"
     with pytest.raises(ValueError, match="flavour"):
-        flavour_name("last", "turbo")  # type: ignore[arg-type]
+        flavour_name("last", "turbo")  # type: ignore[arg-type]  # an unknown flavour, on purpose

@@ -14,7 +14,8 @@ import onnxruntime as ort
 import pytest
 
 from engines.base import ContextOverflowError, EngineError, ModelFormatError
-from engines.convert.bert import BertConfig, ConvertedEncoder, ensure_converted_encoder
+from engines.bert_config import BertConfig
+from engines.convert.bert import ConvertedEncoder, ensure_converted_encoder
 from engines.convert.bert_graph import ENCODER_OPSET
 from engines.convert.safetensors import SafetensorsFile
 from engines.encoder import OrtEncoder, plan_runs

@@ -172,7 +172,7 @@ def _value(draw: st.DrawFn, vtype: int, depth: int = 0) -> bytes:
         count = draw(st.one_of(st.integers(0, 3), _u64))
         items = b"".join(draw(_value(item, depth + 1)) for _ in range(min(count, 3) if depth < 3 else 0))
         return struct.pack("<IQ", item, count) + items
-    size = {
+    sizes: dict[int, int] = {
         V.UINT8: 1,
         V.INT8: 1,
         V.BOOL: 1,
@@ -184,7 +184,8 @@ def _value(draw: st.DrawFn, vtype: int, depth: int = 0) -> bytes:
         V.UINT64: 8,
         V.INT64: 8,
         V.FLOAT64: 8,
-    }.get(vtype, 4)
+    }
+    size = sizes.get(vtype, 4)
     return draw(st.binary(min_size=0, max_size=size))
 
 

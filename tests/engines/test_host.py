@@ -89,11 +89,11 @@ MALFORMED = [
 
 
 async def test_every_malformed_frame_gets_an_error_reply_and_the_host_keeps_serving(host: HostConnection) -> None:
-    for payload, request_id, message in MALFORMED:
+    for payload, request_id, text in MALFORMED:
         host.raw(payload)
         reply = await host.next()
         assert isinstance(reply, Failed) and reply.code == "bad_request", (payload, reply)
-        assert reply.id == request_id and message in reply.message, (payload, reply)
+        assert reply.id == request_id and text in reply.message, (payload, reply)
     host.writer.write(encode(Limit(1)))
     assert await host.next() == Limited(1)
     host.writer.write(encode(Cancel(12345)))  # an unknown id: it may just have finished; no answer, no harm

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, TypedDict, Unpack
+
 import numpy as np
 import pytest
 
@@ -11,8 +13,18 @@ from engines.runtime.sampler import Sampler
 VOCAB = 49152
 
 
-def params(**kw: float | int | None) -> SamplingParams:
-    return SamplingParams(max_tokens=16, **kw)  # type: ignore[arg-type]
+class Overrides(TypedDict, total=False):
+    """SamplingParams' fields besides max_tokens."""
+
+    temperature: float
+    top_p: float
+    seed: int | None
+    presence_penalty: float
+    frequency_penalty: float
+
+
+def params(**kw: Unpack[Overrides]) -> SamplingParams:
+    return SamplingParams(max_tokens=16, **kw)
 
 
 def random_logits(seed: int, scale: float = 1.0, vocab: int = VOCAB) -> np.ndarray:
@@ -152,5 +164,6 @@ def test_non_finite_logits_are_refused() -> None:
 
 @pytest.mark.parametrize(("field", "value"), [("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5)])
 def test_invalid_params_are_refused(field: str, value: float) -> None:
+    overrides: dict[str, Any] = {field: value}  # a field named at run time
     with pytest.raises(ValueError, match=field):
-        Sampler(params(**{field: value}))
+        Sampler(params(**overrides))

@@ -18,7 +18,9 @@ from engines.base import (
     GenerationRequest,
     Logits,
     Logits2D,
+    PrefixSnapshot,
     SamplingParams,
+    SequenceState,
     Tokens,
 )
 from engines.runtime.scheduler import Scheduler, SchedulerLimits
@@ -30,6 +32,7 @@ STOP = 0
 @dataclass
 class ScriptedSequence:
     history: list[int] = field(default_factory=list)
+    prompt_len: int = 0  # set by prefill
 
     @property
     def length(self) -> int:
@@ -87,7 +90,13 @@ class ScriptedExecutor:
     def max_batch(self) -> int:
         return self._max_batch
 
-    def new_sequence(self, prefix: ScriptedSnapshot | None = None) -> ScriptedSequence:  # type: ignore[override]
+    @staticmethod
+    def _own(seq: SequenceState) -> ScriptedSequence:
+        assert isinstance(seq, ScriptedSequence), seq
+        return seq
+
+    def new_sequence(self, prefix: PrefixSnapshot | None = None) -> ScriptedSequence:
+        assert prefix is None or isinstance(prefix, ScriptedSnapshot), prefix
         if len(self.live) >= self._max_batch:
             raise EngineError("no free slot")
         seq = ScriptedSequence(list(prefix.tokens) if prefix else [])
@@ -102,30 +111,32 @@ class ScriptedExecutor:
         logits[STOP if limit is not None and generated >= limit else next_token(seq.history)] = 10.0
         return logits
 
-    def prefill(self, seq: ScriptedSequence, token_ids: Sequence[int]) -> Logits:  # type: ignore[override]
+    def prefill(self, state: SequenceState, token_ids: Sequence[int]) -> Logits:
+        seq = self._own(state)
         if seq.length + len(token_ids) > self._max_context:
             raise ContextOverflowError("full")
         if self._fail_prefill_on is not None and self._fail_prefill_on in token_ids:
             raise RuntimeError("device fault")
         seq.history.extend(token_ids)
         self.prefilled.append(len(token_ids))
-        seq.prompt_len = seq.length  # type: ignore[attr-defined]
+        seq.prompt_len = seq.length
         return self._logits(seq, seq.length)
 
-    def decode(self, seqs: Sequence[ScriptedSequence], token_ids: Sequence[int]) -> Logits2D:  # type: ignore[override]
+    def decode(self, seqs: Sequence[SequenceState], token_ids: Sequence[int]) -> Logits2D:
         if self._fail_decode:
             raise RuntimeError("device fault")
         self.decode_batches.append(len(seqs))
         rows = []
-        for seq, token in zip(seqs, token_ids, strict=True):
+        for state, token in zip(seqs, token_ids, strict=True):
+            seq = self._own(state)
             seq.history.append(token)
-            rows.append(self._logits(seq, seq.prompt_len))  # type: ignore[attr-defined]
+            rows.append(self._logits(seq, seq.prompt_len))
         return np.stack(rows)
 
-    def snapshot(self, seq: ScriptedSequence, length: int) -> ScriptedSnapshot:  # type: ignore[override]
-        return ScriptedSnapshot(tuple(seq.history[:length]))
+    def snapshot(self, seq: SequenceState, length: int) -> ScriptedSnapshot:
+        return ScriptedSnapshot(tuple(self._own(seq).history[:length]))
 
-    def release(self, seq: ScriptedSequence) -> None:  # type: ignore[override]
+    def release(self, seq: SequenceState) -> None:
         if seq in self.live:
             self.live.remove(seq)
 
@@ -133,10 +144,8 @@ class ScriptedExecutor:
         self.live.clear()
 
 
-def request(rid: int, prompt: list[int], max_tokens: int = 10, **params: float) -> GenerationRequest:
-    return GenerationRequest(
-        rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0, **params), frozenset({STOP})
-    )
+def request(rid: int, prompt: list[int], max_tokens: int = 10) -> GenerationRequest:
+    return GenerationRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0), frozenset({STOP}))
 
 
 async def until(condition: Callable[[], bool]) -> None:

@@ -102,10 +102,11 @@ def test_decode_can_skip_special_tokens(tokenizer: GgufTokenizer) -> None:
     assert tokenizer.decode(ids, skip_special=True) == "user\nHi!\n"
 
 
-def tiny(**kw: object) -> GgufTokenizer:
+def tiny(*, pre: str = "smollm", bos_id: int = 0, eos_id: int = 0, add_bos: bool = True) -> GgufTokenizer:
     """A four-token vocabulary: enough to exercise BOS handling and refusals without the real model."""
-    args: dict[str, object] = {"pre": "smollm", "bos_id": 0, "eos_id": 0, "add_bos": True, **kw}
-    return GgufTokenizer(["<s>", "a", "b", "ab"], [3, 1, 1, 1], ["a b"], **args)  # type: ignore[arg-type]
+    return GgufTokenizer(
+        ["<s>", "a", "b", "ab"], [3, 1, 1, 1], ["a b"], pre=pre, bos_id=bos_id, eos_id=eos_id, add_bos=add_bos
+    )
 
 
 def test_bos_is_added_when_the_model_asks_and_never_twice() -> None:

@@ -85,7 +85,7 @@ def test_messages_to_the_agent_round_trip(message: Message) -> None:
 
 
 def test_embeddings_round_trip_as_little_endian_float32() -> None:
-    vectors = np.arange(6, dtype=np.float32).reshape(2, 3) / 7
+    vectors = np.arange(6, dtype=np.float32).reshape(2, 3) / np.float32(7)
     decoded = decode_to_agent(payload_of(encode(Embeddings(9, vectors, 11))))
     assert isinstance(decoded, Embeddings) and decoded.id == 9 and decoded.tokens == 11
     np.testing.assert_array_equal(decoded.vectors, vectors)

@@ -54,8 +54,12 @@ def kill_agent(agent: RunningAgent) -> None:
         agent.process.send_signal(signal.SIGKILL)
     agent.process.wait(30)
     for child in children:
+
+        def gone(child: int = child) -> bool:
+            return not alive(child)
+
         try:
-            eventually(lambda child=child: not alive(child), f"child {child} of the killed agent exiting", 30)
+            eventually(gone, f"child {child} of the killed agent exiting", 30)
         except AssertionError:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)  # still fail the test: a child outliving its agent is a defect

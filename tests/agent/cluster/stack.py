@@ -38,7 +38,8 @@ def holds_ca_key(agent: RunningAgent) -> bool:
 def token_for(agent: RunningAgent, ttl: float = 600) -> dict[str, Any]:
     status, answer = call(agent, "POST", "/cluster/tokens", {"ttl_seconds": ttl})
     assert status == 200, answer
-    return answer  # type: ignore[no-any-return]
+    assert isinstance(answer, dict), answer
+    return answer
 
 
 def join(agent: RunningAgent, token: dict[str, Any]) -> tuple[int, Any]:
@@ -63,11 +64,13 @@ def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
 def topology(agent: RunningAgent) -> dict[str, Any]:
     status, answer = call(agent, "GET", "/topology")
     assert status == 200, answer
-    return answer  # type: ignore[no-any-return]
+    assert isinstance(answer, dict), answer
+    return answer
 
 
 def http_raw(url: str, body: dict[str, Any]) -> bytes:
     parts = urllib.parse.urlsplit(url)
+    assert parts.hostname, url
     connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
     try:
         connection.request("POST", parts.path, body=json.dumps(body), headers={"Content-Type": "application/json"})

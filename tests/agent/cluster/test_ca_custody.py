@@ -56,7 +56,8 @@ def test_a_key_is_stored_only_if_it_is_this_clusters(tmp_path: Path) -> None:
     assert identity is not None and identity.ca_key_pem is None
     with pytest.raises(pki.PkiError, match="does not match"):
         store_key(identity, other.key_pem)
-    assert read_identity(folder).ca_key_pem is None  # type: ignore[union-attr]
+    reread = read_identity(folder)
+    assert reread is not None and reread.ca_key_pem is None
     held = store_key(identity, ca.key_pem)
     assert held.ca_key_pem == ca.key_pem and (folder / pki.CA_KEY_FILE).stat().st_mode & 0o777 == 0o600
     assert store_key(held, None).ca_key_pem is None and not (folder / pki.CA_KEY_FILE).exists()
@@ -80,7 +81,8 @@ class Source:
     """Hands the key to `allowed` only, like CaCustodian.key_for after reading the member list."""
 
     def __init__(self, ca: ClusterCA, allowed: set[str]) -> None:
-        self.ca, self.allowed, self.asked = ca, allowed, []
+        self.ca, self.allowed = ca, allowed
+        self.asked: list[str] = []
 
     async def ca_key_for(self, caller: str) -> bytes:
         self.asked.append(caller)

@@ -315,7 +315,9 @@ def etcd(box: Box, path: str, body: dict[str, Any] | None = None) -> dict[str, A
     )
     status, _, answer = done.stdout.partition("\n")
     assert status == "200", (box.name, path, done.stdout, done.stderr)
-    return json.loads(answer)  # type: ignore[no-any-return]
+    body = json.loads(answer)
+    assert isinstance(body, dict), (box.name, path, answer)
+    return body
 
 
 def place_raft_leader(lab: Lab, target: Box) -> None:
@@ -344,7 +346,11 @@ def partition_round(lab: Lab, tmp_path: Path, leader_name: str, *, raft_leader_t
             box, tmp_path / ("raft-leader-too" if raft_leader_too else "raft-follower"), with_views=box is old
         )
     for box in lab.boxes:
-        eventually(lambda box=box: len(_claims(box)) >= 5, 30, f"{box.name}'s poller")  # type: ignore[misc]
+
+        def polled(box: Box = box) -> bool:
+            return len(_claims(box)) >= 5
+
+        eventually(polled, 30, f"{box.name}'s poller")
     assert _claims(old)[-1]["claim"] is True and not any(_claims(box)[-1]["claim"] for box in majority)
     time.sleep(0.5)  # a steady record before the cut
 

@@ -74,7 +74,8 @@ def ask(agent: RunningAgent, model: str) -> tuple[int, dict[str, str], Any]:
 def placement(agent: RunningAgent, model: str) -> dict[str, Any]:
     status, answer = call(agent, "GET", f"/models/placement/{model}")
     assert status == 200, answer
-    return answer  # type: ignore[no-any-return]
+    assert isinstance(answer, dict), answer
+    return answer
 
 
 def test_models_are_pulled_placed_replaced_after_a_box_dies_and_unloaded(

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,13 +21,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def get(agent: RunningAgent, path: str) -> dict:  # type: ignore[type-arg]
+def get(agent: RunningAgent, path: str) -> dict[str, Any]:
     status, _, body = http_json("GET", f"{agent.cluster_url}{path}")
     assert status == 200, body
-    return body  # type: ignore[no-any-return]
+    assert isinstance(body, dict), body
+    return body
 
 
-def wait_for_leader(agent: RunningAgent, timeout: float = 15.0) -> dict:  # type: ignore[type-arg]
+def wait_for_leader(agent: RunningAgent, timeout: float = 15.0) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
         topology = get(agent, "/topology")

@@ -32,6 +32,11 @@ from tests.bundled import install_alias
 pytestmark = needs_etcd
 
 
+def leader_of(agent: RunningAgent) -> Callable[[], Any]:
+    """A check for `eventually`: the leader in the agent's topology (None until there is one)."""
+    return lambda: topology(agent)["leader"]
+
+
 def test_three_boxes_form_one_cluster_agree_on_a_leader_and_survive_losing_it(
     boxes: Callable[[str], RunningAgent],
 ) -> None:
@@ -44,7 +49,9 @@ def test_three_boxes_form_one_cluster_agree_on_a_leader_and_survive_losing_it(
 
     def formed() -> bool:
         summary = call(first, "GET", "/cluster")[1]
-        return summary.get("status") == "healthy" and summary["node_count"] == 3 and summary["voters"]["alive"] == 3
+        return bool(
+            summary.get("status") == "healthy" and summary["node_count"] == 3 and summary["voters"]["alive"] == 3
+        )
 
     eventually(formed, 60, "three boxes, three voters")
     views = [topology(agent) for agent in (first, second, third)]
@@ -79,7 +86,7 @@ def test_three_boxes_form_one_cluster_agree_on_a_leader_and_survive_losing_it(
 
     def degraded() -> bool:
         summary = call(survivors[0], "GET", "/cluster")[1]
-        return summary.get("status") == "degraded" and summary["node_count"] == 2
+        return bool(summary.get("status") == "degraded" and summary["node_count"] == 2)
 
     eventually(degraded, 10, "degraded with two of three voters")
 
@@ -87,7 +94,7 @@ def test_three_boxes_form_one_cluster_agree_on_a_leader_and_survive_losing_it(
 def test_bad_tokens_are_refused_and_change_nothing(boxes: Callable[[str], RunningAgent]) -> None:
     first, joiner, stranger = boxes("box-a"), boxes("box-b"), boxes("box-c")
     for agent in (first, joiner, stranger):
-        eventually(lambda agent=agent: topology(agent)["leader"], 15, "a leader")  # type: ignore[misc]
+        eventually(leader_of(agent), 15, "a leader")
     own_cluster = topology(joiner)["cluster_id"]
     good = token_for(first)
     prefix, _, secret = good["token"].rpartition(".")
@@ -117,7 +124,7 @@ def test_bad_tokens_are_refused_and_change_nothing(boxes: Callable[[str], Runnin
 def test_docking_onto_a_box_joins_its_cluster_by_nfc(boxes: Callable[[str], RunningAgent]) -> None:
     base, docked = boxes("box-a"), boxes("box-b")
     for agent in (base, docked):
-        eventually(lambda agent=agent: topology(agent)["leader"], 15, "a leader")  # type: ignore[misc]
+        eventually(leader_of(agent), 15, "a leader")
     # The box below presents its own join offer on its NFC antenna (a reader held to it reads a one-time token).
     status, offer = call(base, "POST", "/sim/nfc/tap")
     assert status == 200, offer
@@ -260,7 +267,7 @@ def routed_stream(agent: RunningAgent, body: dict[str, Any]) -> Iterator[tuple[h
 def test_mdns_advertises_the_box_and_finds_the_cluster_for_a_join(boxes: Callable[..., RunningAgent]) -> None:
     base, joiner = boxes("box-a"), boxes("box-b")
     for agent in (base, joiner):
-        eventually(lambda agent=agent: topology(agent)["leader"], 15, "a leader")  # type: ignore[misc]
+        eventually(leader_of(agent), 15, "a leader")
     zeroconf = Zeroconf(ip_version=IPVersion.V4Only)
     try:
         info = zeroconf.get_service_info("_http._tcp.local.", "box-a._http._tcp.local.", timeout=5000)

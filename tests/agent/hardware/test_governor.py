@@ -16,6 +16,7 @@ from agent.hardware.governor import (
     ThermalGovernor,
     ThermalLevel,
     Transition,
+    TransitionReason,
     actions_for,
 )
 
@@ -37,8 +38,10 @@ def step(gov: ThermalGovernor, now: float, temperature: float | None, zone: str 
     return gov.update({zone: temperature}, now)
 
 
-def soc(previous: ThermalLevel, level: ThermalLevel, temperature: float | None, reason: str, at: float) -> Transition:
-    return Transition("soc", previous, level, temperature, reason, at)  # type: ignore[arg-type]
+def soc(
+    previous: ThermalLevel, level: ThermalLevel, temperature: float | None, reason: TransitionReason, at: float
+) -> Transition:
+    return Transition("soc", previous, level, temperature, reason, at)
 
 
 # --- levels and thresholds --------------------------------------------------------------------------------------
@@ -376,15 +379,15 @@ def test_default_config() -> None:
 
 def test_config_groups_are_copied_and_read_only() -> None:
     groups = {"cpu": ["cpu-*"]}
-    config = GovernorConfig(groups=groups)  # type: ignore[arg-type]
+    config = GovernorConfig(groups=groups)  # type: ignore[arg-type]  # lists on purpose: they must be copied
     groups["cpu"].append("gpu-*")
     assert config.groups == {"cpu": ("cpu-*",)}
     with pytest.raises(TypeError):
-        config.groups["gpu"] = ("gpu-*",)  # type: ignore[index]
+        config.groups["gpu"] = ("gpu-*",)  # type: ignore[index]  # writing a read-only mapping on purpose
 
 
 def test_fail_safe_level_from_a_plain_int() -> None:
-    config = GovernorConfig(fail_safe_level=4)  # type: ignore[arg-type]
+    config = GovernorConfig(fail_safe_level=4)  # type: ignore[arg-type]  # a plain int on purpose
     assert config.fail_safe_level is EMERGENCY
 
 
@@ -522,9 +525,9 @@ class GovernorMachine(RuleBasedStateMachine):
     # -- rules --
 
     @rule(dt=time_steps, values=st.fixed_dictionaries({zone: zone_values for zone in ZONE_GROUPS}))
-    def read(self, dt: float, values: dict[str, object]) -> None:
+    def read(self, dt: float, values: dict[str, float | str | None]) -> None:
         self.band = None
-        self.apply({zone: v for zone, v in values.items() if v != ABSENT}, dt)  # type: ignore[misc]
+        self.apply({zone: v for zone, v in values.items() if not isinstance(v, str)}, dt)  # drops ABSENT
 
     @rule(dt=time_steps, group=st.sampled_from(["cpu", "gpu"]), offline=st.booleans())
     def blind(self, dt: float, group: str, offline: bool) -> None:

@@ -52,7 +52,7 @@ async def hardware(tmp_path: Path) -> AsyncIterator[tuple[HardwareManager, Recor
     }
     settings = await asyncio.to_thread(load_settings, overrides, home=tmp_path, env={})
     engine = RecordingEngine()
-    manager = HardwareManager(settings, [engine])  # type: ignore[list-item]
+    manager = HardwareManager(settings, [engine])  # type: ignore[list-item]  # a stand-in for EngineHost, on purpose
     tasks: list[asyncio.Task[None]] = []
 
     def spawn(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
@@ -189,9 +189,15 @@ async def test_thermal_polls_feed_the_watchdog_only_when_there_are_thermal_sourc
         registrations.append(name)
         return lambda: beats.append(name)
 
+    # RecordingEngine deliberately stands in for EngineHost (the manager takes list[EngineHost]).
     manager = HardwareManager(settings, [RecordingEngine()], register_heartbeat=register)  # type: ignore[list-item]
     tasks: list[asyncio.Task[None]] = []
-    await manager.start(lambda work, name: tasks.append(asyncio.create_task(work)) or tasks[-1])
+
+    def spawn(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        tasks.append(asyncio.create_task(work))
+        return tasks[-1]
+
+    await manager.start(spawn)
     try:
         await asyncio.sleep(0.3)
     finally:

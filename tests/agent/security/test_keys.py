@@ -19,6 +19,7 @@ from agent.security.key_rules import (
     KeyRecord,
     KeyStoreCorruptError,
     KeyStoreError,
+    digest,
     parse_key_id,
 )
 from agent.security.keys import KeyStore
@@ -133,7 +134,7 @@ def test_verify_uses_a_constant_time_comparison(store: KeyStore, monkeypatch: py
 
 def test_an_unknown_id_costs_a_hash_too(store: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[bytes] = []
-    real = keys_module.digest
+    real = digest  # the function keys_module imported and calls by that name
 
     def counting(salt: bytes, secret: bytes) -> bytes:
         calls.append(salt)

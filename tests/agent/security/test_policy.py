@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from agent.security.policy import (
@@ -109,7 +111,7 @@ def test_allow_list(entries: list[str] | str, allowed: list[str], refused: list[
 )
 def test_allow_list_errors_name_the_entry(entries: list[object], message: str) -> None:
     with pytest.raises(PolicyError, match=message):
-        AllowList.parse(entries)  # type: ignore[arg-type]
+        AllowList.parse(entries)  # type: ignore[arg-type]  # non-strings on purpose: their errors are tested
 
 
 @pytest.mark.parametrize(
@@ -137,7 +139,7 @@ def test_auth_policy_values() -> None:
     with pytest.raises(PolicyError, match=r"api.auth: 'sometimes' is not a policy; use remote"):
         parse_auth_policy("sometimes")
     with pytest.raises(PolicyError, match="unknown auth policy"):
-        needs_key("sometimes", "127.0.0.1")  # type: ignore[arg-type]
+        needs_key("sometimes", "127.0.0.1")  # type: ignore[arg-type]  # not a policy, on purpose
 
 
 @pytest.fixture
@@ -284,9 +286,9 @@ def test_trusted_web_apps_can_be_listed_as_origins() -> None:
         ({"allowed_origins": ["http://a.lan/x"]}, "allowed origin 'http://a.lan/x'"),
     ],
 )
-def test_host_check_configuration_errors(kwargs: dict[str, list[str]], message: str) -> None:
+def test_host_check_configuration_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(PolicyError, match=message):
-        HostCheck(**kwargs)  # type: ignore[arg-type]
+        HostCheck(**kwargs)
 
 
 def test_hostnames_also_answer_as_dot_local() -> None:

@@ -144,4 +144,4 @@ def test_bad_parameters_are_rejected() -> None:
     with pytest.raises(DriverConfigError, match="bounce_interval"):
         SimDock(debounce=0.01, bounce=2, bounce_interval=0.02)
     with pytest.raises(DriverConfigError, match="unknown fault"):
-        SimDock().set_fault("open")  # type: ignore[arg-type]
+        SimDock().set_fault("open")  # type: ignore[arg-type]  # an unknown fault, on purpose

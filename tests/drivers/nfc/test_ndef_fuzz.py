@@ -188,6 +188,7 @@ def test_encoding_an_offer_with_a_lone_surrogate_is_an_ndef_error() -> None:
 def test_encoder_refuses_extra_fields_the_decoder_refuses(value: object) -> None:
     # JoinOffer("0", "0", extra={"": ""}) used to encode to a tag that decode_join_offer refused ("is empty").
     with pytest.raises(NdefError, match="extra field 'x' must be a non-empty string"):
+        # `value` is not always a str, on purpose: the encoder must refuse what the decoder refuses.
         encode_join_offer(JoinOffer("n", "h:1", extra={"x": value}))  # type: ignore[dict-item]
 
 

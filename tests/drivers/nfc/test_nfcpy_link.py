@@ -45,6 +45,11 @@ def nfc_threads() -> list[threading.Thread]:
     return [thread for thread in threading.enumerate() if thread.name.startswith("nfc-")]
 
 
+def state_of(link: NfcpyLink) -> DriverState:
+    """The link's state now (a call: mypy would carry an earlier assert's narrowing of `link.state` across awaits)."""
+    return link.state
+
+
 @pytest.fixture
 def path() -> str:
     return f"udp:localhost:{free_udp_port()}"
@@ -124,7 +129,7 @@ async def test_read_with_nobody_offering_times_out_and_cancels_promptly_leaving_
     await link.close()  # waits for nfcpy's current udp poll (1 s at most) to notice it must stop
     assert time.monotonic() - started < 2.0
     assert nfc_threads() == []
-    assert link.state is DriverState.CLOSED
+    assert state_of(link) is DriverState.CLOSED
 
 
 async def test_close_ends_a_running_read(reader: NfcpyLink) -> None:
@@ -198,7 +203,7 @@ async def test_a_failing_reader_faults_the_link_until_reopened(path: str) -> Non
         with pytest.raises(DriverStateError, match="is faulted; open it before read"):
             await link.read(timeout=0.1)
         await link.open()
-        assert link.state is DriverState.OPEN
+        assert state_of(link) is DriverState.OPEN
         assert len(nfc_threads()) == 1
     finally:
         await link.close()

@@ -88,7 +88,7 @@ async def test_fault_corrupt_truncates_the_bytes(stack: Stack, link: SimNfc) -> 
 
 def test_unknown_fault_is_refused(link: SimNfc) -> None:
     with pytest.raises(ValueError, match="unknown NFC fault 'nack'"):
-        link.set_fault("nack")  # type: ignore[arg-type]
+        link.set_fault("nack")  # type: ignore[arg-type]  # an unknown fault, on purpose
 
 
 async def test_closed_twin_refuses_to_read(stack: Stack) -> None:

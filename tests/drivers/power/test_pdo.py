@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 from drivers.base import Pdo
@@ -59,8 +62,8 @@ def test_fixed_pdo_round_trips(raw: int, mv: int, ma: int) -> None:
         ({"peak_current": 3}, 0x0031912C),
     ],
 )
-def test_fixed_pdo_flag_bits(flags: dict[str, int], raw: int) -> None:
-    assert encode_fixed_pdo(5000, 3000, **flags) == raw  # type: ignore[arg-type]
+def test_fixed_pdo_flag_bits(flags: dict[str, Any], raw: int) -> None:
+    assert encode_fixed_pdo(5000, 3000, **flags) == raw
     assert decode_pdo(1, raw).max_mv == 5000
 
 
@@ -91,9 +94,9 @@ def test_battery_and_variable_pdos() -> None:
         (lambda: decode_pdo(1, 1 << 32), "32-bit"),
     ],
 )
-def test_encoders_refuse_what_the_fields_cannot_hold(call: object, message: str) -> None:
+def test_encoders_refuse_what_the_fields_cannot_hold(call: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        call()  # type: ignore[operator]
+        call()
 
 
 def test_apdos_other_than_pps_are_refused_alone_and_skipped_in_an_offer() -> None:
@@ -187,28 +190,32 @@ def _offer() -> tuple[Pdo, ...]:
         (True, {"min_mv": 21000}, None),
     ],
 )
-def test_choose_pdo_highest_power(with_pps: bool, kwargs: dict[str, int], index: int | None) -> None:
+def test_choose_pdo_highest_power(with_pps: bool, kwargs: dict[str, Any], index: int | None) -> None:
     offer = _offer() if with_pps else decode_source_capabilities(LAPTOP_WORDS)
-    chosen = choose_pdo(offer, **kwargs)  # type: ignore[arg-type]
-    assert (chosen.index if chosen else None) == index
+    chosen = choose_pdo(offer, **kwargs)
+    assert index_of(chosen) == index
+
+
+def index_of(chosen: Pdo | None) -> int | None:
+    return chosen.index if chosen else None
 
 
 def test_choose_pdo_by_voltage_and_variable_window() -> None:
-    assert choose_pdo(_offer(), max_mv=20000, prefer="highest_voltage").index == 4  # type: ignore[union-attr]
+    assert index_of(choose_pdo(_offer(), max_mv=20000, prefer="highest_voltage")) == 4
     laptop = decode_source_capabilities(LAPTOP_WORDS)
-    assert choose_pdo(laptop, min_mv=6000, prefer="lowest_voltage").index == 2  # type: ignore[union-attr]
+    assert index_of(choose_pdo(laptop, min_mv=6000, prefer="lowest_voltage")) == 2
     # The PPS range is programmable: within a 9-10 V window it counts from 9 V, so it beats nothing lower.
-    assert choose_pdo(_offer(), min_mv=9000, max_mv=10000, prefer="lowest_voltage").index == 5  # type: ignore[union-attr]
+    assert index_of(choose_pdo(_offer(), min_mv=9000, max_mv=10000, prefer="lowest_voltage")) == 5
     variable = decode_source_capabilities([LAPTOP_WORDS[0], 0x8F0190C8])
     # A variable supply picks its own voltage in 5..12 V, so the sink's window must contain all of it.
-    assert choose_pdo(variable, min_mv=5000, max_mv=12000).index == 2  # type: ignore[union-attr]
-    assert choose_pdo(variable, min_mv=5000, max_mv=11000).index == 1  # type: ignore[union-attr]
+    assert index_of(choose_pdo(variable, min_mv=5000, max_mv=12000)) == 2
+    assert index_of(choose_pdo(variable, min_mv=5000, max_mv=11000)) == 1
 
 
 def test_choose_pdo_limited_to_what_a_controller_can_request() -> None:
     # At 9 V the PPS range offers 5 A against the fixed supply's 3 A; a fixed-only controller must get PDO 2.
-    assert choose_pdo(_offer(), min_mv=9000, max_mv=9000).index == 5  # type: ignore[union-attr]
-    assert choose_pdo(_offer(), min_mv=9000, max_mv=9000, kinds=("fixed",)).index == 2  # type: ignore[union-attr]
+    assert index_of(choose_pdo(_offer(), min_mv=9000, max_mv=9000)) == 5
+    assert index_of(choose_pdo(_offer(), min_mv=9000, max_mv=9000, kinds=("fixed",))) == 2
     assert choose_pdo(_offer(), min_mv=4000, max_mv=6000, min_ma=4000, kinds=("fixed",)) is None
 
 

@@ -145,7 +145,8 @@ async def test_request_writes_sink_pdo2_then_soft_reset(
         b"\x51\x0d",  # TX_HEADER = Soft_Reset
         b"\x1a\x26",  # PD_COMMAND_CTRL = send
     ]
-    assert contract.rdo is not None and contract.rdo.operating_ma == (operating_ma or contract.selected.max_ma)  # type: ignore[union-attr]
+    assert contract.rdo is not None and contract.selected is not None
+    assert contract.rdo.operating_ma == (operating_ma or contract.selected.max_ma)
 
 
 async def test_request_of_a_pdo_the_source_does_not_offer(rig: Rig) -> None:

@@ -146,6 +146,7 @@ def test_payloads_round_trip_or_are_refused_when_encoding(pong: Pong, led: LedSt
         (Pong(0x10000, (1, 2)), "PONG product id 65536 does not fit in 16 bits"),
         (Pong(-1, (1, 2)), "PONG product id -1 does not fit in 16 bits"),
         (Pong(1, (256, 0)), r"PONG firmware version \(256, 0\) must be two bytes"),
+        # A three-part version on purpose (the field is typed as two ints).
         (Pong(1, (1, 2, 3)), r"PONG firmware version \(1, 2, 3\) must be two bytes"),  # type: ignore[arg-type]
     ],
 )

@@ -222,6 +222,6 @@ def test_twin_writes_whole_values_and_links_zones_like_the_kernel(sim: SimSysfs)
 
 def test_twin_rejects_unknown_faults_and_zones(sim: SimSysfs) -> None:
     with pytest.raises(ValueError, match="unknown fault"):
-        sim.set_fault("cpu-thermal", "melted")  # type: ignore[arg-type]
+        sim.set_fault("cpu-thermal", "melted")  # type: ignore[arg-type]  # an unknown fault, on purpose
     with pytest.raises(KeyError, match="no zone"):
         sim.set_fault("CPU-therm", "stuck")

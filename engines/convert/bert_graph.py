@@ -68,21 +68,9 @@ class _Builder(OnnxBuilder):
         return self.op("LayerNormalization", [x, gamma, beta], hint, axis=-1, epsilon=eps)
 
 
-def build_encoder_graph(
-    writer: ExternalDataWriter,
-    weights: WeightFn,
-    *,
-    hidden: int,
-    heads: int,
-    layers: int,
-    eps: float,
-    progress: ProgressFn | None = None,
-) -> ModelProto:
-    """The whole encoder: embeddings, `layers` x (self-attention + GELU FFN), mean pooling, L2 normalisation."""
-    head_dim = hidden // heads
-    b = _Builder(writer, weights, progress, total=4 + 16 * layers)
+def _embeddings(b: _Builder, weights: WeightFn, eps: float) -> str:
+    """Word + position embeddings, then LayerNorm: [B, S, hidden]."""
     emb = "embeddings."
-
     # Every token type is 0 for single sentences, so token_type_embeddings[0] is folded into the position table.
     positions = weights(emb + "position_embeddings.weight") + weights(emb + "token_type_embeddings.weight")[0]
     seq_len = b.op("Shape", [INPUT_IDS], "/embed", start=1, end=2)
@@ -92,38 +80,48 @@ def build_encoder_graph(
         "/embed",
     )
     words = b.op("Gather", [b.weight(emb + "word_embeddings.weight"), INPUT_IDS], "/embed")
-    h = b.layer_norm(b.op("Add", [words, pos], "/embed"), emb + "LayerNorm", eps, "/embed")
+    return b.layer_norm(b.op("Add", [words, pos], "/embed"), emb + "LayerNorm", eps, "/embed")
 
-    # Additive mask [B, 1, 1, S], built once and shared by every layer.
+
+def _additive_mask(b: _Builder) -> str:
+    """(1 - mask) * -10000 as [B, 1, 1, S], built once and shared by every layer."""
     m = b.op("Unsqueeze", [b.op("Unsqueeze", [ATTENTION_MASK, b.ints(1)], "/mask"), b.ints(2)], "/mask")
     m = b.op("Cast", [m], "/mask", to=TensorProto.FLOAT)
-    mask = b.op("Mul", [b.op("Sub", [b.f32(1.0), m], "/mask"), b.f32(_MASK_VALUE)], "/mask")
+    return b.op("Mul", [b.op("Sub", [b.f32(1.0), m], "/mask"), b.f32(_MASK_VALUE)], "/mask")
 
+
+def _self_attention(b: _Builder, i: int, h: str, mask: str, *, hidden: int, heads: int, eps: float) -> str:
+    """Layer i's multi-head self-attention, output projection and post-LayerNorm (residual included)."""
+    head_dim = hidden // heads
+    p, hint = f"encoder.layer.{i}.", f"/layer{i}/attention"
     heads_shape = b.ints(0, 0, heads, head_dim)
-    for i in range(layers):
-        p = f"encoder.layer.{i}."
-        hint = f"/layer{i}/attention"
-        q = b.op("Reshape", [b.linear(h, p + "attention.self.query", hint), heads_shape], hint)
-        k = b.op("Reshape", [b.linear(h, p + "attention.self.key", hint), heads_shape], hint)
-        v = b.op("Reshape", [b.linear(h, p + "attention.self.value", hint), heads_shape], hint)
-        q = b.op("Transpose", [q], hint, perm=[0, 2, 1, 3])  # [B, N, S, d]
-        k = b.op("Transpose", [k], hint, perm=[0, 2, 3, 1])  # [B, N, d, S]
-        v = b.op("Transpose", [v], hint, perm=[0, 2, 1, 3])
-        scores = b.op("Div", [b.op("MatMul", [q, k], hint), b.f32(float(np.sqrt(head_dim)))], hint)
-        probs = b.op("Softmax", [b.op("Add", [scores, mask], hint)], hint, axis=3)
-        ctx = b.op("Transpose", [b.op("MatMul", [probs, v], hint)], hint, perm=[0, 2, 1, 3])
-        ctx = b.op("Reshape", [ctx, b.ints(0, 0, hidden)], hint)
-        out = b.linear(ctx, p + "attention.output.dense", hint)
-        h = b.layer_norm(b.op("Add", [out, h], hint), p + "attention.output.LayerNorm", eps, hint)
+    q = b.op("Reshape", [b.linear(h, p + "attention.self.query", hint), heads_shape], hint)
+    k = b.op("Reshape", [b.linear(h, p + "attention.self.key", hint), heads_shape], hint)
+    v = b.op("Reshape", [b.linear(h, p + "attention.self.value", hint), heads_shape], hint)
+    q = b.op("Transpose", [q], hint, perm=[0, 2, 1, 3])  # [B, N, S, d]
+    k = b.op("Transpose", [k], hint, perm=[0, 2, 3, 1])  # [B, N, d, S]
+    v = b.op("Transpose", [v], hint, perm=[0, 2, 1, 3])
+    scores = b.op("Div", [b.op("MatMul", [q, k], hint), b.f32(float(np.sqrt(head_dim)))], hint)
+    probs = b.op("Softmax", [b.op("Add", [scores, mask], hint)], hint, axis=3)
+    ctx = b.op("Transpose", [b.op("MatMul", [probs, v], hint)], hint, perm=[0, 2, 1, 3])
+    ctx = b.op("Reshape", [ctx, b.ints(0, 0, hidden)], hint)
+    out = b.linear(ctx, p + "attention.output.dense", hint)
+    return b.layer_norm(b.op("Add", [out, h], hint), p + "attention.output.LayerNorm", eps, hint)
 
-        hint = f"/layer{i}/ffn"
-        x = b.linear(h, p + "intermediate.dense", hint)
-        # BERT's exact GELU, x * 0.5 * (1 + erf(x / sqrt 2)), in the op order ORT's Gelu fusion matches.
-        erf = b.op("Erf", [b.op("Div", [x, b.f32(float(np.sqrt(2.0)))], hint)], hint)
-        g = b.op("Mul", [b.op("Mul", [x, b.op("Add", [erf, b.f32(1.0)], hint)], hint), b.f32(0.5)], hint)
-        out = b.linear(g, p + "output.dense", hint)
-        h = b.layer_norm(b.op("Add", [out, h], hint), p + "output.LayerNorm", eps, hint)
 
+def _gelu_ffn(b: _Builder, i: int, h: str, eps: float) -> str:
+    """Layer i's feed-forward (dense, exact GELU, dense) and post-LayerNorm (residual included)."""
+    p, hint = f"encoder.layer.{i}.", f"/layer{i}/ffn"
+    x = b.linear(h, p + "intermediate.dense", hint)
+    # BERT's exact GELU, x * 0.5 * (1 + erf(x / sqrt 2)), in the op order ORT's Gelu fusion matches.
+    erf = b.op("Erf", [b.op("Div", [x, b.f32(float(np.sqrt(2.0)))], hint)], hint)
+    g = b.op("Mul", [b.op("Mul", [x, b.op("Add", [erf, b.f32(1.0)], hint)], hint), b.f32(0.5)], hint)
+    out = b.linear(g, p + "output.dense", hint)
+    return b.layer_norm(b.op("Add", [out, h], hint), p + "output.LayerNorm", eps, hint)
+
+
+def _pool_and_normalize(b: _Builder, h: str) -> None:
+    """Mean pooling over the mask and L2 normalisation, written to the `sentence_embedding` output."""
     # Mean over real tokens only; the 1e-9 floor is sentence-transformers' guard against an all-zero mask.
     hint = "/pool"
     mf = b.op("Unsqueeze", [b.op("Cast", [ATTENTION_MASK], hint, to=TensorProto.FLOAT), b.ints(-1)], hint)
@@ -136,6 +134,25 @@ def build_encoder_graph(
         helper.make_node("Div", [mean, b.op("Max", [norm, b.f32(1e-12)], hint)], [OUTPUT], name=f"{hint}/{OUTPUT}")
     )
 
+
+def build_encoder_graph(
+    writer: ExternalDataWriter,
+    weights: WeightFn,
+    *,
+    hidden: int,
+    heads: int,
+    layers: int,
+    eps: float,
+    progress: ProgressFn | None = None,
+) -> ModelProto:
+    """The whole encoder: embeddings, `layers` x (self-attention + GELU FFN), mean pooling, L2 normalisation."""
+    b = _Builder(writer, weights, progress, total=4 + 16 * layers)
+    h = _embeddings(b, weights, eps)
+    mask = _additive_mask(b)
+    for i in range(layers):
+        h = _self_attention(b, i, h, mask, hidden=hidden, heads=heads, eps=eps)
+        h = _gelu_ffn(b, i, h, eps)
+    _pool_and_normalize(b, h)
     graph = helper.make_graph(
         b.nodes,
         "bert_sentence_encoder",

@@ -18,12 +18,22 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from onnx import ModelProto, TensorProto, helper
+from onnx import ModelProto, TensorProto, ValueInfoProto, helper
 
 from engines.base import ProgressFn
 from engines.convert.external import ExternalDataWriter
 from engines.convert.gguf_model import GgufModel, GgufTensor, LlamaConfig
-from engines.convert.graph import BATCH, IR_VERSION, OPSET, SEQ, GraphBuilder, LogitsMode, past_names, present_names
+from engines.convert.graph import (
+    BATCH,
+    INPUT_IDS,
+    IR_VERSION,
+    OPSET,
+    SEQ,
+    GraphBuilder,
+    LogitsMode,
+    past_names,
+    present_names,
+)
 from engines.convert.repack import BLOCK, BlockWeight, pack_int4, repack
 
 MS_DOMAIN = "com.microsoft"
@@ -188,76 +198,76 @@ def rope_cache(cfg: LlamaConfig) -> tuple[npt.NDArray[np.float32], npt.NDArray[n
     return np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
 
 
-def build_fused_graph(
-    model: GgufModel, writer: ExternalDataWriter, *, logits: LogitsMode, progress: ProgressFn | None = None
-) -> ModelProto:
-    """The whole decoder with contrib ops; inputs input_ids, seqlens_k, total_sequence_length and the KV buffers."""
+def _embed(b: FusedBuilder, model: GgufModel) -> str:
+    """Token embeddings, token-major [tokens, d]; a Q8_0 table is gathered in place (and shared by a tied head)."""
     cfg = model.config
-    n_kv, hd, eps = cfg.n_kv_heads, cfg.head_dim, cfg.rms_eps
-    total = model.n_tensors + (1 if cfg.tied_embeddings else 0)
-    b = FusedBuilder(writer, progress, total)
-    ids = "input_ids"
-
     embd = model.tensor("token_embd.weight")
     if embd.qtype.name == "Q8_0":
-        h = b.embedding_q8(ids, embd, tied=cfg.tied_embeddings)  # [tokens, d]
-    else:
-        h = b.op("Reshape", [b.embedding(ids, embd), b.ints(-1, cfg.d_model)], "/embed")
-    cos, sin = rope_cache(cfg)
-    cos_name, sin_name = b.weight("rope.cos", cos), b.weight("rope.sin", sin)
-    # [batch, seq, -1]: the shape GroupQueryAttention (and the logits) need around the token-major activations
-    bsx = b.op("Concat", [b.op("Shape", [ids], "/shape"), b.ints(-1)], "/shape", axis=0)
+        return b.embedding_q8(INPUT_IDS, embd, tied=cfg.tied_embeddings)
+    return b.op("Reshape", [b.embedding(INPUT_IDS, embd), b.ints(-1, cfg.d_model)], "/embed")
 
-    def t(name: str) -> GgufTensor:
-        return model.tensor(name)
 
+def _attention(b: FusedBuilder, model: GgufModel, i: int, x: str, bsx: str, rope: tuple[str, str]) -> str:
+    """Layer i's attention on the normed input x: packed Q/K/V, GroupQueryAttention (rotary inside), output proj."""
+    cfg = model.config
+    p, hint = f"blk.{i}.", f"/blk{i}/attn"
+    qkv = b.nbits_linear(x, [model.tensor(p + f"attn_{w}.weight") for w in "qkv"], hint)
+    past_k, past_v = past_names(i)
+    pres_k, pres_v = present_names(i)
+    b._count += 1
+    gqa = f"{hint}/GroupQueryAttention_{b._count}"
+    attn = f"{gqa}:0"
+    b.nodes.append(
+        helper.make_node(
+            "GroupQueryAttention",
+            [b.op("Reshape", [qkv, bsx], hint), "", "", past_k, past_v, SEQLENS_K, TOTAL_SEQUENCE_LENGTH, *rope],
+            [attn, pres_k, pres_v],
+            name=gqa,
+            domain=MS_DOMAIN,
+            num_heads=cfg.n_heads,
+            kv_num_heads=cfg.n_kv_heads,
+            do_rotary=1,
+            rotary_interleaved=1,  # GGUF permuted Q/K rows so rotary pairs are adjacent (llama.cpp NORM)
+        )
+    )
+    attn = b.op("Reshape", [attn, b.ints(-1, cfg.d_model)], hint)
+    return b.nbits_linear(attn, [model.tensor(p + "attn_output.weight")], hint)
+
+
+def _swiglu_ffn(b: FusedBuilder, model: GgufModel, i: int, x: str) -> str:
+    """Layer i's SwiGLU on the normed input x: gate and up in one packed MatMulNBits, split, then down."""
+    p, hint, d_ff = f"blk.{i}.", f"/blk{i}/ffn", model.config.d_ff
+    gu = b.nbits_linear(x, [model.tensor(p + "ffn_gate.weight"), model.tensor(p + "ffn_up.weight")], hint)
+    gate, up = b.split(gu, [d_ff, d_ff], hint)
+    act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate], hint)], hint), up], hint)
+    return b.nbits_linear(act, [model.tensor(p + "ffn_down.weight")], hint)
+
+
+def _layers(b: FusedBuilder, model: GgufModel, h: str, bsx: str, rope: tuple[str, str]) -> str:
+    """Every decoder layer; returns the final-normed hidden state.
+
+    Each residual add is fused with the norm after it (SkipSimplifiedLayerNormalization), so a layer's FFN norm
+    and the next layer's attention norm (or the final norm) close the attention and FFN blocks.
+    """
+    cfg = model.config
+    eps = cfg.rms_eps
     # Standard ops for this one norm (ONNX Runtime fuses them into SimplifiedLayerNormalization): that op lives in
     # the default domain but is not ONNX, so onnx.checker would reject the graph.
-    x = b.rms_norm(h, t("blk.0.attn_norm.weight"), eps, "/blk0/attn")
+    x = b.rms_norm(h, model.tensor("blk.0.attn_norm.weight"), eps, "/blk0/attn")
     for i in range(cfg.n_layers):
-        p, hint = f"blk.{i}.", f"/blk{i}/attn"
-        qkv = b.nbits_linear(x, [t(p + "attn_q.weight"), t(p + "attn_k.weight"), t(p + "attn_v.weight")], hint)
-        past_k, past_v = past_names(i)
-        pres_k, pres_v = present_names(i)
-        b._count += 1
-        gqa = f"{hint}/GroupQueryAttention_{b._count}"
-        attn = f"{gqa}:0"
-        b.nodes.append(
-            helper.make_node(
-                "GroupQueryAttention",
-                [
-                    b.op("Reshape", [qkv, bsx], hint),
-                    "",
-                    "",
-                    past_k,
-                    past_v,
-                    SEQLENS_K,
-                    TOTAL_SEQUENCE_LENGTH,
-                    cos_name,
-                    sin_name,
-                ],
-                [attn, pres_k, pres_v],
-                name=gqa,
-                domain=MS_DOMAIN,
-                num_heads=cfg.n_heads,
-                kv_num_heads=n_kv,
-                do_rotary=1,
-                rotary_interleaved=1,  # GGUF permuted Q/K rows so rotary pairs are adjacent (llama.cpp NORM)
-            )
-        )
-        attn = b.op("Reshape", [attn, b.ints(-1, cfg.d_model)], hint)
-        o = b.nbits_linear(attn, [t(p + "attn_output.weight")], hint)
-        x, h = b.skip_rms(o, h, b.norm_weight(t(p + "ffn_norm.weight")), eps, f"/blk{i}/ffn")
+        o = _attention(b, model, i, x, bsx, rope)
+        x, h = b.skip_rms(o, h, b.norm_weight(model.tensor(f"blk.{i}.ffn_norm.weight")), eps, f"/blk{i}/ffn")
+        d = _swiglu_ffn(b, model, i, x)
+        last = i + 1 == cfg.n_layers
+        nxt = "output_norm.weight" if last else f"blk.{i + 1}.attn_norm.weight"
+        x, h = b.skip_rms(d, h, b.norm_weight(model.tensor(nxt)), eps, "/head" if last else f"/blk{i + 1}/attn")
+    return x
 
-        hint = f"/blk{i}/ffn"
-        gu = b.nbits_linear(x, [t(p + "ffn_gate.weight"), t(p + "ffn_up.weight")], hint)
-        gate, up = b.split(gu, [cfg.d_ff, cfg.d_ff], hint)
-        act = b.op("Mul", [b.op("Mul", [gate, b.op("Sigmoid", [gate], hint)], hint), up], hint)
-        d = b.nbits_linear(act, [t(p + "ffn_down.weight")], hint)
-        nxt = f"blk.{i + 1}.attn_norm.weight" if i + 1 < cfg.n_layers else "output_norm.weight"
-        x, h = b.skip_rms(d, h, b.norm_weight(t(nxt)), eps, f"/blk{i + 1}/attn" if i + 1 < cfg.n_layers else "/head")
 
-    head = t("token_embd.weight" if cfg.tied_embeddings else "output.weight")
+def _lm_head(b: FusedBuilder, model: GgufModel, x: str, bsx: str, logits: LogitsMode) -> None:
+    """lm_head (the embedding table when tied) on the normed hidden state, written to the `logits` output."""
+    cfg = model.config
+    head = model.tensor("token_embd.weight" if cfg.tied_embeddings else "output.weight")
     if logits == "last":
         # Only the last position feeds sampling: one head row per sequence, however long the prompt.
         big = np.iinfo(np.int64).max
@@ -268,9 +278,13 @@ def build_fused_graph(
     else:
         b.op("Reshape", [b.nbits_linear(x, [head], "/head"), bsx], "/head", out="logits")
 
+
+def _graph_io(cfg: LlamaConfig, logits: LogitsMode) -> tuple[list[ValueInfoProto], list[ValueInfoProto]]:
+    """Inputs (ids, sequence lengths, KV buffers per layer) and outputs (logits, the same KV buffers' new state)."""
+    n_kv, hd = cfg.n_kv_heads, cfg.head_dim
     f32 = TensorProto.FLOAT
     inputs = [
-        helper.make_tensor_value_info(ids, TensorProto.INT64, [BATCH, SEQ]),
+        helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, [BATCH, SEQ]),
         helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [BATCH]),
         helper.make_tensor_value_info(TOTAL_SEQUENCE_LENGTH, TensorProto.INT32, []),
     ]
@@ -278,7 +292,24 @@ def build_fused_graph(
     for i in range(cfg.n_layers):
         inputs += [helper.make_tensor_value_info(n, f32, [BATCH, n_kv, CAPACITY, hd]) for n in past_names(i)]
         outputs += [helper.make_tensor_value_info(n, f32, [BATCH, n_kv, CAPACITY, hd]) for n in present_names(i)]
-    graph = helper.make_graph(b.nodes, "llama_decoder_fused", inputs, outputs, b.inits)
+    return inputs, outputs
+
+
+def build_fused_graph(
+    model: GgufModel, writer: ExternalDataWriter, *, logits: LogitsMode, progress: ProgressFn | None = None
+) -> ModelProto:
+    """The whole decoder with contrib ops; inputs input_ids, seqlens_k, total_sequence_length and the KV buffers."""
+    cfg = model.config
+    total = model.n_tensors + (1 if cfg.tied_embeddings else 0)
+    b = FusedBuilder(writer, progress, total)
+    h = _embed(b, model)  # [tokens, d]
+    cos, sin = rope_cache(cfg)
+    rope = b.weight("rope.cos", cos), b.weight("rope.sin", sin)
+    # [batch, seq, -1]: the shape GroupQueryAttention (and the logits) need around the token-major activations
+    bsx = b.op("Concat", [b.op("Shape", [INPUT_IDS], "/shape"), b.ints(-1)], "/shape", axis=0)
+    x = _layers(b, model, h, bsx, rope)
+    _lm_head(b, model, x, bsx, logits)
+    graph = helper.make_graph(b.nodes, "llama_decoder_fused", *_graph_io(cfg, logits), b.inits)
     return helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],

@@ -10,16 +10,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from engines.text.chat_template import (
-    CHATML_TEMPLATE,
-    MAX_INT_BITS,
-    MAX_RENDER_STEPS,
-    MAX_RENDER_TEXT,
-    MAX_TEMPLATE_CHARS,
-    ChatTemplate,
-    ChatTemplateError,
-    RenderLimits,
-)
+from engines.text.chat_template import CHATML_TEMPLATE, MAX_TEMPLATE_CHARS, ChatTemplate, ChatTemplateError
+from engines.text.template_sandbox import MAX_INT_BITS, MAX_RENDER_STEPS, MAX_RENDER_TEXT, RenderLimits
 from tests.engines.text_model import smollm_pipeline
 
 # Small bounds keep each example fast; the explicit tests below use the real ones.

@@ -75,3 +75,38 @@ def test_every_agent_exception_roots_in_thox_error() -> None:
             if cls.__module__ == module.__name__ and issubclass(cls, BaseException) and not issubclass(cls, ThoxError):
                 strays.append(f"{info.name}.{name}")
     assert not strays, f"exceptions outside agent.errors.ThoxError: {strays}"
+
+
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+
+
+def oversized(source: str, where: str) -> list[str]:
+    """A module over MAX_MODULE_LINES, and every function (def to its last line) over MAX_FUNCTION_LINES."""
+    found = []
+    lines = len(source.splitlines())
+    if lines > MAX_MODULE_LINES:
+        found.append(f"{where}: {lines} lines")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            length = (node.end_lineno or node.lineno) - node.lineno + 1
+            if length > MAX_FUNCTION_LINES:
+                found.append(f"{where}:{node.lineno} {node.name}() {length} lines")
+    return found
+
+
+@pytest.mark.parametrize("package", OURS)
+def test_modules_and_functions_stay_small(package: str) -> None:
+    # Small modules and functions are what keep the next feature's change local; split by job when one grows.
+    found = [
+        problem
+        for path in sorted((REPO / package).rglob("*.py"))
+        for problem in oversized(path.read_text(), str(path.relative_to(REPO)))
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_size_check_sees_a_long_function() -> None:
+    long_function = "def f() -> None:\n" + "    x = 1\n" * MAX_FUNCTION_LINES
+    assert oversized(long_function, "probe.py") == [f"probe.py:1 f() {MAX_FUNCTION_LINES + 1} lines"]
+    assert oversized("x = 1\n" * (MAX_MODULE_LINES + 1), "big.py") == [f"big.py: {MAX_MODULE_LINES + 1} lines"]

@@ -136,6 +136,7 @@ def _settings(home: Path, text: str) -> Settings:
     return load_settings(home=home, env={})
 
 
+@pytest.mark.allow_blocking("_settings writes config.toml and loads it in the test; reload() stays checked")
 async def test_reload_is_all_or_nothing(tmp_path: Path) -> None:
     live = LiveConfig(_settings(tmp_path, "[api]\nrate_limit = 10\n"), env={})
     committed: list[str] = []

@@ -137,6 +137,7 @@ def test_a_pull_onto_a_full_disk_fails_clearly_and_succeeds_once_there_is_room(
     assert receiver.process.poll() is None
 
 
+@pytest.mark.allow_blocking("its progress callback fills the disk, it reads the manifest; pull() stays checked")
 async def test_a_copy_whose_manifest_entry_cannot_be_written_is_not_left_in_the_store(
     tmp_path: Path,
     tmpfs: Callable[[Path, int], Tmpfs],

@@ -10,13 +10,12 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import aetcd
 import pytest
-from blockbuster import blockbuster_ctx
 from structlog.testing import capture_logs
 
 from agent.cluster.etcd import NOT_INSTALLED, EtcdMember, _BoundedLog
@@ -27,13 +26,6 @@ from tests.agent.cluster.conftest import TestCa
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason=NOT_INSTALLED)
 
 MakeMember = Callable[..., EtcdMember]
-
-
-@pytest.fixture(autouse=True)
-def no_blocking_calls_on_the_loop() -> Iterator[None]:
-    """Fail a test in which the etcd supervisor blocks the event loop."""
-    with blockbuster_ctx(["agent"]):
-        yield
 
 
 @pytest.fixture

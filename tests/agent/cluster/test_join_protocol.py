@@ -11,14 +11,13 @@ import dataclasses
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from blockbuster import blockbuster_ctx
 from structlog.testing import capture_logs
 
 from agent.cluster import pki, tokens
@@ -32,13 +31,6 @@ JOINER = "box-b"
 LOOPBACK = "127.0.0.1"
 
 Tamper = Callable[[JoinGrant, JoinRequest], JoinGrant]
-
-
-@pytest.fixture(autouse=True)
-def no_blocking_calls_on_the_loop() -> Iterator[None]:
-    """Fail a test in which the join code or the peer API blocks the event loop."""
-    with blockbuster_ctx(["agent"]):
-        yield
 
 
 @pytest.fixture(scope="module")

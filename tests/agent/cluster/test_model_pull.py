@@ -67,6 +67,7 @@ async def source(store: ModelStore) -> AsyncIterator[tuple[str, aiohttp.ClientSe
         yield f"https://{LOOPBACK}:{port}", session, ranges
 
 
+@pytest.mark.allow_blocking("the test reads the stores (ModelStore.get) to check the copy; pull() stays checked")
 async def test_a_model_is_copied_with_progress_and_listed_only_when_complete(
     source_store: ModelStore,
     tmp_path: Path,
@@ -83,6 +84,7 @@ async def test_a_model_is_copied_with_progress_and_listed_only_when_complete(
     assert not target.staging_dir(CHAT).exists()
 
 
+@pytest.mark.allow_blocking("the test reads the stores (ModelStore.get) to check the copy; pull() stays checked")
 async def test_a_folder_model_is_copied_and_verified(source_store: ModelStore, tmp_path: Path) -> None:
     target = ModelStore(tmp_path / "models")
     async with source(source_store) as (url, session, _):
@@ -106,6 +108,7 @@ async def test_an_interrupted_copy_resumes_where_it_stopped(source_store: ModelS
     assert installed.path.read_bytes() == original
 
 
+@pytest.mark.allow_blocking("the test reads the stores (ModelStore.get) to check the copy; pull() stays checked")
 async def test_a_copy_that_does_not_match_the_source_is_discarded(source_store: ModelStore, tmp_path: Path) -> None:
     target = ModelStore(tmp_path / "models")
     staged = target.staging_dir(CHAT) / smollm2_gguf().name

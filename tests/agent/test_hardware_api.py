@@ -201,7 +201,6 @@ def test_bad_sim_requests_get_clear_errors(hw_agent: RunningAgent) -> None:
 
 
 @pytest.mark.allow_blocking("load_settings and HardwareManager set up in the test; the routes stay checked")
-@pytest.mark.allow_blocking("load_settings and HardwareManager set up in the test; the routes stay checked")
 async def test_device_profile_has_no_sim_routes(tmp_path: Path) -> None:
     settings = load_settings({"profile": "device"}, home=tmp_path, env={})
     hardware = HardwareManager(settings, [])

@@ -78,7 +78,7 @@ class RunningAgent:
                 return health
             if time.monotonic() > deadline:
                 raise TimeoutError(f"agent not healthy after {timeout}s: {health}")
-            time.sleep(0.1)
+            time.sleep(0.1)  # the poll interval of a loop with a deadline
 
     def log_lines(self) -> list[dict[str, Any]]:
         lines = []
@@ -148,7 +148,7 @@ def start_agent(
         if time.monotonic() > deadline:
             process.kill()
             raise TimeoutError(f"agent did not start:\n{log_path.read_text()[-4000:]}")
-        time.sleep(0.05)
+        time.sleep(0.05)  # the poll interval of a loop with a deadline (and a check that the agent still runs)
     record = json.loads(endpoints.read_text())
     running = RunningAgent(home, process, record["inference_url"], record["cluster_url"], log_path)
     if wait_healthy:

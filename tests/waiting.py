@@ -50,5 +50,5 @@ def eventually(check: Callable[[], Any], what: str, timeout: float = 30.0, inter
         else:
             if last:
                 return last
-        time.sleep(interval)
+        time.sleep(interval)  # the poll interval (this is the wait for a condition)
     raise AssertionError(f"not within {timeout:g} s: {what}; last: {last}")

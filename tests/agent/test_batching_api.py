@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,6 +10,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.agent_process import RunningAgent, start_agent
+from tests.waiting import eventually
 
 MODEL = "smollm2-135m-instruct"
 
@@ -52,10 +52,13 @@ def test_output_is_the_same_alone_or_alongside_seven_others(running_agent: Runni
         assert together.result() == alone
         assert all(f.result() for f in neighbours)
     # Nothing is left behind once every answer is in (the host reports its counters once a second).
-    deadline = time.monotonic() + 5
-    while (stats := running_agent.health()["engine"]["scheduler"])["live"] or stats["waiting"]:
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.1)
+
+    def drained() -> bool:
+        stats = running_agent.health()["engine"]["scheduler"]
+        assert not stats["live"] and not stats["waiting"], stats
+        return True
+
+    eventually(drained, "no live or waiting sequences in the scheduler")
 
 
 def test_a_full_queue_answers_503_with_retry_after(constrained: RunningAgent) -> None:
@@ -79,9 +82,7 @@ def test_a_full_queue_answers_503_with_retry_after(constrained: RunningAgent) ->
             assert info.value.code == "server_overloaded"
             assert info.value.response.headers["retry-after"] == "1"
     # The client left: its slot is free at the next token, so the next request is served.
-    deadline = time.monotonic() + 10
-    while constrained.health()["engine"]["active_streams"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    eventually(lambda: constrained.health()["engine"]["active_streams"] == 0, "the closed stream leaving the engine")
     assert ask(client, "Hi", seed=1, max_tokens=3)
 
 
@@ -118,10 +119,11 @@ def test_prefix_reuse_gives_identical_output(running_agent: RunningAgent, constr
     reused = conversation(running_agent)
     recomputed = conversation(constrained)  # prefix cache off
     assert reused == recomputed
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:  # the engine reports its counters about once a second
+
+    def reused_tokens() -> int:  # the engine reports its counters about once a second
         after = running_agent.health()["engine"].get("scheduler", {}).get("prefix_tokens_reused", 0)
-        if after > before:
-            break
-        time.sleep(0.2)
-    assert after - before >= 40  # at least the system prompt and the first exchange were not recomputed
+        # At least the system prompt and the first exchange were not recomputed.
+        assert after - before >= 40, (before, after)
+        return int(after - before)
+
+    eventually(reused_tokens, "the reported prefix reuse of the second conversation turn")

@@ -49,7 +49,7 @@ def test_sigkill_while_writing_config_never_leaves_a_broken_file(tmp_path: Path)
         ready, _, _ = select.select([started], [], [], 60)
         assert ready and os.read(started, 1) == b"w", "the writer never wrote"
         os.close(started)
-        time.sleep(rng.uniform(0.0, 0.01))
+        time.sleep(rng.uniform(0.0, 0.01))  # a random kill point is what is tested, not a wait
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         settings = load_settings(home=tmp_path, env={})  # parses and validates, or the test fails

@@ -7,7 +7,6 @@ import os
 import signal
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.agent_process import RunningAgent, http_json, start_agent
+from tests.waiting import eventually
 
 LONG: list[ChatCompletionMessageParam] = [
     {"role": "user", "content": "Tell me a very long story about a dragon and a knight."}
@@ -40,6 +40,13 @@ def engine_pid(agent: RunningAgent) -> int:
     pid = agent.wait_healthy()["engine"]["pid"]
     assert isinstance(pid, int)
     return pid
+
+
+def streams(agent: RunningAgent) -> int:
+    """Streams the agent's engine is serving now."""
+    count = agent.health()["engine"]["active_streams"]
+    assert isinstance(count, int)
+    return count
 
 
 def alive(pid: int) -> bool:
@@ -78,9 +85,8 @@ def test_health_reports_the_agent_process(agent: RunningAgent) -> None:
             next(lines)
         # A stream in flight is served by a task of the agent's loop: the count must see it.
         assert agent.health()["process"]["asyncio_tasks"] > idle_tasks
-    deadline = time.monotonic() + 10  # the next tests count streams: let this one leave the engine first
-    while agent.health()["engine"]["active_streams"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # The next tests count streams: let this one leave the engine first.
+    eventually(lambda: streams(agent) == 0, "the closed stream leaving the engine")
 
 
 def test_engine_killed_mid_stream_gives_an_error_event_and_recovers(agent: RunningAgent) -> None:
@@ -124,11 +130,8 @@ def test_engine_killed_during_a_plain_request_gives_503(agent: RunningAgent) -> 
 
     caller = threading.Thread(target=call)
     caller.start()
-    deadline = time.monotonic() + 30
-    while agent.health()["engine"]["active_streams"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)
-    os.kill(pid, signal.SIGKILL)
+    eventually(lambda: streams(agent) == 1, "the plain request reaching the engine", interval=0.01)
+    os.kill(pid, signal.SIGKILL)  # the request is in the engine's hands: it dies mid-request
     caller.join(60)
     status, headers, body = result["reply"]
     assert status == 503
@@ -139,6 +142,8 @@ def test_engine_killed_during_a_plain_request_gives_503(agent: RunningAgent) -> 
 
 def test_requests_while_the_engine_is_down_get_503(agent: RunningAgent) -> None:
     os.kill(engine_pid(agent), signal.SIGKILL)
+    # Until the agent has seen the exit, a request still goes to the dead host and fails as engine_crashed.
+    eventually(lambda: agent.health()["engine"]["state"] != "ready", "the agent noticing its engine host died")
     client = sdk(agent)
     for stream in (False, True):
         with pytest.raises(openai.InternalServerError) as info:
@@ -167,10 +172,7 @@ def test_client_disconnect_cancels_generation(agent: RunningAgent) -> None:
             next(lines)
         assert agent.health()["engine"]["active_streams"] == 1
     # Closing the connection ends the stream in the agent and frees its slot in the engine.
-    deadline = time.monotonic() + 10
-    while agent.health()["engine"]["active_streams"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert agent.health()["engine"]["active_streams"] == 0
+    eventually(lambda: streams(agent) == 0, "the disconnected stream leaving the engine")
 
 
 def test_client_disconnect_cancels_a_plain_request(agent: RunningAgent) -> None:
@@ -183,14 +185,8 @@ def test_client_disconnect_cancels_a_plain_request(agent: RunningAgent) -> None:
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        deadline = time.monotonic() + 30
-        while agent.health()["engine"]["active_streams"] == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert agent.health()["engine"]["active_streams"] == 1
-    deadline = time.monotonic() + 10
-    while agent.health()["engine"]["active_streams"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert agent.health()["engine"]["active_streams"] == 0
+        eventually(lambda: streams(agent) == 1, "the plain request reaching the engine", interval=0.01)
+    eventually(lambda: streams(agent) == 0, "the disconnected plain request leaving the engine")
 
 
 def test_sigterm_lets_in_flight_streams_finish(fresh_home: Path) -> None:

@@ -7,9 +7,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -20,6 +19,7 @@ from agent.hardware.manager import HardwareManager
 from agent.monitor import EventLoopMonitor
 from agent.settings import load_settings
 from tests.agent_process import RunningAgent, http_json, start_agent
+from tests.waiting import eventually
 
 # Entry thresholds the agent runs with (the defaults) and its hysteresis.
 ENTRY_C = {"warm": 70.0, "throttle": 80.0, "hot": 88.0}
@@ -38,14 +38,6 @@ def hw_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningAgent]
     )
     yield agent
     assert agent.stop() == 0
-
-
-def _until(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return result
 
 
 def _load(url: str, stop: threading.Event, worker: int) -> None:
@@ -68,10 +60,10 @@ def test_heat_throttles_engine_concurrency_then_recovers_with_hysteresis(hw_agen
         worker.start()
     try:
         # Eight streams really decode together while the box is cool.
-        _until(
+        eventually(
             lambda: hw_agent.health()["engine"].get("scheduler", {}).get("decoding", 0) >= 6,
-            60,
             "six or more sequences decoding together",
+            60,
         )
         cool = hw_agent.health()
         assert cool["hardware"]["thermal"]["level"] == "normal"
@@ -79,28 +71,33 @@ def test_heat_throttles_engine_concurrency_then_recovers_with_hysteresis(hw_agen
 
         status, _, _ = http_json("PUT", f"{cluster}/sim/thermal", {"ambient_c": 72.0, "time_constant_s": 0.5})
         assert status == 200
-        hot = _until(
+        hot = eventually(
             lambda: (h := hw_agent.health())["engine"]["concurrency"]["applied"] <= 8 and h,
-            15,
             "the governor to lower the engine's concurrency",
+            15,
         )
         assert hot["temperature_c"] >= ENTRY_C["throttle"]
         assert hot["hardware"]["thermal"]["level"] in ("throttle", "hot")
         assert hot["status"] == "throttled"
-        time.sleep(1.5)  # the engine reports its counters once a second
-        for _ in range(10):
+        # The engine reports its counters once a second: wait for a report made under the lowered limit.
+        eventually(
+            lambda: (e := hw_agent.health()["engine"])["scheduler"]["concurrency"] == e["concurrency"]["applied"],
+            "a scheduler report under the lowered concurrency",
+            30,
+        )
+        for _ in range(10):  # then the limit holds over a second of reports (a bounded window, not a wait)
             engine = hw_agent.health()["engine"]
             assert engine["scheduler"]["decoding"] <= engine["concurrency"]["applied"] <= 8
             time.sleep(0.1)
 
         status, _, _ = http_json("PUT", f"{cluster}/sim/thermal", {"ambient_c": 25.0})
         assert status == 200
-        cooled = _until(
+        cooled = eventually(
             lambda: (h := hw_agent.health())["hardware"]["thermal"]["level"] == "normal" and h,
-            30,
             "the box to cool back to normal",
+            30,
         )
-        assert _until(lambda: hw_agent.health()["engine"]["concurrency"]["applied"] == 16, 5, "full concurrency")
+        assert eventually(lambda: hw_agent.health()["engine"]["concurrency"]["applied"] == 16, "full concurrency", 30)
     finally:
         stop.set()
         for worker in workers:
@@ -132,7 +129,7 @@ def test_power_contract_over_http(hw_agent: RunningAgent) -> None:
     )
     assert status == 201
     # The dock switch is debounced and presence-confirmed, then the NFC tag is read.
-    _until(lambda: hw_agent.health()["hardware"]["dock"]["join_offer"], 5, "the join offer")
+    eventually(lambda: hw_agent.health()["hardware"]["dock"]["join_offer"], "the join offer", 30)
     status, _, body = http_json("POST", f"{cluster}/power/contract", {"voltage_mv": 20000, "current_ma": 2000})
     assert status == 200, body
     assert body["state"] == "explicit" and body["controller"] == "stusb4500"
@@ -140,10 +137,10 @@ def test_power_contract_over_http(hw_agent: RunningAgent) -> None:
     assert body["peer_module_id"] == "thox-b"  # read from the module's NFC tag when it docked
     status, _, listing = http_json("GET", f"{cluster}/power/contract")
     assert status == 200 and listing["data"][0]["selected"]["pdo_index"] == 3
-    measured = _until(
+    measured = eventually(
         lambda: (h := hw_agent.health()["hardware"]["power"])["bus_mV"] and abs(h["bus_mV"] - 20000) < 10 and h,
-        5,
         "the INA226 to measure 20 V",
+        30,
     )
     assert measured["current_mA"] > 0
 
@@ -158,7 +155,7 @@ def test_power_contract_over_http(hw_agent: RunningAgent) -> None:
     assert health["hardware"]["dock"]["join_offer"]["node_id"] == "thox-b"
     status, _, _ = http_json("DELETE", f"{cluster}/sim/modules/module-b")
     assert status == 200
-    _until(lambda: hw_agent.health()["hardware"]["dock"]["docked"] is False, 5, "the undock")
+    eventually(lambda: hw_agent.health()["hardware"]["dock"]["docked"] is False, "the undock", 30)
     status, _, body = http_json("POST", f"{cluster}/power/contract", {"pdo_index": 1})
     assert status == 409
 
@@ -268,7 +265,7 @@ def test_emergency_heat_ends_streams_cleanly_and_refuses_until_cooled(hw_agent: 
     assert hw_agent.health()["hardware"]["thermal"]["level"] == "emergency"
 
     http_json("PUT", f"{cluster}/sim/thermal", {"ambient_c": 25.0})
-    _until(lambda: hw_agent.health()["hardware"]["thermal"]["level"] == "normal", 30, "the box to cool")
+    eventually(lambda: hw_agent.health()["hardware"]["thermal"]["level"] == "normal", "the box to cool", 30)
     status, _, answer = http_json(
         "POST",
         f"{hw_agent.inference_url}/chat/completions",

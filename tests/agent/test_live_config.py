@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import pytest
 from agent.live_config import ConfigReloadError, LiveConfig
 from agent.settings import Settings, load_settings
 from tests.agent_process import RunningAgent, http_json, start_agent
+from tests.waiting import eventually
 
 
 def thox(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -32,16 +32,6 @@ def thox(home: Path, *args: str, env: dict[str, str] | None = None) -> subproces
         check=False,
         env=child_env,
     )
-
-
-def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 def models(agent: RunningAgent, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], Any]:
@@ -99,7 +89,7 @@ def test_thermal_thresholds_apply_live(limited_agent: RunningAgent) -> None:
     assert agent.health()["hardware"]["thermal"]["level"] == "normal"  # the simulated box idles in the 30s
     # A warm threshold below the box's temperature: the governor must go to WARM at its next poll.
     assert thox(home, "config", "set", "hardware.warm_c", "20").returncode == 0
-    eventually(lambda: agent.health()["hardware"]["thermal"]["level"] == "warm")
+    eventually(lambda: agent.health()["hardware"]["thermal"]["level"] == "warm", "the thermal level WARM")
     assert any(
         line.get("event") == "thermal_thresholds_changed" and line.get("warm_c") == 20.0 for line in agent.log_lines()
     )
@@ -118,7 +108,7 @@ def test_sighup_applies_the_file_and_environment_pins_are_reported(tmp_path: Pat
         with (home / "config.toml").open("a") as config:
             config.write('auth = "always"\n')  # appended to the [api] section written by `config set`
         agent.process.send_signal(signal.SIGHUP)
-        refused = eventually(lambda: (r := models(agent))[0] == 401 and r)
+        refused = eventually(lambda: (r := models(agent))[0] == 401 and r, "401s once auth is always")
         assert refused[2]["error"]["type"] == "authentication_error"
         assert agent.process.poll() is None  # SIGHUP reloads; it does not stop the agent
         assert any(

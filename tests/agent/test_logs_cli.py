@@ -14,6 +14,7 @@ import pytest
 
 from agent.cli.logs import LineSelector, topic_matches
 from tests.agent_process import start_agent
+from tests.waiting import eventually
 
 
 def thox(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -59,8 +60,30 @@ def read_until(process: subprocess.Popen[str], wanted: str, timeout: float = 20.
         buffer += chunk
         if wanted in buffer:
             return buffer.splitlines()
-        time.sleep(0.05)
+        time.sleep(0.05)  # the poll interval of a loop with a deadline
     raise AssertionError(f"{wanted!r} not seen in:\n{buffer}")
+
+
+def at_end_of(process: subprocess.Popen[str], path: Path) -> bool:
+    """Whether `process` sleeps holding `path` open at its current end (/proc: the fd's offset against the size).
+
+    Asleep, not only at the end: the history pass also reaches the end, but closes the file without sleeping.
+    """
+    if Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "S":
+        return False
+    target, size = str(path.resolve()), path.stat().st_size
+    for fd in Path(f"/proc/{process.pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) != target:
+                continue
+            fields = dict(
+                line.split(":", 1) for line in Path(f"/proc/{process.pid}/fdinfo/{fd.name}").read_text().splitlines()
+            )
+        except OSError:  # closed meanwhile
+            continue
+        if int(fields["pos"]) >= size > 0:
+            return True
+    return False
 
 
 def test_topics_are_whole_dotted_components() -> None:
@@ -92,7 +115,7 @@ def test_logs_of_a_running_agent_filtered_and_followed(tmp_path: Path) -> None:
 
         follow = follower(home, "--filter", "thermal", "-n", "0")
         try:
-            time.sleep(1.0)  # the follower has read the history and waits at the end of the file
+            eventually(lambda: at_end_of(follow, log_file), "the follower reading at the end of the log file")
             assert thox(home, "config", "set", "hardware.warm_c", "60").returncode == 0
             lines = read_until(follow, "thermal_thresholds_changed")
         finally:

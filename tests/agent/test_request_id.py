@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import openai
 
 from tests.agent_process import RunningAgent, http_json
+from tests.waiting import eventually
 
 
 def test_client_request_id_is_echoed_and_logged(running_agent: RunningAgent) -> None:
@@ -19,13 +21,13 @@ def test_client_request_id_is_echoed_and_logged(running_agent: RunningAgent) -> 
     )
     assert status == 200, body
     assert headers["x-request-id"] == request_id
-    deadline = time.monotonic() + 5
-    while True:
+
+    def logged() -> list[dict[str, Any]]:
         lines = [line for line in running_agent.log_lines() if line.get("request_id") == request_id]
-        if lines or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
-    assert any(line["event"] == "chat_completion" for line in lines), lines
+        assert any(line["event"] == "chat_completion" for line in lines), lines
+        return lines
+
+    eventually(logged, "the request's chat_completion line in the log")
 
 
 def test_request_id_is_generated_on_every_response(running_agent: RunningAgent) -> None:

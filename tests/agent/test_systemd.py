@@ -201,7 +201,7 @@ async def test_pings_arrive_at_the_interval_while_healthy(tmp_path: Path) -> Non
         async def subsystem() -> None:
             while True:
                 heartbeat.beat()
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # a live subsystem's pace (the test double), not a wait
 
         started = loop.time()
         tasks = [asyncio.create_task(watchdog.run()), asyncio.create_task(subsystem())]
@@ -253,7 +253,7 @@ async def test_short_hiccups_do_not_withhold_pings() -> None:
     with capture_logs() as logs:
         for _ in range(3):
             time.sleep(0.03)  # noqa: ASYNC251 - a short block, well under max_loop_lag
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(0.03)  # the loop runs between the hiccups (the scenario's pace, not a wait)
         await recorder.wait_for(len(recorder.pings) + 2)
     runner.cancel()
     await asyncio.gather(runner, return_exceptions=True)
@@ -273,7 +273,9 @@ async def test_stale_heartbeat_stops_pings_until_it_beats_again() -> None:
         clock.now = 11.0
         assert watchdog.stale() == ["power"]
         sent = len(recorder.pings)
-        await asyncio.sleep(0.3)  # about 15 intervals
+        # A window in which no ping may go out (about 15 intervals): what must not happen has no later event to
+        # wait for, so this stays a bounded window.
+        await asyncio.sleep(0.3)
         assert len(recorder.pings) == sent, "pinged while a heartbeat was stale"
         heartbeat.beat()
         await recorder.wait_for(sent + 2)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import socket
-import time
 from pathlib import Path
 
 from tests.agent_process import http_json, start_agent
+from tests.waiting import eventually
 
 
 def test_agent_speaks_sd_notify_to_the_service_manager(tmp_path: Path) -> None:
@@ -25,8 +25,13 @@ def test_agent_speaks_sd_notify_to_the_service_manager(tmp_path: Path) -> None:
 
     agent = start_agent(tmp_path / "home", env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
     try:
-        time.sleep(1.5)
-        drain()
+
+        def heard() -> bool:
+            drain()
+            serving = any(m.startswith("STATUS=serving http://") for m in messages)
+            return "READY=1" in messages and serving and messages.count("WATCHDOG=1") >= 2
+
+        eventually(heard, "READY=1, the serving status and two watchdog pings on the notify socket")
         assert messages[0] == "STATUS=preparing models"
         ready = messages.index("READY=1")
         # READY only after both APIs listen: by then the endpoints file names both, and both answer.

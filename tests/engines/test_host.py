@@ -13,6 +13,7 @@ from engines.base import Done, Failed, GenerationRequest, SamplingParams, Tokens
 from engines.wire import Cancel, Limit, Limited, Progress, Ready, Stats, ToAgent, decode_to_agent, encode, read_payload
 from tests import bundled
 from tests.agent_process import TEST_MODEL_CACHE
+from tests.waiting import until
 
 HEADER = 4
 
@@ -56,13 +57,17 @@ async def host(tmp_path: Path) -> AsyncIterator[HostConnection]:
         "2",
     )
     try:
-        for _ in range(1200):
+
+        async def connected() -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
             try:
-                reader, writer = await asyncio.open_unix_connection(str(socket))
-                break
+                return await asyncio.open_unix_connection(str(socket))
             except (FileNotFoundError, ConnectionRefusedError):
                 assert process.returncode is None, "the engine host exited before listening"
-                await asyncio.sleep(0.05)
+                return None
+
+        streams = await until(connected, "the engine host listening on its socket", 120, interval=0.05)
+        assert streams is not None
+        reader, writer = streams
         connection = HostConnection(process, reader, writer)
         while not isinstance(message := await connection.next(), Ready):
             assert isinstance(message, Progress), message

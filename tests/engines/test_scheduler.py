@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,6 +24,7 @@ from engines.base import (
     Tokens,
 )
 from engines.runtime.scheduler import Scheduler, SchedulerLimits
+from tests.waiting import until
 
 VOCAB = 64
 STOP = 0
@@ -148,18 +149,14 @@ def request(rid: int, prompt: list[int], max_tokens: int = 10) -> GenerationRequ
     return GenerationRequest(rid, prompt, SamplingParams(max_tokens=max_tokens, temperature=0), frozenset({STOP}))
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    for _ in range(5000):
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("condition never became true")
-
-
 async def run_until_done(scheduler: Scheduler, frames: list[GenerationEvent], count: int) -> None:
     task = asyncio.create_task(scheduler.run())
     try:
-        await until(lambda: sum(isinstance(f, (Done, Failed)) for f in frames) >= count)
+        await until(
+            lambda: sum(isinstance(f, (Done, Failed)) for f in frames) >= count,
+            f"{count} requests ended",
+            interval=0.001,
+        )
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -229,9 +226,9 @@ async def test_new_requests_join_a_running_batch() -> None:
     scheduler = Scheduler(executor, frames.append)
     scheduler.submit(request(1, [1], max_tokens=200))
     task = asyncio.create_task(scheduler.run())
-    await until(lambda: len(tokens_of(frames, 1)) >= 5)
+    await until(lambda: len(tokens_of(frames, 1)) >= 5, "five tokens of request 1", interval=0.001)
     scheduler.submit(request(2, [2], max_tokens=3))
-    await until(lambda: any(isinstance(f, Done) and f.id == 2 for f in frames))
+    await until(lambda: any(isinstance(f, Done) and f.id == 2 for f in frames), "request 2 done", interval=0.001)
     assert len(tokens_of(frames, 1)) < 200  # request 2 finished while request 1 was still running
     assert tokens_of(frames, 2) == alone([2], 3)
     task.cancel()
@@ -294,9 +291,9 @@ async def test_cancel_frees_the_slot_at_the_next_token() -> None:
     scheduler.submit(request(1, [1], max_tokens=200))
     scheduler.submit(request(2, [2], max_tokens=200))
     task = asyncio.create_task(scheduler.run())
-    await until(lambda: len(tokens_of(frames, 1)) >= 3)
+    await until(lambda: len(tokens_of(frames, 1)) >= 3, "three tokens of request 1", interval=0.001)
     scheduler.cancel(1)
-    await until(lambda: any(isinstance(f, Done) and f.id == 1 for f in frames))
+    await until(lambda: any(isinstance(f, Done) and f.id == 1 for f in frames), "request 1 done", interval=0.001)
     assert done_of(frames, 1).finish_reason == "cancelled"
     assert len(executor.live) == 1  # request 2 goes on, request 1's KV is gone
     assert scheduler.stats()["live"] == 1

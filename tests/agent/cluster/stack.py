@@ -5,7 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
-import time
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests import waiting
 from tests.agent_process import RunningAgent, cluster_env, http_json, start_agent
 
 needs_etcd = pytest.mark.skipif(
@@ -47,18 +47,8 @@ def join(agent: RunningAgent, token: dict[str, Any]) -> tuple[int, Any]:
 
 
 def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except AssertionError as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not reached in {timeout}s; last: {last}")
+    """tests.waiting.eventually with the argument order the stack tests use (timeout before what)."""
+    return waiting.eventually(check, what, timeout)
 
 
 def topology(agent: RunningAgent) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from agent.cluster.discovery import Discovery
+from tests.waiting import until
 
 CA_A, CA_B = "a" * 64, "b" * 64
 
@@ -40,11 +41,9 @@ async def test_a_box_finds_the_peer_of_the_cluster_a_token_pins() -> None:
         assert peer is not None and (peer.node_id, peer.port, peer.cluster_id) == ("box-b", 25382, "stack-b")
         assert await finder.find("d" * 64, timeout=0.5) is None  # nobody of that cluster: None, not a wrong box
         await second.stop()  # a goodbye: the peer is forgotten at once
-        for _ in range(100):
-            if all(p.ca_hash != CA_B for p in finder.peers.values()):
-                break
-            await asyncio.sleep(0.05)
-        assert all(p.ca_hash != CA_B for p in finder.peers.values())
+        await until(
+            lambda: all(p.ca_hash != CA_B for p in finder.peers.values()), "the peer forgotten after its goodbye"
+        )
     finally:
         for discovery in (first, second, finder):
             await discovery.stop()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import shutil
 import signal
@@ -21,6 +20,7 @@ from structlog.testing import capture_logs
 from agent.cluster.etcd import NOT_INSTALLED, EtcdMember, _BoundedLog
 from agent.cluster.etcd_config import EtcdConfig, PeerTls
 from agent.cluster.etcd_members import EtcdError, add_learner, members, promote, remove, status
+from tests import waiting
 from tests.agent.cluster.conftest import TestCa
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None, reason=NOT_INSTALLED)
@@ -58,10 +58,6 @@ async def make_member(
     await asyncio.gather(*(member.stop(graceful=False) for member in made))
 
 
-async def _value(result: bool | Awaitable[bool]) -> bool:
-    return await result if inspect.isawaitable(result) else result
-
-
 def alive(pid: int) -> bool:
     """True while a process with this pid exists and is not a zombie."""
     try:
@@ -72,10 +68,19 @@ def alive(pid: int) -> bool:
 
 
 async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not await _value(condition()):
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        await asyncio.sleep(0.05)
+    """tests.waiting.until with the argument order used here (timeout before what)."""
+    await waiting.until(condition, what, timeout, interval=0.05)
+
+
+async def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on the loopback `port` (a connection opened and closed)."""
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    await writer.wait_closed()
+    return True
 
 
 async def grow(first: EtcdMember, *others: EtcdMember, voters: bool = True) -> None:
@@ -224,7 +229,7 @@ async def test_sigkill_of_the_leader_fails_over_within_three_seconds(make_member
     new_leader = old_leader
     while new_leader in (0, old_leader):  # Status answers at once, leader or not: poll it for the election
         assert time.monotonic() - started < 10, "no new leader within 10 s of the leader's death"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # the poll interval of a loop with a deadline (the loop times the election)
         new_leader = (await status(survivor_client, timeout=0.5)).leader_id
     elected = time.monotonic() - started
     await asyncio.wait_for(survivor_client.put(b"/thox/after-failover", b"ok"), 2)
@@ -247,7 +252,8 @@ async def test_sigkill_of_the_leader_fails_over_within_three_seconds(make_member
     await until(lambda: last.pid is not None, 10, "etcd launched")
     pid = last.pid
     assert pid is not None
-    await asyncio.sleep(0.2)
+    # Launched and up (its client port open): the start is waiting for a readiness that cannot come.
+    await until(lambda: listening(last.config.client_port), 30, "the relaunched etcd listening")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -392,7 +398,7 @@ async def test_start_reaps_an_etcd_left_behind_by_a_dead_agent(make_member: Make
     )
     try:
         await asyncio.to_thread(cfg.pid_file.write_text, f"{orphan.pid}\n")
-        await asyncio.sleep(0.3)
+        await until(lambda: listening(cfg.client_port), 30, "the orphaned etcd serving its client port")
         assert orphan.returncode is None
         with capture_logs() as logs:
             await member.start_existing()

@@ -19,6 +19,7 @@ import aetcd
 import pytest
 
 from agent.cluster.membership import CLAIM_MARGIN_SECONDS, DEFAULT_TTL_SECONDS, LeaderElection, NodeRegistry
+from tests import waiting
 from tests.agent_process import free_port
 
 pytestmark = pytest.mark.skipif(
@@ -62,7 +63,7 @@ def etcd(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", client), timeout=0.2):
             break
         assert time.monotonic() < deadline and process.poll() is None, "etcd did not start"
-        time.sleep(0.05)
+        time.sleep(0.05)  # the poll interval of a loop with a deadline
     try:
         yield process, client
     finally:
@@ -86,21 +87,18 @@ async def contenders(port: int, count: int) -> AsyncIterator[list[LeaderElection
             await client.close()
 
 
-async def until(condition: Callable[[], bool], timeout: float) -> float:
+async def until(condition: Callable[[], bool], what: str, timeout: float) -> float:
+    """tests.waiting.until, timed: the seconds it took (several tests bound them)."""
     started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout, "not reached in time"
-        await asyncio.sleep(0.01)
+    await waiting.until(condition, what, timeout)
     return time.monotonic() - started
 
 
 async def nodes_become(registry: NodeRegistry, expected: set[str], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for _ in range(int(timeout / 0.05) + 1):
-        if set(await registry.nodes()) == expected or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.05)
-    assert set(await registry.nodes()) == expected
+    async def listed() -> bool:
+        return set(await registry.nodes()) == expected
+
+    await waiting.until(listed, f"the registry listing {sorted(expected)}", timeout, interval=0.05)
 
 
 def child(script: str, stdout: int | None = None) -> subprocess.Popen[bytes]:
@@ -114,7 +112,9 @@ def child(script: str, stdout: int | None = None) -> subprocess.Popen[bytes]:
 
 async def test_one_leader_and_everyone_agrees(etcd: tuple[subprocess.Popen[bytes], int]) -> None:
     async with contenders(etcd[1], 3) as elections:
-        await until(lambda: any(e.is_leader for e in elections), 5)
+        await until(lambda: any(e.is_leader for e in elections), "a leader", 30)
+        # A window in which no second leader may appear: nothing later would prove it did not, so it stays a
+        # bounded window.
         await asyncio.sleep(0.5)
         assert sum(e.is_leader for e in elections) == 1
         leader = next(e.node_id for e in elections if e.is_leader)
@@ -125,13 +125,14 @@ async def test_an_orderly_stop_hands_over_at_once(etcd: tuple[subprocess.Popen[b
     clients = [aetcd.Client("127.0.0.1", etcd[1]) for _ in range(2)]
     first, second = LeaderElection(clients[0], "first"), LeaderElection(clients[1], "second")
     first_task = asyncio.create_task(first.run())
-    await until(lambda: first.is_leader, 5)
+    await until(lambda: first.is_leader, "the first leading", 30)
     second_task = asyncio.create_task(second.run())
-    await asyncio.sleep(0.3)
+    await asyncio.sleep(0.3)  # a window in which the second must not take over (bounded, as above)
     assert not second.is_leader
     first_task.cancel()
     await asyncio.gather(first_task, return_exceptions=True)
-    handover = await until(lambda: second.is_leader, 1.0)  # the lease was revoked: no waiting for the TTL
+    # The lease was revoked: no waiting for the TTL.
+    handover = await until(lambda: second.is_leader, "the handover", 1.0)
     assert handover < 0.5
     second_task.cancel()
     await asyncio.gather(second_task, return_exceptions=True)
@@ -148,7 +149,7 @@ async def test_a_killed_leader_is_replaced_within_its_ttl(etcd: tuple[subprocess
             election = LeaderElection(aetcd.Client("127.0.0.1", {etcd[1]}), "doomed")
             task = asyncio.create_task(election.run())
             while not election.is_leader:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # the child's poll; the parent waits for its line, within the test timeout
             print("leading", flush=True)
             await task
         asyncio.run(main())
@@ -160,10 +161,12 @@ async def test_a_killed_leader_is_replaced_within_its_ttl(etcd: tuple[subprocess
         while doomed.stdout.readline().strip() != b"leading":  # (its log lines come first, on stdout too)
             assert doomed.poll() is None
         async with contenders(etcd[1], 2) as elections:
+            # Lets the contenders start campaigning before the kill. Not a wait the test depends on: a contender
+            # that campaigns later meets the same key and the same lease expiry, so the bound below holds either way.
             await asyncio.sleep(0.2)
             assert {await e.current_leader() for e in elections} == {"doomed"}
             doomed.send_signal(signal.SIGKILL)  # no revoke: only the lease's expiry frees the key
-            took = await until(lambda: any(e.is_leader for e in elections), DEFAULT_TTL_SECONDS + 1.0)
+            took = await until(lambda: any(e.is_leader for e in elections), "a new leader", DEFAULT_TTL_SECONDS + 1.0)
             assert took < 3.0
     finally:
         doomed.kill()
@@ -177,16 +180,18 @@ async def test_a_leader_cut_off_from_etcd_stops_claiming_before_its_lease_can_ex
 ) -> None:
     process, port = etcd
     async with contenders(port, 1) as (election,):
-        await until(lambda: election.is_leader, 5)
-        await asyncio.sleep(0.5)  # a few keepalives acknowledged
+        await until(lambda: election.is_leader, "leading", 30)
+        # A few keepalives acknowledged, for realism. Not a wait the test depends on: freezing earlier only moves
+        # the end of the claim earlier, and the bound below is measured from the freeze.
+        await asyncio.sleep(0.5)
         process.send_signal(signal.SIGSTOP)  # etcd frozen: keepalives go unanswered, as in a partition
-        gave_up = await until(lambda: not election.is_leader, DEFAULT_TTL_SECONDS)
+        gave_up = await until(lambda: not election.is_leader, "the claim ending", DEFAULT_TTL_SECONDS)
         # The last acknowledged keepalive was sent at most a third of the TTL before the freeze; the claim ends at
         # that send time + TTL - margin, strictly before etcd could expire the lease (TTL after it *received* it).
         assert gave_up <= DEFAULT_TTL_SECONDS - CLAIM_MARGIN_SECONDS + 0.05, gave_up
         assert await election.current_leader() is None  # and it cannot learn a leader either
         process.send_signal(signal.SIGCONT)
-        await until(lambda: election.is_leader, 10)
+        await until(lambda: election.is_leader, "leading again after etcd thawed", 30)
 
 
 async def test_a_killed_node_leaves_the_registry_within_its_ttl(etcd: tuple[subprocess.Popen[bytes], int]) -> None:

@@ -83,7 +83,7 @@ def poll(what, method, host, port, path, every, tls=None):
         record["recv"] = time.monotonic()
         with lock:
             print(json.dumps(record), flush=True)
-        time.sleep(max(0.0, sent + every - time.monotonic()))
+        time.sleep(max(0.0, sent + every - time.monotonic()))  # the poller's period, not a wait
 
 for plan in json.loads(sys.argv[1]):
     threading.Thread(target=poll, args=plan, daemon=True).start()
@@ -352,7 +352,13 @@ def partition_round(lab: Lab, tmp_path: Path, leader_name: str, *, raft_leader_t
 
         eventually(polled, 30, f"{box.name}'s poller")
     assert _claims(old)[-1]["claim"] is True and not any(_claims(box)[-1]["claim"] for box in majority)
-    time.sleep(0.5)  # a steady record before the cut
+    steady_from = time.monotonic()
+
+    def steady() -> bool:  # a steady record before the cut: fresh claims and a fresh raft status
+        claims = [r for r in _claims(old) if r["sent"] >= steady_from]
+        return len(claims) >= 3 and any(r["sent"] >= steady_from for r in old.samples("raft"))
+
+    eventually(steady, 30, f"a steady record of {old.name} before the cut")
 
     cut_at = time.monotonic()
     ip("link", "set", old.cable, "down")
@@ -366,12 +372,18 @@ def partition_round(lab: Lab, tmp_path: Path, leader_name: str, *, raft_leader_t
 
     found: tuple[str, float] = eventually(new_leader, 30, "a new leader on the majority side")
     successor, reported_at = found
-    time.sleep(max(0.0, cut_at + 4.0 - time.monotonic()))  # the partition outlasts every lease and election
+    # The partition outlasts every lease and election: its length is part of the scenario, not a wait.
+    time.sleep(max(0.0, cut_at + 4.0 - time.monotonic()))
     heal_at = time.monotonic()
     ip("link", "set", old.cable, "up")
     _wait_healthy(lab, successor, 60)  # the old leader is back, as a follower of the new one
     healed_in = time.monotonic() - heal_at
-    time.sleep(0.3)
+    healed = time.monotonic()
+    eventually(
+        lambda: all(any(r["sent"] >= healed for r in box.samples("health")) for box in lab.boxes),
+        30,
+        "a health sample from every box after the heal",
+    )
     lab.stop_pollers()
 
     # The old leader: claiming at the cut, then not any more (and never again: it rejoined as a follower).

@@ -7,13 +7,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.agent_process import RunningAgent, cluster_env, http_json, start_agent
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.skipif(
     shutil.which("etcd") is None,
@@ -28,15 +28,17 @@ def get(agent: RunningAgent, path: str) -> dict[str, Any]:
     return body
 
 
-def wait_for_leader(agent: RunningAgent, timeout: float = 15.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
+def wait_for_leader(agent: RunningAgent, timeout: float = 30.0) -> dict[str, Any]:
+    def led() -> dict[str, Any]:
         topology = get(agent, "/topology")
         # (records refresh every second: the one published before the engine was ready may still be current)
-        if topology["leader"] is not None and all(n.get("engine_state") == "ready" for n in topology["nodes"]):
-            return topology
-        assert time.monotonic() < deadline, topology
-        time.sleep(0.1)
+        assert topology["leader"] is not None and all(n.get("engine_state") == "ready" for n in topology["nodes"]), (
+            topology
+        )
+        return topology
+
+    result: dict[str, Any] = eventually(led, "a leader and every engine ready", timeout)
+    return result
 
 
 def pid_alive(pid: int) -> bool:
@@ -98,10 +100,7 @@ def test_a_lone_box_founds_a_cluster_and_keeps_it_across_restarts(tmp_path: Path
         etcd_pid = int((again.home / "cluster" / "etcd.pid").read_text())
         again.process.send_signal(signal.SIGKILL)  # a yanked box: its etcd must not live on without it
         again.process.wait(10)
-        deadline = time.monotonic() + 5
-        while pid_alive(etcd_pid):
-            assert time.monotonic() < deadline, "etcd outlived its agent"
-            time.sleep(0.05)
+        eventually(lambda: not pid_alive(etcd_pid), "etcd exiting after its agent was killed", 15)
     finally:
         again.stop()
 

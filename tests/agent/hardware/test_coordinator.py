@@ -54,7 +54,7 @@ async def test_polls_keep_a_fixed_schedule_and_report_jitter() -> None:
     sensor = Tmp117(bus, 0x48)
     coordinator = Coordinator("thermal:board", sensor, sensor.read, interval=0.02)
     task = asyncio.create_task(coordinator.run())
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.5)  # the measurement window the schedule is judged over (25 slots), not a wait
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await sensor.close()

@@ -16,6 +16,7 @@ from agent.hardware.power import ContractRequest
 from agent.settings import load_settings
 from drivers.power.pdo import encode_fixed_pdo
 from drivers.sim.world import SimModule
+from tests.waiting import until
 
 
 class RecordingEngine:
@@ -71,13 +72,6 @@ async def hardware(tmp_path: Path) -> AsyncIterator[tuple[HardwareManager, Recor
                 assert task.exception() is None, task
 
 
-async def _until(condition: Any, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_pd_from_docking_to_explicit_contract_and_back_to_5v_on_shutdown(
     hardware: tuple[HardwareManager, RecordingEngine],
 ) -> None:
@@ -106,8 +100,9 @@ async def test_pd_from_docking_to_explicit_contract_and_back_to_5v_on_shutdown(
     assert [p["mV"] for p in record["source_pdos"]] == [5000, 9000, 15000, 20000]
     assert board.stusb4500.vbus_mv == 15000  # the twin's bus really is at 15 V now
     # The INA226 on the bus measures what was negotiated.
-    await _until(
-        lambda: (sample := manager.coordinators["power_monitor"].data) is not None and abs(sample.bus_mv - 15000) < 5
+    await until(
+        lambda: (sample := manager.coordinators["power_monitor"].data) is not None and abs(sample.bus_mv - 15000) < 5,
+        "the INA226 measuring 15 V",
     )
 
     with pytest.raises(UnprocessableError, match="no offered PDO provides 12000 mV"):
@@ -139,7 +134,7 @@ async def test_docking_reads_the_join_offer_over_nfc_and_publishes_it(
     assert report["join_offer"]["node_id"] == "thox-7f3a" and report["join_offer"]["has_token"] is True
 
     manager.board.world.unstack("thox-7f3a")
-    await _until(lambda: manager.report()["dock"]["docked"] is False)
+    await until(lambda: manager.report()["dock"]["docked"] is False, "the undock")
     assert manager.report()["dock"]["join_offer"] is None
 
 
@@ -150,12 +145,12 @@ async def test_heat_lowers_engine_concurrency_and_unreadable_sensors_fail_safe(
     assert manager.board is not None
     world = manager.board.world
     world.set_thermal(ambient_c=80.0, time_constant_s=0.0)  # tj-thermal idles 9 C above ambient: 89 C -> HOT
-    await _until(lambda: engine.concurrency and engine.concurrency[-1] == 1)
+    await until(lambda: engine.concurrency and engine.concurrency[-1] == 1, "concurrency lowered to 1")
     assert manager.report()["thermal"]["level"] == "hot"
     assert engine.builds_paused[-1] is True
 
     world.set_thermal(ambient_c=25.0)
-    await _until(lambda: engine.concurrency[-1] == 8)
+    await until(lambda: engine.concurrency[-1] == 8, "concurrency back to 8")
     assert manager.report()["thermal"]["level"] == "normal"
     assert engine.builds_paused[-1] is False
 
@@ -165,15 +160,15 @@ async def test_heat_lowers_engine_concurrency_and_unreadable_sensors_fail_safe(
     await asyncio.to_thread(manager.board.inject, "sysfs:cpu-thermal", "unreadable")
     for zone in ("gpu-thermal", "cv0-thermal", "soc0-thermal", "soc1-thermal"):
         await asyncio.to_thread(manager.board.inject, f"sysfs:{zone}", "implausible")
-    await _until(lambda: manager.report()["thermal"]["level"] == "hot")
+    await until(lambda: manager.report()["thermal"]["level"] == "hot", "dead sensors treated as hot")
     assert manager.report()["drivers"]["thermal:tmp117"]["available"] is False
 
     world.set_thermal(ambient_c=110.0)  # past the critical trip minus the margin: inference stops
     await asyncio.to_thread(manager.board.clear_faults)
-    await _until(lambda: engine.suspended == ["thermal_emergency"])
+    await until(lambda: engine.suspended == ["thermal_emergency"], "inference suspended for the emergency")
     assert manager.report()["thermal"]["actions"]["inference_stopped"] is True
     world.set_thermal(ambient_c=25.0)
-    await _until(lambda: engine.resumed == 1)
+    await until(lambda: engine.resumed == 1, "inference resumed after cooling")
 
 
 @pytest.mark.parametrize(("thermal", "registered"), [("sim", ["thermal"]), ("none", [])])
@@ -199,7 +194,8 @@ async def test_thermal_polls_feed_the_watchdog_only_when_there_are_thermal_sourc
 
     await manager.start(spawn)
     try:
-        await asyncio.sleep(0.3)
+        if registered:  # (with no thermal source nothing is registered at start, so nothing can ever beat)
+            await until(lambda: len(beats) >= 3, "three thermal heartbeats")
     finally:
         await manager.stop()
     # A heartbeat nobody beats would silence the systemd watchdog and get the agent restarted in a loop.
@@ -233,7 +229,7 @@ async def test_the_box_presents_its_own_offer_between_docks_and_a_dock_takes_the
     deadline = asyncio.get_running_loop().time() + 5
     while (second := await nfc.tap(timeout=5)) is not None and second.token == first.token:
         assert asyncio.get_running_loop().time() < deadline, "no fresh offer after the first was read"
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # the poll interval of a loop with a deadline
     assert second is not None and asked[0] is True and True in asked[1:]
 
     # A module docks: the reading of its tag is not held up by a presenting window, and nothing is presented

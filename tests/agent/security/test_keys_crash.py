@@ -58,7 +58,7 @@ def test_sigkill_during_writes_never_leaves_a_broken_store(tmp_path: Path) -> No
         assert writer.stdout is not None
         ready = writer.stdout.readline()
         assert ready == b"ready\n", (ready, writer.communicate()[1].decode())
-        time.sleep(rng.uniform(0, MAX_KILL_DELAY))
+        time.sleep(rng.uniform(0, MAX_KILL_DELAY))  # a random kill point is what is tested, not a wait
         writer.send_signal(signal.SIGKILL)
         writer.communicate()
         assert writer.returncode == -signal.SIGKILL

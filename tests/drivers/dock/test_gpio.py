@@ -135,7 +135,7 @@ async def test_a_rising_edge_docks_after_debounce_and_confirm_timed_from_the_ker
 
 async def test_a_bounce_train_read_in_one_batch_is_timed_from_its_last_edge(dock: GpioDock, requests: Requests) -> None:
     assert requests.request is not None
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.02)  # time passes after the open, so a train 10 ms in the past still follows it (not a wait)
     start = now() - 0.01  # the train happened just before the loop got to read it
     requests.request.push(
         (RISING, start),
@@ -164,7 +164,7 @@ async def test_a_module_sliding_past_produces_no_event(dock: GpioDock, requests:
     assert requests.request is not None
     start = now()
     requests.request.push((RISING, start))
-    await asyncio.sleep(0.03)
+    await asyncio.sleep(0.03)  # the module passing over the sensor for 30 ms: simulated time, not a wait
     requests.request.push((FALLING, start + 0.03))
     with pytest.raises(asyncio.TimeoutError):
         await next_event(dock, timeout=DEBOUNCE + CONFIRM + 0.05)
@@ -194,7 +194,7 @@ async def test_close_releases_the_line_and_ends_the_event_stream(requests: Reque
         return [event async for event in sensor.events()]
 
     consumer = asyncio.create_task(collect())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # one loop turn: the consumer runs up to its wait on the event queue (no suspension before)
     await sensor.close()
     assert await asyncio.wait_for(consumer, 1.0) == []
     assert requests.request is not None and requests.request.released

@@ -59,7 +59,7 @@ async def test_set_magnet_from_another_thread(dock: SimDock) -> None:
 
 async def test_slide_by_produces_no_event(dock: SimDock) -> None:
     dock.set_magnet(True)
-    await asyncio.sleep(CONFIRM / 2)
+    await asyncio.sleep(CONFIRM / 2)  # the magnet passing by for half the confirmation time: simulated, not a wait
     dock.set_magnet(False)
     with pytest.raises(asyncio.TimeoutError):
         await next_event(dock, timeout=DEBOUNCE + CONFIRM + 0.03)

@@ -24,6 +24,8 @@ import pytest
 from drivers.base import DriverConfigError, DriverState, DriverStateError, JoinOffer, LinkError
 from drivers.nfc.ndef import NdefError, OfferTooLargeError, encode_join_offer
 from drivers.nfc.nfcpy_link import NfcpyLink
+from tests.drivers.threads import running
+from tests.waiting import until
 
 REPO = Path(__file__).resolve().parents[3]
 OFFER = JoinOffer("thox-abc123", "10.0.0.2:7443", "t0k", 1700000000, {"fp": "5e3a"})
@@ -117,7 +119,7 @@ async def test_read_with_nobody_offering_times_out_and_cancels_promptly_leaving_
     assert len(nfc_threads()) == 1
 
     reading = asyncio.create_task(link.read(timeout=30))
-    await asyncio.sleep(0.05)
+    await until(lambda: running(NfcpyLink._read_blocking.__code__), "the worker thread reading")
     started = time.monotonic()
     reading.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -134,7 +136,7 @@ async def test_read_with_nobody_offering_times_out_and_cancels_promptly_leaving_
 
 async def test_close_ends_a_running_read(reader: NfcpyLink) -> None:
     reading = asyncio.create_task(reader.read(timeout=30))
-    await asyncio.sleep(0.2)
+    await until(lambda: running(NfcpyLink._read_blocking.__code__), "the worker thread reading")
     started = time.monotonic()
     await reader.close()
     assert await asyncio.wait_for(reading, 1.0) is None
@@ -142,22 +144,34 @@ async def test_close_ends_a_running_read(reader: NfcpyLink) -> None:
     assert nfc_threads() == []
 
 
-async def settle() -> None:
-    """Give the tag's worker a moment to bind its socket: a reader poll that comes first costs a 1 s udp timeout."""
-    await asyncio.sleep(0.05)
+def udp_bound(port: int) -> bool:
+    """Whether a UDP socket of this machine is bound to `port` (/proc/net/udp and udp6)."""
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            if int(line.split()[1].rsplit(":", 1)[1], 16) == port:
+                return True
+    return False
 
 
-async def test_reader_and_tag_in_one_process(reader: NfcpyLink, tag: NfcpyLink) -> None:
+async def settle(path: str) -> None:
+    """Until the tag's worker has bound its socket: a reader poll that comes first costs a 1 s udp timeout."""
+    port = int(path.rsplit(":", 1)[1])
+    await until(lambda: udp_bound(port), f"the emulated tag bound to udp port {port}")
+
+
+async def test_reader_and_tag_in_one_process(reader: NfcpyLink, tag: NfcpyLink, path: str) -> None:
     offering = asyncio.create_task(tag.offer(OFFER, timeout=5))
-    await settle()
+    await settle(path)
     assert await reader.read(timeout=5) == OFFER
     assert await offering is True
 
 
-async def test_a_tag_without_our_record_is_skipped_and_polling_goes_on(reader: NfcpyLink, tag: NfcpyLink) -> None:
+async def test_a_tag_without_our_record_is_skipped_and_polling_goes_on(
+    reader: NfcpyLink, tag: NfcpyLink, path: str
+) -> None:
     other = b"".join(ndef.message_encoder([ndef.UriRecord("https://example.com/"), ndef.TextRecord("hello")]))
     presenting = asyncio.create_task(tag.present(other, timeout=5))
-    await settle()
+    await settle(path)
     reading = asyncio.create_task(reader.read(timeout=5))
     assert await presenting is True  # the reader read the whole foreign message...
     assert not reading.done()  # ...and did not return on it
@@ -165,17 +179,19 @@ async def test_a_tag_without_our_record_is_skipped_and_polling_goes_on(reader: N
     assert await reading == OFFER
 
 
-async def test_a_malformed_join_record_raises_and_the_link_stays_usable(reader: NfcpyLink, tag: NfcpyLink) -> None:
+async def test_a_malformed_join_record_raises_and_the_link_stays_usable(
+    reader: NfcpyLink, tag: NfcpyLink, path: str
+) -> None:
     good = encode_join_offer(OFFER)
     bad = good[:15] + good[15:].replace(b'"v":1', b'"v":2')
     presenting = asyncio.create_task(tag.present(bad, timeout=5))
-    await settle()
+    await settle(path)
     with pytest.raises(NdefError, match="unsupported join offer version 2"):
         await reader.read(timeout=5)
     assert await presenting is True
     assert reader.state is DriverState.OPEN
     offering = asyncio.create_task(tag.offer(OFFER, timeout=5))
-    await settle()
+    await settle(path)
     assert await reader.read(timeout=5) == OFFER
     assert await offering is True
 

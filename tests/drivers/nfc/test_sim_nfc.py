@@ -11,6 +11,7 @@ import pytest
 from drivers.base import DriverState, DriverStateError, JoinOffer
 from drivers.nfc.ndef import NdefError, OfferTooLargeError
 from drivers.sim.nfc import SimNfc
+from tests.waiting import until
 
 OFFER = JoinOffer("thox-mod1", "10.0.0.9:7443", "t0k", 1700000000, {"fp": "c0ffee"})
 
@@ -55,7 +56,7 @@ async def test_read_returns_none_after_the_timeout_when_nothing_is_stacked(stack
 
 async def test_read_sees_a_module_stacked_while_it_waits(stack: Stack, link: SimNfc) -> None:
     reading = asyncio.create_task(link.read(timeout=2.0))
-    await asyncio.sleep(0.05)
+    await until(lambda: stack.asked > 0, "the read polling the world")
     stack.offer = OFFER
     started = time.monotonic()
     assert await reading == OFFER
@@ -129,6 +130,6 @@ async def test_offer_refuses_an_offer_too_large_for_a_tag(link: SimNfc) -> None:
 
 async def test_close_ends_a_running_offer(link: SimNfc) -> None:
     offering = asyncio.create_task(link.offer(OFFER, timeout=5.0))
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0)  # one loop turn: the offer runs up to presenting (it never suspends before)
     await link.close()
     assert await asyncio.wait_for(offering, 0.5) is False

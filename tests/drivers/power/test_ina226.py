@@ -74,7 +74,7 @@ async def test_sample_reads_volts_amps_watts(rig: Rig) -> None:
     assert sample.current_ma == pytest.approx(1234.0, abs=0.2)  # Current_LSB is 0.153 mA
     assert sample.power_mw == pytest.approx(9.0 * 1234.0, abs=5.0)  # Power_LSB is 25 x Current_LSB
     rig.supply.current_ma = -500.0  # current flowing back into the dock
-    await asyncio.sleep(0.04)
+    await asyncio.sleep(0.04)  # simulated physics: a conversion period passes under the new current (not a wait)
     sample = await rig.driver.sample()
     assert sample.current_ma == pytest.approx(-500.0, abs=0.2) and sample.power_mw == pytest.approx(4500.0, abs=5.0)
 
@@ -87,7 +87,7 @@ async def test_concurrent_samplers_do_not_steal_each_others_conversions(rig: Rig
 
 async def test_an_undocked_port_reads_zero_not_an_error(rig: Rig) -> None:
     rig.supply.bus_mv, rig.supply.current_ma = 0.0, 0.0
-    await asyncio.sleep(0.04)
+    await asyncio.sleep(0.04)  # simulated physics: a conversion period passes with the port undocked (not a wait)
     assert await rig.driver.sample() == PowerSample(0.0, 0.0, 0.0)
 
 

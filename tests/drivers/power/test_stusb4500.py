@@ -25,6 +25,8 @@ from drivers.i2c.chips.stusb4500 import DPM_PDO_NUMB, Stusb4500Model
 from drivers.i2c.fake import FakeSMBus, FaultInjector, FaultKind, FaultRule
 from drivers.i2c.transport import I2cBus
 from drivers.power.stusb4500 import Stusb4500, decode_alert_block
+from tests.drivers.threads import running
+from tests.waiting import until
 
 # A USB-C laptop charger: 5 V/3 A, 9 V/3 A, 15 V/3 A, 20 V/2.25 A.
 LAPTOP = (0x0001912C, 0x0002D12C, 0x0004B12C, 0x000640E1)
@@ -305,7 +307,8 @@ async def test_a_transfer_that_never_returns_times_out_and_the_bus_recovers() ->
     with pytest.raises(BusTimeoutError, match="no answer within 0.10s"):
         await driver.source_caps()
     fake.faults.set_rules([])
-    await asyncio.sleep(0.3)  # the stalled transfer holds the bus thread until the adapter gives up
+    # The stalled transfer holds the bus thread until the adapter gives up.
+    await until(lambda: not running(FakeSMBus.i2c_rdwr.__code__), "the stalled transfer giving up")
     assert len(await driver.source_caps()) == 4
     await driver.close()
 

@@ -19,6 +19,7 @@ import pytest
 
 from drivers.base import DriverError, DriverState, DriverStateError, PowerMode
 from drivers.power.nvpmodel import ModeSpec, NvpModel, needs_reboot, parse_modes, parse_query
+from tests.waiting import until
 
 TWIN = r"""
 import json, os, sys, time
@@ -39,7 +40,7 @@ def save():
 
 save()
 if state.get("hang"):
-    time.sleep(30)
+    time.sleep(30)  # the twin of a hung tool: it hangs (the test kills it), nothing waits on this
 args = sys.argv[1:]
 names = {m[0]: m[1] for m in MODES}
 masks = {m[0]: m[2] for m in MODES}
@@ -323,10 +324,7 @@ async def test_a_hung_tool_times_out_and_is_killed(twin: Twin) -> None:
 async def test_cancelling_a_call_kills_the_tool(twin: Twin, nvp: NvpModel) -> None:
     twin.update(hang=True)
     task = asyncio.create_task(nvp.get())
-    for _ in range(200):  # wait until the twin has started and recorded its pid
-        await asyncio.sleep(0.01)
-        if len(twin.load()["calls"]) > 2:
-            break
+    await until(lambda: len(twin.load()["calls"]) > 2, "the twin started and recorded its pid")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 
 from drivers.base import (
@@ -26,6 +24,8 @@ from drivers.thermal.tmp117 import (
     encode_temperature,
     plausible,
 )
+from tests.drivers.threads import running
+from tests.waiting import until
 
 # ----------------------------------------------------------------------------- codec
 
@@ -292,7 +292,8 @@ async def test_bus_faults_raise_bus_errors(
     assert sensor.state is DriverState.OPEN  # the coordinator decides what a bus error means
     fake_bus.faults.set_rules([])
     if kind == "timeout":
-        await asyncio.sleep(0.25)  # the timed-out transfer still holds the bus thread
+        # The timed-out transfer still holds the bus thread.
+        await until(lambda: not running(FakeSMBus.i2c_rdwr.__code__), "the timed-out transfer giving up")
     assert await sensor.read() == {"board": 25.0}
     await sensor.close()
 

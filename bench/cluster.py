@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import statistics
@@ -209,11 +210,18 @@ def main() -> None:
     save_report(RESULTS, asyncio.run(run(args.requests)))
 
 
+def without_machine_paths(text: str) -> str:
+    """Reports are committed: this checkout's path becomes <repo>, a temporary folder of the run becomes <tmp>."""
+    text = text.replace(str(REPO) + os.sep, "<repo>" + os.sep)
+    return re.sub(re.escape(tempfile.gettempdir() + os.sep) + r'[^/"]+', "<tmp>", text)
+
+
 def save_report(path: Path, report: dict[str, Any]) -> None:
     """Keep a benchmark's JSON report under bench/results and print it."""
+    text = without_machine_paths(json.dumps(report, indent=2))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
+    path.write_text(text + "\n")
+    print(text)
 
 
 if __name__ == "__main__":

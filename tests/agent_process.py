@@ -15,9 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 # Shared with the engine tests so the model is converted once per checkout, not once per agent started.
 TEST_MODEL_CACHE = REPO / ".cache" / "test-models"
+# Set by tests/conftest.py when a test's call phase failed, so fixtures can add what explains the failure.
+CALL_FAILED = pytest.StashKey[bool]()
 
 
 def http_json(
@@ -88,6 +92,10 @@ class RunningAgent:
             except ValueError:
                 continue  # the engine host's own plain-text lines
         return lines
+
+    def log_tail(self, lines: int = 60) -> str:
+        """The end of the agent's log, for a failed test's report."""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.process.poll() is None:

@@ -15,7 +15,7 @@ import pytest
 from blockbuster import BlockBuster, BlockBusterFunction, BlockingError
 from hypothesis import HealthCheck, settings
 
-from tests.agent_process import RunningAgent, start_agent
+from tests.agent_process import CALL_FAILED, RunningAgent, start_agent
 
 # Property tests (the *_fuzz.py suites among them): `make test` runs a small, derandomized sample so CI is
 # reproducible and fast; `make fuzz` (HYPOTHESIS_PROFILE=fuzz) runs many more random examples. No example
@@ -38,7 +38,6 @@ _OURS = tuple(str(Path(importlib.import_module(name).__file__ or "").parent) + o
 _TESTS = str(Path(__file__).parent) + os.sep
 _ASYNCIO = str(Path(asyncio.__file__).parent) + os.sep
 _ASYNC_CODE = inspect.CO_COROUTINE | inspect.CO_ITERABLE_COROUTINE | inspect.CO_ASYNC_GENERATOR
-_CALL_FAILED = pytest.StashKey[bool]()
 
 
 def _also_allow(function: BlockBusterFunction, allowed: Callable[..., bool]) -> None:
@@ -82,7 +81,7 @@ def _made_synchronously_by_test_code(*_: object, **__: object) -> bool:
 def pytest_runtest_makereport(item: pytest.Item) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     if report.when == "call":
-        item.stash[_CALL_FAILED] = report.failed
+        item.stash[CALL_FAILED] = report.failed
     return report
 
 
@@ -116,7 +115,7 @@ def no_blocking_calls_on_the_loop(request: pytest.FixtureRequest) -> Iterator[Bl
     finally:
         bb.deactivate()
         BlockingError.__init__ = init  # type: ignore[method-assign]
-    if raised and not request.node.stash.get(_CALL_FAILED, False):  # a failed test already shows its error
+    if raised and not request.node.stash.get(CALL_FAILED, False):  # a failed test already shows its error
         pytest.fail("blocking calls on the event loop: " + "; ".join(raised), pytrace=False)
 
 

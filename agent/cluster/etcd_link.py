@@ -35,6 +35,9 @@ CLIENT_CHECK_SECONDS = 1.0
 # A learner of a two-box stack re-forms alone after its voter has been unreachable this long (a few lease TTLs:
 # a voter that is merely slow or restarting comes back well within it).
 REFORM_AFTER_SECONDS = 5.0
+# A client replaced by another stays open this long for the reads already using it (a cluster API view makes at
+# most a few etcd calls of RPC_TIMEOUT_SECONDS each).
+RETIRED_CLIENT_GRACE_SECONDS = 5 * RPC_TIMEOUT_SECONDS
 
 
 class LinkedNode(Protocol):
@@ -64,6 +67,8 @@ class EtcdLink:
 
     def __init__(self, node: LinkedNode) -> None:
         self._node = node
+        self.settled = asyncio.Event()  # clear while the cluster tasks move from one etcd client to another
+        self.settled.set()
         self.member_count = 0  # as last seen; 0 = unknown (a box that restarted as a learner never re-forms)
 
     async def pick(self, identity: Identity, member: EtcdMember | None) -> aetcd.Client:
@@ -90,10 +95,7 @@ class EtcdLink:
                 continue
             try:
                 if member is not None and await self._promoted(member):
-                    log.info("etcd_client_switched", node=self._node.node_id, to="own member (promoted to voter)")
-                    await self._node.stop_tasks()
-                    await client.close()
-                    self._node.start_tasks(identity, await member.client())
+                    await self._switch_to_own_member(identity, member, client)
                     continue
                 current = await wait_for(etcd_members.members(client), RPC_TIMEOUT_SECONDS)
                 failures, unreachable_since = 0, None
@@ -114,6 +116,25 @@ class EtcdLink:
                     log.info("etcd_client_unanswered", endpoint=client.endpoint, error=str(exc))
                     await client.rotate()
                     failures = 0
+
+    async def _switch_to_own_member(self, identity: Identity, member: EtcdMember, client: VoterEtcdClient) -> None:
+        """Promoted to voter: move the cluster tasks onto our own member, then retire the voter's client.
+
+        Readers wait for the switch (`settled`) instead of finding no cluster layer, and the old client closes only
+        after the reads that took it before the switch have had time to finish: closing a grpc channel cancels
+        its calls, and a request of the cluster API would end without an answer.
+        """
+        log.info("etcd_client_switched", node=self._node.node_id, to="own member (promoted to voter)")
+        self.settled.clear()
+        try:
+            await self._node.stop_tasks()
+            self._node.start_tasks(identity, await member.client())
+        finally:
+            self.settled.set()
+        try:
+            await asyncio.sleep(RETIRED_CLIENT_GRACE_SECONDS)
+        finally:
+            await client.close()
 
     @staticmethod
     async def _promoted(member: EtcdMember) -> bool:

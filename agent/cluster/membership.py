@@ -22,7 +22,7 @@ import aetcd
 import structlog
 
 from agent.errors import ThoxError
-from common.aio import wait_for
+from common.aio import Interrupted, wait_for
 
 log = structlog.get_logger("agent.cluster.membership")
 
@@ -111,11 +111,15 @@ class LeaderElection:
         return self._holding and self._lease.current
 
     async def current_leader(self) -> str | None:
-        """The leader's node id, or None when it cannot be known now (no leader, or no quorum reachable)."""
+        """The leader's node id, or None when it cannot be known now (no leader, or no quorum reachable).
+
+        Interrupted (the client was retired under the read) is raised, not taken for "no leader"."""
         if self.is_leader:
             return self.node_id
         try:
             got = await wait_for(self._client.get(LEADER_KEY), RPC_TIMEOUT_SECONDS)  # linearizable by default
+        except Interrupted:
+            raise
         except (aetcd.exceptions.ClientError, TimeoutError):
             return None
         return got.value.decode() if got is not None else None

@@ -68,6 +68,7 @@ log = structlog.get_logger("agent.cluster")
 
 CLUSTER_KEY = b"/thox/cluster"
 DISCOVERY_WAIT_SECONDS = 5.0
+SWITCH_WAIT_SECONDS = 3 * RPC_TIMEOUT_SECONDS  # stopping the cluster tasks may revoke a lease (one call)
 
 Spawn = Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
 
@@ -155,8 +156,11 @@ class ClusterNode:
         """The live nodes' records as last seen (kept current by a watch; no etcd read)."""
         return self._live.records
 
-    def connected(self) -> Connected:
-        """The running cluster layer, for the views and the stack's models; ClusterUnavailable while there is none."""
+    async def connected(self) -> Connected:
+        """The running cluster layer, for the views and the stack's models; ClusterUnavailable while there is none
+        (once a switch of etcd client in progress, a fraction of a second, is over)."""
+        with contextlib.suppress(TimeoutError):
+            await wait_for(self._link.settled.wait(), SWITCH_WAIT_SECONDS)
         if self.election is None or self.registry is None or self._client is None:
             reason = self.unavailable_reason or "the cluster layer is disabled (cluster.enabled = false)"
             raise ClusterUnavailable(f"cluster unavailable: {reason}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aetcd
@@ -44,14 +44,14 @@ def _unwritable(what: str, exc: BaseException) -> ClusterUnavailable:
 class StackModels:
     """Placement requests and pulls for the whole stack; `connected()` raises ClusterUnavailable when not running."""
 
-    def __init__(self, connected: Callable[[], Connected], kv_budget_tokens: int) -> None:
+    def __init__(self, connected: Callable[[], Awaitable[Connected]], kv_budget_tokens: int) -> None:
         self._connected = connected
         self._kv_budget = kv_budget_tokens
         self.last_leader: str | None = None  # as last read by the placement loop (pull sources prefer it)
 
     async def load(self, spec: PlacementSpec) -> dict[str, Any]:
         """Ask for `spec` (replaces an earlier request for the model; failed replicas are tried again)."""
-        connected = self._connected()
+        connected = await self._connected()
         nodes = await connected.live_records()
         _check_targets(spec, nodes)
         check_fits(nodes, spec.model, self._kv_budget)
@@ -69,7 +69,7 @@ class StackModels:
 
     async def unload(self, model: str) -> dict[str, Any]:
         """Withdraw the request for `model`: the leader unassigns it and its boxes unload it."""
-        client = self._connected().client
+        client = (await self._connected()).client
         try:
             deleted = await wait_for(client.delete(PLACEMENT_PREFIX + model.encode()), RPC_TIMEOUT_SECONDS)
         except (aetcd.exceptions.ClientError, TimeoutError) as exc:
@@ -85,7 +85,7 @@ class StackModels:
 
     async def placement(self, model: str | None = None) -> dict[str, Any]:
         """Placement requests with each replica's state (all models, or one)."""
-        connected = self._connected()
+        connected = await self._connected()
         nodes = await connected.live_records()
         try:
             current = await ClusterPlacement.read(connected.client)
@@ -106,7 +106,7 @@ class StackModels:
 
     async def request_pull(self, model: str, targets: list[str] | None) -> list[str]:
         """Ask boxes (named, else every live box without it) to copy `model` into their stores; returns them."""
-        connected = self._connected()
+        connected = await self._connected()
         nodes = await connected.live_records()
         if not any(model in (n.get("store") or {}) for n in nodes.values()):
             raise PlacementRefused(
@@ -137,11 +137,10 @@ class StackModels:
             campaign = election()
             if campaign is None:
                 continue
-            self.last_leader = await campaign.current_leader()
-            if not campaign.is_leader:
-                continue
             try:
-                await placer.reconcile(dict(live_nodes()))
+                self.last_leader = await campaign.current_leader()
+                if campaign.is_leader:
+                    await placer.reconcile(dict(live_nodes()))
             except (aetcd.exceptions.ClientError, TimeoutError) as exc:
                 log.info("placement_check_failed", error=str(exc))
 

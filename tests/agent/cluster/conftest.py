@@ -15,7 +15,7 @@ import pytest
 from agent.cluster.etcd_config import PeerTls
 from agent.cluster.pki import ClusterCA, NodeKey, make_csr
 from tests.agent.cluster.stack import start_box
-from tests.agent_process import RunningAgent
+from tests.agent_process import CALL_FAILED, RunningAgent
 
 
 @pytest.fixture
@@ -75,8 +75,9 @@ def other_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCa:
 
 
 @pytest.fixture
-def boxes(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
-    """Start real agents with the cluster layer on (`boxes(name, env)`); all are SIGKILLed at the end."""
+def boxes(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., RunningAgent]]:
+    """Start real agents with the cluster layer on (`boxes(name, env)`); all are SIGKILLed at the end (after
+    printing the end of each box's log into the report of a failed test)."""
     started: list[RunningAgent] = []
 
     def box(name: str, extra: dict[str, str] | None = None) -> RunningAgent:
@@ -86,6 +87,9 @@ def boxes(tmp_path: Path) -> Iterator[Callable[..., RunningAgent]]:
     try:
         yield box
     finally:
+        if request.node.stash.get(CALL_FAILED, False):
+            for agent in started:
+                request.node.add_report_section("teardown", f"log of {agent.home.name}", agent.log_tail())
         for agent in started:
             if agent.process.poll() is None:
                 agent.process.send_signal(signal.SIGKILL)  # a whole stack stopping politely takes seconds each

@@ -19,6 +19,7 @@ import aetcd
 import pytest
 
 from agent.cluster.membership import CLAIM_MARGIN_SECONDS, DEFAULT_TTL_SECONDS, LeaderElection, NodeRegistry
+from agent.cluster.views import ClusterViews, Connected
 from tests import waiting
 from tests.agent_process import free_port
 
@@ -219,3 +220,45 @@ async def test_a_killed_node_leaves_the_registry_within_its_ttl(etcd: tuple[subp
         observer.cancel()
         await asyncio.gather(observer, return_exceptions=True)
         await client.close()
+
+
+async def test_a_cluster_view_whose_etcd_client_is_closed_under_it_reads_again_on_the_current_client(
+    etcd: tuple[subprocess.Popen[bytes], int],
+) -> None:
+    """A learner promoted to voter retires its voter's client; a GET /v1/topology in flight on it must still
+    answer (it used to end in CancelledError, and the API dropped the connection without a response)."""
+    loop = asyncio.get_running_loop()
+    with socket.socket() as silent:  # the retired client's server: accepts, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        silent.setblocking(False)
+        retired = aetcd.Client("127.0.0.1", silent.getsockname()[1], timeout=30)
+        current = aetcd.Client("127.0.0.1", etcd[1])
+        registry = NodeRegistry(current, "solo")  # the name of the etcd member, so the view lists one voter
+        publishing = asyncio.create_task(registry.run(lambda: {"address": "127.0.0.1"}))
+        layers = iter(
+            [
+                Connected(LeaderElection(retired, "solo"), NodeRegistry(retired, "solo"), retired),
+                Connected(LeaderElection(current, "solo"), registry, current),
+            ]
+        )
+
+        async def connected() -> Connected:
+            return next(layers)
+
+        try:
+            await nodes_become(registry, {"solo"}, 30)
+            views = ClusterViews(connected, lambda: "solo", lambda: "test-cluster")
+            reading = asyncio.create_task(views.topology())
+            connection, _ = await asyncio.wait_for(loop.sock_accept(silent), 10)  # the read is in flight
+            await retired.close()
+            topology = await asyncio.wait_for(reading, 30)
+            connection.close()
+            assert [(node["id"], node["role"], node["alive"]) for node in topology["nodes"]] == [
+                ("solo", "voter", True)
+            ]
+            assert topology["node_count"] == 1
+        finally:
+            publishing.cancel()
+            await asyncio.gather(publishing, return_exceptions=True)
+            await current.close()

@@ -41,12 +41,14 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One sequence to generate: prompt token ids, sampling settings and the ids that end it."""
+    """One sequence to generate: prompt token ids, sampling settings, the ids that end it and its grammar."""
 
     id: int
     prompt: list[int]
     params: SamplingParams
     stop_ids: frozenset[int]
+    # llguidance grammar text (the agent compiles JSON schemas to it); None: unconstrained.
+    grammar: str | None = None
 
 
 # What a running generation reports (the scheduler emits these; the engine host sends them to the agent).

@@ -25,7 +25,9 @@ from engines import executors
 from engines.base import EngineError, Executor, Failed, GenerationRequest
 from engines.convert import ensure_converted
 from engines.encoder import OrtEncoder
+from engines.runtime.grammar import Grammars, MaskBatch, mask_executor, token_table
 from engines.runtime.scheduler import Scheduler, SchedulerLimits
+from engines.text.tokenizer import GgufTokenizer
 from engines.wire import (
     Cancel,
     Embed,
@@ -92,6 +94,7 @@ class _Models:
     executor: Executor
     encoder: OrtEncoder | None
     info: dict[str, Any]
+    grammars: Grammars
 
     def close(self) -> None:
         self.executor.close()
@@ -122,6 +125,8 @@ async def _load(args: argparse.Namespace, conn: _Connection) -> _Models:
         encoder = await asyncio.to_thread(
             OrtEncoder.from_model_dir, args.encoder, args.cache_dir, threads=args.threads, progress=progress
         )
+    # The grammar engine works on the model's own vocabulary, read from the same file the model came from.
+    table = await asyncio.to_thread(lambda: token_table(GgufTokenizer.from_gguf(args.gguf)))
     info = {
         "gguf_sha256": converted.gguf_sha256,
         "onnx": str(converted.model_path),
@@ -131,7 +136,7 @@ async def _load(args: argparse.Namespace, conn: _Connection) -> _Models:
         "max_batch": executor.max_batch,
         "load_seconds": round(time.monotonic() - started, 3),
     }
-    return _Models(executor, encoder, info)
+    return _Models(executor, encoder, info, Grammars(table))
 
 
 async def _embed(request: Embed, models: _Models, scheduler: Scheduler, conn: _Connection) -> None:
@@ -165,7 +170,8 @@ async def _serve_connection(args: argparse.Namespace, conn: _Connection) -> None
         kv_budget_tokens=args.kv_budget_tokens,
         prefix_cache_tokens=args.prefix_cache_tokens,
     )
-    scheduler = Scheduler(models.executor, conn.send, limits)
+    masks = MaskBatch(mask_executor(args.threads), models.executor.vocab_size)
+    scheduler = Scheduler(models.executor, conn.send, limits, (models.grammars, masks))
     encoder_info = (
         None
         if models.encoder is None

@@ -7,7 +7,8 @@ message; nothing else in either process reads or writes frame fields.
 
 agent -> host
   {"op": "generate", "id": int, "prompt": [int], "stop_ids": [int], "max_tokens": int, "temperature": float,
-   "top_p": float, "seed": int|null, "presence_penalty": float, "frequency_penalty": float}   GenerationRequest
+   "top_p": float, "seed": int|null, "presence_penalty": float, "frequency_penalty": float,
+   "grammar": str|null}                                             GenerationRequest (grammar: llguidance's)
   {"op": "cancel", "id": int}                                       Cancel
   {"op": "embed", "id": int, "inputs": [[int]]}                    Embed: token ids per input, specials included
   {"op": "limit", "max_batch": int}                                 Limit: decode at most this many per step
@@ -162,6 +163,7 @@ def _fields(message: Message) -> dict[str, Any]:
             "seed": p.seed,
             "presence_penalty": p.presence_penalty,
             "frequency_penalty": p.frequency_penalty,
+            "grammar": message.grammar,
         }
     if isinstance(message, Embeddings):
         vectors = np.ascontiguousarray(message.vectors, dtype="<f4")
@@ -264,6 +266,9 @@ class _Fields:
             raise self.fail(name, "a string")
         return value
 
+    def optional_text(self, name: str) -> str | None:
+        return None if self.frame.get(name) is None else self.text(name)
+
     def token_ids(self, name: str, value: Any = None, *, default: list[int] | None = None) -> list[int]:
         value = self.frame.get(name, default) if value is None else value
         if not isinstance(value, list) or not all(
@@ -295,6 +300,7 @@ def _generate(f: _Fields) -> GenerationRequest:
         prompt=f.token_ids("prompt"),
         params=params,
         stop_ids=frozenset(f.token_ids("stop_ids", default=[])),
+        grammar=f.optional_text("grammar"),
     )
 
 

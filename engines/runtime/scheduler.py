@@ -5,6 +5,10 @@ requests are admitted (prefilled, reusing a cached KV prefix when their prompt s
 as the batch size and the KV budget allow. Each sequence keeps its own sampler (seed, temperature, penalties)
 and stop conditions, so a request's output does not depend on what it is batched with. Executor and sampler
 calls run on one worker thread, which keeps the host's event loop free to take cancel frames mid-step.
+
+A request with a grammar (engines/runtime/grammar.py) samples only tokens the grammar allows. The masks of a step
+are computed on a second thread while the executor runs the forward pass (both release the GIL): a mask depends
+only on the tokens already chosen, the logits only need it once they exist.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -25,9 +29,11 @@ from engines.base import (
     Failed,
     GenerationEvent,
     GenerationRequest,
+    Logits,
     SequenceState,
     Tokens,
 )
+from engines.runtime.grammar import Constraint, GrammarError, Grammars, MaskBatch
 from engines.runtime.prefix_cache import PrefixCache
 from engines.runtime.sampler import Sampler
 
@@ -53,6 +59,7 @@ class _Sequence:
     request: GenerationRequest
     sampler: Sampler
     reserved: int
+    constraint: Constraint | None = None
     state: SequenceState | None = None
     generated_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
@@ -70,9 +77,17 @@ class Scheduler:
     """Runs requests on one executor and reports every outcome through `emit` as typed events."""
 
     def __init__(
-        self, executor: Executor, emit: Callable[[GenerationEvent], None], limits: SchedulerLimits | None = None
+        self,
+        executor: Executor,
+        emit: Callable[[GenerationEvent], None],
+        limits: SchedulerLimits | None = None,
+        masks: tuple[Grammars, MaskBatch] | None = None,
     ) -> None:
         self._executor = executor
+        # Grammars and the mask computer; None: the host has no vocabulary for them, and grammars are refused.
+        self._grammars: Grammars | None = masks[0] if masks else None
+        self._masks: MaskBatch | None = masks[1] if masks else None
+        self._mask_pool: ThreadPoolExecutor | None = None
         self._emit = emit
         self.limits = limits or SchedulerLimits()
         self._max_batch = min(self.limits.max_batch, executor.max_batch)
@@ -102,8 +117,18 @@ class Scheduler:
         except (ValueError, EngineError) as exc:
             self._emit(Failed(request.id, "bad_request", f"bad sampling parameters: {exc}"))
             return
+        constraint = None
+        if request.grammar is not None:
+            if self._grammars is None:
+                self._emit(Failed(request.id, "bad_request", "this engine host cannot constrain output to a grammar"))
+                return
+            try:
+                constraint = self._grammars.constraint(request.grammar)
+            except GrammarError as exc:
+                self._emit(Failed(request.id, "bad_request", str(exc)))
+                return
         reserved = min(len(request.prompt) + request.params.max_tokens, self._executor.max_context)
-        seq = _Sequence(request=request, sampler=sampler, reserved=reserved)
+        seq = _Sequence(request=request, sampler=sampler, reserved=reserved, constraint=constraint)
         self._by_id[request.id] = seq
         self._waiting.append(seq)
         self._wakeup.set()
@@ -155,6 +180,7 @@ class Scheduler:
     async def run(self) -> None:
         """Admit and step sequences until cancelled; releases every sequence on the way out."""
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-step")
+        self._mask_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-mask")
         try:
             while True:
                 self._drop_cancelled()
@@ -172,6 +198,8 @@ class Scheduler:
                     self._release(seq)
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+            self._mask_pool.shutdown(wait=False, cancel_futures=True)
+            self._mask_pool = None
 
     async def call(self, fn: Callable[[], _T]) -> _T:
         """Run other model work (embeddings) on the engine thread, between decode steps."""
@@ -209,6 +237,9 @@ class Scheduler:
             except ContextOverflowError:
                 self._finish(seq, "length")
                 continue
+            except GrammarError as exc:
+                self._fail(seq, f"constrained decoding failed: {exc}")
+                continue
             except Exception as exc:  # an executor fault ends this request, not the host
                 log.exception("prefill failed for request %s", seq.request.id)
                 self._fail(seq, f"engine prefill failed: {exc}")
@@ -222,7 +253,10 @@ class Scheduler:
         seq.state = self._executor.new_sequence(hit.snapshot if hit else None)
         start = seq.state.length
         logits = self._executor.prefill(seq.state, prompt[start:])
-        return seq.sampler.sample(logits)
+        if seq.constraint is None or self._masks is None:
+            return seq.sampler.sample(logits)
+        self._masks.compute([(0, seq.constraint)])
+        return self._sample(seq, self._masks.apply(0, logits))
 
     async def _decode_step(self) -> None:
         batch = [s for s in self._live if s.state is not None and s.last_token is not None][: self._concurrency]
@@ -241,14 +275,43 @@ class Scheduler:
                 self._fail(seq, f"engine step failed: {exc}")
             return
         for seq, token in zip(batch, tokens, strict=True):
-            if seq.request.id in self._by_id:  # not cancelled-and-released meanwhile
+            if seq.request.id not in self._by_id:  # cancelled and released meanwhile
+                continue
+            if isinstance(token, GrammarError):
+                self._fail(seq, f"constrained decoding failed: {token}")
+            else:
                 self._after_token(seq, token)
 
-    def _decode(self, batch: list[_Sequence]) -> list[int]:
-        # Worker thread: one batched step, then each row sampled by its own sequence's sampler.
+    def _decode(self, batch: list[_Sequence]) -> list[int | GrammarError]:
+        # Worker thread: one batched step, then each row sampled by its own sequence's sampler, the constrained
+        # rows from their masks (computed on the mask thread meanwhile). A grammar fault ends that row only.
         states = [s.state for s in batch]
-        logits = self._executor.decode(states, [s.last_token for s in batch])  # type: ignore[arg-type, misc]
-        return [seq.sampler.sample(logits[row]) for row, seq in enumerate(batch)]
+        constrained = [(row, s.constraint) for row, s in enumerate(batch) if s.constraint is not None]
+        masking: Future[None] | None = None
+        if constrained and self._masks is not None and self._mask_pool is not None:
+            masking = self._mask_pool.submit(self._masks.compute, constrained)
+        try:
+            logits = self._executor.decode(states, [s.last_token for s in batch])  # type: ignore[arg-type, misc]
+        finally:
+            if masking is not None:
+                masking.result()  # the mask buffer must not be written after this step
+        tokens: list[int | GrammarError] = []
+        for row, seq in enumerate(batch):
+            if seq.constraint is None or self._masks is None:
+                tokens.append(seq.sampler.sample(logits[row]))
+                continue
+            try:
+                tokens.append(self._sample(seq, self._masks.apply(row, logits[row])))
+            except GrammarError as exc:
+                tokens.append(exc)
+        return tokens
+
+    def _sample(self, seq: _Sequence, masked: Logits) -> int:
+        """Sample from masked logits and move the sequence's grammar past the token (a stop token ends it)."""
+        token = seq.sampler.sample(masked)
+        if seq.constraint is not None and token not in seq.request.stop_ids:
+            seq.constraint.advance(token)
+        return token
 
     # ------------------------------------------------------------- outcomes
 
@@ -258,6 +321,9 @@ class Scheduler:
             return
         seq.generated_ids.append(token)
         self._emit(Tokens(seq.request.id, (token,)))
+        if seq.constraint is not None and seq.constraint.finished:
+            self._finish(seq, "stop")  # the grammar is complete: nothing but a stop token could follow
+            return
         # Prompt plus completion never exceed the context (OpenAI's rule), so the last token fits too.
         if seq.generated >= seq.request.params.max_tokens or (
             len(seq.request.prompt) + seq.generated >= self._executor.max_context

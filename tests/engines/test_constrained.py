@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import jsonschema
@@ -40,6 +39,8 @@ class Run:
         masks = MaskBatch(mask_executor(2), executor.vocab_size)
         self.tokens: dict[int, list[int]] = {}
         self.ended: dict[int, Done | Failed] = {}
+        self._all_ended = asyncio.Event()
+        self._expected = 0
         self.scheduler = Scheduler(
             executor, self._on, SchedulerLimits(max_batch=16, prefix_cache_tokens=0), (self.grammars, masks)
         )
@@ -50,14 +51,16 @@ class Run:
         else:
             assert event.id is not None
             self.ended[event.id] = event
+            if len(self.ended) >= self._expected:
+                self._all_ended.set()
 
     async def generate(self, requests: list[GenerationRequest]) -> None:
+        self._expected = len(requests)
         task = asyncio.create_task(self.scheduler.run())
         try:
             for request in requests:
                 self.scheduler.submit(request)
-            while len(self.ended) < len(requests):
-                await asyncio.sleep(0.01)  # the poll interval of a wait bounded by the test timeout
+            await self._all_ended.wait()  # bounded by the test's timeout
         finally:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -76,8 +79,8 @@ def request(
 
 
 @pytest.fixture
-def run(executor: OrtExecutor, table: llguidance.LLTokenizer) -> Iterator[Run]:
-    yield Run(executor, table)
+def run(executor: OrtExecutor, table: llguidance.LLTokenizer) -> Run:
+    return Run(executor, table)
 
 
 @pytest.mark.timeout(900)

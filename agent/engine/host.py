@@ -447,16 +447,17 @@ class EngineHost:
         return event
 
     async def generate(
-        self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int]
+        self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int], grammar: str | None = None
     ) -> AsyncGenerator[list[int] | Done, None]:
-        """Stream token-id batches, then one Done. Leaving early cancels the generation in the host."""
+        """Stream token-id batches, then one Done; `grammar` constrains the output. Leaving early cancels the
+        generation in the host."""
         writer = await self._writer_when_ready()
         request_id = next(self._ids)
         queue: asyncio.Queue[_Event] = asyncio.Queue()
         self._streams[request_id] = queue
         finished = False
         try:
-            writer.write(encode(GenerationRequest(request_id, prompt, params, stop_ids)))
+            writer.write(encode(GenerationRequest(request_id, prompt, params, stop_ids, grammar)))
             while True:
                 event = await queue.get()
                 if isinstance(event, Exception):

@@ -78,8 +78,11 @@ def test_wrong_content_type(running_agent: RunningAgent) -> None:
         ({"messages": QUESTION, "n": 2}, "n", "unsupported_parameter"),
         ({"messages": QUESTION, "logprobs": True}, "logprobs", "unsupported_parameter"),
         (
-            {"messages": QUESTION, "response_format": {"type": "json_object"}},
-            "response_format",
+            {
+                "messages": QUESTION,
+                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}},
+            },
+            "response_format.json_schema.schema",
             "unsupported_parameter",
         ),
         (

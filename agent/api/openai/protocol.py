@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agent.api.openai.structured import ResponseFormat
 from agent.errors import UnsupportedParameterError
 
 StopField = Annotated[
@@ -46,7 +47,6 @@ _NEUTRAL: dict[str, Any] = {
     "parallel_tool_calls": lambda v: v is None,
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "modalities": lambda v: v in (None, ["text"]),
     "audio": lambda v: v is None,
     "prediction": lambda v: v is None,
@@ -147,7 +147,7 @@ class ChatCompletionRequest(_SamplingRequest):
     parallel_tool_calls: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
+    response_format: ResponseFormat | None = None
     modalities: Any = None
     audio: Any = None
     prediction: Any = None

@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -41,6 +41,8 @@ class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     stops: list[str]
+    # What the output must follow (llguidance grammar text, from response_format); None: free text.
+    grammar: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,17 +107,20 @@ class OpenAIServing:
             for i, m in enumerate(request.messages)
         ]
 
-        def render_and_encode() -> list[int]:
+        def render_and_encode() -> tuple[list[int], str | None]:
+            # Compiling a schema can take milliseconds for a large one: off the loop, with the template.
+            grammar = request.response_format.grammar() if request.response_format else None
             try:
                 prompt = model.text.template.render(messages, add_generation_prompt=True)
             except ChatTemplateError as exc:
                 raise InvalidRequestError(
                     f"the model's chat template refused the messages: {exc}", param="messages"
                 ) from exc
-            return model.text.tokenizer.encode(prompt)
+            return model.text.tokenizer.encode(prompt), grammar
 
-        prompt_ids = await asyncio.to_thread(render_and_encode)
-        return self._prepared(model, prompt_ids, request, request.completion_limit(), "messages")
+        prompt_ids, grammar = await asyncio.to_thread(render_and_encode)
+        prepared = self._prepared(model, prompt_ids, request, request.completion_limit(), "messages")
+        return replace(prepared, grammar=grammar)
 
     async def prepare_completion(self, request: CompletionRequest) -> Prepared:
         """Resolve the model and tokenise the prompt (a string or one list of token ids)."""
@@ -262,7 +267,8 @@ class OpenAIServing:
         finish: Finish | None = None
         engine = prepared.model.engine
         try:
-            async with aclosing(engine.generate(prepared.prompt_ids, prepared.params, tokenizer.stop_ids)) as events:
+            generation = engine.generate(prepared.prompt_ids, prepared.params, tokenizer.stop_ids, prepared.grammar)
+            async with aclosing(generation) as events:
                 async for event in events:
                     if isinstance(event, Done):
                         tail, _ = matcher.push(detokenizer.flush())

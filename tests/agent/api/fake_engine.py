@@ -56,7 +56,7 @@ class ScriptedEngine(EngineHost):
         self.ended = asyncio.Event()
 
     async def generate(
-        self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int]
+        self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int], grammar: str | None = None
     ) -> AsyncGenerator[list[int] | Done, None]:
         self.started += 1
         request_id = next(self._ids)

@@ -85,10 +85,11 @@ def test_wrong_content_type(running_agent: RunningAgent) -> None:
             "response_format.json_schema.schema",
             "unsupported_parameter",
         ),
+        ({"messages": QUESTION, "functions": [{"name": "f"}]}, "functions", "unsupported_parameter"),
         (
-            {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]},
-            "tools",
-            "unsupported_parameter",
+            {"messages": QUESTION, "tools": [{"type": "function", "function": {"name": "has space"}}]},
+            "tools[0].function.name",
+            "invalid_value",
         ),
         ({"messages": QUESTION, "stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
         (

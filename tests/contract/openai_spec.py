@@ -257,14 +257,16 @@ NOT_IMPLEMENTED: dict[str, tuple[str, ...]] = {
         "parallel_tool_calls",
         "functions",
         "function_call",
-        # Implemented, but a generated schema may use a keyword the grammar engine cannot enforce (a 400 by
-        # design, which schemathesis would count as refusing valid data); tests/agent/test_structured_outputs.py.
+        # Implemented (tools, tool_choice, parallel_tool_calls, response_format and tool calls in the history), but
+        # a generated schema may use a keyword the grammar engine cannot enforce (a 400 by design, which
+        # schemathesis would count as refusing valid data); tests/agent/test_structured_outputs.py and
+        # test_tool_calls.py cover them.
         "response_format",
     ),
     "CreateCompletionRequest": ("n", "logprobs", "logit_bias", "echo", "suffix", "best_of"),
     # Only the model's own size is accepted (it cannot shorten vectors).
     "CreateEmbeddingRequest": ("dimensions",),
-    # Assistant turns echoed back cannot carry tool or function calls (tools are not implemented yet).
+    # Assistant turns echoed back: tool calls are left out with the tools above; function_call is not implemented.
     "ChatCompletionRequestAssistantMessage": ("tool_calls", "function_call"),
 }
 # Spec-valid values refused the same way: a null `prompt` (the spec's "<|endoftext|>" default document) and

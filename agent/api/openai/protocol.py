@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.api.openai.structured import ResponseFormat
+from agent.api.openai.tools import Tool, ToolCall, ToolChoice
 from agent.errors import UnsupportedParameterError
 
 StopField = Annotated[
@@ -42,9 +43,6 @@ _NEUTRAL: dict[str, Any] = {
     "logprobs": lambda v: v in (None, False),
     "top_logprobs": lambda v: v is None,
     "logit_bias": lambda v: not v,
-    "tools": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none"),
-    "parallel_tool_calls": lambda v: v is None,
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
     "modalities": lambda v: v in (None, ["text"]),
@@ -105,8 +103,11 @@ class _SamplingRequest(_Strict):
 
 
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    # An assistant turn's function calls, and which call a tool turn answers (agent/api/openai/tools.py).
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
     # Accepted so assistant turns echoed back by clients validate; a refusal carries no prompt content.
     refusal: str | None = None
     # A participant's name (OpenAI's spec has it on every role); our chat templates have no place for it, so it is
@@ -142,9 +143,9 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     top_logprobs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     functions: Any = None
     function_call: Any = None
     response_format: ResponseFormat | None = None
@@ -156,6 +157,26 @@ class ChatCompletionRequest(_SamplingRequest):
     store: Any = None
     metadata: Any = None
     service_tier: Any = None
+
+    @model_validator(mode="after")
+    def _tools_consistent(self) -> ChatCompletionRequest:
+        if self.tool_choice is not None and not self.tools:
+            raise UnsupportedParameterError(
+                "'tool_choice' is only allowed when 'tools' are given", param="tool_choice", code="invalid_value"
+            )
+        if self.tools and self.response_format is not None and self.response_format.type != "text":
+            raise UnsupportedParameterError(
+                "'response_format' together with 'tools' is not supported yet; send one of them",
+                param="response_format",
+            )
+        for i, message in enumerate(self.messages):
+            if message.role == "tool" and not message.tool_call_id:
+                raise UnsupportedParameterError(
+                    f"messages[{i}].tool_call_id is required for role 'tool'",
+                    param=f"messages[{i}].tool_call_id",
+                    code="missing_required_parameter",
+                )
+        return self
 
     def completion_limit(self) -> int | None:
         """max_completion_tokens, or its deprecated alias max_tokens."""

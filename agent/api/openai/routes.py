@@ -28,6 +28,7 @@ from agent.api.openai.serving import (
     usage_chunk,
 )
 from agent.api.openai.stream_socket import stream_socket as serve_stream_socket
+from agent.api.openai.tools import ToolCallShaper
 from agent.errors import AgentError
 
 log = structlog.get_logger("agent.api.openai")
@@ -108,7 +109,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     async with prepared.model.engine.admission():
         if not body.stream:
             text, finish = await serving.complete(prepared)
-            return web.json_response(chat_response(completion_id, created, model, text, finish))
+            return web.json_response(
+                chat_response(completion_id, created, model, text, finish, offered_tools=prepared.tools)
+            )
         return await _stream_with_error_event(
             request, _chat_events(serving, prepared, completion_id, created, body.stream_options)
         )
@@ -123,15 +126,19 @@ async def _chat_events(
     def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         return chat_chunk(completion_id, created, model, delta, finish_reason, with_usage_field=include_usage)
 
-    yield chunk({"role": "assistant", "content": ""})
+    shaper = ToolCallShaper(prepared.tools)
+    yield chunk({"role": "assistant", "content": ""} if not prepared.tools else {"role": "assistant"})
     async with aclosing(serving.generate_text(prepared)) as stream:
         async for item in stream:
             if isinstance(item, Finish):
-                yield chunk({}, item.finish_reason)
+                for delta in shaper.flush():
+                    yield chunk(delta)
+                yield chunk({}, shaper.finish_reason(item.finish_reason))
                 if include_usage:
                     yield usage_chunk(completion_id, created, model, "chat.completion.chunk", item)
                 return
-            yield chunk({"content": item})
+            for delta in shaper.push(item):
+                yield chunk(delta)
 
 
 # ---------------------------------------------------------------------- completions

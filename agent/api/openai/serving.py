@@ -19,6 +19,7 @@ from typing import Any
 
 import structlog
 
+from agent.api.openai import tools
 from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from agent.errors import (
     ContextLengthError,
@@ -41,8 +42,10 @@ class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     stops: list[str]
-    # What the output must follow (llguidance grammar text, from response_format); None: free text.
+    # What the output must follow (llguidance grammar text, from response_format or tools); None: free text.
     grammar: str | None = None
+    # Tools were offered: the answer may be tool calls (agent/api/openai/tools.py shapes it).
+    tools: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,14 +105,13 @@ class OpenAIServing:
     async def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         """Resolve the model, render the chat template and tokenise (off the loop)."""
         model = self.registry.chat(request.model)
-        messages = [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
-            for i, m in enumerate(request.messages)
-        ]
+        messages = chat_messages(request)
 
         def render_and_encode() -> tuple[list[int], str | None]:
             # Compiling a schema can take milliseconds for a large one: off the loop, with the template.
             grammar = request.response_format.grammar() if request.response_format else None
+            if request.tools:
+                grammar = tools.grammar(request.tools, request.tool_choice, request.parallel_tool_calls is not False)
             try:
                 prompt = model.text.template.render(messages, add_generation_prompt=True)
             except ChatTemplateError as exc:
@@ -120,7 +122,7 @@ class OpenAIServing:
 
         prompt_ids, grammar = await asyncio.to_thread(render_and_encode)
         prepared = self._prepared(model, prompt_ids, request, request.completion_limit(), "messages")
-        return replace(prepared, grammar=grammar)
+        return replace(prepared, grammar=grammar, tools=bool(request.tools))
 
     async def prepare_completion(self, request: CompletionRequest) -> Prepared:
         """Resolve the model and tokenise the prompt (a string or one list of token ids)."""
@@ -303,6 +305,23 @@ class OpenAIServing:
 # ---------------------------------------------------------------------- shapes
 
 
+def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The messages as the chat template takes them: tools in a system turn, earlier calls as the model writes them."""
+    messages = []
+    for i, m in enumerate(request.messages):
+        text = m.text(i)
+        if m.tool_calls:
+            text += tools.history_text(m.tool_calls)
+        messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
+    if request.tools:
+        offer = tools.system_prompt(request.tools)
+        if messages[0]["role"] == "system":
+            messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{offer}"}
+        else:
+            messages.insert(0, {"role": "system", "content": offer})
+    return messages
+
+
 def chat_chunk(
     completion_id: str,
     created: int,
@@ -337,8 +356,12 @@ def usage_chunk(completion_id: str, created: int, model: str, obj: str, finish: 
     }
 
 
-def chat_response(completion_id: str, created: int, model: str, text: str, finish: Finish) -> dict[str, Any]:
-    """A non-streaming chat.completion object."""
+def chat_response(
+    completion_id: str, created: int, model: str, text: str, finish: Finish, *, offered_tools: bool = False
+) -> dict[str, Any]:
+    """A non-streaming chat.completion object (with tool calls when the answer is calls)."""
+    shaper = tools.ToolCallShaper(offered_tools)
+    message = shaper.message(text)
     return {
         "id": completion_id,
         "object": "chat.completion",
@@ -347,9 +370,9 @@ def chat_response(completion_id: str, created: int, model: str, text: str, finis
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": None,
-                "finish_reason": finish.finish_reason,
+                "finish_reason": shaper.finish_reason(finish.finish_reason),
             }
         ],
         "usage": finish.usage(),

@@ -29,6 +29,7 @@ from agent.api.body import decode_json, parse_body
 from agent.api.middleware import REQUEST_ID_HEADER, REQUEST_ID_KEY
 from agent.api.openai.protocol import ChatCompletionRequest
 from agent.api.openai.serving import Finish, OpenAIServing, chat_chunk, new_id, now
+from agent.api.openai.tools import ToolCallShaper
 from agent.errors import AgentError, InvalidRequestError
 
 log = structlog.get_logger("agent.api.openai")
@@ -107,24 +108,33 @@ class _Connection:
             prepared = await self.serving.prepare_chat(body)
             completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
             first = True
+            shaper = ToolCallShaper(prepared.tools)
+
+            async def send_chunk(delta: dict[str, Any]) -> None:
+                nonlocal first
+                delta = {"role": "assistant", **delta} if first else delta
+                first = False
+                event = chat_chunk(completion_id, created, model, delta, None, with_usage_field=False)
+                await self.send({"type": "chunk", "request": client_id, **event})
+
             async with prepared.model.engine.admission(), aclosing(self.serving.generate_text(prepared)) as stream:
                 async for item in stream:
                     if isinstance(item, Finish):
+                        for delta in shaper.flush():
+                            await send_chunk(delta)
                         await self.send(
                             {
                                 "type": "done",
                                 "request": client_id,
                                 "id": completion_id,
                                 "model": model,
-                                "finish_reason": item.finish_reason,
+                                "finish_reason": shaper.finish_reason(item.finish_reason),
                                 "usage": item.usage(),
                             }
                         )
                         return
-                    delta = {"role": "assistant", "content": item} if first else {"content": item}
-                    first = False
-                    event = chat_chunk(completion_id, created, model, delta, None, with_usage_field=False)
-                    await self.send({"type": "chunk", "request": client_id, **event})
+                    for delta in shaper.push(item):
+                        await send_chunk(delta)
         except AgentError as exc:
             await self.send({"type": "error", "request": client_id, **exc.envelope()})
 

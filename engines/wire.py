@@ -8,7 +8,7 @@ message; nothing else in either process reads or writes frame fields.
 agent -> host
   {"op": "generate", "id": int, "prompt": [int], "stop_ids": [int], "max_tokens": int, "temperature": float,
    "top_p": float, "seed": int|null, "presence_penalty": float, "frequency_penalty": float,
-   "grammar": str|null}                                             GenerationRequest (grammar: llguidance's)
+   "logit_bias": [[int, float]], "grammar": str|null}              GenerationRequest (grammar: llguidance's)
   {"op": "cancel", "id": int}                                       Cancel
   {"op": "embed", "id": int, "inputs": [[int]]}                    Embed: token ids per input, specials included
   {"op": "limit", "max_batch": int}                                 Limit: decode at most this many per step
@@ -163,6 +163,7 @@ def _fields(message: Message) -> dict[str, Any]:
             "seed": p.seed,
             "presence_penalty": p.presence_penalty,
             "frequency_penalty": p.frequency_penalty,
+            "logit_bias": [[token, bias] for token, bias in p.logit_bias],
             "grammar": message.grammar,
         }
     if isinstance(message, Embeddings):
@@ -266,6 +267,20 @@ class _Fields:
             raise self.fail(name, "a string")
         return value
 
+    def logit_bias(self, name: str) -> tuple[tuple[int, float], ...]:
+        value = self.frame.get(name, [])
+        pairs = []
+        for pair in value if isinstance(value, list) else [None]:
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise self.fail(name, "a list of [token id, bias] pairs")
+            token, bias = pair
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise self.fail(name, "a list of [token id, bias] pairs")
+            if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias):
+                raise self.fail(name, "a list of [token id, bias] pairs")
+            pairs.append((token, float(bias)))
+        return tuple(pairs)
+
     def optional_text(self, name: str) -> str | None:
         return None if self.frame.get(name) is None else self.text(name)
 
@@ -294,6 +309,7 @@ def _generate(f: _Fields) -> GenerationRequest:
         seed=f.optional_integer("seed"),
         presence_penalty=f.number("presence_penalty", 0.0),
         frequency_penalty=f.number("frequency_penalty", 0.0),
+        logit_bias=f.logit_bias("logit_bias"),
     )
     return GenerationRequest(
         id=f.integer("id"),

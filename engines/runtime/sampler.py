@@ -1,4 +1,4 @@
-"""Token sampling for one sequence: penalties, temperature, nucleus (top-p), then a seeded draw.
+"""Token sampling for one sequence: logit bias, penalties, temperature, nucleus (top-p), then a seeded draw.
 
 One `Sampler` per completion. It owns its random generator, so a request's seed fixes its draws no matter
 how requests are batched, and it remembers the tokens it produced for the OpenAI presence/frequency
@@ -37,6 +37,8 @@ class Sampler:
         seed = None if params.seed is None else params.seed % 2**64
         self._rng = np.random.Generator(np.random.PCG64(seed))
         self._counts: dict[int, int] = {}
+        self._bias_ids = np.array([token for token, _ in params.logit_bias], dtype=np.int64)
+        self._bias = np.array([bias for _, bias in params.logit_bias], dtype=np.float32)
 
     @property
     def generated(self) -> dict[int, int]:
@@ -49,9 +51,17 @@ class Sampler:
 
     def sample(self, logits: Logits) -> int:
         """Choose the next token from float32 logits [vocab] and record it."""
-        token = self._choose(self._penalized(np.asarray(logits, dtype=np.float32)))
+        token = self._choose(self._penalized(self._biased(np.asarray(logits, dtype=np.float32))))
         self.record(token)
         return token
+
+    def _biased(self, logits: Logits) -> Logits:
+        if not self._bias_ids.size:
+            return logits
+        out = logits.copy()  # the caller's logits may be a view into an executor buffer
+        in_vocab = self._bias_ids < out.shape[0]
+        out[self._bias_ids[in_vocab]] += self._bias[in_vocab]
+        return out
 
     def _penalized(self, logits: Logits) -> Logits:
         p = self.params

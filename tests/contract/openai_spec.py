@@ -257,10 +257,11 @@ NOT_IMPLEMENTED: dict[str, tuple[str, ...]] = {
         "parallel_tool_calls",
         "functions",
         "function_call",
-        # Implemented (tools, tool_choice, parallel_tool_calls, response_format and tool calls in the history), but
-        # a generated schema may use a keyword the grammar engine cannot enforce (a 400 by design, which
-        # schemathesis would count as refusing valid data); tests/agent/test_structured_outputs.py and
-        # test_tool_calls.py cover them.
+        # logit_bias, tools, tool_choice, parallel_tool_calls, response_format (and tool calls in the history) are
+        # implemented, but generated values would get 400s by design, which schemathesis would count as refusing
+        # valid data: logit_bias keys that are not token ids of the model (the spec's map is free-form), schemas
+        # with a keyword the grammar engine cannot enforce. tests/agent/test_logit_bias.py,
+        # test_structured_outputs.py and test_tool_calls.py cover them.
         "response_format",
     ),
     "CreateCompletionRequest": ("n", "logprobs", "logit_bias", "echo", "suffix", "best_of"),

@@ -126,6 +126,17 @@ def test_presence_penalty_is_applied_once_per_token() -> None:
     assert draws(Sampler(params(temperature=0.0, frequency_penalty=0.7)), logits, 4) == [3, 7, 3, 9]
 
 
+def test_logit_bias_bans_and_forces_tokens_without_touching_the_callers_logits() -> None:
+    logits = random_logits(8)
+    before = logits.copy()
+    top = int(np.argmax(logits))
+    banned = Sampler(SamplingParams(max_tokens=4, temperature=1.0, seed=3, logit_bias=((top, -100.0),)))
+    assert top not in draws(banned, logits * 0.01, 50)  # -100 leaves it no chance even in a flat distribution
+    forced = Sampler(SamplingParams(max_tokens=4, temperature=1.0, seed=3, logit_bias=((17, 100.0),)))
+    assert draws(forced, logits, 20) == [17] * 20
+    np.testing.assert_array_equal(logits, before)
+
+
 def test_penalties_do_not_modify_the_callers_logits() -> None:
     logits = random_logits(6)
     before = logits.copy()

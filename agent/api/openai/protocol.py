@@ -42,7 +42,6 @@ _NEUTRAL: dict[str, Any] = {
     "n": lambda v: v in (None, 1),
     "logprobs": lambda v: v in (None, False),
     "top_logprobs": lambda v: v is None,
-    "logit_bias": lambda v: not v,
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
     "modalities": lambda v: v in (None, ["text"]),
@@ -72,7 +71,9 @@ class _SamplingRequest(_Strict):
     user: str | None = Field(None, max_length=256, description="End-user id; recorded in the request's log lines")
     n: int | None = None
     logprobs: Any = None
-    logit_bias: Any = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit"
+    )
 
     @field_validator("stream", mode="before")
     @classmethod

@@ -183,6 +183,7 @@ class OpenAIServing:
             # decoding (the sampler itself takes top_p in (0, 1]).
             temperature, top_p = 0.0, 1.0
         params = SamplingParams(
+            logit_bias=_logit_bias(request.logit_bias, model.text.tokenizer.vocab_size),
             max_tokens=max_tokens or room,
             temperature=temperature,
             top_p=top_p,
@@ -300,6 +301,20 @@ class OpenAIServing:
                 ttft_ms=round((first_token_at - started) * 1000, 1) if first_token_at else None,
                 duration_ms=round(elapsed * 1000, 1),
             )
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias map with its keys checked: decimal token ids of this model's vocabulary."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise InvalidRequestError(
+                f"Invalid key {key[:20]!r} in 'logit_bias': keys are token ids in [0, {vocab_size})",
+                param="logit_bias",
+                code="invalid_value",
+            )
+        pairs.append((int(key), value))
+    return tuple(sorted(pairs))
 
 
 # ---------------------------------------------------------------------- shapes

@@ -392,8 +392,9 @@ class EngineHost:
             raise EngineUnavailableError(f"the inference engine is {self.state.value}{detail}; retry shortly") from None
 
     @contextlib.asynccontextmanager
-    async def admission(self) -> AsyncGenerator[None, None]:
-        """Hold one of the engine's places (batch slots plus queue) for a request's whole life; 503 if none.
+    async def admission(self, places: int = 1) -> AsyncGenerator[None, None]:
+        """Hold `places` of the engine's places (batch slots plus queue; one per generation, so n for a request
+        with n choices) for a request's whole life; 503 if they are not free.
 
         The agent is the engine host's only client, so counting here is exact, and a streaming handler learns
         it must answer 503 before it commits to a 200.
@@ -402,15 +403,15 @@ class EngineHost:
             raise self.controls.suspended
         await self.wait_ready()
         capacity = self.config.max_batch + self.config.max_queue
-        if self._admitted >= capacity:
+        if self._admitted + places > capacity:
             raise EngineOverloadedError(
-                f"the engine is at capacity ({capacity} requests running or waiting); retry shortly"
+                f"the engine is at capacity ({capacity} generations running or waiting); retry shortly"
             )
-        self._admitted += 1
+        self._admitted += places
         try:
             yield
         finally:
-            self._admitted -= 1
+            self._admitted -= places
 
     @property
     def in_flight(self) -> int:

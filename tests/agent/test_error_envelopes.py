@@ -75,7 +75,7 @@ def test_wrong_content_type(running_agent: RunningAgent) -> None:
         ({"messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}, "stop", "invalid_value"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "invalid_value"),
         ({"messages": QUESTION, "frobnicate": True}, "frobnicate", "unknown_parameter"),
-        ({"messages": QUESTION, "n": 2}, "n", "unsupported_parameter"),
+        ({"messages": QUESTION, "n": 0}, "n", "invalid_value"),
         ({"messages": QUESTION, "logprobs": True}, "logprobs", "unsupported_parameter"),
         (
             {
@@ -166,9 +166,9 @@ def test_completions_errors(running_agent: RunningAgent) -> None:
 
 def test_sdk_sees_typed_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(messages=QUESTION, model="smollm2-135m-instruct", n=3)
+        client.chat.completions.create(messages=QUESTION, model="smollm2-135m-instruct", logprobs=True)
     assert info.value.code == "unsupported_parameter"
-    assert info.value.param == "n"
+    assert info.value.param == "logprobs"
     assert info.value.request_id  # X-Request-ID reaches the SDK
 
 

@@ -257,11 +257,12 @@ NOT_IMPLEMENTED: dict[str, tuple[str, ...]] = {
         "parallel_tool_calls",
         "functions",
         "function_call",
-        # logit_bias, tools, tool_choice, parallel_tool_calls, response_format (and tool calls in the history) are
-        # implemented, but generated values would get 400s by design, which schemathesis would count as refusing
-        # valid data: logit_bias keys that are not token ids of the model (the spec's map is free-form), schemas
-        # with a keyword the grammar engine cannot enforce. tests/agent/test_logit_bias.py,
-        # test_structured_outputs.py and test_tool_calls.py cover them.
+        # n, logit_bias, tools, tool_choice, parallel_tool_calls, response_format (and tool calls in the history)
+        # are implemented, but generated values would get 400s by design, which schemathesis would count as
+        # refusing valid data: n above 16 (the spec allows 128), logit_bias keys that are not token ids of the
+        # model (the spec's map is free-form), schemas with a keyword the grammar engine cannot enforce.
+        # tests/agent/test_choices.py, test_logit_bias.py, test_structured_outputs.py and test_tool_calls.py
+        # cover them.
         "response_format",
     ),
     "CreateCompletionRequest": ("n", "logprobs", "logit_bias", "echo", "suffix", "best_of"),

@@ -29,6 +29,10 @@ _quote.maxstring = _quote.maxother = 80
 _quote.maxlevel = 4
 
 
+# Choices of one request: they decode side by side, so at most one batch's worth.
+MAX_CHOICES = 16
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,7 +43,6 @@ class StreamOptions(_Strict):
 
 # Parameter -> predicate for the values we can honour although we do not implement the feature.
 _NEUTRAL: dict[str, Any] = {
-    "n": lambda v: v in (None, 1),
     "logprobs": lambda v: v in (None, False),
     "top_logprobs": lambda v: v is None,
     "functions": lambda v: not v,
@@ -69,7 +72,7 @@ class _SamplingRequest(_Strict):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = Field(None, max_length=256, description="End-user id; recorded in the request's log lines")
-    n: int | None = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description=f"Choices to generate (at most {MAX_CHOICES})")
     logprobs: Any = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, description="Token id (as a string) -> bias in [-100, 100] added to its logit"

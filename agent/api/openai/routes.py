@@ -15,6 +15,7 @@ from aiohttp import web
 
 from agent.api.body import parse_body, read_json_body
 from agent.api.middleware import REQUEST_ID_HEADER, REQUEST_ID_KEY
+from agent.api.openai import choices
 from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, StreamOptions
 from agent.api.openai.serving import (
     Finish,
@@ -105,40 +106,53 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     prepared = await serving.prepare_chat(body)
     completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
     log.info("chat_completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids), user=body.user)
-    # The engine place is held for the whole response; without one, a 503 goes out before any 200.
-    async with prepared.model.engine.admission():
+    preparations = choices.variants(prepared, body.n or 1)
+    # The engine places are held for the whole response; without them, a 503 goes out before any 200.
+    async with prepared.model.engine.admission(len(preparations)):
         if not body.stream:
-            text, finish = await serving.complete(prepared)
+            answers = await choices.complete_all(serving, preparations)
+            usage = choices.usage([finish for _, finish in answers])
             return web.json_response(
-                chat_response(completion_id, created, model, text, finish, offered_tools=prepared.tools)
+                chat_response(completion_id, created, model, answers, usage, offered_tools=prepared.tools)
             )
         return await _stream_with_error_event(
-            request, _chat_events(serving, prepared, completion_id, created, body.stream_options)
+            request, _chat_events(serving, preparations, completion_id, created, body.stream_options)
         )
 
 
 async def _chat_events(
-    serving: OpenAIServing, prepared: Prepared, completion_id: str, created: int, options: StreamOptions | None
+    serving: OpenAIServing,
+    preparations: list[Prepared],
+    completion_id: str,
+    created: int,
+    options: StreamOptions | None,
 ) -> AsyncGenerator[dict[str, Any], None]:
     include_usage = options is not None and options.include_usage
+    prepared = preparations[0]
     model = prepared.model.id
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return chat_chunk(completion_id, created, model, delta, finish_reason, with_usage_field=include_usage)
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+        return chat_chunk(
+            completion_id, created, model, delta, finish_reason, with_usage_field=include_usage, index=index
+        )
 
-    shaper = ToolCallShaper(prepared.tools)
-    yield chunk({"role": "assistant", "content": ""} if not prepared.tools else {"role": "assistant"})
-    async with aclosing(serving.generate_text(prepared)) as stream:
-        async for item in stream:
+    shapers = [ToolCallShaper(prepared.tools) for _ in preparations]
+    for index in range(len(preparations)):
+        yield chunk(index, {"role": "assistant", "content": ""} if not prepared.tools else {"role": "assistant"})
+    finishes: list[Finish] = []
+    async with aclosing(choices.merged(serving, preparations)) as stream:
+        async for index, item in stream:
+            shaper = shapers[index]
             if isinstance(item, Finish):
                 for delta in shaper.flush():
-                    yield chunk(delta)
-                yield chunk({}, shaper.finish_reason(item.finish_reason))
-                if include_usage:
-                    yield usage_chunk(completion_id, created, model, "chat.completion.chunk", item)
-                return
+                    yield chunk(index, delta)
+                yield chunk(index, {}, shaper.finish_reason(item.finish_reason))
+                finishes.append(item)
+                continue
             for delta in shaper.push(item):
-                yield chunk(delta)
+                yield chunk(index, delta)
+    if include_usage:
+        yield usage_chunk(completion_id, created, model, "chat.completion.chunk", choices.usage(finishes))
 
 
 # ---------------------------------------------------------------------- completions
@@ -151,30 +165,39 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prepared = await serving.prepare_completion(body)
     completion_id, created, model = new_id("cmpl"), now(), prepared.model.id
     log.info("completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids), user=body.user)
-    async with prepared.model.engine.admission():
+    preparations = choices.variants(prepared, body.n or 1)
+    async with prepared.model.engine.admission(len(preparations)):
         if not body.stream:
-            text, finish = await serving.complete(prepared)
-            return web.json_response(
-                completion_object(completion_id, created, model, text, finish.finish_reason, finish.usage())
-            )
+            answers = await choices.complete_all(serving, preparations)
+            usage = choices.usage([finish for _, finish in answers]).usage()
+            texts = [(text, finish.finish_reason) for text, finish in answers]
+            return web.json_response(completion_object(completion_id, created, model, texts, usage))
         return await _stream_with_error_event(
-            request, _completion_events(serving, prepared, completion_id, created, body.stream_options)
+            request, _completion_events(serving, preparations, completion_id, created, body.stream_options)
         )
 
 
 async def _completion_events(
-    serving: OpenAIServing, prepared: Prepared, completion_id: str, created: int, options: StreamOptions | None
+    serving: OpenAIServing,
+    preparations: list[Prepared],
+    completion_id: str,
+    created: int,
+    options: StreamOptions | None,
 ) -> AsyncGenerator[dict[str, Any], None]:
     include_usage = options is not None and options.include_usage
-    model = prepared.model.id
-    async with aclosing(serving.generate_text(prepared)) as stream:
-        async for item in stream:
+    model = preparations[0].model.id
+    finishes: list[Finish] = []
+    async with aclosing(choices.merged(serving, preparations)) as stream:
+        async for index, item in stream:
             if isinstance(item, Finish):
-                yield completion_object(completion_id, created, model, "", item.finish_reason, None)
-                if include_usage:
-                    yield usage_chunk(completion_id, created, model, "text_completion", item)
-                return
-            yield completion_object(completion_id, created, model, item, None, None)
+                finishes.append(item)
+                yield completion_object(
+                    completion_id, created, model, [("", item.finish_reason)], None, first_index=index
+                )
+                continue
+            yield completion_object(completion_id, created, model, [(item, None)], None, first_index=index)
+    if include_usage:
+        yield usage_chunk(completion_id, created, model, "text_completion", choices.usage(finishes))
 
 
 # ------------------------------------------------------------------------ websocket

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from typing import Any
@@ -345,6 +345,7 @@ def chat_chunk(
     finish_reason: str | None,
     *,
     with_usage_field: bool,
+    index: int = 0,
 ) -> dict[str, Any]:
     """One chat.completion.chunk object."""
     chunk: dict[str, Any] = {
@@ -352,7 +353,7 @@ def chat_chunk(
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
     }
     if with_usage_field:
         chunk["usage"] = None
@@ -372,25 +373,34 @@ def usage_chunk(completion_id: str, created: int, model: str, obj: str, finish: 
 
 
 def chat_response(
-    completion_id: str, created: int, model: str, text: str, finish: Finish, *, offered_tools: bool = False
+    completion_id: str,
+    created: int,
+    model: str,
+    answers: list[tuple[str, Finish]],
+    usage: Finish,
+    *,
+    offered_tools: bool = False,
 ) -> dict[str, Any]:
-    """A non-streaming chat.completion object (with tool calls when the answer is calls)."""
-    shaper = tools.ToolCallShaper(offered_tools)
-    message = shaper.message(text)
+    """A non-streaming chat.completion object, one choice per answer (tool calls when an answer is calls)."""
+    choices = []
+    for index, (text, finish) in enumerate(answers):
+        shaper = tools.ToolCallShaper(offered_tools)
+        message = shaper.message(text)
+        choices.append(
+            {
+                "index": index,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": shaper.finish_reason(finish.finish_reason),
+            }
+        )
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
         "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": shaper.finish_reason(finish.finish_reason),
-            }
-        ],
-        "usage": finish.usage(),
+        "choices": choices,
+        "usage": usage.usage(),
     }
 
 
@@ -398,17 +408,22 @@ def completion_object(
     completion_id: str,
     created: int,
     model: str,
-    text: str,
-    finish_reason: str | None,
+    choices: Sequence[tuple[str, str | None]],
     usage: dict[str, int] | None,
+    *,
+    first_index: int = 0,
 ) -> dict[str, Any]:
-    """A text_completion object (whole response, or one streamed chunk when usage is None)."""
+    """A text_completion object: the whole response (every choice's text and finish reason, with usage), or one
+    streamed chunk (one choice, numbered `first_index`, usage None)."""
     body: dict[str, Any] = {
         "id": completion_id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [
+            {"text": text, "index": first_index + i, "logprobs": None, "finish_reason": finish_reason}
+            for i, (text, finish_reason) in enumerate(choices)
+        ],
     }
     if usage is not None:
         body["usage"] = usage

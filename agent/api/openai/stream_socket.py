@@ -30,7 +30,7 @@ from agent.api.middleware import REQUEST_ID_HEADER, REQUEST_ID_KEY
 from agent.api.openai.protocol import ChatCompletionRequest
 from agent.api.openai.serving import Finish, OpenAIServing, chat_chunk, new_id, now
 from agent.api.openai.tools import ToolCallShaper
-from agent.errors import AgentError, InvalidRequestError
+from agent.errors import AgentError, InvalidRequestError, UnsupportedParameterError
 
 log = structlog.get_logger("agent.api.openai")
 
@@ -105,6 +105,10 @@ class _Connection:
         payload.setdefault("stream", True)
         try:
             body = parse_body(ChatCompletionRequest, payload)
+            if body.n is not None and body.n > 1:
+                raise UnsupportedParameterError(
+                    "'n' > 1 is not supported on the WebSocket stream yet; use /v1/chat/completions", param="n"
+                )
             prepared = await self.serving.prepare_chat(body)
             completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
             first = True

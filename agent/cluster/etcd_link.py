@@ -103,7 +103,9 @@ class EtcdLink:
                 urls = voter_client_urls(current)
                 await client.use_endpoints(urls)
                 await asyncio.to_thread(folder.save_voter_urls, self._node.settings.cluster_dir, urls)
-                if member is None and self._first_client_without_standby(current):
+                if member is None and (stale := self._own_member(current)) is not None:
+                    await self._remove_stale_member(client, stale)
+                elif member is None and self._first_client_without_standby(current):
                     member = await self._become_standby(identity, client)
             except (aetcd.exceptions.ClientError, EtcdError, TimeoutError) as exc:
                 failures += 1
@@ -140,6 +142,19 @@ class EtcdLink:
     async def _promoted(member: EtcdMember) -> bool:
         own = await etcd_members.status(await member.client(), timeout=RPC_TIMEOUT_SECONDS)
         return not own.is_learner
+
+    def _own_member(self, members: list[MemberInfo]) -> MemberInfo | None:
+        """A member of this box's in the cluster although this box runs none: left by a box killed while it was
+        turning into the standby (added, maybe started, but its folder still says client)."""
+        node = self._node
+        peer_url = f"https://{host_port(node.address, node.settings.cluster.etcd_peer_port)}"
+        return next((m for m in members if m.name == node.node_id or peer_url in m.peer_urls), None)
+
+    async def _remove_stale_member(self, client: VoterEtcdClient, stale: MemberInfo) -> None:
+        """Remove it: it takes etcd's one learner place and no box will ever run it; the box becomes the standby
+        again afresh on a later round."""
+        await etcd_members.remove(client, stale.id)
+        log.warning("stale_member_removed", node=self._node.node_id, member_id=f"{stale.id:x}")
 
     def _first_client_without_standby(self, members: list[MemberInfo]) -> bool:
         """A client box should become the standby member: the stack has none, and this is the live client with

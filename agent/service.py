@@ -26,7 +26,7 @@ import agent
 from agent.api.app import build_cluster_app, build_inference_app
 from agent.api.cluster.routes import HealthSources
 from agent.api.openai.serving import OpenAIServing
-from agent.api.routing import LocalLoad, routing_middleware
+from agent.api.routing import LocalLoad, Routing
 from agent.api.security import AccessRules, SecurityPolicy
 from agent.api.server import EnvelopeAppRunner
 from agent.atomic import atomic_write_bytes
@@ -376,7 +376,7 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
         serving,
         max_request_bytes=api.max_request_bytes,
         security=inference_security,
-        routing=routing_middleware(cluster.router, lambda model: _local_load(registry, model)) if cluster else None,
+        routing=Routing(cluster.router, lambda model: _local_load(registry, model)) if cluster else None,
     )
     cluster_app = build_cluster_app(
         HealthSources(started, (engine,), monitor, hardware, live, cluster, loader.engines),

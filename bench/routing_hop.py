@@ -7,7 +7,7 @@ bench/cluster.py measures routing through real agents; on a small machine that f
 of three agents, three etcd members and their engines competing for the cores. This isolates what the hop adds:
 one process runs an upstream that answers a streamed chat request at once (over the peer API's mutual TLS, and
 over plain HTTP for the direct path), a front server with the agent's middleware chain on 8080 (request ids,
-access policy with default settings, `routing_middleware` with the real `Router`), and the client. Time to first body byte, direct versus through the hop, p50 each, alternating. Results also go to
+access policy with default settings, `Routing.middleware` with the real `Router`), and the client. Time to first body byte, direct versus through the hop, p50 each, alternating. Results also go to
 bench/results/routing_hop.json.
 """
 
@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from agent.api.middleware import request_context
-from agent.api.routing import routing_middleware
+from agent.api.routing import Routing
 from agent.api.security import AccessRules, SecurityPolicy, add_rate_headers, security_middleware
 from agent.cluster import pki
 from agent.cluster.peer import INFERENCE_PREFIX
@@ -78,7 +78,7 @@ async def run(requests: int) -> dict[str, Any]:
     keys = KeyStore(Path(tempfile.mkdtemp(prefix="thox-bench-keys-")) / "keys.json")
     policy = SecurityPolicy(AccessRules.from_settings(ApiSettings(), "inference"), keys, "inference")
     front = web.Application(
-        middlewares=[request_context, security_middleware(policy), routing_middleware(router, lambda model: None)]
+        middlewares=[request_context, security_middleware(policy), Routing(router, lambda model: None).middleware()]
     )
     front.on_response_prepare.append(add_rate_headers)
     front.router.add_post(PATH, _not_here)

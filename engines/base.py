@@ -27,6 +27,10 @@ class ContextOverflowError(EngineError):
     """A sequence would grow past the model's context window."""
 
 
+# OpenAI's bound on top_logprobs: alternatives reported per token.
+MAX_TOP_LOGPROBS = 20
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding settings; the sampler applies them to one sequence's logits."""
@@ -39,6 +43,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # OpenAI's logit_bias: (token id, bias added to its logit), applied before everything else.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Report each sampled token's log-probability and this many most likely alternatives (0 to MAX_TOP_LOGPROBS);
+    # None: do not.
+    logprobs: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,11 +64,22 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's log-probability and the most likely alternatives as (token id, log-probability), best
+    first. The distribution is the one sampling starts from: the model's logits after logit_bias, penalties and
+    the grammar's mask, before temperature and top_p (so a greedy and a sampled request report the same values)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Tokens:
-    """Tokens sampled for one sequence since its last report."""
+    """Tokens sampled for one sequence since its last report; `logprobs`, one per token, when requested."""
 
     id: int
     ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass(frozen=True)

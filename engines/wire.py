@@ -8,7 +8,9 @@ message; nothing else in either process reads or writes frame fields.
 agent -> host
   {"op": "generate", "id": int, "prompt": [int], "stop_ids": [int], "max_tokens": int, "temperature": float,
    "top_p": float, "seed": int|null, "presence_penalty": float, "frequency_penalty": float,
-   "logit_bias": [[int, float]], "grammar": str|null}              GenerationRequest (grammar: llguidance's)
+   "logit_bias": [[int, float]], "grammar": str|null, "logprobs": int|null}
+                                                                    GenerationRequest (grammar: llguidance's;
+                                                                    logprobs: alternatives per token, 0-20)
   {"op": "cancel", "id": int}                                       Cancel
   {"op": "embed", "id": int, "inputs": [[int]]}                    Embed: token ids per input, specials included
   {"op": "limit", "max_batch": int}                                 Limit: decode at most this many per step
@@ -17,7 +19,9 @@ host -> agent
   {"op": "progress", "stage": str, "done": int, "total": int}      Progress, while converting/loading
   {"op": "ready", "model": {...}, "encoder": {...}|null, "max_context": int, "pid": int}
                                                                     Ready, once, when requests can be served
-  {"op": "tokens", "id": int, "ids": [int]}                         Tokens: sampled tokens of one sequence
+  {"op": "tokens", "id": int, "ids": [int], "logprobs": [[float, [[int, float]]]]|absent}
+                                                                    Tokens: sampled tokens of one sequence, with
+                                                                    each one's logprob and top alternatives
   {"op": "done", "id": int, "finish_reason": "stop"|"length"|"cancelled",
    "prompt_tokens": int, "completion_tokens": int}                 Done
   {"op": "embeddings", "id": int, "shape": [n, dim], "data": str, "tokens": int}
@@ -50,7 +54,16 @@ from typing import Any, TypeAlias
 import numpy as np
 import numpy.typing as npt
 
-from engines.base import Done, EngineError, Failed, GenerationRequest, SamplingParams, Tokens
+from engines.base import (
+    MAX_TOP_LOGPROBS,
+    Done,
+    EngineError,
+    Failed,
+    GenerationRequest,
+    SamplingParams,
+    TokenLogprob,
+    Tokens,
+)
 
 _HEADER = struct.Struct(">I")
 # Far above any legitimate frame (a 128k-token prompt is ~1 MB of JSON); anything bigger is a bug or garbage.
@@ -165,6 +178,7 @@ def _fields(message: Message) -> dict[str, Any]:
             "frequency_penalty": p.frequency_penalty,
             "logit_bias": [[token, bias] for token, bias in p.logit_bias],
             "grammar": message.grammar,
+            "logprobs": p.logprobs,
         }
     if isinstance(message, Embeddings):
         vectors = np.ascontiguousarray(message.vectors, dtype="<f4")
@@ -176,7 +190,10 @@ def _fields(message: Message) -> dict[str, Any]:
             "tokens": message.tokens,
         }
     if isinstance(message, Tokens):
-        return {"op": "tokens", "id": message.id, "ids": list(message.ids)}
+        fields: dict[str, Any] = {"op": "tokens", "id": message.id, "ids": list(message.ids)}
+        if message.logprobs is not None:
+            fields["logprobs"] = [[s.logprob, [list(alt) for alt in s.top]] for s in message.logprobs]
+        return fields
     op = _OPS[type(message)]
     return {"op": op, **{name: getattr(message, name) for name in message.__dataclass_fields__}}
 
@@ -252,8 +269,18 @@ class _Fields:
             raise self.fail(name, "an integer" if minimum is None else f"an integer >= {minimum}")
         return value
 
-    def optional_integer(self, name: str) -> int | None:
-        return None if self.frame.get(name) is None else self.integer(name)
+    def integer_in(self, name: str, minimum: int, maximum: int) -> int:
+        value = self.frame.get(name)
+        if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+            raise self.fail(name, f"an integer in [{minimum}, {maximum}]")
+        return value
+
+    def optional_integer(self, name: str, *, minimum: int | None = None, maximum: int | None = None) -> int | None:
+        if self.frame.get(name) is None:
+            return None
+        if minimum is not None and maximum is not None:
+            return self.integer_in(name, minimum, maximum)
+        return self.integer(name)
 
     def number(self, name: str, default: float) -> float:
         value = self.frame.get(name, default)
@@ -310,6 +337,7 @@ def _generate(f: _Fields) -> GenerationRequest:
         presence_penalty=f.number("presence_penalty", 0.0),
         frequency_penalty=f.number("frequency_penalty", 0.0),
         logit_bias=f.logit_bias("logit_bias"),
+        logprobs=f.optional_integer("logprobs", minimum=0, maximum=MAX_TOP_LOGPROBS),
     )
     return GenerationRequest(
         id=f.integer("id"),
@@ -345,6 +373,36 @@ def _embeddings(f: _Fields) -> Embeddings:
     return Embeddings(id=f.integer("id"), vectors=vectors, tokens=f.integer("tokens", minimum=0))
 
 
+def _tokens(f: _Fields) -> Tokens:
+    ids = tuple(f.token_ids("ids"))
+    raw = f.frame.get("logprobs")
+    if raw is None:
+        return Tokens(f.integer("id"), ids)
+    expected = "one [logprob, [[token id, logprob], ...]] per token"
+    if not isinstance(raw, list) or len(raw) != len(ids):
+        raise f.fail("logprobs", expected)
+    scored = []
+    for entry in raw:
+        try:
+            logprob, top = entry
+            scored.append(TokenLogprob(_logprob(logprob), tuple((_token_id(t), _logprob(lp)) for t, lp in top)))
+        except (TypeError, ValueError):
+            raise f.fail("logprobs", expected) from None
+    return Tokens(f.integer("id"), ids, tuple(scored))
+
+
+def _token_id(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(value)
+    return value
+
+
+def _logprob(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value <= 0.0:
+        raise ValueError(value)
+    return float(value)
+
+
 def _failed(f: _Fields) -> Failed:
     return Failed(id=f.optional_integer("id"), message=f.text("message"), code=f.text("code"))
 
@@ -360,7 +418,7 @@ _TO_AGENT: dict[str, Callable[[_Fields], ToAgent]] = {
     "ready": lambda f: Ready(
         f.mapping("model") or {}, f.mapping("encoder", nullable=True), f.integer("max_context"), f.integer("pid")
     ),
-    "tokens": lambda f: Tokens(f.integer("id"), tuple(f.token_ids("ids"))),
+    "tokens": _tokens,
     "done": lambda f: Done(
         f.integer("id"), f.text("finish_reason"), f.integer("prompt_tokens"), f.integer("completion_tokens")
     ),

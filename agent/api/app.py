@@ -17,8 +17,9 @@ from agent.api.cluster.power import HARDWARE_KEY
 from agent.api.cluster.routes import HEALTH_KEY, HealthSources
 from agent.api.cluster.topology import CLUSTER_NODE_KEY
 from agent.api.middleware import request_context
-from agent.api.openai.routes import MAX_MESSAGE_BYTES_KEY, SERVING_KEY
+from agent.api.openai.routes import MAX_MESSAGE_BYTES_KEY, RELAY_KEY, SERVING_KEY
 from agent.api.openai.serving import OpenAIServing
+from agent.api.routing import Routing
 from agent.api.security import SecurityPolicy, add_rate_headers, security_middleware
 from agent.hardware.manager import HardwareManager
 
@@ -33,14 +34,16 @@ def build_inference_app(
     *,
     max_request_bytes: int,
     security: SecurityPolicy | None = None,
-    routing: Middleware | None = None,
+    routing: Routing | None = None,
 ) -> web.Application:
     """The OpenAI-compatible API (port 8080); `routing` sends requests for models served elsewhere there."""
-    middlewares = [*_middlewares(security), *([routing] if routing is not None else [])]
+    middlewares = [*_middlewares(security), *([routing.middleware()] if routing is not None else [])]
     app = web.Application(middlewares=middlewares, client_max_size=max_request_bytes)
     app.on_response_prepare.append(add_rate_headers)
     app[SERVING_KEY] = serving
     app[MAX_MESSAGE_BYTES_KEY] = max_request_bytes
+    if routing is not None:
+        app[RELAY_KEY] = routing.relay
     agent.api.openai.routes.setup_routes(app)
     return app
 

@@ -8,15 +8,19 @@ is clearly busier. Only nodes whose records are live are candidates: a record di
 
 A client that disconnects cancels the handler, which closes the upstream connection, which ends the generation
 on the replica. A replica that fails mid-stream ends the client's stream with an error event.
+
+The WebSocket stream routes each of its requests the same way, as a streamed chat completion whose events it
+relays (`stream_events`).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import json
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -124,14 +128,28 @@ class Router:
         if session is not None:
             await session.close()
 
+    @contextlib.contextmanager
+    def _sending_to(self, node_id: str) -> Iterator[None]:
+        """Counts a request in flight to `node_id` while it lasts (the next pick sees it before the node says)."""
+        self.in_flight[node_id] += 1
+        try:
+            yield
+        finally:
+            self.in_flight[node_id] -= 1
+            if self.in_flight[node_id] <= 0:
+                del self.in_flight[node_id]
+
     async def forward(self, request: web.Request, node: Mapping[str, Any], body: bytes) -> web.StreamResponse:
         """Send the request to `node` and stream its answer back as it comes."""
+        with self._sending_to(str(node["id"])):
+            return await self._forward(request, node, body)
+
+    async def _forward(self, request: web.Request, node: Mapping[str, Any], body: bytes) -> web.StreamResponse:
         node_id = str(node["id"])
-        url = f"https://{host_port(str(node['address']), int(node['peer_port']))}{INFERENCE_PREFIX}{request.path_qs}"
+        url = _url(node, request.path_qs)
         headers = {name: request.headers[name] for name in _FORWARDED_HEADERS if name in request.headers}
         headers["X-Forwarded-For"] = request.remote or ""
         response: web.StreamResponse | None = None
-        self.in_flight[node_id] += 1
         try:
             async with self.session().post(url, data=body, headers=headers, timeout=_TIMEOUT) as upstream:
                 response = web.StreamResponse(
@@ -158,17 +176,57 @@ class Router:
                     f"the box serving this model ({node_id}) did not answer: {exc}", code="replica_unavailable"
                 ) from exc
             if response.headers.get("Content-Type", "").startswith("text/event-stream"):
-                error = {
-                    "error": {
-                        "message": f"the box serving this stream ({node_id}) went away",
-                        "type": "server_error",
-                        "param": None,
-                        "code": "replica_lost",
-                    }
-                }
-                await response.write(f"data: {json.dumps(error)}\n\n".encode())
+                await response.write(f"data: {json.dumps(_replica_lost(node_id))}\n\n".encode())
             return response
-        finally:
-            self.in_flight[node_id] -= 1
-            if self.in_flight[node_id] <= 0:
-                del self.in_flight[node_id]
+
+    async def stream_events(
+        self, node: Mapping[str, Any], path: str, body: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """POST a streamed request to `node` and yield its server-sent events as JSON objects, up to `[DONE]`.
+
+        A refusal by the replica (its 4xx/5xx envelope) and a replica lost mid-stream come as one `{"error": ...}`
+        event, as on the SSE path; a replica that cannot be reached at all is a ClusterUnavailableError.
+        """
+        node_id = str(node["id"])
+        started = False
+        with self._sending_to(node_id):
+            try:
+                async with self.session().post(
+                    _url(node, path), json=dict(body), headers=dict(headers), timeout=_TIMEOUT
+                ) as upstream:
+                    started = True
+                    if upstream.status != 200:
+                        yield json.loads(await upstream.read())
+                        return
+                    async for line in upstream.content:
+                        if not line.startswith(b"data: "):
+                            continue
+                        data = line[len(b"data: ") :].strip()
+                        if data == b"[DONE]":
+                            return
+                        yield json.loads(data)
+                    yield _replica_lost(node_id)  # the stream ended without [DONE]
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                log.warning(
+                    "routed_request_failed", node=node_id, error=f"{type(exc).__name__}: {exc}", started=started
+                )
+                if not started:
+                    raise ClusterUnavailableError(
+                        f"the box serving this model ({node_id}) did not answer: {exc}", code="replica_unavailable"
+                    ) from exc
+                yield _replica_lost(node_id)
+
+
+def _url(node: Mapping[str, Any], path_qs: str) -> str:
+    return f"https://{host_port(str(node['address']), int(node['peer_port']))}{INFERENCE_PREFIX}{path_qs}"
+
+
+def _replica_lost(node_id: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": f"the box serving this stream ({node_id}) went away",
+            "type": "server_error",
+            "param": None,
+            "code": "replica_lost",
+        }
+    }

@@ -449,9 +449,9 @@ class EngineHost:
 
     async def generate(
         self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int], grammar: str | None = None
-    ) -> AsyncGenerator[list[int] | Done, None]:
-        """Stream token-id batches, then one Done; `grammar` constrains the output. Leaving early cancels the
-        generation in the host."""
+    ) -> AsyncGenerator[Tokens | Done, None]:
+        """Stream sampled tokens (with their logprobs when `params` asks), then one Done; `grammar` constrains the
+        output. Leaving early cancels the generation in the host."""
         writer = await self._writer_when_ready()
         request_id = next(self._ids)
         queue: asyncio.Queue[_Event] = asyncio.Queue()
@@ -470,7 +470,7 @@ class EngineHost:
                     return
                 if isinstance(event, Embeddings):
                     raise EngineFailedError("the engine answered a generation with embeddings")
-                yield list(event.ids)
+                yield event
         finally:
             self._streams.pop(request_id, None)
             if not finished and self._writer is writer and not writer.is_closing():

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from engines.base import EngineError, Logits, SamplingParams
+from engines.base import EngineError, Logits, SamplingParams, TokenLogprob
 
 # Nucleus candidates are first sought among tokens within a factor 1e3, then 1e4, of the most likely one.
 # On SmolLM2's real logits (T=1, top_p=0.95) the first holds the nucleus 3 times in 4 with a median of 35
@@ -39,6 +39,8 @@ class Sampler:
         self._counts: dict[int, int] = {}
         self._bias_ids = np.array([token for token, _ in params.logit_bias], dtype=np.int64)
         self._bias = np.array([bias for _, bias in params.logit_bias], dtype=np.float32)
+        # The last sampled token's log-probability, when the request asked for them (params.logprobs).
+        self.last_logprob: TokenLogprob | None = None
 
     @property
     def generated(self) -> dict[int, int]:
@@ -51,7 +53,10 @@ class Sampler:
 
     def sample(self, logits: Logits) -> int:
         """Choose the next token from float32 logits [vocab] and record it."""
-        token = self._choose(self._penalized(self._biased(np.asarray(logits, dtype=np.float32))))
+        processed = self._penalized(self._biased(np.asarray(logits, dtype=np.float32)))
+        token = self._choose(processed)
+        if self.params.logprobs is not None:
+            self.last_logprob = log_probability(processed, token, self.params.logprobs)
         self.record(token)
         return token
 
@@ -161,3 +166,17 @@ class Sampler:
         u = self._rng.random() * float(cumulative[-1])
         at = int(np.searchsorted(cumulative, u, side="right"))
         return int(ids[min(at, ids.shape[0] - 1)])
+
+
+def log_probability(logits: Logits, token: int, alternatives: int) -> TokenLogprob:
+    """`token`'s log-softmax over `logits` and the `alternatives` most likely tokens (ties: lower id first);
+    tokens at -inf (masked) are never listed."""
+    peak = float(np.max(logits))
+    log_total = peak + float(np.log(np.sum(np.exp(logits - np.float32(peak)), dtype=np.float64)))
+    top: tuple[tuple[int, float], ...] = ()
+    if alternatives > 0:
+        count = min(alternatives, logits.shape[0])
+        ids = np.argpartition(-logits, count - 1)[:count]
+        ids = ids[np.lexsort((ids, -logits[ids]))]
+        top = tuple((int(i), float(logits[i]) - log_total) for i in ids if np.isfinite(logits[i]))
+    return TokenLogprob(float(logits[token]) - log_total, top)

@@ -318,7 +318,8 @@ class Scheduler:
             self._finish(seq, "stop")
             return
         seq.generated_ids.append(token)
-        self._emit(Tokens(seq.request.id, (token,)))
+        scored = seq.sampler.last_logprob if seq.request.params.logprobs is not None else None
+        self._emit(Tokens(seq.request.id, (token,), None if scored is None else (scored,)))
         if seq.constraint is not None and seq.constraint.finished:
             self._finish(seq, "stop")  # the grammar is complete: nothing but a stop token could follow
             return

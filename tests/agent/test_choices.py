@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import aiohttp
 import openai
 import pytest
 
+from tests.agent.test_websocket_stream import collect, ws_url
 from tests.agent_process import RunningAgent, http_json
 
 MODEL = "smollm2-135m-instruct"
@@ -78,3 +82,29 @@ def test_n_out_of_range_is_a_400(running_agent: RunningAgent, n: int) -> None:
     )
     assert status == 400, body
     assert body["error"]["param"] == "n"
+
+
+async def test_the_websocket_stream_sends_every_choice_and_they_match_the_plain_answers(
+    client: openai.OpenAI, running_agent: RunningAgent
+) -> None:
+    request: dict[str, Any] = {
+        "messages": [{"role": "user", "content": "Name a fruit."}],
+        "n": 2,
+        "temperature": 1.0,
+        "seed": 21,
+        "max_tokens": 10,
+    }
+    whole = client.chat.completions.create(model=MODEL, **request)
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url(running_agent)) as ws:
+        await ws.send_json({**request, "id": "two"})
+        events = await collect(ws)
+    done = events[-1]
+    assert done["type"] == "done" and done["request"] == "two"
+    texts = ["", ""]
+    for chunk in events[:-1]:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] += choice["delta"].get("content", "")
+    assert texts == [c.message.content for c in whole.choices]
+    assert done["choices"] == [{"index": c.index, "finish_reason": c.finish_reason} for c in whole.choices]
+    assert done["finish_reason"] == whole.choices[0].finish_reason
+    assert whole.usage is not None and done["usage"]["completion_tokens"] == whole.usage.completion_tokens

@@ -76,7 +76,9 @@ def test_wrong_content_type(running_agent: RunningAgent) -> None:
         ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role", "invalid_value"),
         ({"messages": QUESTION, "frobnicate": True}, "frobnicate", "unknown_parameter"),
         ({"messages": QUESTION, "n": 0}, "n", "invalid_value"),
-        ({"messages": QUESTION, "logprobs": True}, "logprobs", "unsupported_parameter"),
+        ({"messages": QUESTION, "top_logprobs": 2}, "top_logprobs", "invalid_value"),
+        ({"messages": QUESTION, "logprobs": True, "top_logprobs": 21}, "top_logprobs", "invalid_value"),
+        ({"messages": QUESTION, "modalities": ["text", "audio"]}, "modalities", "unsupported_parameter"),
         (
             {
                 "messages": QUESTION,
@@ -166,9 +168,9 @@ def test_completions_errors(running_agent: RunningAgent) -> None:
 
 def test_sdk_sees_typed_errors(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(messages=QUESTION, model="smollm2-135m-instruct", logprobs=True)
+        client.chat.completions.create(messages=QUESTION, model="smollm2-135m-instruct", modalities=["audio"])
     assert info.value.code == "unsupported_parameter"
-    assert info.value.param == "logprobs"
+    assert info.value.param == "modalities"
     assert info.value.request_id  # X-Request-ID reaches the SDK
 
 

@@ -95,6 +95,42 @@ def test_auto_gives_prose_or_valid_calls(client: openai.OpenAI) -> None:
             assert choice.message.content and not choice.message.content.startswith("<")
 
 
+ANSWER = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "maxLength": 60}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+
+
+def test_with_a_response_format_the_answer_is_valid_json_or_valid_calls(client: openai.OpenAI) -> None:
+    answer_format: Any = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER, "strict": True}}
+    prose = client.chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="none", response_format=answer_format, max_tokens=60
+    )
+    assert prose.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(prose.choices[0].message.content or ""), ANSWER)
+    kinds = set()
+    for seed in range(4):
+        completion = client.chat.completions.create(
+            model=MODEL,
+            messages=ASK,
+            tools=TOOLS,
+            response_format=answer_format,
+            temperature=1.0,
+            seed=seed,
+            max_tokens=60,
+        )
+        choice = completion.choices[0]
+        if choice.message.tool_calls:
+            check_calls(choice.message.tool_calls)
+            kinds.add("calls")
+        elif choice.finish_reason == "stop":
+            jsonschema.validate(json.loads(choice.message.content or ""), ANSWER)
+            kinds.add("json")
+    assert kinds  # at least one answer finished within max_tokens
+
+
 def test_a_conversation_round_trip_with_a_tool_result(client: openai.OpenAI) -> None:
     first = client.chat.completions.create(
         model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required", temperature=0
@@ -167,7 +203,11 @@ async def test_the_websocket_stream_sends_tool_call_deltas(running_agent: Runnin
             "tools[0].function.parameters",
             "invalid_value",
         ),
-        ({"response_format": {"type": "json_object"}}, "response_format", "unsupported_parameter"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"uniqueItems": True}}}},
+            "response_format.json_schema.schema",
+            "unsupported_parameter",
+        ),
     ],
 )
 def test_bad_tool_requests_are_400s_naming_the_parameter(

@@ -244,12 +244,11 @@ def use_served_models(spec: dict[str, Any], chat_models: Sequence[str], embeddin
 
 
 # Request parameters this server refuses with a 400 unless they carry their neutral value, which is what omitting
-# them means (README, "API behaviour worth knowing": "Parameters we do not implement yet (`n > 1`, `tools`,
-# `logprobs`, image content, ...) are refused with a 400 naming them"; the table is agent/api/openai/protocol.py).
+# them means (README, "API behaviour worth knowing": parameters we do not implement yet are refused with a 400
+# naming them; the table is agent/api/openai/protocol.py).
 NOT_IMPLEMENTED: dict[str, tuple[str, ...]] = {
     "CreateChatCompletionRequest": (
         "n",
-        "logprobs",
         "top_logprobs",
         "logit_bias",
         "tools",
@@ -257,15 +256,15 @@ NOT_IMPLEMENTED: dict[str, tuple[str, ...]] = {
         "parallel_tool_calls",
         "functions",
         "function_call",
-        # n, logit_bias, tools, tool_choice, parallel_tool_calls, response_format (and tool calls in the history)
-        # are implemented, but generated values would get 400s by design, which schemathesis would count as
-        # refusing valid data: n above 16 (the spec allows 128), logit_bias keys that are not token ids of the
-        # model (the spec's map is free-form), schemas with a keyword the grammar engine cannot enforce.
-        # tests/agent/test_choices.py, test_logit_bias.py, test_structured_outputs.py and test_tool_calls.py
-        # cover them.
+        # n, top_logprobs, logit_bias, tools, tool_choice, parallel_tool_calls, response_format (and tool calls in
+        # the history) are implemented, but generated values would get 400s by design, which schemathesis would
+        # count as refusing valid data: n above 16 (the spec allows 128), top_logprobs without logprobs (the spec
+        # cannot say that one needs the other), logit_bias keys that are not token ids of the model (the spec's
+        # map is free-form), schemas with a keyword the grammar engine cannot enforce. tests/agent/test_choices.py,
+        # test_logprobs.py, test_logit_bias.py, test_structured_outputs.py and test_tool_calls.py cover them.
         "response_format",
     ),
-    "CreateCompletionRequest": ("n", "logprobs", "logit_bias", "echo", "suffix", "best_of"),
+    "CreateCompletionRequest": ("n", "logit_bias", "echo", "suffix", "best_of"),
     # Only the model's own size is accepted (it cannot shorten vectors).
     "CreateEmbeddingRequest": ("dimensions",),
     # Assistant turns echoed back: tool calls are left out with the tools above; function_call is not implemented.

@@ -147,6 +147,8 @@ def test_streamed_chat_chunks_match_the_spec(contract: Contract) -> None:
             "messages": [{"role": "user", "content": "Hi"}],
             "max_tokens": 8,
             "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 2,
             "stream": True,
             "stream_options": {"include_usage": True},
         },
@@ -162,6 +164,8 @@ def test_streamed_chat_chunks_match_the_spec(contract: Contract) -> None:
     assert finishes[-1] in ("stop", "length") and not any(finishes[:-1]), finishes
     assert content[0]["choices"][0]["delta"]["role"] == "assistant"
     assert len({chunk["id"] for chunk in chunks}) == 1
+    # The logprobs entries were validated with their chunks (ChatCompletionTokenLogprob).
+    assert any(choice["logprobs"] for chunk in content for choice in chunk["choices"]), content
 
 
 def test_streamed_completion_chunks_match_the_spec(contract: Contract) -> None:
@@ -172,6 +176,7 @@ def test_streamed_completion_chunks_match_the_spec(contract: Contract) -> None:
             "prompt": "Once upon a time",
             "max_tokens": 8,
             "temperature": 0,
+            "logprobs": 2,
             "stream": True,
             "stream_options": {"include_usage": True},
         },
@@ -184,6 +189,7 @@ def test_streamed_completion_chunks_match_the_spec(contract: Contract) -> None:
     assert usage["choices"] == [] and 0 < usage["usage"]["completion_tokens"] <= 8, usage
     finishes = [choice["finish_reason"] for chunk in content for choice in chunk["choices"]]
     assert finishes[-1] in ("stop", "length") and not any(finishes[:-1]), finishes
+    assert any(choice["logprobs"] for chunk in content for choice in chunk["choices"]), content
     # The chunk that carries the finish reason, and the usage chunk, are whole CreateCompletionResponse objects too.
     for chunk in (content[-1], usage):
         validate_event(chunk, "CreateCompletionResponse")

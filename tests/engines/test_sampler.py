@@ -178,3 +178,39 @@ def test_invalid_params_are_refused(field: str, value: float) -> None:
     overrides: dict[str, Any] = {field: value}  # a field named at run time
     with pytest.raises(ValueError, match=field):
         Sampler(params(**overrides))
+
+
+def test_logprobs_are_the_log_softmax_of_the_biased_logits_with_the_top_alternatives_best_first() -> None:
+    logits = random_logits(7, scale=3.0)
+    sampler = Sampler(SamplingParams(max_tokens=4, temperature=1.3, seed=2, logit_bias=((11, 5.0),), logprobs=5))
+    token = sampler.sample(logits)
+    biased = logits.astype(np.float64)
+    biased[11] += 5.0
+    expected = biased - (biased.max() + np.log(np.exp(biased - biased.max()).sum()))
+    scored = sampler.last_logprob
+    assert scored is not None
+    assert scored.logprob == pytest.approx(expected[token], abs=1e-4)
+    best = np.argsort(-expected, kind="stable")[:5]
+    assert [t for t, _ in scored.top] == best.tolist()
+    assert [lp for _, lp in scored.top] == pytest.approx(expected[best].tolist(), abs=1e-4)
+    # Temperature shapes the draw, not the reported distribution: a greedy sampler reports the same numbers.
+    greedy = Sampler(SamplingParams(max_tokens=4, temperature=0.0, logit_bias=((11, 5.0),), logprobs=5))
+    assert greedy.sample(logits) == best[0]
+    assert greedy.last_logprob is not None and greedy.last_logprob.top == scored.top
+
+
+def test_masked_tokens_are_never_listed_as_alternatives() -> None:
+    logits = np.full(VOCAB, -np.inf, dtype=np.float32)
+    logits[[3, 8]] = [1.0, 2.0]
+    sampler = Sampler(SamplingParams(max_tokens=4, seed=1, logprobs=20))
+    token = sampler.sample(logits)
+    scored = sampler.last_logprob
+    assert scored is not None and token in (3, 8)
+    assert [t for t, _ in scored.top] == [8, 3]
+    assert sum(np.exp(lp) for _, lp in scored.top) == pytest.approx(1.0)
+
+
+def test_no_logprobs_unless_asked() -> None:
+    sampler = Sampler(params(seed=1))
+    sampler.sample(random_logits(1))
+    assert sampler.last_logprob is None

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from engines.base import Done, Failed, GenerationRequest, SamplingParams, Tokens
+from engines.base import Done, Failed, GenerationRequest, SamplingParams, TokenLogprob, Tokens
 from engines.wire import (
     MAX_FRAME_BYTES,
     Cancel,
@@ -64,6 +64,7 @@ TO_HOST: list[Message] = [
         frozenset(),
     ),
     GenerationRequest(2, [9], SamplingParams(max_tokens=1), frozenset()),
+    GenerationRequest(6, [9], SamplingParams(max_tokens=1, logprobs=3), frozenset()),
     Cancel(4),
     Embed(5, [[101, 7, 102], [101, 102]]),
     Limit(3),
@@ -73,6 +74,7 @@ TO_AGENT: list[Message] = [
     Ready({"flavour": "fused"}, None, 2048, 77),
     Ready({}, {"dimensions": 384}, 8, 1),
     Tokens(1, (4, 5)),
+    Tokens(1, (4, 5), (TokenLogprob(-0.25, ((4, -0.25), (9, -1.5))), TokenLogprob(0.0))),
     Done(1, "stop", 3, 2),
     Stats({"live": 1}),
     Limited(2),
@@ -146,6 +148,9 @@ async def test_an_oversized_frame_is_skipped_and_the_next_one_read() -> None:
         (b'{"op": "generate", "id": 5, "prompt": [1], "max_tokens": 3, "grammar": 7}', "'grammar'", 5),
         (b'{"op": "generate", "id": 5, "prompt": [1], "max_tokens": 3, "logit_bias": [[1]]}', "'logit_bias'", 5),
         (b'{"op": "generate", "id": 5, "prompt": [1], "max_tokens": 3, "logit_bias": {"1": 2}}', "'logit_bias'", 5),
+        (b'{"op": "generate", "id": 5, "prompt": [1], "max_tokens": 3, "logprobs": 21}', "'logprobs'", 5),
+        (b'{"op": "generate", "id": 5, "prompt": [1], "max_tokens": 3, "logprobs": -1}', "'logprobs'", 5),
+        (b'{"op": "generate", "id": 5, "prompt": [1], "max_tokens": 3, "logprobs": true}', "'logprobs'", 5),
         (b'{"op": "embed", "id": 6, "inputs": []}', "'inputs'", 6),
         (b'{"op": "embed", "id": 6, "inputs": [[1], "x"]}', "'inputs'", 6),
     ],
@@ -164,6 +169,10 @@ def test_malformed_frames_to_the_agent_are_refused() -> None:
     assert caught.value.request_id == 2
     with pytest.raises(FrameError, match="'data'"):
         decode_to_agent(b'{"op": "embeddings", "id": 2, "shape": [1, 2], "data": "AAAA", "tokens": 1}')
+    for logprobs in (b"[[-1.0, []]]", b"[[-1.0, []], [0.5, []]]", b'[[-1.0, [["4", -2.0]]], [-1, []]]', b"[[-1]]"):
+        # one entry per token, each a logprob (<= 0) with [id, logprob] alternatives
+        with pytest.raises(FrameError, match="'logprobs'"):
+            decode_to_agent(b'{"op": "tokens", "id": 2, "ids": [1, 2], "logprobs": ' + logprobs + b"}")
     with pytest.raises(FrameError, match="unknown op 'generate'"):
         decode_to_agent(payload_of(encode(Cancel(1))).replace(b"cancel", b"generate"))
 

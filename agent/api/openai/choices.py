@@ -12,7 +12,8 @@ from contextlib import aclosing
 from dataclasses import replace
 from typing import Any, TypeVar
 
-from agent.api.openai.serving import Finish, OpenAIServing, Prepared
+from agent.api.openai.logprobs import Scored
+from agent.api.openai.serving import Answer, Finish, OpenAIServing, Prepared
 
 _T = TypeVar("_T")
 
@@ -41,21 +42,22 @@ async def _all(coroutines: list[Coroutine[Any, Any, _T]]) -> list[_T]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def complete_all(serving: OpenAIServing, preparations: list[Prepared]) -> list[tuple[str, Finish]]:
-    """Every choice's whole text and how it finished, in choice order."""
+async def complete_all(serving: OpenAIServing, preparations: list[Prepared]) -> list[Answer]:
+    """Every choice's whole answer, in choice order."""
     return await _all([serving.complete(p) for p in preparations])
 
 
 async def merged(
     serving: OpenAIServing, preparations: list[Prepared]
-) -> AsyncGenerator[tuple[int, str | Finish], None]:
-    """The text pieces and Finish of every choice as they come, tagged with the choice's index."""
+) -> AsyncGenerator[tuple[int, str | Scored | Finish], None]:
+    """The text pieces (with logprobs, when requested) and Finish of every choice as they come, tagged with the
+    choice's index."""
     if len(preparations) == 1:
         async with aclosing(serving.generate_text(preparations[0])) as stream:
             async for item in stream:
                 yield 0, item
         return
-    queue: asyncio.Queue[tuple[int, str | Finish] | Exception] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, str | Scored | Finish] | Exception] = asyncio.Queue()
 
     async def pump(index: int, prepared: Prepared) -> None:
         try:

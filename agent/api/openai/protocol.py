@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from agent.api.openai.structured import ResponseFormat
 from agent.api.openai.tools import Tool, ToolCall, ToolChoice
 from agent.errors import UnsupportedParameterError
+from engines.base import MAX_TOP_LOGPROBS
 
 StopField = Annotated[
     str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None,
@@ -43,8 +44,6 @@ class StreamOptions(_Strict):
 
 # Parameter -> predicate for the values we can honour although we do not implement the feature.
 _NEUTRAL: dict[str, Any] = {
-    "logprobs": lambda v: v in (None, False),
-    "top_logprobs": lambda v: v is None,
     "functions": lambda v: not v,
     "function_call": lambda v: v in (None, "none"),
     "modalities": lambda v: v in (None, ["text"]),
@@ -73,7 +72,6 @@ class _SamplingRequest(_Strict):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = Field(None, max_length=256, description="End-user id; recorded in the request's log lines")
     n: int | None = Field(None, ge=1, le=MAX_CHOICES, description=f"Choices to generate (at most {MAX_CHOICES})")
-    logprobs: Any = None
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
         None, description="Token id (as a string) -> bias in [-100, 100] added to its logit"
     )
@@ -146,7 +144,10 @@ class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    top_logprobs: Any = None
+    logprobs: bool | None = Field(None, description="Return each output token's log-probability")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: this many most likely alternatives per token"
+    )
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -168,10 +169,9 @@ class ChatCompletionRequest(_SamplingRequest):
             raise UnsupportedParameterError(
                 "'tool_choice' is only allowed when 'tools' are given", param="tool_choice", code="invalid_value"
             )
-        if self.tools and self.response_format is not None and self.response_format.type != "text":
+        if self.top_logprobs is not None and not self.logprobs:
             raise UnsupportedParameterError(
-                "'response_format' together with 'tools' is not supported yet; send one of them",
-                param="response_format",
+                "'top_logprobs' requires 'logprobs' to be true", param="top_logprobs", code="invalid_value"
             )
         for i, message in enumerate(self.messages):
             if message.role == "tool" and not message.tool_call_id:
@@ -193,14 +193,25 @@ class ChatCompletionRequest(_SamplingRequest):
                 )
         return self.max_completion_tokens or self.max_tokens
 
+    def logprob_alternatives(self) -> int | None:
+        """Alternatives per token the engine reports; None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     # OpenAI's legacy default; a client that wants more says so.
     max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Return each token's log-probability and this many most likely alternatives"
+    )
     echo: Any = None
     suffix: Any = None
     best_of: Any = None
+
+    def logprob_alternatives(self) -> int | None:
+        """Alternatives per token the engine reports; None: no logprobs."""
+        return self.logprobs
 
 
 # One request's inputs are embedded in one engine call; this bounds its memory and its time on the engine.

@@ -16,6 +16,8 @@ from aiohttp import web
 from agent.api.body import parse_body, read_json_body
 from agent.api.middleware import REQUEST_ID_HEADER, REQUEST_ID_KEY
 from agent.api.openai import choices
+from agent.api.openai.chat_stream import chat_stream
+from agent.api.openai.logprobs import CompletionLogprobs, Scored
 from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, StreamOptions
 from agent.api.openai.serving import (
     Finish,
@@ -28,14 +30,16 @@ from agent.api.openai.serving import (
     now,
     usage_chunk,
 )
+from agent.api.openai.stream_socket import ChatRelay
 from agent.api.openai.stream_socket import stream_socket as serve_stream_socket
-from agent.api.openai.tools import ToolCallShaper
 from agent.errors import AgentError
 
 log = structlog.get_logger("agent.api.openai")
 
 SERVING_KEY = web.AppKey("openai_serving", OpenAIServing)
 MAX_MESSAGE_BYTES_KEY = web.AppKey("max_message_bytes", int)
+# Present on a box in a cluster: the WebSocket stream relays requests for models served elsewhere through it.
+RELAY_KEY: web.AppKey[ChatRelay] = web.AppKey("chat_relay")
 
 
 async def _open_sse(request: web.Request) -> web.StreamResponse:
@@ -111,10 +115,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     async with prepared.model.engine.admission(len(preparations)):
         if not body.stream:
             answers = await choices.complete_all(serving, preparations)
-            usage = choices.usage([finish for _, finish in answers])
-            return web.json_response(
-                chat_response(completion_id, created, model, answers, usage, offered_tools=prepared.tools)
-            )
+            usage = choices.usage([answer.finish for answer in answers])
+            return web.json_response(chat_response(completion_id, created, prepared, answers, usage))
         return await _stream_with_error_event(
             request, _chat_events(serving, preparations, completion_id, created, body.stream_options)
         )
@@ -128,31 +130,23 @@ async def _chat_events(
     options: StreamOptions | None,
 ) -> AsyncGenerator[dict[str, Any], None]:
     include_usage = options is not None and options.include_usage
-    prepared = preparations[0]
-    model = prepared.model.id
-
-    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return chat_chunk(
-            completion_id, created, model, delta, finish_reason, with_usage_field=include_usage, index=index
-        )
-
-    shapers = [ToolCallShaper(prepared.tools) for _ in preparations]
-    for index in range(len(preparations)):
-        yield chunk(index, {"role": "assistant", "content": ""} if not prepared.tools else {"role": "assistant"})
-    finishes: list[Finish] = []
-    async with aclosing(choices.merged(serving, preparations)) as stream:
-        async for index, item in stream:
-            shaper = shapers[index]
-            if isinstance(item, Finish):
-                for delta in shaper.flush():
-                    yield chunk(index, delta)
-                yield chunk(index, {}, shaper.finish_reason(item.finish_reason))
-                finishes.append(item)
+    model = preparations[0].model.id
+    async with aclosing(chat_stream(serving, preparations)) as stream:
+        async for event in stream:
+            if isinstance(event, Finish):
+                if include_usage:
+                    yield usage_chunk(completion_id, created, model, "chat.completion.chunk", event)
                 continue
-            for delta in shaper.push(item):
-                yield chunk(index, delta)
-    if include_usage:
-        yield usage_chunk(completion_id, created, model, "chat.completion.chunk", choices.usage(finishes))
+            yield chat_chunk(
+                completion_id,
+                created,
+                model,
+                event.delta,
+                event.finish_reason,
+                with_usage_field=include_usage,
+                index=event.index,
+                logprobs=event.logprobs,
+            )
 
 
 # ---------------------------------------------------------------------- completions
@@ -169,8 +163,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     async with prepared.model.engine.admission(len(preparations)):
         if not body.stream:
             answers = await choices.complete_all(serving, preparations)
-            usage = choices.usage([finish for _, finish in answers]).usage()
-            texts = [(text, finish.finish_reason) for text, finish in answers]
+            usage = choices.usage([answer.finish for answer in answers]).usage()
+            texts = [
+                (answer.text, answer.finish.finish_reason, _completion_logprobs(prepared, answer.scored))
+                for answer in answers
+            ]
             return web.json_response(completion_object(completion_id, created, model, texts, usage))
         return await _stream_with_error_event(
             request, _completion_events(serving, preparations, completion_id, created, body.stream_options)
@@ -185,19 +182,38 @@ async def _completion_events(
     options: StreamOptions | None,
 ) -> AsyncGenerator[dict[str, Any], None]:
     include_usage = options is not None and options.include_usage
-    model = preparations[0].model.id
+    prepared = preparations[0]
+    model = prepared.model.id
+    want_logprobs = prepared.params.logprobs is not None
+    shapers = [CompletionLogprobs(prepared.model.text.tokenizer) for _ in preparations]
+    pending: list[list[Scored]] = [[] for _ in preparations]
     finishes: list[Finish] = []
+
+    def chunk(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+        # A chunk carries the logprobs of the tokens generated since the last chunk of its choice.
+        logprobs = shapers[index].shape(pending[index]) if want_logprobs and pending[index] else None
+        pending[index] = []
+        return completion_object(
+            completion_id, created, model, [(text, finish_reason, logprobs)], None, first_index=index
+        )
+
     async with aclosing(choices.merged(serving, preparations)) as stream:
         async for index, item in stream:
             if isinstance(item, Finish):
                 finishes.append(item)
-                yield completion_object(
-                    completion_id, created, model, [("", item.finish_reason)], None, first_index=index
-                )
-                continue
-            yield completion_object(completion_id, created, model, [(item, None)], None, first_index=index)
+                yield chunk(index, "", item.finish_reason)
+            elif isinstance(item, Scored):
+                pending[index].append(item)
+            else:
+                yield chunk(index, item, None)
     if include_usage:
         yield usage_chunk(completion_id, created, model, "text_completion", choices.usage(finishes))
+
+
+def _completion_logprobs(prepared: Prepared, scored: list[Scored]) -> dict[str, Any] | None:
+    if prepared.params.logprobs is None:
+        return None
+    return CompletionLogprobs(prepared.model.text.tokenizer).shape(scored)
 
 
 # ------------------------------------------------------------------------ websocket
@@ -205,7 +221,8 @@ async def _completion_events(
 
 async def stream_socket(request: web.Request) -> web.WebSocketResponse:
     """WebSocket /v1/stream: chat completions as JSON events (format in agent.api.openai.stream_socket)."""
-    return await serve_stream_socket(request, request.app[SERVING_KEY], request.app[MAX_MESSAGE_BYTES_KEY])
+    app = request.app
+    return await serve_stream_socket(request, app[SERVING_KEY], app[MAX_MESSAGE_BYTES_KEY], app.get(RELAY_KEY))
 
 
 async def embeddings(request: web.Request) -> web.Response:

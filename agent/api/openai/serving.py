@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from agent.api.openai import tools
+from agent.api.openai.logprobs import Scored, chat_logprobs
 from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from agent.errors import (
     ContextLengthError,
@@ -62,6 +63,15 @@ class Finish:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One whole generation: its text, how it ended and, when requested, each token's logprobs."""
+
+    text: str
+    finish: Finish
+    scored: list[Scored]
 
 
 def new_id(prefix: str) -> str:
@@ -109,9 +119,12 @@ class OpenAIServing:
 
         def render_and_encode() -> tuple[list[int], str | None]:
             # Compiling a schema can take milliseconds for a large one: off the loop, with the template.
-            grammar = request.response_format.grammar() if request.response_format else None
+            answer_format = request.response_format
+            grammar = answer_format.grammar() if answer_format else None  # a 400 for a schema we cannot enforce
             if request.tools:
-                grammar = tools.grammar(request.tools, request.tool_choice, request.parallel_tool_calls is not False)
+                parallel = request.parallel_tool_calls is not False
+                content = answer_format.answer_schema() if answer_format else None
+                grammar = tools.grammar(request.tools, request.tool_choice, parallel, content)
             try:
                 prompt = model.text.template.render(messages, add_generation_prompt=True)
             except ChatTemplateError as exc:
@@ -190,6 +203,7 @@ class OpenAIServing:
             seed=request.seed,
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,
+            logprobs=request.logprob_alternatives(),
         )
         return Prepared(model=model, prompt_ids=prompt_ids, params=params, stops=request.stop_strings())
 
@@ -249,18 +263,23 @@ class OpenAIServing:
 
     # ---------------------------------------------------------------- generate
 
-    async def complete(self, prepared: Prepared) -> tuple[str, Finish]:
-        """Run a generation to its end: the whole text and how it finished."""
+    async def complete(self, prepared: Prepared) -> Answer:
+        """Run a generation to its end: the whole text, how it finished and the tokens' logprobs."""
         pieces: list[str] = []
+        scored: list[Scored] = []
         async with aclosing(self.generate_text(prepared)) as stream:
             async for item in stream:
                 if isinstance(item, Finish):
-                    return "".join(pieces), item
-                pieces.append(item)
+                    return Answer("".join(pieces), item, scored)
+                if isinstance(item, Scored):
+                    scored.append(item)
+                else:
+                    pieces.append(item)
         raise EngineFailedError("the engine ended the generation without finishing it")
 
-    async def generate_text(self, prepared: Prepared) -> AsyncGenerator[str | Finish, None]:
-        """Stream text pieces, then one Finish. Closing the iterator early cancels the generation."""
+    async def generate_text(self, prepared: Prepared) -> AsyncGenerator[str | Scored | Finish, None]:
+        """Stream text pieces, then one Finish; with logprobs requested, each token's Scored comes before the text
+        it completes. Closing the iterator early cancels the generation."""
         tokenizer = prepared.model.text.tokenizer
         detokenizer = IncrementalDetokenizer(tokenizer)
         matcher = StopMatcher(prepared.stops)
@@ -282,8 +301,10 @@ class OpenAIServing:
                         yield finish
                         return
                     first_token_at = first_token_at or time.monotonic()
-                    for token in event:
+                    for position, token in enumerate(event.ids):
                         generated += 1
+                        if event.logprobs is not None:
+                            yield Scored(token, event.logprobs[position])
                         text, stopped = matcher.push(detokenizer.push(token))
                         if text:
                             yield text
@@ -329,7 +350,10 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
             text += tools.history_text(m.tool_calls)
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
     if request.tools:
-        offer = tools.system_prompt(request.tools)
+        answer_format = request.response_format
+        offer = tools.system_prompt(
+            request.tools, answer_format is not None and answer_format.answer_schema() is not None
+        )
         if messages[0]["role"] == "system":
             messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{offer}"}
         else:
@@ -346,6 +370,7 @@ def chat_chunk(
     *,
     with_usage_field: bool,
     index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One chat.completion.chunk object."""
     chunk: dict[str, Any] = {
@@ -353,7 +378,7 @@ def chat_chunk(
         "object": "chat.completion.chunk",
         "created": created,
         "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
     if with_usage_field:
         chunk["usage"] = None
@@ -373,32 +398,29 @@ def usage_chunk(completion_id: str, created: int, model: str, obj: str, finish: 
 
 
 def chat_response(
-    completion_id: str,
-    created: int,
-    model: str,
-    answers: list[tuple[str, Finish]],
-    usage: Finish,
-    *,
-    offered_tools: bool = False,
+    completion_id: str, created: int, prepared: Prepared, answers: list[Answer], usage: Finish
 ) -> dict[str, Any]:
     """A non-streaming chat.completion object, one choice per answer (tool calls when an answer is calls)."""
     choices = []
-    for index, (text, finish) in enumerate(answers):
-        shaper = tools.ToolCallShaper(offered_tools)
-        message = shaper.message(text)
+    for index, answer in enumerate(answers):
+        shaper = tools.ToolCallShaper(prepared.tools)
+        message = shaper.message(answer.text)
+        logprobs = None
+        if prepared.params.logprobs is not None:
+            logprobs = chat_logprobs(prepared.model.text.tokenizer, answer.scored)
         choices.append(
             {
                 "index": index,
                 "message": message,
-                "logprobs": None,
-                "finish_reason": shaper.finish_reason(finish.finish_reason),
+                "logprobs": logprobs,
+                "finish_reason": shaper.finish_reason(answer.finish.finish_reason),
             }
         )
     return {
         "id": completion_id,
         "object": "chat.completion",
         "created": created,
-        "model": model,
+        "model": prepared.model.id,
         "choices": choices,
         "usage": usage.usage(),
     }
@@ -408,21 +430,21 @@ def completion_object(
     completion_id: str,
     created: int,
     model: str,
-    choices: Sequence[tuple[str, str | None]],
+    choices: Sequence[tuple[str, str | None, dict[str, Any] | None]],
     usage: dict[str, int] | None,
     *,
     first_index: int = 0,
 ) -> dict[str, Any]:
-    """A text_completion object: the whole response (every choice's text and finish reason, with usage), or one
-    streamed chunk (one choice, numbered `first_index`, usage None)."""
+    """A text_completion object: the whole response (every choice's text, finish reason and logprobs, with usage),
+    or one streamed chunk (one choice, numbered `first_index`, usage None)."""
     body: dict[str, Any] = {
         "id": completion_id,
         "object": "text_completion",
         "created": created,
         "model": model,
         "choices": [
-            {"text": text, "index": first_index + i, "logprobs": None, "finish_reason": finish_reason}
-            for i, (text, finish_reason) in enumerate(choices)
+            {"text": text, "index": first_index + i, "logprobs": logprobs, "finish_reason": finish_reason}
+            for i, (text, finish_reason, logprobs) in enumerate(choices)
         ],
     }
     if usage is not None:

@@ -54,14 +54,19 @@ class ResponseFormat(BaseModel):
             )
         return self
 
-    def grammar(self) -> str | None:
-        """The grammar the output must follow (None for plain text); a 400 for a schema we cannot enforce."""
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must match (json_object: any object); None for plain text."""
         if self.type == "text":
             return None
         if self.type == "json_object":
-            return json_schema_grammar({"type": "object"})
+            return {"type": "object"}
         assert self.json_schema is not None  # the validator above
-        return schema_grammar(self.json_schema.schema_ or {}, SCHEMA_PARAM)
+        return self.json_schema.schema_ or {}
+
+    def grammar(self) -> str | None:
+        """The grammar the output must follow (None for plain text); a 400 for a schema we cannot enforce."""
+        schema = self.answer_schema()
+        return None if schema is None else schema_grammar(schema, SCHEMA_PARAM)
 
 
 def schema_grammar(schema: dict[str, Any], param: str) -> str:

@@ -73,7 +73,7 @@ def _parameters(tool: Tool) -> dict[str, Any]:
     return tool.function.parameters or {"type": "object", "properties": {}}
 
 
-def system_prompt(tools: list[Tool]) -> str:
+def system_prompt(tools: list[Tool], json_answer: bool = False) -> str:
     """The system text that tells the model which functions exist and how to call them."""
     listed = "\n".join(
         json.dumps({"name": t.function.name, "description": t.function.description or "", "parameters": _parameters(t)})
@@ -83,7 +83,7 @@ def system_prompt(tools: list[Tool]) -> str:
         "You can call these functions:\n"
         f"{listed}\n"
         f'To call one, reply with {OPEN}{{"name": <function name>, "arguments": <arguments object>}}{CLOSE} '
-        "(one block per call); otherwise answer in plain text."
+        f"(one block per call); otherwise answer {'with a JSON object' if json_answer else 'in plain text'}."
     )
 
 
@@ -99,11 +99,15 @@ def history_text(calls: list[ToolCall]) -> str:
     return "".join(blocks)
 
 
-def grammar(tools: list[Tool], choice: ToolChoice | None, parallel: bool) -> str | None:
-    """The grammar of the answer (llguidance lark text), or None when the tools put no constraint on it."""
+def grammar(
+    tools: list[Tool], choice: ToolChoice | None, parallel: bool, content: dict[str, Any] | None = None
+) -> str | None:
+    """The grammar of the answer (llguidance lark text): tool calls, or an answer that is prose or, with a
+    `response_format`, JSON matching `content` (already checked by the caller)."""
     choice = choice or "auto"
+    prose = _prose(content)
     if choice == "none":
-        return _lark("prose")
+        return _lark("prose", prose)
     chosen = tools
     if isinstance(choice, NamedToolChoice):
         chosen = [t for t in tools if t.function.name == choice.function.name]
@@ -116,7 +120,7 @@ def grammar(tools: list[Tool], choice: ToolChoice | None, parallel: bool) -> str
             )
     calls_rule = _calls(chosen, parallel)
     if choice == "auto":
-        return _lark("calls | prose", calls_rule)
+        return _lark("calls | prose", calls_rule + prose)
     return _lark("calls", calls_rule)
 
 
@@ -133,15 +137,25 @@ def _calls(tools: list[Tool], parallel: bool) -> str:
                 "additionalProperties": False,
             }
         )
-    schema = {"anyOf": variants, "x-guidance": {"whitespace_flexible": False}}
     repeat = "+" if parallel else ""
-    return f'calls: call{repeat}\ncall: "{OPEN}" %json {json.dumps(schema)} "{CLOSE}"\n'
+    return f'calls: call{repeat}\ncall: "{OPEN}" %json {_compact({"anyOf": variants})} "{CLOSE}"\n'
 
 
-def _lark(start: str, calls_rule: str = "") -> str:
+def _prose(content: dict[str, Any] | None) -> str:
+    if content is not None:
+        return f"prose: %json {_compact(content)}\n"  # JSON starts with "{", never with "<"
     # Prose may not start with "<" (nor with whitespace, which would let it put a call after a blank): that
     # keeps the two alternatives apart from the first character on.
-    return f"start: {start}\n{calls_rule}prose: /[^<\\s][\\s\\S]*/\n"
+    return "prose: /[^<\\s][\\s\\S]*/\n"
+
+
+def _compact(schema: dict[str, Any]) -> str:
+    """A schema for lark's %json, written without optional whitespace (as response_format's JSON is)."""
+    return json.dumps({**schema, "x-guidance": {"whitespace_flexible": False}})
+
+
+def _lark(start: str, rules: str) -> str:
+    return f"start: {start}\n{rules}"
 
 
 def _call_id() -> str:

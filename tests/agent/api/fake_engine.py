@@ -17,7 +17,7 @@ from agent.engine import EngineHost, EngineHostConfig, EngineState
 from agent.models.bundled import BUNDLED_MODELS
 from agent.models.registry import ChatModel, ModelRegistry
 from agent.models.store import InstalledModel
-from engines.base import Done, SamplingParams
+from engines.base import Done, SamplingParams, Tokens
 from tests.bundled import smollm2_gguf
 from tests.engines.text_model import smollm_pipeline
 
@@ -57,7 +57,7 @@ class ScriptedEngine(EngineHost):
 
     async def generate(
         self, prompt: list[int], params: SamplingParams, stop_ids: frozenset[int], grammar: str | None = None
-    ) -> AsyncGenerator[list[int] | Done, None]:
+    ) -> AsyncGenerator[Tokens | Done, None]:
         self.started += 1
         request_id = next(self._ids)
         # Registered like a real stream, so that suspend() and a crash end it the way they end real ones.
@@ -66,7 +66,7 @@ class ScriptedEngine(EngineHost):
         completed = False
         try:
             for position, token in enumerate(self.answer[: params.max_tokens]):
-                yield [token]
+                yield Tokens(request_id, (token,))
                 if position == 0 and self.hold:
                     await self._held(failures)
             completed = True

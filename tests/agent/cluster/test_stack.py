@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from zeroconf import IPVersion, Zeroconf
 
@@ -26,6 +28,7 @@ from tests.agent.cluster.stack import (
     token_for,
     topology,
 )
+from tests.agent.test_websocket_stream import collect, ws_url
 from tests.agent_process import RunningAgent, http_json
 from tests.bundled import install_alias
 
@@ -208,6 +211,54 @@ def test_requests_for_a_model_held_elsewhere_are_routed_and_streamed(
     direct = http_json("POST", f"{replica.inference_url}/chat/completions", question)[2]
     assert answer["choices"][0]["message"] == direct["choices"][0]["message"]  # the same greedy answer
 
+    # Constrained decoding, tool calls, logprobs and n > 1 hold through the hop: the replica's own answers.
+    weather = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    features = {
+        **question,
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+        "max_tokens": 60,
+        "n": 2,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": weather}}],
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+    }
+    routed = http_json("POST", f"{entry.inference_url}/chat/completions", features)
+    direct = http_json("POST", f"{replica.inference_url}/chat/completions", features)
+    assert routed[0] == direct[0] == 200 and routed[1]["x-thox-node"] == "box-b", routed
+
+    def shape(body: dict[str, Any]) -> list[Any]:  # call ids are fresh per answer; the rest must match
+        return [
+            ([c["function"] for c in choice["message"]["tool_calls"]], choice["logprobs"], choice["finish_reason"])
+            for choice in body["choices"]
+        ]
+
+    assert shape(routed[2]) == shape(direct[2]) and routed[2]["choices"][0]["finish_reason"] == "tool_calls"
+    colour = {"type": "json_schema", "json_schema": {"name": "c", "schema": {"enum": ["red", "green", "blue"]}}}
+    routed_json = http_json("POST", f"{entry.inference_url}/chat/completions", {**question, "response_format": colour})
+    assert json.loads(routed_json[2]["choices"][0]["message"]["content"]) in ("red", "green", "blue"), routed_json
+
+    # The WebSocket stream relays too: the replica's answer as the socket's events, errors included.
+    exchanged = asyncio.run(socket_exchange(entry, [{**features, "id": "routed"}, {**question, "max_tokens": 100_000}]))
+    answer_events, refusal = exchanged
+    done = answer_events[-1]
+    assert done["type"] == "done" and done["request"] == "routed", done
+    assert done["choices"] == [{"index": i, "finish_reason": "tool_calls"} for i in range(2)]
+    assert done["usage"] == direct[2]["usage"]
+    calls: list[list[Any]] = [[], []]
+    for chunk in answer_events[:-1]:
+        for choice in chunk["choices"]:
+            calls[choice["index"]] += choice["delta"].get("tool_calls", [])
+    assert [c["function"]["name"] for c in calls[0] if "id" in c] == ["get_weather"]
+    # Valid here, too long for the replica's context: its 400 comes back as the request's error event.
+    assert refusal[-1]["type"] == "error" and refusal[-1]["error"]["code"] == "context_length_exceeded", refusal
+
     # Streaming through the hop: every chunk arrives, in order, ending with [DONE].
     streamed = http_raw(f"{entry.inference_url}/chat/completions", {**question, "stream": True})
     assert streamed.endswith(b"data: [DONE]\n\n") and streamed.count(b"data: ") >= 3
@@ -243,6 +294,16 @@ def test_requests_for_a_model_held_elsewhere_are_routed_and_streamed(
         10,
         "no routing to the dead replica",
     )
+
+
+async def socket_exchange(agent: RunningAgent, requests: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Each request's events on one WebSocket connection to `agent`."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(ws_url(agent)) as ws:
+        answers = []
+        for request in requests:
+            await ws.send_json(request)
+            answers.append(await collect(ws))
+        return answers
 
 
 @contextlib.contextmanager

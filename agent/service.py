@@ -25,6 +25,7 @@ from aiohttp import web
 import agent
 from agent.api.app import build_cluster_app, build_inference_app
 from agent.api.cluster.routes import HealthSources
+from agent.api.mcp.server import McpEndpoint
 from agent.api.openai.serving import OpenAIServing
 from agent.api.routing import LocalLoad, Routing
 from agent.api.security import AccessRules, SecurityPolicy
@@ -377,6 +378,7 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
         max_request_bytes=api.max_request_bytes,
         security=inference_security,
         routing=Routing(cluster.router, lambda model: _local_load(registry, model)) if cluster else None,
+        mcp=McpEndpoint(serving, agent.__version__),
     )
     cluster_app = build_cluster_app(
         HealthSources(started, (engine,), monitor, hardware, live, cluster, loader.engines),

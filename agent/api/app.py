@@ -16,6 +16,8 @@ from agent.api.cluster.config import KEY_STORE_KEY, LIVE_CONFIG_KEY
 from agent.api.cluster.power import HARDWARE_KEY
 from agent.api.cluster.routes import HEALTH_KEY, HealthSources
 from agent.api.cluster.topology import CLUSTER_NODE_KEY
+from agent.api.mcp.asgi_bridge import asgi_handler
+from agent.api.mcp.server import MCP_PATH, McpEndpoint
 from agent.api.middleware import request_context
 from agent.api.openai.routes import MAX_MESSAGE_BYTES_KEY, RELAY_KEY, SERVING_KEY
 from agent.api.openai.serving import OpenAIServing
@@ -35,8 +37,10 @@ def build_inference_app(
     max_request_bytes: int,
     security: SecurityPolicy | None = None,
     routing: Routing | None = None,
+    mcp: McpEndpoint | None = None,
 ) -> web.Application:
-    """The OpenAI-compatible API (port 8080); `routing` sends requests for models served elsewhere there."""
+    """The OpenAI-compatible API (port 8080) and, with `mcp`, the MCP endpoint (/mcp) behind the same middleware;
+    `routing` sends requests for models served elsewhere there."""
     middlewares = [*_middlewares(security), *([routing.middleware()] if routing is not None else [])]
     app = web.Application(middlewares=middlewares, client_max_size=max_request_bytes)
     app.on_response_prepare.append(add_rate_headers)
@@ -45,6 +49,10 @@ def build_inference_app(
     if routing is not None:
         app[RELAY_KEY] = routing.relay
     agent.api.openai.routes.setup_routes(app)
+    if mcp is not None:
+        app.router.add_route("*", MCP_PATH, asgi_handler(mcp.app))
+        app.on_startup.append(mcp.start)
+        app.on_shutdown.append(mcp.stop)
     return app
 
 

@@ -6,28 +6,16 @@ The SDK and zod are installed by `make test` (the `node-deps` target, tests/node
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-from pathlib import Path
-
-import pytest
 
 from tests.agent_process import RunningAgent
-
-NODE_TESTS = Path(__file__).resolve().parents[1] / "node"
-NODE = shutil.which("node")
-
-pytestmark = pytest.mark.skipif(
-    NODE is None or not (NODE_TESTS / "node_modules" / "openai").is_dir(),
-    reason="needs node and the Node SDK in tests/node/node_modules (make node-deps)",
-)
+from tests.node_tools import NODE_DIR, system_node
 
 
 def test_zod_response_format_parses_into_the_schema(running_agent: RunningAgent) -> None:
-    assert NODE is not None
     result = subprocess.run(
-        [NODE, "zod_parse.mjs", running_agent.inference_url, "smollm2-135m-instruct"],
-        cwd=NODE_TESTS,
+        [system_node(), "zod_parse.mjs", running_agent.inference_url, "smollm2-135m-instruct"],
+        cwd=NODE_DIR,
         capture_output=True,
         text=True,
         timeout=120,

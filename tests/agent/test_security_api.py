@@ -6,8 +6,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 
+import httpx2
 import openai
 import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.agent_process import RunningAgent, http_json, start_agent
@@ -92,3 +95,17 @@ def test_foreign_host_and_origin_are_refused(guarded: RunningAgent) -> None:
         status, _, body = http_json("GET", f"{guarded.cluster_url}/health", headers={**bearer(key), **headers})
         assert status == 403 and body["error"]["code"] == "host_not_allowed", headers
     assert http_json("GET", f"{guarded.cluster_url}/health", headers={"Host": "thox.local:5381"})[0] == 200
+
+
+async def test_mcp_needs_a_key_like_the_api(guarded: RunningAgent) -> None:
+    url = guarded.inference_url.removesuffix("/v1") + "/mcp"
+    request = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+    status, headers, body = http_json("POST", url, request)
+    assert status == 401 and body["error"]["code"] == "missing_api_key"
+    assert headers["www-authenticate"].startswith("Bearer")
+    key = thox(guarded, "api-key", "generate", "--name", "mcp-client")
+    async with (
+        httpx2.AsyncClient(headers=bearer(key)) as http,
+        Client(streamable_http_client(url, http_client=http), mode="2026-07-28") as client,
+    ):
+        assert len((await client.list_tools()).tools) == 4

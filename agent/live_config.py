@@ -39,6 +39,9 @@ LIVE_KEYS = frozenset(
         "hardware.emergency_margin_c",
         "hardware.hysteresis_c",
         "hardware.min_dwell_seconds",
+        "mcp.debug",
+        "mcp.call_timeout_seconds",
+        "mcp.max_tool_rounds",
     }
 )
 

@@ -37,6 +37,7 @@ from agent.errors import ThoxError
 from agent.hardware.manager import HardwareManager, hardware_subsystem
 from agent.live_config import Applier, ConfigReloadError, LiveConfig
 from agent.logs import log_file_of, under_journald
+from agent.mcp.host import McpHost
 from agent.models import InstalledModel, ModelStore, ModelStoreError
 from agent.models.loader import ModelLoader
 from agent.models.registry import CHAT, EMBEDDINGS, ChatModel, EmbeddingModel, EmbeddingTokenizer, ModelRegistry
@@ -333,6 +334,17 @@ def _cluster_node(
     )
 
 
+def _start_watchdog(
+    notifier: SystemdNotifier, spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]]
+) -> Watchdog | None:
+    """systemd's watchdog, when the unit has one: pings only while the loop is responsive and every subsystem beats."""
+    if not notifier.watchdog_interval:
+        return None
+    watchdog = Watchdog(notifier, notifier.watchdog_interval)
+    spawn(watchdog.run(), "watchdog")
+    return watchdog
+
+
 async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) -> None:
     """Run the agent until SIGTERM/SIGINT; raises StartupError when it cannot start.
 
@@ -347,9 +359,7 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     def spawn(work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return supervisor.spawn(work, name=name)
 
-    watchdog = Watchdog(notifier, notifier.watchdog_interval) if notifier.watchdog_interval else None
-    if watchdog is not None:  # pings only while the loop is responsive and every subsystem beats
-        spawn(watchdog.run(), "watchdog")
+    watchdog = _start_watchdog(notifier, spawn)
     notifier.status("preparing models")
 
     engine, registry = _engine_and_models(settings, await asyncio.to_thread(_prepare_models, settings))
@@ -373,6 +383,8 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     )
     enabled = settings.cluster.enabled
     cluster = _cluster_node(settings, listening, registry, hardware, serving, loader) if enabled else None
+    mcp_host = McpHost(settings)
+    live.add_applier(mcp_host.prepare_settings)
     inference_app = build_inference_app(
         serving,
         max_request_bytes=api.max_request_bytes,
@@ -380,11 +392,9 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
         routing=Routing(cluster.router, lambda model: _local_load(registry, model)) if cluster else None,
         mcp=McpEndpoint(serving, agent.__version__),
     )
+    health = HealthSources(started, (engine,), monitor, hardware, live, cluster, loader.engines)
     cluster_app = build_cluster_app(
-        HealthSources(started, (engine,), monitor, hardware, live, cluster, loader.engines),
-        hardware,
-        max_request_bytes=api.max_request_bytes,
-        security=cluster_security,
+        health, hardware, max_request_bytes=api.max_request_bytes, security=cluster_security, mcp_host=mcp_host
     )
     asyncio.get_running_loop().add_signal_handler(
         signal.SIGHUP, lambda: spawn(_reload_on_signal(live), "config-reload")
@@ -399,6 +409,7 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
                 ("hardware", hardware_subsystem(hardware, spawn)),
                 ("engine", _background(supervisor, engine.run, "engine")),
                 ("placed-models", _placed_models(loader)),
+                ("mcp-host", _background(supervisor, mcp_host.run, "mcp-host")),
                 *clustered,
                 ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),
                 ("inference-api", _http_api("inference", inference_app, host, api.inference_port, grace, listening)),

@@ -212,6 +212,28 @@ class ClusterSettings(_Section):
     )
 
 
+class McpSettings(_Section):
+    """The MCP host: the servers the agent runs and calls tools on (docs in README, "MCP servers")."""
+
+    debug: bool = Field(False, description="Log every MCP tool call's arguments and result (topic mcp)")
+    filesystem_roots: str = Field(
+        "", description="Folders the filesystem server may touch, comma-separated; default <home>/workspace"
+    )
+    git_repository: str = Field("", description="The repository the git server works on; default <home>/workspace")
+    shell_allow: str = Field(
+        "ls,cat,head,tail,wc,grep,echo,pwd,date,uname",
+        description="Commands the shell server may run (its first word), comma-separated; no shell syntax",
+    )
+    shell_timeout_seconds: float = Field(10.0, gt=0, le=600, description="A shell command is killed after this")
+    shell_max_output_bytes: int = Field(
+        65536, ge=1024, le=16 * 1024 * 1024, description="Output kept of a shell command (the rest is cut)"
+    )
+    call_timeout_seconds: float = Field(60.0, gt=0, le=3600, description="Longest wait for one MCP tool call")
+    max_tool_rounds: int = Field(
+        4, ge=1, le=16, description="Model -> MCP tool -> model rounds one chat completion may take"
+    )
+
+
 class Settings(_Section):
     """All agent settings."""
 
@@ -226,6 +248,7 @@ class Settings(_Section):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     hardware: HardwareSettings = Field(default_factory=HardwareSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    mcp: McpSettings = Field(default_factory=McpSettings)
 
     @property
     def bind_host(self) -> str:
@@ -257,6 +280,15 @@ class Settings(_Section):
     @property
     def cluster_dir(self) -> Path:
         return self.home / "cluster"
+
+    @property
+    def mcp_dir(self) -> Path:
+        return self.home / "mcp"
+
+    @property
+    def workspace_dir(self) -> Path:
+        """Where the filesystem and git MCP servers work unless told otherwise."""
+        return self.home / "workspace"
 
 
 def default_home(env: Mapping[str, str] = os.environ) -> Path:

@@ -1,7 +1,8 @@
 #!/bin/sh
 # System packages the agent and its tests need beyond Python, installed with apt-get when missing:
 #   systemd      systemd-analyze, systemd-sysusers, systemd-tmpfiles check the unit files in systemd/ offline;
-#   etcd-server  the consensus store each agent runs as a supervised child for the MagStack cluster.
+#   etcd-server  the consensus store each agent runs as a supervised child for the MagStack cluster;
+#   git          what the built-in git MCP server (mcp-server-git, through GitPython) runs.
 # Where it cannot install (not root, no apt-get) it changes nothing and says what to run; the tests that need a
 # missing package then skip with that reason.
 set -eu
@@ -9,9 +10,10 @@ set -eu
 missing=""
 command -v systemd-analyze >/dev/null 2>&1 || missing="$missing systemd"
 command -v etcd >/dev/null 2>&1 || missing="$missing etcd-server"
+command -v git >/dev/null 2>&1 || missing="$missing git"
 
 if [ -z "$missing" ]; then
-    echo "system-deps: systemd-analyze and etcd present; nothing to install"
+    echo "system-deps: systemd-analyze, etcd and git present; nothing to install"
     exit 0
 fi
 if ! command -v apt-get >/dev/null 2>&1; then

@@ -6,6 +6,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 import agent.api.cluster.config
+import agent.api.cluster.mcp
 import agent.api.cluster.models
 import agent.api.cluster.power
 import agent.api.cluster.routes
@@ -13,6 +14,7 @@ import agent.api.cluster.sim
 import agent.api.cluster.topology
 import agent.api.openai.routes
 from agent.api.cluster.config import KEY_STORE_KEY, LIVE_CONFIG_KEY
+from agent.api.cluster.mcp import MCP_HOST_KEY
 from agent.api.cluster.power import HARDWARE_KEY
 from agent.api.cluster.routes import HEALTH_KEY, HealthSources
 from agent.api.cluster.topology import CLUSTER_NODE_KEY
@@ -24,6 +26,7 @@ from agent.api.openai.serving import OpenAIServing
 from agent.api.routing import Routing
 from agent.api.security import SecurityPolicy, add_rate_headers, security_middleware
 from agent.hardware.manager import HardwareManager
+from agent.mcp.host import McpHost
 
 
 def _middlewares(security: SecurityPolicy | None) -> list[Middleware]:
@@ -62,6 +65,7 @@ def build_cluster_app(
     *,
     max_request_bytes: int,
     security: SecurityPolicy | None = None,
+    mcp_host: McpHost | None = None,
 ) -> web.Application:
     """The cluster API (port 5381); the sim control routes exist only when the hardware is simulated."""
     app = web.Application(middlewares=_middlewares(security), client_max_size=max_request_bytes)
@@ -83,4 +87,7 @@ def build_cluster_app(
         agent.api.cluster.power.setup_routes(app)
     if hardware is not None and hardware.simulated:
         agent.api.cluster.sim.setup_routes(app)
+    if mcp_host is not None:
+        app[MCP_HOST_KEY] = mcp_host
+        agent.api.cluster.mcp.setup_routes(app)
     return app

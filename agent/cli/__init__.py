@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 
 import agent
-from agent.cli import chat, cluster, config, hw, keys, logs, models, serve, status
+from agent.cli import chat, cluster, config, hw, keys, logs, mcp, models, serve, status
 from agent.cli.common import out
 
-_GROUPS = (serve, models, status, chat, keys, config, logs, cluster, hw)
+_GROUPS = (serve, models, status, chat, keys, config, logs, cluster, hw, mcp)
 
 
 def cmd_version(args: argparse.Namespace) -> int:

@@ -391,6 +391,7 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
         security=inference_security,
         routing=Routing(cluster.router, lambda model: _local_load(registry, model)) if cluster else None,
         mcp=McpEndpoint(serving, agent.__version__),
+        mcp_host=mcp_host,
     )
     health = HealthSources(started, (engine,), monitor, hardware, live, cluster, loader.engines)
     cluster_app = build_cluster_app(

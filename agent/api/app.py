@@ -21,7 +21,7 @@ from agent.api.cluster.topology import CLUSTER_NODE_KEY
 from agent.api.mcp.asgi_bridge import asgi_handler
 from agent.api.mcp.server import MCP_PATH, McpEndpoint
 from agent.api.middleware import request_context
-from agent.api.openai.routes import MAX_MESSAGE_BYTES_KEY, RELAY_KEY, SERVING_KEY
+from agent.api.openai.routes import MAX_MESSAGE_BYTES_KEY, MCP_TOOL_HOST_KEY, RELAY_KEY, SERVING_KEY
 from agent.api.openai.serving import OpenAIServing
 from agent.api.routing import Routing
 from agent.api.security import SecurityPolicy, add_rate_headers, security_middleware
@@ -41,6 +41,7 @@ def build_inference_app(
     security: SecurityPolicy | None = None,
     routing: Routing | None = None,
     mcp: McpEndpoint | None = None,
+    mcp_host: McpHost | None = None,
 ) -> web.Application:
     """The OpenAI-compatible API (port 8080) and, with `mcp`, the MCP endpoint (/mcp) behind the same middleware;
     `routing` sends requests for models served elsewhere there."""
@@ -51,6 +52,8 @@ def build_inference_app(
     app[MAX_MESSAGE_BYTES_KEY] = max_request_bytes
     if routing is not None:
         app[RELAY_KEY] = routing.relay
+    if mcp_host is not None:
+        app[MCP_TOOL_HOST_KEY] = mcp_host
     agent.api.openai.routes.setup_routes(app)
     if mcp is not None:
         app.router.add_route("*", MCP_PATH, asgi_handler(mcp.app))

@@ -27,6 +27,8 @@ log = structlog.get_logger("agent.api.security")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RATE_DECISION_KEY = web.RequestKey("rate_decision", Decision)
+# Who is asking, for audits (MCP tool calls): "key:<id>" for a keyed request, else "address:<peer>".
+CALLER_KEY = web.RequestKey("caller", str)
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,7 @@ def security_middleware(policy: SecurityPolicy) -> Middleware:
                 )
             policy.keys.touch_last_used(record.id)
             key_id = record.id
+        request[CALLER_KEY] = f"key:{key_id}" if key_id else f"address:{peer}"
         if rules.limit_loopback or client_class(peer) != "loopback":
             decision = policy.limiter.check(key_bucket_key(key_id) if key_id else address_bucket_key(peer))
             if not decision.allowed:

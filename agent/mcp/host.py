@@ -295,6 +295,13 @@ class McpHost:
             raise McpToolError(f"MCP server {server!r} is not running ({session.state}: {session.error or '-'})")
         return session
 
+    def max_tool_rounds(self) -> int:
+        return self.options.max_tool_rounds
+
+    async def tool_list(self, server: str) -> dict[str, Tool]:
+        """The tools of a running server, by name (the AgentErrors of `session` otherwise)."""
+        return dict((await self.session(server)).tools)
+
     # ------------------------------------------------------------------------------------------ calls
 
     async def call(self, server: str, tool: str, arguments: dict[str, Any], caller: str) -> CallOutcome:

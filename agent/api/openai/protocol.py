@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.api.openai.structured import ResponseFormat
-from agent.api.openai.tools import Tool, ToolCall, ToolChoice
+from agent.api.openai.tools import McpTool, Tool, ToolCall, ToolChoice
 from agent.errors import UnsupportedParameterError
 from engines.base import MAX_TOP_LOGPROBS
 
@@ -148,7 +148,7 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = Field(
         None, ge=0, le=MAX_TOP_LOGPROBS, description="With logprobs: this many most likely alternatives per token"
     )
-    tools: list[Tool] | None = None
+    tools: list[Annotated[Tool | McpTool, Field(discriminator="type")]] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     functions: Any = None
@@ -181,6 +181,14 @@ class ChatCompletionRequest(_SamplingRequest):
                     code="missing_required_parameter",
                 )
         return self
+
+    def function_tools(self) -> list[Tool]:
+        """The `function` tools: the model's calls go back to the client."""
+        return [tool for tool in self.tools or [] if isinstance(tool, Tool)]
+
+    def mcp_tools(self) -> list[McpTool]:
+        """The `mcp` tools: servers this box hosts, whose calls the agent runs itself."""
+        return [tool for tool in self.tools or [] if isinstance(tool, McpTool)]
 
     def completion_limit(self) -> int | None:
         """max_completion_tokens, or its deprecated alias max_tokens."""

@@ -18,6 +18,7 @@ from agent.api.middleware import REQUEST_ID_HEADER, REQUEST_ID_KEY
 from agent.api.openai import choices
 from agent.api.openai.chat_stream import chat_stream
 from agent.api.openai.logprobs import CompletionLogprobs, Scored
+from agent.api.openai.mcp_loop import McpToolHost, complete_with_mcp
 from agent.api.openai.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, StreamOptions
 from agent.api.openai.serving import (
     Finish,
@@ -32,12 +33,15 @@ from agent.api.openai.serving import (
 )
 from agent.api.openai.stream_socket import ChatRelay
 from agent.api.openai.stream_socket import stream_socket as serve_stream_socket
-from agent.errors import AgentError
+from agent.api.security import CALLER_KEY
+from agent.errors import AgentError, UnsupportedParameterError
 
 log = structlog.get_logger("agent.api.openai")
 
 SERVING_KEY = web.AppKey("openai_serving", OpenAIServing)
 MAX_MESSAGE_BYTES_KEY = web.AppKey("max_message_bytes", int)
+# The MCP host whose servers `mcp` tools name (agent/mcp/host.py).
+MCP_TOOL_HOST_KEY: web.AppKey[McpToolHost] = web.AppKey("mcp_tool_host")
 # Present on a box in a cluster: the WebSocket stream relays requests for models served elsewhere through it.
 RELAY_KEY: web.AppKey[ChatRelay] = web.AppKey("chat_relay")
 
@@ -107,6 +111,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions, plain JSON or SSE."""
     serving = request.app[SERVING_KEY]
     body = parse_body(ChatCompletionRequest, await read_json_body(request))
+    if body.mcp_tools():
+        return await _chat_with_mcp(request, body)
     prepared = await serving.prepare_chat(body)
     completion_id, created, model = new_id("chatcmpl"), now(), prepared.model.id
     log.info("chat_completion", model=model, stream=body.stream, prompt_tokens=len(prepared.prompt_ids), user=body.user)
@@ -120,6 +126,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _stream_with_error_event(
             request, _chat_events(serving, preparations, completion_id, created, body.stream_options)
         )
+
+
+async def _chat_with_mcp(request: web.Request, body: ChatCompletionRequest) -> web.Response:
+    """A chat completion offering hosted MCP servers: the agent runs the tool loop (agent/api/openai/mcp_loop.py)."""
+    host = request.app.get(MCP_TOOL_HOST_KEY)
+    if host is None:
+        raise UnsupportedParameterError("this server hosts no MCP servers", param="tools")
+    caller = request.get(CALLER_KEY) or f"address:{request.remote}"
+    log.info("chat_completion", model=body.model, stream=False, mcp_tools=len(body.mcp_tools()), user=body.user)
+    answer = await complete_with_mcp(request.app[SERVING_KEY], host, body, caller, host.max_tool_rounds())
+    return web.json_response(answer)
 
 
 async def _chat_events(

@@ -115,16 +115,22 @@ class OpenAIServing:
     async def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         """Resolve the model, render the chat template and tokenise (off the loop)."""
         model = self.registry.chat(request.model)
+        if request.mcp_tools():
+            raise UnsupportedParameterError(
+                "tools of type 'mcp' work on plain (non-streamed) /v1/chat/completions requests with n = 1 only",
+                param="tools",
+            )
         messages = chat_messages(request)
+        offered = request.function_tools()
 
         def render_and_encode() -> tuple[list[int], str | None]:
             # Compiling a schema can take milliseconds for a large one: off the loop, with the template.
             answer_format = request.response_format
             grammar = answer_format.grammar() if answer_format else None  # a 400 for a schema we cannot enforce
-            if request.tools:
+            if offered:
                 parallel = request.parallel_tool_calls is not False
                 content = answer_format.answer_schema() if answer_format else None
-                grammar = tools.grammar(request.tools, request.tool_choice, parallel, content)
+                grammar = tools.grammar(offered, request.tool_choice, parallel, content)
             try:
                 prompt = model.text.template.render(messages, add_generation_prompt=True)
             except ChatTemplateError as exc:
@@ -135,7 +141,7 @@ class OpenAIServing:
 
         prompt_ids, grammar = await asyncio.to_thread(render_and_encode)
         prepared = self._prepared(model, prompt_ids, request, request.completion_limit(), "messages")
-        return replace(prepared, grammar=grammar, tools=bool(request.tools))
+        return replace(prepared, grammar=grammar, tools=bool(offered))
 
     async def prepare_completion(self, request: CompletionRequest) -> Prepared:
         """Resolve the model and tokenise the prompt (a string or one list of token ids)."""
@@ -349,11 +355,10 @@ def chat_messages(request: ChatCompletionRequest) -> list[dict[str, str]]:
         if m.tool_calls:
             text += tools.history_text(m.tool_calls)
         messages.append({"role": "system" if m.role == "developer" else m.role, "content": text})
-    if request.tools:
+    offered = request.function_tools()
+    if offered:
         answer_format = request.response_format
-        offer = tools.system_prompt(
-            request.tools, answer_format is not None and answer_format.answer_schema() is not None
-        )
+        offer = tools.system_prompt(offered, answer_format is not None and answer_format.answer_schema() is not None)
         if messages[0]["role"] == "system":
             messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{offer}"}
         else:

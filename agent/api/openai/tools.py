@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -44,6 +44,19 @@ class FunctionDefinition(_Strict):
 class Tool(_Strict):
     type: Literal["function"]
     function: FunctionDefinition
+
+
+class McpTool(_Strict):
+    """An MCP server this box hosts, offered to the model (the shape of OpenAI's Responses API `mcp` tool): the agent
+    runs the calls itself (agent/api/openai/mcp_loop.py). Only servers hosted here, and no approval step."""
+
+    type: Literal["mcp"]
+    server_label: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+    allowed_tools: list[Annotated[str, Field(min_length=1, max_length=128)]] | None = Field(None, max_length=64)
+    require_approval: Literal["never"] = Field(
+        "never", description="Calls run without asking (this API has no approval step; 'never' is the only value)"
+    )
+    server_description: str | None = Field(None, max_length=1000)
 
 
 class NamedFunction(_Strict):

@@ -385,12 +385,13 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     cluster = _cluster_node(settings, listening, registry, hardware, serving, loader) if enabled else None
     mcp_host = McpHost(settings)
     live.add_applier(mcp_host.prepare_settings)
+    routing = Routing(cluster.router, lambda model: _local_load(registry, model)) if cluster else None
     inference_app = build_inference_app(
         serving,
         max_request_bytes=api.max_request_bytes,
         security=inference_security,
-        routing=Routing(cluster.router, lambda model: _local_load(registry, model)) if cluster else None,
-        mcp=McpEndpoint(serving, agent.__version__),
+        routing=routing,
+        mcp=McpEndpoint(serving, agent.__version__, routing.relay if routing else None),
         mcp_host=mcp_host,
     )
     health = HealthSources(started, (engine,), monitor, hardware, live, cluster, loader.engines)

@@ -5,7 +5,8 @@ a request carrying `_meta` is served by the 2026-07-28 stateless rules). The SDK
 inference app through agent/api/mcp/asgi_bridge.py, behind the same middleware as /v1: the API key, `api.allow` and
 the Host/Origin check (so the SDK's own DNS-rebinding check, which knows only localhost, is off).
 
-Each tool renders a chat for its task, generates on the engine (holding an admission place like any request,
+Each tool renders a chat for its task, generates on the engine (or, on a box in a cluster, on the box that serves the
+model asked for, the way the WebSocket relays its requests) (holding an admission place like any request,
 so a full box answers "busy" instead of queueing without bound), reports progress every few tokens when the
 client sent a progress token, and stops generating when the call is cancelled (a legacy
 `notifications/cancelled`, or a modern client closing the stream). Results are typed: `structuredContent`
@@ -15,6 +16,7 @@ follows the tool's `outputSchema`, and the same JSON is sent as text.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Annotated, Any
 
@@ -28,7 +30,8 @@ from mcp.types import ToolAnnotations
 from pydantic import BaseModel, Field
 
 from agent.api.openai.protocol import ChatCompletionRequest
-from agent.api.openai.serving import Finish, OpenAIServing
+from agent.api.openai.serving import Finish, OpenAIServing, new_id
+from agent.api.openai.stream_socket import ChatRelay
 from agent.errors import AgentError
 
 log = structlog.get_logger("agent.mcp")
@@ -57,8 +60,8 @@ class Answer(BaseModel):
 _READ_ONLY = ToolAnnotations(readOnlyHint=True, destructiveHint=False, idempotentHint=False, openWorldHint=False)
 
 
-def build_server(serving: OpenAIServing, version: str) -> MCPServer:
-    """The MCP server and its tools over `serving`'s models."""
+def build_server(serving: OpenAIServing, version: str, relay: ChatRelay | None = None) -> MCPServer:
+    """The MCP server and its tools over `serving`'s models (`relay`: another box's, for models served there)."""
     server = MCPServer(
         "thox",
         title="Thox.ai device",
@@ -68,28 +71,45 @@ def build_server(serving: OpenAIServing, version: str) -> MCPServer:
             "tests for code. Nothing leaves the box."
         ),
     )
-    _add_complete(server, serving)
-    _add_explain(server, serving)
-    _add_refactor(server, serving)
-    _add_test(server, serving)
+    generate = _Generator(serving, relay)
+    _add_complete(server, generate)
+    _add_explain(server, generate)
+    _add_refactor(server, generate)
+    _add_test(server, generate)
     return server
 
 
-async def _answer(
-    serving: OpenAIServing, ctx: Context, tool: str, prompt: tuple[str, str], max_tokens: int, model: str | None
-) -> Answer:
-    """Generate the answer to (system, user) on the engine, with progress; AgentErrors become tool errors."""
-    system, user = prompt
-    body: dict[str, Any] = {
-        "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-        "max_completion_tokens": max_tokens,
-    }
-    if model is not None:
-        body["model"] = model
-    try:
-        prepared = await serving.prepare_chat(ChatCompletionRequest.model_validate(body))
+class _Generator:
+    """Answers a tool's chat on this box's engine, or on the box that serves the model asked for."""
+
+    def __init__(self, serving: OpenAIServing, relay: ChatRelay | None) -> None:
+        self._serving = serving
+        self._relay = relay
+
+    async def answer(
+        self, ctx: Context, tool: str, prompt: tuple[str, str], max_tokens: int, model: str | None
+    ) -> Answer:
+        """Generate the answer to (system, user), with progress; AgentErrors become tool errors."""
+        system, user = prompt
+        body: dict[str, Any] = {
+            "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
+            "max_completion_tokens": max_tokens,
+        }
+        if model is not None:
+            body["model"] = model
+        try:
+            request = ChatCompletionRequest.model_validate(body)
+            relayed = self._relay(body, new_id("mcp")) if self._relay is not None else None
+            if relayed is not None:
+                return await self._relayed(ctx, tool, relayed, max_tokens)
+            return await self._local(ctx, tool, request, max_tokens)
+        except AgentError as exc:
+            raise ToolError(f"{tool} failed: {exc.message}") from exc
+
+    async def _local(self, ctx: Context, tool: str, request: ChatCompletionRequest, max_tokens: int) -> Answer:
+        serving = self._serving
+        prepared = await serving.prepare_chat(request)
         pieces: list[str] = []
-        tokens = 0
         async with prepared.model.engine.admission(), aclosing(serving.generate_text(prepared)) as stream:
             async for item in stream:
                 if isinstance(item, Finish):
@@ -104,19 +124,45 @@ async def _answer(
                     )
                 if isinstance(item, str):
                     pieces.append(item)
-                    tokens += 1
-                    if tokens % PROGRESS_EVERY_TOKENS == 0:
-                        await ctx.report_progress(tokens, max_tokens, f"{tokens} tokens generated")
-    except AgentError as exc:
-        raise ToolError(f"{tool} failed: {exc.message}") from exc
-    raise ToolError(f"{tool} failed: the engine ended the generation without finishing it")
+                    if len(pieces) % PROGRESS_EVERY_TOKENS == 0:
+                        await ctx.report_progress(len(pieces), max_tokens, f"{len(pieces)} tokens generated")
+        raise ToolError(f"{tool} failed: the engine ended the generation without finishing it")
+
+    async def _relayed(
+        self, ctx: Context, tool: str, events: AsyncGenerator[dict[str, Any], None], max_tokens: int
+    ) -> Answer:
+        """The answer of the box serving the model, from its streamed chat completion (chunks count as progress)."""
+        pieces: list[str] = []
+        finish_reason, model, usage = "stop", "", None
+        async with aclosing(events) as stream:
+            async for event in stream:
+                if "error" in event:
+                    raise ToolError(f"{tool} failed on the box serving the model: {event['error'].get('message')}")
+                model = event.get("model") or model
+                usage = event.get("usage") or usage
+                for choice in event.get("choices", []):
+                    finish_reason = choice.get("finish_reason") or finish_reason
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        pieces.append(text)
+                        if len(pieces) % PROGRESS_EVERY_TOKENS == 0:
+                            await ctx.report_progress(len(pieces), max_tokens, f"{len(pieces)} chunks received")
+        usage = usage or {}
+        log.info("mcp_tool_finished", tool=tool, routed_model=model, completion_tokens=usage.get("completion_tokens"))
+        return Answer(
+            text="".join(pieces),
+            model=model,
+            finish_reason=finish_reason,
+            prompt_tokens=int(usage.get("prompt_tokens", 0)),
+            completion_tokens=int(usage.get("completion_tokens", 0)),
+        )
 
 
 def _in(language: str | None) -> str:
     return f" {language}" if language else ""
 
 
-def _add_complete(server: MCPServer, serving: OpenAIServing) -> None:
+def _add_complete(server: MCPServer, generate: _Generator) -> None:
     @server.tool(
         name="thox_complete",
         title="Complete code",
@@ -136,10 +182,10 @@ def _add_complete(server: MCPServer, serving: OpenAIServing) -> None:
     ) -> Answer:
         system = "You complete code. Reply with only the code that comes next, without repeating the given code."
         user = f"Continue this{_in(language)} code.{(' ' + instructions) if instructions else ''}\n\n{code}"
-        return await _answer(serving, ctx, "thox_complete", (system, user), max_tokens, model)
+        return await generate.answer(ctx, "thox_complete", (system, user), max_tokens, model)
 
 
-def _add_explain(server: MCPServer, serving: OpenAIServing) -> None:
+def _add_explain(server: MCPServer, generate: _Generator) -> None:
     @server.tool(
         name="thox_explain",
         title="Explain code",
@@ -151,10 +197,10 @@ def _add_explain(server: MCPServer, serving: OpenAIServing) -> None:
     ) -> Answer:
         system = "You explain code clearly and briefly: what it does, how, and anything surprising."
         user = f"Explain this{_in(language)} code:\n\n{code}"
-        return await _answer(serving, ctx, "thox_explain", (system, user), max_tokens, model)
+        return await generate.answer(ctx, "thox_explain", (system, user), max_tokens, model)
 
 
-def _add_refactor(server: MCPServer, serving: OpenAIServing) -> None:
+def _add_refactor(server: MCPServer, generate: _Generator) -> None:
     @server.tool(
         name="thox_refactor",
         title="Refactor code",
@@ -176,10 +222,10 @@ def _add_refactor(server: MCPServer, serving: OpenAIServing) -> None:
     ) -> Answer:
         system = "You refactor code. Reply with the whole refactored code only."
         user = f"Refactor this{_in(language)} code. {instructions}\n\n{code}"
-        return await _answer(serving, ctx, "thox_refactor", (system, user), max_tokens, model)
+        return await generate.answer(ctx, "thox_refactor", (system, user), max_tokens, model)
 
 
-def _add_test(server: MCPServer, serving: OpenAIServing) -> None:
+def _add_test(server: MCPServer, generate: _Generator) -> None:
     @server.tool(
         name="thox_test",
         title="Write tests",
@@ -197,14 +243,14 @@ def _add_test(server: MCPServer, serving: OpenAIServing) -> None:
         system = "You write unit tests. Reply with only the test code."
         using = f" using {framework}" if framework else ""
         user = f"Write unit tests{using} for this{_in(language)} code:\n\n{code}"
-        return await _answer(serving, ctx, "thox_test", (system, user), max_tokens, model)
+        return await generate.answer(ctx, "thox_test", (system, user), max_tokens, model)
 
 
 class McpEndpoint:
     """The SDK's HTTP app for /mcp and its session manager, which runs while the inference API serves."""
 
-    def __init__(self, serving: OpenAIServing, version: str) -> None:
-        self.server = build_server(serving, version)
+    def __init__(self, serving: OpenAIServing, version: str, relay: ChatRelay | None = None) -> None:
+        self.server = build_server(serving, version, relay)
         self.app = self.server.streamable_http_app(
             streamable_http_path=MCP_PATH,
             # Host/Origin are checked by the agent's own middleware for the whole port, against this device's

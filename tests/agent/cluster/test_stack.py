@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from mcp import Client
 from zeroconf import IPVersion, Zeroconf
 
 from tests.agent.cluster.stack import (
@@ -259,6 +260,14 @@ def test_requests_for_a_model_held_elsewhere_are_routed_and_streamed(
     # Valid here, too long for the replica's context: its 400 comes back as the request's error event.
     assert refusal[-1]["type"] == "error" and refusal[-1]["error"]["code"] == "context_length_exceeded", refusal
 
+    # The MCP tools answer with a model another box serves, through the same hop.
+    explained = asyncio.run(
+        mcp_call(entry, "thox_explain", {"code": "x = 1", "model": "smollm2-alias", "max_tokens": 8})
+    )
+    assert not explained.is_error, explained.content
+    assert explained.structured_content is not None and explained.structured_content["model"] == "smollm2-alias"
+    assert 0 < explained.structured_content["completion_tokens"] <= 8
+
     # Streaming through the hop: every chunk arrives, in order, ending with [DONE].
     streamed = http_raw(f"{entry.inference_url}/chat/completions", {**question, "stream": True})
     assert streamed.endswith(b"data: [DONE]\n\n") and streamed.count(b"data: ") >= 3
@@ -304,6 +313,12 @@ async def socket_exchange(agent: RunningAgent, requests: list[dict[str, Any]]) -
             await ws.send_json(request)
             answers.append(await collect(ws))
         return answers
+
+
+async def mcp_call(agent: RunningAgent, tool: str, arguments: dict[str, Any]) -> Any:
+    """One tools/call on `agent`'s /mcp (2026-07-28 era)."""
+    async with Client(agent.inference_url.removesuffix("/v1") + "/mcp", mode="2026-07-28") as client:
+        return await client.call_tool(tool, arguments)
 
 
 @contextlib.contextmanager

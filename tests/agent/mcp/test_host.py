@@ -18,7 +18,7 @@ from structlog.testing import capture_logs
 
 from agent.errors import NotFoundError, PermissionDeniedError
 from agent.mcp.config import PolicyFile, ServerPolicy, all_servers
-from agent.mcp.host import McpHost
+from agent.mcp.host import McpHost, McpToolError
 from agent.settings import Settings, load_settings
 from tests.waiting import until
 
@@ -166,3 +166,22 @@ async def test_the_git_server_is_confined_to_its_repository(running: tuple[McpHo
     assert not status.is_error and "notes.txt" in status.text
     elsewhere = await host.call("git", "git_status", {"repo_path": "/"}, caller="test")
     assert elsewhere.is_error
+
+
+async def test_a_server_that_never_answers_times_out_without_holding_anything_else(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "home", call_timeout_seconds="1")
+    settings.mcp_dir.mkdir(parents=True)
+    stalling = {"command": sys.executable, "args": [str(Path(__file__).with_name("hanging_server.py"))]}
+    (settings.mcp_dir / "servers.json").write_text(json.dumps({"mcpServers": {"stalling": stalling}}))
+    host = McpHost(settings)
+    task = asyncio.create_task(host.run())
+    try:
+        await running_server(host, "stalling")
+        stuck = asyncio.ensure_future(host.call("stalling", "stall", {}, caller="test"))
+        # While one call hangs, the loop and the same server's other calls carry on.
+        assert (await host.call("stalling", "ok", {}, caller="test")).text == "fine"
+        with pytest.raises(McpToolError, match="did not answer 'stall' within 1 s"):
+            await stuck
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

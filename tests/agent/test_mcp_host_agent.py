@@ -60,3 +60,15 @@ def test_cli_errors_are_clear(agent: RunningAgent) -> None:
     assert unknown.returncode == 2 and "no MCP server 'nope'" in unknown.stderr
     tested = thox(agent, "mcp", "test", "shell")
     assert "shell: ok" in tested.stdout and "run_command" in tested.stdout
+
+
+def test_a_custom_http_server_is_reached_by_url_with_its_headers(agent: RunningAgent) -> None:
+    # The agent's own /mcp as a custom Streamable HTTP server of its host: the url/headers shape of servers.json.
+    url = agent.inference_url.removesuffix("/v1") + "/mcp"
+    entry = {"url": url, "headers": {"User-Agent": "thox-mcp-host-test"}}
+    (agent.home / "mcp").mkdir(exist_ok=True)
+    (agent.home / "mcp" / "servers.json").write_text(json.dumps({"mcpServers": {"self": entry}}))
+    eventually(lambda: servers(agent)["self"]["state"] == "running", "the HTTP server connected", 30)
+    row = servers(agent)["self"]
+    assert row["transport"] == "http" and row["builtin"] is False and row["enabled"] is True
+    assert row["tools"] == ["thox_complete", "thox_explain", "thox_refactor", "thox_test"]

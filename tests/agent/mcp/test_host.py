@@ -185,3 +185,20 @@ async def test_a_server_that_never_answers_times_out_without_holding_anything_el
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_mcp_debug_logs_the_arguments_and_the_result(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "home", debug="true")
+    settings.workspace_dir.mkdir(parents=True)
+    enable(settings, "shell")
+    host = McpHost(settings)
+    task = asyncio.create_task(host.run())
+    try:
+        await running_server(host, "shell")
+        with capture_logs() as logs:
+            await host.call("shell", "run_command", {"argv": ["echo", "visible"]}, caller="test")
+        (audit,) = [line for line in logs if line["event"] == "mcp_tool_call"]
+        assert "visible" in audit["arguments"] and "visible" in audit["result"]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

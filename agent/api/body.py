@@ -27,11 +27,16 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 def _param_of(location: tuple[int | str, ...], payload: Any) -> str:
     param = ""
     node = payload
-    for part in location:
+    for index, part in enumerate(location):
         # A part that names a key the client sent is a parameter, whatever its spelling ("max-tokens" included);
         # one that does not, and looks like a tag, names a union member or validator, not a parameter.
         sent = isinstance(node, dict) and part in node
         if not sent and isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part):
+            continue
+        # A discriminated union (tools: "function" | "mcp") names the member by the object's "type" value; it is
+        # a tag, not a key, unless the key of that name is what the next part goes into.
+        following = location[index + 1] if index + 1 < len(location) else None
+        if isinstance(node, dict) and part == node.get("type") and (not sent or following in node):
             continue
         param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
         if sent or (isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)):

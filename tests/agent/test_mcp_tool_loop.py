@@ -92,7 +92,7 @@ def test_permissions_hold_inside_the_loop(agent: RunningAgent) -> None:
         ([{**FILESYSTEM, "allowed_tools": ["format_disk"]}], {}, "tools[0].allowed_tools"),
         ([FILESYSTEM], {"stream": True}, "stream"),
         ([FILESYSTEM], {"n": 2}, "n"),
-        ([{**FILESYSTEM, "require_approval": "always"}], {}, "tools[0].mcp.require_approval"),
+        ([{**FILESYSTEM, "require_approval": "always"}], {}, "tools[0].require_approval"),
     ],
 )
 def test_bad_mcp_tool_requests_are_400s(

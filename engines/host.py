@@ -25,7 +25,7 @@ from engines import executors
 from engines.base import EngineError, Executor, Failed, GenerationRequest
 from engines.convert import ensure_converted
 from engines.encoder import OrtEncoder
-from engines.runtime.grammar import Grammars, MaskBatch, mask_executor, token_table
+from engines.runtime.grammar import Grammars, MaskBatch, mask_executor, spare_cores, token_table
 from engines.runtime.scheduler import Scheduler, SchedulerLimits
 from engines.text.tokenizer import GgufTokenizer
 from engines.wire import (
@@ -170,7 +170,7 @@ async def _serve_connection(args: argparse.Namespace, conn: _Connection) -> None
         kv_budget_tokens=args.kv_budget_tokens,
         prefix_cache_tokens=args.prefix_cache_tokens,
     )
-    masks = MaskBatch(mask_executor(args.threads), models.executor.vocab_size)
+    masks = MaskBatch(mask_executor(args.threads), models.executor.vocab_size, overlap=spare_cores(args.threads))
     scheduler = Scheduler(models.executor, conn.send, limits, (models.grammars, masks))
     encoder_info = (
         None

@@ -282,12 +282,16 @@ class Scheduler:
 
     def _decode(self, batch: list[_Sequence]) -> list[int | GrammarError]:
         # Worker thread: one batched step, then each row sampled by its own sequence's sampler, the constrained
-        # rows from their masks (computed on the mask thread meanwhile). A grammar fault ends that row only.
+        # rows from their masks (computed just before, or on the mask thread meanwhile where the box has a spare core).
+        # A grammar fault ends that row only.
         states = [s.state for s in batch]
         constrained = [(row, s.constraint) for row, s in enumerate(batch) if s.constraint is not None]
         masking: Future[None] | None = None
-        if constrained and self._masks is not None and self._mask_pool is not None:
-            masking = self._mask_pool.submit(self._masks.compute, constrained)
+        if constrained and self._masks is not None:
+            if self._masks.overlap and self._mask_pool is not None:
+                masking = self._mask_pool.submit(self._masks.compute, constrained)
+            else:
+                self._masks.compute(constrained)  # no spare core: beside the forward pass it would slow it down
         try:
             logits = self._executor.decode(states, [s.last_token for s in batch])  # type: ignore[arg-type, misc]
         finally:

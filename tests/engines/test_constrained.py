@@ -34,9 +34,9 @@ def table(tokenizer: GgufTokenizer) -> llguidance.LLTokenizer:
 class Run:
     """A scheduler over the real executor, collecting each request's tokens and how it ended."""
 
-    def __init__(self, executor: OrtExecutor, table: llguidance.LLTokenizer) -> None:
+    def __init__(self, executor: OrtExecutor, table: llguidance.LLTokenizer, *, overlap: bool = False) -> None:
         self.grammars = Grammars(table)
-        masks = MaskBatch(mask_executor(2), executor.vocab_size)
+        masks = MaskBatch(mask_executor(2), executor.vocab_size, overlap=overlap)
         self.tokens: dict[int, list[int]] = {}
         self.ended: dict[int, Done | Failed] = {}
         self._all_ended = asyncio.Event()
@@ -103,13 +103,15 @@ async def test_every_schema_of_the_corpus_gives_valid_json_at_temperature_one(
     assert not wrong, "\n".join(wrong)
 
 
+# Masks computed just before the forward pass (no spare core) or beside it (a box with cores to spare).
+@pytest.mark.parametrize("overlap", [False, True], ids=["masks-before", "masks-beside"])
 async def test_a_constrained_sequence_among_unconstrained_ones_gives_what_it_gives_alone(
-    executor: OrtExecutor, table: llguidance.LLTokenizer, tokenizer: GgufTokenizer
+    executor: OrtExecutor, table: llguidance.LLTokenizer, tokenizer: GgufTokenizer, overlap: bool
 ) -> None:
     grammar = json_schema_grammar(SCHEMAS[48])
     alone = Run(executor, table)
     await alone.generate([request(tokenizer, 0, grammar, seed=7)])
-    batched = Run(executor, table)
+    batched = Run(executor, table, overlap=overlap)
     await batched.generate(
         [request(tokenizer, i, None, seed=100 + i, max_tokens=48) for i in range(1, 8)]
         + [request(tokenizer, 0, grammar, seed=7)]

@@ -36,9 +36,15 @@ $(NODE_STAMP): $(NODE_TESTS)/package.json $(NODE_TESTS)/package-lock.json
 		echo "node-deps: npm is not installed; the tests that drive the agent from Node will skip"; \
 	fi
 
+# The development model registry (Debian's docker-registry on 127.0.0.1:5390, the default registry.url) with the
+# bundled models published to it: `thox models list --remote` and `thox models pull` work from the first start.
+REGISTRY_ADDR := 127.0.0.1:5390
+
 run: setup
 	sh scripts/system-deps.sh
 	$(BIN)/thox models prepare
+	sh scripts/model-registry.sh start .cache/registry $(REGISTRY_ADDR)
+	$(BIN)/thox models push --all --registry http://$(REGISTRY_ADDR)
 	$(BIN)/thox serve $(ARGS)
 
 test: setup node-deps

@@ -42,6 +42,7 @@ LIVE_KEYS = frozenset(
         "mcp.debug",
         "mcp.call_timeout_seconds",
         "mcp.max_tool_rounds",
+        "registry.url",
     }
 )
 

@@ -40,6 +40,7 @@ from agent.logs import log_file_of, under_journald
 from agent.mcp.host import McpHost
 from agent.models import InstalledModel, ModelStore, ModelStoreError
 from agent.models.loader import ModelLoader
+from agent.models.oci.client import OciRegistry
 from agent.models.registry import CHAT, EMBEDDINGS, ChatModel, EmbeddingModel, EmbeddingTokenizer, ModelRegistry
 from agent.monitor import EventLoopMonitor
 from agent.security.key_rules import KeyStoreError
@@ -315,6 +316,18 @@ def _engine_and_models(settings: Settings, models: _Models) -> tuple[EngineHost,
     return engine, registry
 
 
+def _registry_applier(remote: OciRegistry) -> Applier:
+    """Live config: registry.url (the next pull or catalog read goes to the new registry)."""
+
+    def prepare(settings: Settings) -> Callable[[], None]:
+        def commit() -> None:
+            remote.url = settings.registry.url.rstrip("/")
+
+        return commit
+
+    return prepare
+
+
 def _cluster_node(
     settings: Settings,
     listening: list[_Listening],
@@ -383,6 +396,8 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     )
     enabled = settings.cluster.enabled
     cluster = _cluster_node(settings, listening, registry, hardware, serving, loader) if enabled else None
+    if cluster is not None:
+        live.add_applier(_registry_applier(cluster.remote))
     mcp_host = McpHost(settings)
     live.add_applier(mcp_host.prepare_settings)
     routing = Routing(cluster.router, lambda model: _local_load(registry, model)) if cluster else None

@@ -234,6 +234,20 @@ class McpSettings(_Section):
     )
 
 
+# Where scripts/model-registry.sh serves the development registry (make run publishes the bundled models to it).
+DEFAULT_REGISTRY_URL = "http://127.0.0.1:5390"
+
+
+class RegistrySettings(_Section):
+    """The OCI registry models are pulled from and pushed to (docs: README, "Models")."""
+
+    url: str = Field(
+        DEFAULT_REGISTRY_URL,
+        pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description="Base URL of the OCI registry (any registry serving OCI manifests); a fleet sets its own",
+    )
+
+
 class Settings(_Section):
     """All agent settings."""
 
@@ -249,6 +263,7 @@ class Settings(_Section):
     hardware: HardwareSettings = Field(default_factory=HardwareSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     mcp: McpSettings = Field(default_factory=McpSettings)
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @property
     def bind_host(self) -> str:

@@ -61,6 +61,7 @@ from agent.cluster.tokens import JoinToken, pins
 from agent.cluster.views import ClusterUnavailable, ClusterViews, Connected
 from agent.hardware.dock import DockPipeline
 from agent.models.loader import ModelLoader
+from agent.models.oci.client import OciRegistry
 from agent.settings import Settings
 from common.aio import wait_for
 
@@ -145,7 +146,9 @@ class ClusterNode:
         self.peer_port = 0
         self.unavailable_reason: str | None = None
         self.views = ClusterViews(self.connected, lambda: self.node_id, lambda: self.cluster_id)
-        self.models = StackModels(self.connected, settings.engine.kv_budget_tokens)
+        # Where models no box of the stack has come from (registry.url; a config reload changes `remote.url`).
+        self.remote = OciRegistry(settings.registry.url)
+        self.models = StackModels(self.connected, settings.engine.kv_budget_tokens, self.remote)
 
     @property
     def cluster_id(self) -> str | None:
@@ -376,6 +379,7 @@ class ClusterNode:
                 self._leader_hint,
                 self.router.session,
                 self._spawn_task,
+                self.remote,
             )
             self._tasks += [
                 self._spawn_task(self.replicas.run(client), "cluster-replicas"),

@@ -22,6 +22,9 @@ from agent.cluster.net import host_port
 from agent.cluster.placement import NodeRecords, my_work, pull_key
 from agent.errors import ClusterUnavailableError
 from agent.models.loader import ModelLoader, ModelLoadError
+from agent.models.oci import pull as oci_pull
+from agent.models.oci.artifact import ArtifactError, Reference
+from agent.models.oci.client import NotInRegistryError, OciRegistry, RegistryError
 from agent.models.pull import PullError, pull
 from agent.models.store import ModelStoreError
 from common.aio import wait_for
@@ -48,8 +51,10 @@ class ReplicaKeeper:
         leader: Callable[[], str | None],
         session: Callable[[], aiohttp.ClientSession],
         spawn: Spawn,
+        remote: OciRegistry,
     ) -> None:
         self.node_id = node_id
+        self._remote = remote
         self._loader = loader
         self._live_nodes = live_nodes
         self._leader = leader
@@ -129,20 +134,40 @@ class ReplicaKeeper:
             log.warning("replica_failed", model=model, error=str(exc))
 
     async def _copy(self, model: str, state: dict[str, Any]) -> None:
-        """Pull `model` from the leader's store, or from another live box that has it (unless a copy that ran
-        meanwhile already brought it)."""
+        """Pull `model` from the leader's store, another live box that has it, or the model registry (unless a copy
+        that ran meanwhile already brought it: two requests for one model share one download)."""
         async with self._copying.setdefault(model, asyncio.Lock()):
             if await asyncio.to_thread(self._loader.store.get, model) is None:
                 await self._copy_now(model, state)
 
     async def _copy_now(self, model: str, state: dict[str, Any]) -> None:
-        source = await self._wait_for_source(model)
+        """From a box of the stack when one has it (the LAN, and no registry needed), else from the registry."""
 
         def progress(done: int, total: int) -> None:
             state.update(progress=round(done / total, 4) if total else 1.0, completed=done, total=total)
 
-        await pull(self._session(), source, model, self._loader.store, progress)
+        source = self._source(model)
+        published = None if source is not None else await self._in_registry(model)
+        if published is not None:
+            async with self._remote.session() as session:
+                await oci_pull.pull(self._remote, session, published, self._loader.store, progress)
+        else:
+            source = source or await self._wait_for_source(model)
+            await pull(self._session(), source, model, self._loader.store, progress)
         await self._loader.refresh_store_facts()  # the others learn at once that this box has it now
+
+    async def _in_registry(self, model: str) -> oci_pull.RemoteModel | None:
+        """The registry's description of `model`, or None when the registry does not have it (or is down: then a
+        box of the stack may still have it, and the wait for one says so)."""
+        try:
+            reference = Reference.parse(model)
+            async with self._remote.session() as session:
+                return await oci_pull.describe(self._remote, session, reference)
+        except NotInRegistryError:
+            return None
+        except (RegistryError, ArtifactError) as exc:
+            log.info("registry_not_used", model=model, error=str(exc))
+            return None
 
     async def _wait_for_source(self, model: str) -> str:
         """A live box to copy `model` from, waiting a little for one: right after this agent starts (a restarted box
@@ -151,8 +176,8 @@ class ReplicaKeeper:
         while (source := self._source(model)) is None:
             if time.monotonic() >= deadline:
                 raise PullError(
-                    f"no other live box has {model!r} in its store to copy it from (waited "
-                    f"{SOURCE_WAIT_SECONDS:.0f} s for one)"
+                    f"neither the model registry at {self._remote.url} nor another live box has {model!r} to "
+                    f"copy it from (waited {SOURCE_WAIT_SECONDS:.0f} s for a box)"
                 )
             await asyncio.sleep(POLL_SECONDS)
         return source

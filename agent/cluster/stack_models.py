@@ -30,6 +30,9 @@ from agent.cluster.placement import (
     view,
 )
 from agent.cluster.views import ClusterUnavailable, Connected
+from agent.models.oci import pull as oci_pull
+from agent.models.oci.artifact import ArtifactError, Reference
+from agent.models.oci.client import OciRegistry, RegistryError
 from common.aio import wait_for
 
 log = structlog.get_logger("agent.cluster")
@@ -44,9 +47,12 @@ def _unwritable(what: str, exc: BaseException) -> ClusterUnavailable:
 class StackModels:
     """Placement requests and pulls for the whole stack; `connected()` raises ClusterUnavailable when not running."""
 
-    def __init__(self, connected: Callable[[], Awaitable[Connected]], kv_budget_tokens: int) -> None:
+    def __init__(
+        self, connected: Callable[[], Awaitable[Connected]], kv_budget_tokens: int, remote: OciRegistry
+    ) -> None:
         self._connected = connected
         self._kv_budget = kv_budget_tokens
+        self.remote = remote
         self.last_leader: str | None = None  # as last read by the placement loop (pull sources prefer it)
 
     async def load(self, spec: PlacementSpec) -> dict[str, Any]:
@@ -104,14 +110,35 @@ class StackModels:
             ],
         }
 
+    async def _published(self, model: str) -> None:
+        """PlacementRefused unless the registry has `model` (404 naming what it has, 503 naming its URL)."""
+        try:
+            reference = Reference.parse(model)
+            async with self.remote.session() as session:
+                await oci_pull.describe(self.remote, session, reference)
+        except ArtifactError as exc:
+            raise PlacementRefused(exc.args[0], code="invalid_model", status=400) from exc
+        except RegistryError as exc:
+            raise PlacementRefused(
+                f"no box of this cluster has {model!r} in its model store, and {exc}", code=exc.code, status=exc.status
+            ) from exc
+
+    async def remote_models(self) -> list[dict[str, Any]]:
+        """The registry's models and tags with size and card facts; PlacementRefused when it cannot be read."""
+        try:
+            async with self.remote.session() as session:
+                return await oci_pull.remote_catalog(self.remote, session)
+        except RegistryError as exc:
+            raise PlacementRefused(str(exc), code=exc.code, status=exc.status) from exc
+
     async def request_pull(self, model: str, targets: list[str] | None) -> list[str]:
-        """Ask boxes (named, else every live box without it) to copy `model` into their stores; returns them."""
+        """Ask boxes (named, else every live box without it) to copy `model` into their stores; returns them.
+
+        A box copies from another box that has the model, else from the model registry."""
         connected = await self._connected()
         nodes = await connected.live_records()
         if not any(model in (n.get("store") or {}) for n in nodes.values()):
-            raise PlacementRefused(
-                f"no box of this cluster has {model!r} in its model store", code="model_not_found", status=404
-            )
+            await self._published(model)  # no box has it: the registry must
         _check_live(targets or (), nodes)
         lacking = [node_id for node_id, record in nodes.items() if model not in (record.get("store") or {})]
         chosen = sorted(targets or lacking)

@@ -52,7 +52,20 @@ def _store_facts(store: ModelStore) -> dict[str, dict[str, Any]]:
 
 
 class ModelLoadError(ThoxError):
-    """A model could not be loaded here; the message says why."""
+    """A model could not be loaded (or removed) here; the message says why, `status`/`code` what the API answers."""
+
+    status = 500
+    code = "model_load_failed"
+
+
+class ModelNotInStoreError(ModelLoadError):
+    status = 404
+    code = "model_not_found"
+
+
+class ModelInUseError(ModelLoadError):
+    status = 409
+    code = "model_in_use"
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,20 @@ class ModelLoader:
             self._detach(engine)
             log.info("model_unloaded", model=model_id)
             return True
+
+    async def remove(self, model_id: str) -> InstalledModel:
+        """Delete a model from the store; refused while this box serves it (ModelInUseError)."""
+        async with self._locks.setdefault(model_id, asyncio.Lock()):
+            if model_id == self.registry.default_id or any(m.id == model_id for m in self.registry.all()):
+                raise ModelInUseError(
+                    f"{model_id!r} is served on this box; unload it (or set another default_model) before removing it"
+                )
+            removed = await asyncio.to_thread(self.store.remove, model_id)
+            if removed is None:
+                raise ModelNotInStoreError(f"{model_id!r} is not in this box's model store")
+            await self.refresh_store_facts()
+            log.info("model_removed", model=model_id, bytes=removed.size)
+            return removed
 
     async def stop(self) -> None:
         """On the way out: every placed model's host stops (the default one is the agent's to stop)."""

@@ -1,4 +1,5 @@
-"""Copying a model from another box's store into this one over the peer API (mutual TLS), resumably.
+"""Copying a model into this box's store, resumably: from another box over the peer API (mutual TLS), or from an
+OCI registry (agent/models/oci/pull.py, through `assemble`).
 
 The source box serves `GET /cluster/models/<id>` (its manifest record and the model's files with their sizes) and
 `GET /cluster/models/<id>/files/<path>` (one file; Range requests continue a partial download). The puller
@@ -14,10 +15,12 @@ copy is removed: a full disk would stop every other write of the box (manifest, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,7 +45,7 @@ Progress = Callable[[int, int], None]  # (bytes done, bytes in all)
 
 
 class PullError(ThoxError):
-    """A model could not be copied from the source box; the message says why."""
+    """A model could not be copied from its source (a box, a registry); the message says why."""
 
 
 def listing(store: ModelStore, model: InstalledModel) -> dict[str, Any]:
@@ -74,6 +77,15 @@ def _staged_target(staging: Path, entry: InstalledModel, relative: str, single_f
     return staging / relative if single_file else staging / entry.path.name / relative
 
 
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a model being pulled: its path inside the model, its size and where to GET it."""
+
+    path: str
+    size: int
+    url: str
+
+
 async def pull(
     session: aiohttp.ClientSession, base_url: str, model_id: str, store: ModelStore, on_progress: Progress | None = None
 ) -> InstalledModel:
@@ -93,9 +105,27 @@ async def pull(
         raise PullError(f"the source box did not answer: {exc}") from exc
     if entry.id != model_id or any(".." in Path(p).parts or Path(p).is_absolute() for p, _ in files):
         raise PullError(f"the source box's description of {model_id!r} names other files than the model's")
-    single_file = len(files) == 1 and entry.path.name == files[0][0]
+    remote = [RemoteFile(path, size, f"{base_url}{MODELS_PATH}/{model_id}/files/{path}") for path, size in files]
+    entry = dataclasses.replace(entry, source=f"{entry.source} (pulled from the cluster)")
+    return await assemble(session, store, entry, remote, "the source box", on_progress)
+
+
+async def assemble(
+    session: aiohttp.ClientSession,
+    store: ModelStore,
+    entry: InstalledModel,
+    files: list[RemoteFile],
+    source: str,
+    on_progress: Progress | None = None,
+) -> InstalledModel:
+    """Download `files` into the staging folder of `entry.id` (continuing what an earlier try left), check the
+    whole against `entry.sha256`, and install it under `entry`; PullError on any failure (`source` names where
+    the bytes come from in its messages). A file's path is inside the model; a one-file model is that file."""
+    model_id = entry.id
+    single_file = len(files) == 1 and entry.path.name == files[0].path
     staging = store.staging_dir(model_id)
-    total = sum(size for _, size in files)
+    sizes = [(f.path, f.size) for f in files]
+    total = sum(f.size for f in files)
     started = time.monotonic()
     copied = 0
 
@@ -106,13 +136,11 @@ async def pull(
             on_progress(done, of)
 
     try:
-        await asyncio.to_thread(_check_room, store, model_id, entry, files, single_file)
+        await asyncio.to_thread(_check_room, store, model_id, entry, sizes, single_file)
         done = 0
-        for relative, size in files:
-            target = _staged_target(staging, entry, relative, single_file)
-            done = await _fetch(
-                session, f"{base_url}{MODELS_PATH}/{model_id}/files/{relative}", target, size, done, total, counted
-            )
+        for file in files:
+            target = _staged_target(staging, entry, file.path, single_file)
+            done = await _fetch(session, file.url, target, file.size, done, total, source, counted)
         staged = staging / entry.path.name
         digest = await asyncio.to_thread(content_sha256, staged)
         if digest != entry.sha256:
@@ -139,7 +167,8 @@ async def pull(
             f"again"
         ) from exc
     await asyncio.to_thread(shutil.rmtree, staging, True)
-    log.info("model_pulled", model=model_id, bytes=total, seconds=round(time.monotonic() - started, 2), source=base_url)
+    seconds = round(time.monotonic() - started, 2)
+    log.info("model_pulled", model=model_id, bytes=total, seconds=seconds, source=source)
     return installed
 
 
@@ -178,6 +207,7 @@ async def _fetch(
     size: int,
     done: int,
     total: int,
+    source: str,
     on_progress: Progress | None,
 ) -> int:
     """Download one file into `target`, continuing a partial copy; returns the running byte count."""
@@ -195,7 +225,7 @@ async def _fetch(
     try:
         async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(sock_read=60)) as answer:
             if answer.status not in (200, 206):
-                raise PullError(f"the source box refused {url}: HTTP {answer.status}")
+                raise PullError(f"{source} refused {url}: HTTP {answer.status}")
             if answer.status == 200 and have:  # the source ignored the range: take the whole file again
                 done -= have
                 have = 0
@@ -210,12 +240,10 @@ async def _fetch(
             finally:
                 await _to_thread_to_the_end(handle.close)
     except (aiohttp.ClientError, TimeoutError) as exc:
-        raise PullError(
-            f"the copy from the source box broke off ({exc}); pulling again continues from {done} bytes"
-        ) from exc
+        raise PullError(f"the copy from {source} broke off ({exc}); pulling again continues from {done} bytes") from exc
     written = await asyncio.to_thread(_size, target)
     if written != size:
-        raise PullError(f"{target.name}: the source box sent {written} of {size} bytes")
+        raise PullError(f"{target.name}: {source} sent {written} of {size} bytes")
     return done
 
 

@@ -147,17 +147,15 @@ class ModelStore:
     def install_staged(self, entry: InstalledModel, staged: Path) -> InstalledModel:
         """Move a pulled, verified model from its staging folder into the store and list it in the manifest.
 
-        `entry` is the source box's manifest entry; its path is rewritten to this store. The files are in place
-        before the manifest names them, so a power cut leaves either no model or a complete one.
+        `entry` is the model's manifest entry as its source describes it; its path is rewritten to this store. The
+        files are in place before the manifest names them, so a power cut leaves either no model or a complete one.
         """
         target = self.root / entry.id / entry.path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             shutil.rmtree(target) if target.is_dir() else target.unlink()
         os.replace(staged, target)
-        model = dataclasses.replace(
-            entry, path=target, installed_at=int(time.time()), source=f"{entry.source} (pulled from the cluster)"
-        )
+        model = dataclasses.replace(entry, path=target, installed_at=int(time.time()))
         try:
             fsync_dir(target.parent)
             self._write(self._replaced(model))
@@ -173,6 +171,16 @@ class ModelStore:
                 f"{entry.id!r} was not installed"
             ) from exc
         return model
+
+    def remove(self, model_id: str) -> InstalledModel | None:
+        """Delete a model: out of the manifest first (a power cut then leaves only unlisted files), then its files."""
+        models = self.installed()
+        found = next((m for m in models if m.id == model_id), None)
+        if found is None:
+            return None
+        self._write([m for m in models if m.id != model_id])
+        shutil.rmtree(found.path.parent, ignore_errors=True)  # <root>/<id>: the model's own folder
+        return found
 
     def _replaced(self, model: InstalledModel) -> list[InstalledModel]:
         """The manifest with `model` in its old place, or added at the end."""

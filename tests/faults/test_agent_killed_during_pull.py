@@ -19,6 +19,7 @@ from typing import Any, cast
 from agent.cluster.replicas import ReplicaKeeper
 from agent.models.bundled import BUNDLED_MODELS
 from agent.models.loader import ModelLoader
+from agent.models.oci.client import OciRegistry
 from agent.models.store import ModelStore
 from tests.agent.cluster.stack import needs_etcd, topology
 from tests.agent.cluster.test_model_pull import source as peer_source
@@ -116,6 +117,7 @@ async def test_a_pull_taken_up_before_the_box_sees_the_cluster_waits_for_a_sourc
             lambda: "box-a",
             lambda: session,
             lambda work, name: asyncio.create_task(work, name=name),
+            OciRegistry("http://127.0.0.1:9"),  # no registry answers: the copy must come from a box
         )
         state: dict[str, Any] = {}
         await keeper._copy(model, state)

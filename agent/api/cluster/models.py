@@ -5,6 +5,13 @@
 - POST /v1/models/pull     {model, nodes, stream, timeout_seconds}: progress as NDJSON lines while streaming
 - GET  /v1/models/placement           every placed model with its replicas' states
 - GET  /v1/models/placement/{model}   one of them
+- GET  /v1/models/remote     the model registry's models and tags (size, format, quantization, capabilities, ...)
+- GET  /v1/models/pulls      copies in progress (or just finished) on every box of the stack
+- DELETE /v1/models/store/{model}     remove a model from this box's store (refused while it is served here)
+
+A pull of a model no box has comes from the model registry (`registry.url`): `name:tag` there, stored as `name`
+for the `latest` tag and as `name:tag` otherwise; a model the registry lacks is a 404 naming what it has, a
+registry that cannot be reached a 503 naming its URL.
 
 The pull stream (`application/x-ndjson`, one JSON object per line), exactly:
 - first `{"status": "started", "model", "nodes": [box ids]}`;
@@ -32,6 +39,8 @@ from agent.api.cluster.topology import CLUSTER_NODE_KEY
 from agent.cluster.placement import PlacementRefused, PlacementSpec
 from agent.cluster.views import ClusterUnavailable
 from agent.errors import ClusterRequestError, ClusterUnavailableError
+from agent.models.loader import ModelLoadError
+from agent.models.oci.artifact import store_id
 
 POLL_SECONDS = 0.25
 UNLOAD_WAIT_SECONDS = 30.0
@@ -178,6 +187,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     """Copy a model from the leader's store (or any box holding it) into the boxes that need it."""
     node = request.app[CLUSTER_NODE_KEY]
     body = parse_body(ModelPullBody, await read_json_body(request))
+    body = body.model_copy(update={"model": store_id(body.model)})
     since = time.time()
     targets = await _cluster_call(lambda: node.models.request_pull(body.model, body.nodes))
     stream: web.StreamResponse | None = None
@@ -215,9 +225,55 @@ async def pull(request: web.Request) -> web.StreamResponse:
     return stream
 
 
+async def remote(request: web.Request) -> web.Response:
+    node = request.app[CLUSTER_NODE_KEY]
+    rows = await _cluster_call(node.models.remote_models)
+    return web.json_response({"object": "list", "registry": node.remote.url, "data": rows})
+
+
+async def pulls(request: web.Request) -> web.Response:
+    """Every box's copies in progress or just finished (the pull requests and the replicas being brought up)."""
+    node = request.app[CLUSTER_NODE_KEY]
+    rows = []
+    for node_id, record in sorted(node.live_nodes.items()):
+        for kind in ("pulls", "replicas"):
+            for model, state in sorted((record.get(kind) or {}).items()):
+                if kind == "replicas" and state.get("state") != "pulling":
+                    continue
+                rows.append(
+                    {
+                        "node": node_id,
+                        "model": model,
+                        "state": state.get("state"),
+                        "completed": int(state.get("completed") or 0),
+                        "total": int(state.get("total") or 0),
+                        "progress": float(state.get("progress") or 0.0),
+                        **({"error": state["error"]} if state.get("error") else {}),
+                    }
+                )
+    return web.json_response({"object": "list", "data": rows})
+
+
+async def remove(request: web.Request) -> web.Response:
+    """Remove a model from this box's store."""
+    node = request.app[CLUSTER_NODE_KEY]
+    model = store_id(request.match_info["model"])
+    loader = node.loader
+    if loader is None:  # the model routes are only set up with a loader; a guard for the type checker
+        raise ClusterRequestError("this box has no model store", code="model_not_found", status=404)
+    try:
+        await loader.remove(model)
+    except ModelLoadError as exc:
+        raise ClusterRequestError(str(exc), code=exc.code, status=exc.status) from exc
+    return web.json_response({"model": model, "status": "removed", "node": node.node_id})
+
+
 def setup_routes(app: web.Application) -> None:
     app.router.add_post("/v1/models/load", load)
     app.router.add_post("/v1/models/unload", unload)
     app.router.add_post("/v1/models/pull", pull)
     app.router.add_get("/v1/models/placement", placement)
     app.router.add_get("/v1/models/placement/{model}", placement)
+    app.router.add_get("/v1/models/remote", remote)
+    app.router.add_get("/v1/models/pulls", pulls)
+    app.router.add_delete("/v1/models/store/{model}", remove)

@@ -9,7 +9,8 @@ import hashlib
 import os
 import shutil
 import tempfile
-from pathlib import Path
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
 
 
 def fsync_dir(directory: Path) -> None:
@@ -66,10 +67,10 @@ def atomic_copy_tree_with_sha256(source: Path, target: Path) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        lines = []
+        digests = []
         for file in sorted(p for p in source.rglob("*") if p.is_file()):
             relative = file.relative_to(source)
-            lines.append(f"{relative.as_posix()}\0{atomic_copy_with_sha256(file, tmp / relative)}\n")
+            digests.append((relative.as_posix(), atomic_copy_with_sha256(file, tmp / relative)))
         os.chmod(tmp, 0o755)
         if target.exists():
             shutil.rmtree(target)
@@ -78,7 +79,14 @@ def atomic_copy_tree_with_sha256(source: Path, target: Path) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(target.parent)
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+    return folder_digest(digests)
+
+
+def folder_digest(files: Iterable[tuple[str, str]]) -> str:
+    """The store's digest of a folder from its files' (posix path inside it, sha256 hex): over the lines
+    "path NUL sha256 LF" in pathlib's order of the paths (by their parts, not as strings)."""
+    ordered = sorted(files, key=lambda item: PurePosixPath(item[0]).parts)
+    return hashlib.sha256("".join(f"{path}\0{digest}\n" for path, digest in ordered).encode()).hexdigest()
 
 
 def file_sha256(path: Path) -> str:
@@ -95,9 +103,8 @@ def content_sha256(path: Path) -> str:
     sha256 (what atomic_copy_tree_with_sha256 returns for the same folder)."""
     if path.is_file():
         return file_sha256(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    lines = [f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\n" for file in files]
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return folder_digest((file.relative_to(path).as_posix(), file_sha256(file)) for file in files)
 
 
 def tree_size(path: Path) -> int:

@@ -335,8 +335,9 @@ def _cluster_node(
     hardware: HardwareManager,
     serving: OpenAIServing,
     loader: ModelLoader,
+    live: LiveConfig,
 ) -> ClusterNode:
-    return ClusterNode(
+    node = ClusterNode(
         settings,
         lambda address: _placement(settings, listening, address),
         lambda: _local_facts(registry, hardware),
@@ -345,6 +346,8 @@ def _cluster_node(
         lambda: build_inference_app(serving, max_request_bytes=settings.api.max_request_bytes),
         loader,
     )
+    live.add_applier(_registry_applier(node.remote))
+    return node
 
 
 def _start_watchdog(
@@ -395,9 +398,7 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
         settings, ModelStore(settings.models_dir), registry, spawn, hardware.attach_engine, hardware.detach_engine
     )
     enabled = settings.cluster.enabled
-    cluster = _cluster_node(settings, listening, registry, hardware, serving, loader) if enabled else None
-    if cluster is not None:
-        live.add_applier(_registry_applier(cluster.remote))
+    cluster = _cluster_node(settings, listening, registry, hardware, serving, loader, live) if enabled else None
     mcp_host = McpHost(settings)
     live.add_applier(mcp_host.prepare_settings)
     routing = Routing(cluster.router, lambda model: _local_load(registry, model)) if cluster else None

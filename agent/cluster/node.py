@@ -146,8 +146,7 @@ class ClusterNode:
         self.peer_port = 0
         self.unavailable_reason: str | None = None
         self.views = ClusterViews(self.connected, lambda: self.node_id, lambda: self.cluster_id)
-        # Where models no box of the stack has come from (registry.url; a config reload changes `remote.url`).
-        self.remote = OciRegistry(settings.registry.url)
+        self.remote = OciRegistry(settings.registry.url)  # models no box has come from it (a reload sets its url)
         self.models = StackModels(self.connected, settings.engine.kv_budget_tokens, self.remote)
 
     @property

@@ -17,17 +17,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import hashlib
+import os
 import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar, cast
 
 import aiohttp
 import structlog
 
-from agent.atomic import content_sha256
+from agent.atomic import folder_digest
 from agent.errors import ThoxError
 from agent.models.store import InstalledModel, ModelStore, ModelStoreError
 
@@ -36,6 +38,8 @@ _T = TypeVar("_T")
 
 MODELS_PATH = "/cluster/models"
 _CHUNK = 1 << 20
+# Bytes handed to the writing thread at a time: fewer thread hops, and the network is read meanwhile.
+_WRITE_BATCH = 4 << 20
 # Left free beside a pulled model: the manifest and the box's other small files must still be writable afterwards.
 DISK_RESERVE_BYTES = 16 << 20
 # Errors of a disk that is full (or a quota that is used up).
@@ -138,11 +142,13 @@ async def assemble(
     try:
         await asyncio.to_thread(_check_room, store, model_id, entry, sizes, single_file)
         done = 0
+        digests = []
         for file in files:
             target = _staged_target(staging, entry, file.path, single_file)
-            done = await _fetch(session, file.url, target, file.size, done, total, source, counted)
+            done, file_digest = await _fetch(session, file.url, target, file.size, done, total, source, counted)
+            digests.append((file.path, file_digest))
         staged = staging / entry.path.name
-        digest = await asyncio.to_thread(content_sha256, staged)
+        digest = digests[0][1] if single_file else folder_digest(digests)
         if digest != entry.sha256:
             await asyncio.to_thread(shutil.rmtree, staging, True)
             raise PullError(
@@ -209,16 +215,20 @@ async def _fetch(
     total: int,
     source: str,
     on_progress: Progress | None,
-) -> int:
-    """Download one file into `target`, continuing a partial copy; returns the running byte count."""
+) -> tuple[int, str]:
+    """Download one file into `target`, continuing a partial copy; returns the running byte count and the file's
+    sha256 (hashed as it is written, so the copy is not read a second time to check it)."""
     await asyncio.to_thread(target.parent.mkdir, parents=True, exist_ok=True)
     have = await asyncio.to_thread(_size, target)
     if have > size:  # not a prefix of this file: start over
         await asyncio.to_thread(target.unlink)
         have = 0
+    hasher = hashlib.sha256()
+    if have:
+        await _to_thread_to_the_end(_hash_into, hasher, target)
     done += have
     if have == size:
-        return done
+        return done, hasher.hexdigest()
     headers = {"Range": f"bytes={have}-"} if have else {}
     if have:
         log.info("model_pull_resumed", file=target.name, from_bytes=have, size=size)
@@ -229,22 +239,71 @@ async def _fetch(
             if answer.status == 200 and have:  # the source ignored the range: take the whole file again
                 done -= have
                 have = 0
-            handle = await _to_thread_to_the_end(target.open, "ab" if have else "wb")
-            try:
-                async for chunk in answer.content.iter_chunked(_CHUNK):
-                    await _to_thread_to_the_end(handle.write, chunk)
-                    done += len(chunk)
-                    if on_progress is not None:
-                        on_progress(done, total)
-                await _to_thread_to_the_end(handle.flush)
-            finally:
-                await _to_thread_to_the_end(handle.close)
+                hasher = hashlib.sha256()
+            handle = cast(BinaryIO, await _to_thread_to_the_end(target.open, "ab" if have else "wb"))
+            done = await _write_stream(answer.content, handle, hasher, done, total, on_progress)
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise PullError(f"the copy from {source} broke off ({exc}); pulling again continues from {done} bytes") from exc
     written = await asyncio.to_thread(_size, target)
     if written != size:
         raise PullError(f"{target.name}: {source} sent {written} of {size} bytes")
+    return done, hasher.hexdigest()
+
+
+async def _write_stream(
+    content: aiohttp.StreamReader,
+    handle: BinaryIO,
+    hasher: Any,
+    done: int,
+    total: int,
+    on_progress: Progress | None,
+) -> int:
+    """Write (and hash) what arrives, a few MiB at a time on a worker thread while the loop reads the next ones;
+    the file is closed only after its last write finished, whatever happens."""
+
+    def write(pieces: list[bytes]) -> None:
+        for piece in pieces:  # as they came: no copy into one buffer
+            handle.write(piece)
+            hasher.update(piece)  # hashlib lets go of the GIL for large pieces: this overlaps the network
+
+    pending: asyncio.Future[None] | None = None
+    batch: list[bytes] = []
+    batched = 0
+    try:
+        async for data in content.iter_any():
+            batch.append(data)
+            batched += len(data)
+            if batched < _WRITE_BATCH:
+                continue
+            if pending is not None:
+                await pending
+            pending = asyncio.ensure_future(_to_thread_to_the_end(write, batch))
+            done += batched
+            batch, batched = [], 0
+            if on_progress is not None:
+                on_progress(done, total)
+        if pending is not None:
+            await pending
+        if batch:
+            await _to_thread_to_the_end(write, batch)
+            done += batched
+            if on_progress is not None:
+                on_progress(done, total)
+        await _to_thread_to_the_end(handle.flush)
+        # On the disk before the store lists the model: after a power cut a listed model is a whole one.
+        await _to_thread_to_the_end(os.fsync, handle.fileno())
+    finally:
+        if pending is not None and not pending.done():
+            await asyncio.wait({pending})  # a cancelled pull must not close the file under a running write
+        await _to_thread_to_the_end(handle.close)
     return done
+
+
+def _hash_into(hasher: Any, path: Path) -> None:
+    """Blocking: feed a partial copy already on disk to `hasher` (a resumed download continues the hash)."""
+    with path.open("rb") as partial:
+        while block := partial.read(_CHUNK):
+            hasher.update(block)
 
 
 async def _to_thread_to_the_end(fn: Callable[..., _T], *args: Any) -> _T:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from agent.atomic import folder_digest
 from agent.errors import ThoxError
 from agent.models.registry import CHAT
 from agent.models.store import InstalledModel
@@ -186,10 +187,7 @@ def store_digest(layers: list[Layer]) -> str:
     hexes = [(PurePosixPath(layer.path), layer.digest.removeprefix("sha256:")) for layer in layers]
     if len(hexes) == 1 and len(hexes[0][0].parts) == 1:
         return hexes[0][1]
-    # In content_sha256's order: by path parts (as pathlib sorts), which is not the order of the path strings.
-    inside = sorted((path.parts[1:], digest) for path, digest in hexes)
-    lines = [f"{'/'.join(parts)}\0{digest}\n" for parts, digest in inside]
-    return hashlib.sha256("".join(lines).encode()).hexdigest()
+    return folder_digest(("/".join(path.parts[1:]), digest) for path, digest in hexes)
 
 
 def sha256_digest(data: bytes) -> str:

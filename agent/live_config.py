@@ -24,7 +24,7 @@ from agent.settings import Settings, SettingsError, env_var, known_keys, load_se
 log = structlog.get_logger("agent.config")
 
 # Keys a running agent applies at once. Everything else is read once at start (ports, bind address, engine shape,
-# driver strings, the default model the engine host loads) and needs a restart.
+# driver strings, the model the first engine host loads) and needs a restart.
 LIVE_KEYS = frozenset(
     {
         "api.auth",
@@ -43,6 +43,9 @@ LIVE_KEYS = frozenset(
         "mcp.call_timeout_seconds",
         "mcp.max_tool_rounds",
         "registry.url",
+        "default_model",
+        "models.keep_alive_seconds",
+        "models.max_loaded",
     }
 )
 

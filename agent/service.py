@@ -271,12 +271,15 @@ def _local_facts(registry: ModelRegistry, hardware: HardwareManager) -> dict[str
 
 
 @asynccontextmanager
-async def _placed_models(loader: ModelLoader) -> AsyncIterator[None]:
-    """Models the cluster places here run beside the default one; they stop before it does."""
+async def _more_models(loader: ModelLoader, supervisor: Supervisor) -> AsyncIterator[None]:
+    """Models loaded beside the first one (placed by the cluster, named by requests, a new default); they stop
+    before it does."""
     await loader.refresh_store_facts()
+    expiry = supervisor.spawn(loader.run_expiry(), name="model-expiry")
     try:
         yield
     finally:
+        await supervisor.cancel_task(expiry)
         await loader.stop()
 
 
@@ -382,7 +385,6 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     api = settings.api
     keys = await asyncio.to_thread(_open_key_store, settings)
     inference_security, cluster_security = _security_policies(settings, keys)
-    serving = OpenAIServing(registry)
     monitor = EventLoopMonitor()
     live = LiveConfig(settings, overrides)
     live.add_applier(_security_applier((inference_security, cluster_security)))
@@ -397,6 +399,8 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     loader = ModelLoader(
         settings, ModelStore(settings.models_dir), registry, spawn, hardware.attach_engine, hardware.detach_engine
     )
+    live.add_applier(loader.prepare_settings)
+    serving = OpenAIServing(registry, loader)
     enabled = settings.cluster.enabled
     cluster = _cluster_node(settings, listening, registry, hardware, serving, loader, live) if enabled else None
     mcp_host = McpHost(settings)
@@ -426,7 +430,7 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
                 ("key-store", _background(supervisor, lambda: _flush_key_use(keys), "key-store")),
                 ("hardware", hardware_subsystem(hardware, spawn)),
                 ("engine", _background(supervisor, engine.run, "engine")),
-                ("placed-models", _placed_models(loader)),
+                ("more-models", _more_models(loader, supervisor)),
                 ("mcp-host", _background(supervisor, mcp_host.run, "mcp-host")),
                 *clustered,
                 ("cluster-api", _http_api("cluster", cluster_app, host, api.cluster_port, 0.0, listening)),

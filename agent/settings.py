@@ -202,7 +202,10 @@ class ClusterSettings(_Section):
         "within it; longer than the leader's so a busy box is not dropped by mistake",
     )
     model_memory_gb: float | None = Field(
-        None, gt=0, description="Memory this box offers to the models the cluster places on it; default: all of its RAM"
+        None,
+        gt=0,
+        description="Memory this box offers to models (placed by the cluster or loaded by requests); default: all "
+        "of its RAM",
     )
     remove_after_seconds: float = Field(
         60.0,
@@ -234,6 +237,20 @@ class McpSettings(_Section):
     )
 
 
+class ModelsSettings(_Section):
+    """Which chat models stay loaded (agent/models/residency.py): like Ollama's keep_alive and max loaded models."""
+
+    keep_alive_seconds: float = Field(
+        300.0,
+        ge=-1,
+        description="How long a model a request loaded stays loaded after its last request (-1: until unloaded; "
+        "a request's keep_alive overrides it)",
+    )
+    max_loaded: int = Field(
+        3, ge=1, le=32, description="Chat models loaded at once on this box; loading one more unloads the idlest"
+    )
+
+
 # Where scripts/model-registry.sh serves the development registry (make run publishes the bundled models to it).
 DEFAULT_REGISTRY_URL = "http://127.0.0.1:5390"
 
@@ -254,7 +271,7 @@ class Settings(_Section):
     home: Path = Field(description="Agent home: model store, cache, config, runtime sockets")
     profile: Profile = Field("sim", description="sim: simulated hardware, loopback only; device: real hardware")
     default_model: str | None = Field(
-        None, description="Model used when a request names none; default: the first installed"
+        None, description="Chat model used when a request names none; default: the first installed"
     )
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a TTY, else JSON")
     cache_dir: Path | None = Field(None, description="Converted-model cache; default <home>/cache")
@@ -263,6 +280,7 @@ class Settings(_Section):
     hardware: HardwareSettings = Field(default_factory=HardwareSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     mcp: McpSettings = Field(default_factory=McpSettings)
+    models: ModelsSettings = Field(default_factory=ModelsSettings)
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
 
     @property

@@ -23,24 +23,28 @@ def minilm_dir() -> Path:
     return path
 
 
-def install_alias(home: Path, alias: str, purpose: str = "test") -> None:
-    """Give an agent home the bundled chat model under another id (its manifest only; the file comes with the
+def install_alias(home: Path, *aliases: str, purpose: str = "test") -> None:
+    """Give an agent home the bundled chat model under other ids (its manifest only; the file comes with the
     bundle at start), so boxes serve different model ids without a second model download."""
     bundled = BUNDLED_MODELS[0]
     gguf = smollm2_gguf()
-    entry = {
-        "id": alias,
-        "file": f"{bundled.id}/{bundled.filename}",
-        "size": gguf.stat().st_size,
-        "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
-        "format": bundled.format,
-        "quantization": bundled.quantization,
-        "capabilities": list(bundled.capabilities),
-        "source": f"{purpose} alias of the bundled model",
-        "license": bundled.license,
-        "installed_at": 0,
-        "sampling_defaults": dict(bundled.sampling_defaults),
-        "chat_template": bundled.chat_template,
-    }
+    sha256 = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    entries = [
+        {
+            "id": alias,
+            "file": f"{bundled.id}/{bundled.filename}",
+            "size": gguf.stat().st_size,
+            "sha256": sha256,
+            "format": bundled.format,
+            "quantization": bundled.quantization,
+            "capabilities": list(bundled.capabilities),
+            "source": f"{purpose} alias of the bundled model",
+            "license": bundled.license,
+            "installed_at": 0,
+            "sampling_defaults": dict(bundled.sampling_defaults),
+            "chat_template": bundled.chat_template,
+        }
+        for alias in aliases
+    ]
     (home / "models").mkdir(parents=True)
-    (home / "models" / "manifest.json").write_text(json.dumps({"version": 1, "models": [entry]}))
+    (home / "models" / "manifest.json").write_text(json.dumps({"version": 1, "models": entries}))

@@ -18,6 +18,8 @@ from rich.table import Table
 from agent.cli import keys
 from agent.cli.common import cluster_url, endpoints, err, home_of, out, request_json
 from agent.config_file import ConfigFile
+from agent.models import BUNDLED_MODELS, ModelStore, ModelStoreError
+from agent.models.registry import CHAT
 from agent.settings import SettingsError, env_var
 
 RESTART_HINT = "`sudo systemctl restart thox-agent`, or stop and start `thox serve`"
@@ -79,6 +81,8 @@ def cmd_set(args: argparse.Namespace) -> int:
     if args.key == "api.key":  # a secret: it goes into the hashed key store, never into config.toml
         return keys.config_set_key(args, args.value)
     try:
+        if args.key == "default_model":
+            _check_installed_chat_model(args)
         stored = _config(args).set(args.key, args.value)
     except SettingsError as exc:
         err.print(f"[red]error:[/red] {exc}")
@@ -88,6 +92,23 @@ def cmd_set(args: argparse.Namespace) -> int:
         err.print(f"note: {env_var(args.key)} is set and overrides the file")
     _tell_agent(args, args.key)
     return 0
+
+
+def _check_installed_chat_model(args: argparse.Namespace) -> None:
+    """A default_model the store lacks would keep the agent from starting: refused before the file changes."""
+    try:
+        installed = ModelStore(home_of(args) / "models").installed()
+    except ModelStoreError as exc:
+        raise SettingsError(str(exc)) from exc
+    # The bundled models count: the agent installs them at start.
+    chat = sorted(
+        {m.id for m in installed if CHAT in m.capabilities} | {b.id for b in BUNDLED_MODELS if CHAT in b.capabilities}
+    )
+    if args.value not in chat:
+        raise SettingsError(
+            f"default_model {args.value!r} is not an installed chat model; installed: {', '.join(chat) or 'none'} "
+            "(`thox models pull NAME` installs one)"
+        )
 
 
 def cmd_unset(args: argparse.Namespace) -> int:

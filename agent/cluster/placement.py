@@ -30,6 +30,7 @@ import structlog
 
 from agent.cluster.membership import RPC_TIMEOUT_SECONDS
 from agent.errors import ThoxError
+from agent.models.residency import model_bytes
 from common.aio import wait_for
 
 log = structlog.get_logger("agent.cluster.placement")
@@ -60,10 +61,13 @@ class PlacementSpec:
     context_length: int | None = None
     nodes: tuple[str, ...] = ()
     requested_at: float = field(default_factory=time.time)
+    # Size, chat or not, KV cost: from the model registry's card, for a model no box's store has yet.
+    facts: Mapping[str, Any] | None = None
 
     def to_json(self) -> bytes:
         record = asdict(self)
         record["nodes"] = list(self.nodes)
+        record["facts"] = dict(self.facts) if self.facts is not None else None
         return json.dumps(record).encode()
 
     @classmethod
@@ -75,13 +79,8 @@ class PlacementSpec:
             context_length=record.get("context_length"),
             nodes=tuple(record.get("nodes") or ()),
             requested_at=float(record.get("requested_at") or 0),
+            facts=record.get("facts") if isinstance(record.get("facts"), dict) else None,
         )
-
-
-def model_bytes(facts: Mapping[str, Any], kv_budget_tokens: int) -> int:
-    """Estimated memory of a model on a box: its weights plus a KV cache filled to the engine's budget."""
-    kv = int(facts.get("kv_bytes_per_token") or 0) * kv_budget_tokens
-    return int(facts.get("size") or 0) + kv
 
 
 def capacity_bytes(node: Mapping[str, Any]) -> int:
@@ -104,9 +103,12 @@ def used_bytes(node: Mapping[str, Any], kv_budget_tokens: int, extra: Collection
     return sum(model_bytes(store.get(m) or {}, kv_budget_tokens) for m in served)
 
 
-def check_fits(nodes: NodeRecords, model: str, kv_budget_tokens: int) -> int:
-    """The model's estimated memory; PlacementRefused when it is unknown, not a chat model, or too large."""
-    facts = model_facts(nodes, model)
+def check_fits(
+    nodes: NodeRecords, model: str, kv_budget_tokens: int, published: Mapping[str, Any] | None = None
+) -> int:
+    """The model's estimated memory (from a box's store, else from its `published` card); PlacementRefused when it
+    is unknown, not a chat model, or too large."""
+    facts = model_facts(nodes, model) or published
     if facts is None:
         raise PlacementRefused(
             f"no box of this cluster has {model!r} in its model store; install it on one box "
@@ -232,7 +234,7 @@ class Placer:
                 await self._delete(node_id, spec.model, "surplus")
             return
         need = spec.replicas - len(working)
-        facts = model_facts(nodes, spec.model)
+        facts = model_facts(nodes, spec.model) or spec.facts
         if facts is None or need == 0:
             return
         for node_id in candidates(

@@ -103,7 +103,7 @@ class ReplicaKeeper:
             del self.replicas[model]
             self._assigned_at.pop(model, None)
             await self._loader.unload(model)
-        for model in set(self._loader.loaded()) - set(assignments) - set(self.replicas):
+        for model in set(self._loader.placed()) - set(assignments) - set(self.replicas):
             await self._loader.unload(model)  # placed by a cluster this box has since left (a keeper starts empty)
         for model, record in assignments.items():
             fresh = self._assigned_at.get(model) != record.get("assigned_at")  # a new assignment retries a failure

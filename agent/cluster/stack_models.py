@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import aetcd
@@ -25,6 +26,7 @@ from agent.cluster.placement import (
     Placer,
     assignment_key,
     check_fits,
+    model_facts,
     pull_key,
     replica_state,
     view,
@@ -60,7 +62,10 @@ class StackModels:
         connected = await self._connected()
         nodes = await connected.live_records()
         _check_targets(spec, nodes)
-        check_fits(nodes, spec.model, self._kv_budget)
+        if model_facts(nodes, spec.model) is None:  # no box has it: the registry must, and its card says the size
+            published = await self._published(spec.model)
+            spec = replace(spec, facts=published.placement_facts())
+        check_fits(nodes, spec.model, self._kv_budget, spec.facts)
         client = connected.client
         try:
             current = await ClusterPlacement.read(client)
@@ -110,12 +115,12 @@ class StackModels:
             ],
         }
 
-    async def _published(self, model: str) -> None:
-        """PlacementRefused unless the registry has `model` (404 naming what it has, 503 naming its URL)."""
+    async def _published(self, model: str) -> oci_pull.RemoteModel:
+        """The registry's `model`; PlacementRefused when it lacks it (404 naming what it has, 503 naming its URL)."""
         try:
             reference = Reference.parse(model)
             async with self.remote.session() as session:
-                await oci_pull.describe(self.remote, session, reference)
+                return await oci_pull.describe(self.remote, session, reference)
         except ArtifactError as exc:
             raise PlacementRefused(exc.args[0], code="invalid_model", status=400) from exc
         except RegistryError as exc:

@@ -71,11 +71,20 @@ class ModelRegistry:
         self.default_id = default_chat
 
     def add_chat(self, model: ChatModel) -> None:
-        """Serve another chat model (placed on this box by the cluster) from now on."""
+        """Serve another chat model from now on."""
         self._chat[model.id] = model
 
+    def set_default(self, model_id: str) -> None:
+        """Requests that name no model go to this loaded chat model from now on."""
+        if model_id not in self._chat:
+            raise ValueError(f"{model_id!r} is not a loaded chat model")
+        self.default_id = model_id
+
+    def serves(self, model_id: str) -> bool:
+        return model_id in self._chat or model_id in self._embeddings
+
     def remove_chat(self, model_id: str) -> ChatModel | None:
-        """Stop serving a placed chat model (new requests no longer find it); the default stays."""
+        """Stop serving a chat model (new requests no longer find it); the default stays."""
         if model_id == self.default_id:
             return None
         return self._chat.pop(model_id, None)

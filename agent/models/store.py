@@ -178,8 +178,13 @@ class ModelStore:
         found = next((m for m in models if m.id == model_id), None)
         if found is None:
             return None
-        self._write([m for m in models if m.id != model_id])
-        shutil.rmtree(found.path.parent, ignore_errors=True)  # <root>/<id>: the model's own folder
+        rest = [m for m in models if m.id != model_id]
+        self._write(rest)
+        if any(m.path == found.path for m in rest):
+            return found  # another entry serves the same file: it stays
+        shutil.rmtree(found.path, ignore_errors=True) if found.path.is_dir() else found.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            found.path.parent.rmdir()  # <root>/<id>, once nothing else is in it
         return found
 
     def _replaced(self, model: InstalledModel) -> list[InstalledModel]:

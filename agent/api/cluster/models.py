@@ -39,7 +39,6 @@ from agent.api.cluster.topology import CLUSTER_NODE_KEY
 from agent.cluster.placement import PlacementRefused, PlacementSpec
 from agent.cluster.views import ClusterUnavailable
 from agent.errors import ClusterRequestError, ClusterUnavailableError
-from agent.models.loader import ModelLoadError
 from agent.models.oci.artifact import store_id
 
 POLL_SECONDS = 0.25
@@ -61,7 +60,7 @@ async def load(request: web.Request) -> web.Response:
     node = request.app[CLUSTER_NODE_KEY]
     body = parse_body(ModelLoadBody, await read_json_body(request))
     spec = PlacementSpec(
-        model=body.model,
+        model=store_id(body.model),
         replicas=body.replicas,
         context_length=body.options.context_length,
         nodes=tuple(body.nodes or ()),
@@ -70,11 +69,11 @@ async def load(request: web.Request) -> web.Response:
     deadline = time.monotonic() + body.timeout_seconds
     while body.wait and placed["status"] == "placing" and time.monotonic() < deadline:
         await asyncio.sleep(POLL_SECONDS)
-        placed = await _cluster_call(lambda: node.models.placement(body.model))
+        placed = await _cluster_call(lambda: node.models.placement(spec.model))
     if placed["status"] == "failed":
         errors = "; ".join(f"{r['node']}: {r.get('error')}" for r in placed["replicas"])
         raise ClusterRequestError(
-            f"{body.model} could not be loaded on any box: {errors}", code="model_load_failed", status=500
+            f"{spec.model} could not be loaded on any box: {errors}", code="model_load_failed", status=500
         )
     return web.json_response(placed, status=200 if placed["status"] == "ready" else 202)
 
@@ -261,10 +260,7 @@ async def remove(request: web.Request) -> web.Response:
     loader = node.loader
     if loader is None:  # the model routes are only set up with a loader; a guard for the type checker
         raise ClusterRequestError("this box has no model store", code="model_not_found", status=404)
-    try:
-        await loader.remove(model)
-    except ModelLoadError as exc:
-        raise ClusterRequestError(str(exc), code=exc.code, status=exc.status) from exc
+    await loader.remove(model)  # a ModelLoadError is the client's answer as it stands (404, 409)
     return web.json_response({"model": model, "status": "removed", "node": node.node_id})
 
 

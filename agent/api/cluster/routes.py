@@ -29,8 +29,8 @@ class HealthSources:
     hardware: HardwareManager | None = None
     config: LiveConfig | None = None
     cluster: ClusterNode | None = None
-    # Engine hosts of models the cluster placed on this box (they come and go while the agent runs).
-    placed_engines: Callable[[], Sequence[EngineHost]] = tuple
+    # Engine hosts of the other chat models (placed by the cluster, loaded by requests): they come and go.
+    more_engines: Callable[[], Sequence[EngineHost]] = tuple
 
 
 HEALTH_KEY = web.AppKey("health_sources", HealthSources)
@@ -38,8 +38,8 @@ HEALTH_KEY = web.AppKey("health_sources", HealthSources)
 
 def health_report(sources: HealthSources, process: dict[str, int | None] | None = None) -> dict[str, Any]:
     """The /v1/health body: `status` is "ok" only while every engine is ready and no thermal limit applies."""
-    placed = sources.placed_engines()
-    states = {engine.state for engine in (*sources.engines, *placed)}
+    more = sources.more_engines()
+    states = {engine.state for engine in (*sources.engines, *more)}
     if states == {EngineState.READY}:
         status = "ok"
     elif states <= {EngineState.STARTING, EngineState.READY}:
@@ -55,7 +55,7 @@ def health_report(sources: HealthSources, process: dict[str, int | None] | None 
         "uptime_seconds": round(time.monotonic() - sources.started_monotonic, 3),
         "version": agent.__version__,
         "engine": engines[0] if len(engines) == 1 else {"state": status, "models": engines},
-        **({"placed_models": [engine.health() for engine in placed]} if placed else {}),
+        **({"more_models": [engine.health() for engine in more]} if more else {}),
         "event_loop": sources.event_loop.report(),
         **({"temperature_c": hardware.pop("temperature_c"), "hardware": hardware} if hardware else {}),
         **({"config": {"restart_required": sources.config.restart_required}} if sources.config else {}),

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from agent.api.openai.structured import ResponseFormat
 from agent.api.openai.tools import McpTool, Tool, ToolCall, ToolChoice
 from agent.errors import UnsupportedParameterError
+from agent.models.residency import parse_keep_alive
 from engines.base import MAX_TOP_LOGPROBS
 
 StopField = Annotated[
@@ -76,10 +77,21 @@ class _SamplingRequest(_Strict):
         None, description="Token id (as a string) -> bias in [-100, 100] added to its logit"
     )
 
+    keep_alive: float | None = Field(
+        None,
+        description="How long the model stays loaded after this request: seconds or a duration ('5m', '1h'); "
+        "negative: until unloaded; 0: unloaded once idle (Ollama's keep_alive)",
+    )
+
     @field_validator("stream", mode="before")
     @classmethod
     def _null_stream_is_false(cls, value: Any) -> Any:
         return False if value is None else value
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive_seconds(cls, value: Any) -> Any:
+        return value if value is None or not isinstance(value, int | float | str) else parse_keep_alive(value)
 
     @model_validator(mode="after")
     def _refuse_unimplemented(self) -> _SamplingRequest:

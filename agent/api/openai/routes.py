@@ -94,14 +94,12 @@ async def _stream_with_error_event(
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models."""
-    return web.json_response(request.app[SERVING_KEY].list_models())
+    return web.json_response(await request.app[SERVING_KEY].list_models())
 
 
 async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{id}."""
-    serving = request.app[SERVING_KEY]
-    model = serving.registry.get(request.match_info["model_id"])
-    return web.json_response(serving.model_card(model))
+    return web.json_response(await request.app[SERVING_KEY].model(request.match_info["model_id"]))
 
 
 # ---------------------------------------------------------------------------- chat

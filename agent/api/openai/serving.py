@@ -26,9 +26,13 @@ from agent.errors import (
     ContextLengthError,
     EngineFailedError,
     InvalidRequestError,
+    ModelNotFoundError,
     UnsupportedParameterError,
 )
-from agent.models.registry import ChatModel, EmbeddingModel, ModelRegistry
+from agent.models.loader import ModelLoader
+from agent.models.oci.artifact import ArtifactError, model_card
+from agent.models.registry import CHAT, ChatModel, EmbeddingModel, ModelRegistry
+from agent.models.store import InstalledModel
 from engines.base import Done, SamplingParams
 from engines.text import ChatTemplateError, IncrementalDetokenizer, StopMatcher
 
@@ -74,47 +78,111 @@ class Answer:
     scored: list[Scored]
 
 
+def _file_facts(installed: InstalledModel) -> dict[str, Any]:
+    """Blocking: the model's card as the registry would publish it; a header that cannot be read leaves out what
+    only the file can say (family, parameters, trained context)."""
+    try:
+        return model_card(installed)
+    except ArtifactError:
+        log.warning("model_header_unreadable", model=installed.id)
+        return {
+            "format": installed.format,
+            "quantization": installed.quantization,
+            "size": installed.size,
+            "license": installed.license,
+            "capabilities": list(installed.capabilities),
+        }
+
+
 def new_id(prefix: str) -> str:
     """An OpenAI-style object id."""
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
 class OpenAIServing:
-    """Chat and text completions over the registry's models."""
+    """Chat and text completions over the registry's models; with a loader, installed chat models that are not
+    loaded are loaded when a request names them (agent/models/loader.py)."""
 
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, registry: ModelRegistry, loader: ModelLoader | None = None) -> None:
         self.registry = registry
+        self.loader = loader
+        self._facts: dict[tuple[str, str], dict[str, Any]] = {}  # (id, sha256) -> the model file's card facts
 
     # ------------------------------------------------------------------ models
 
-    def list_models(self) -> dict[str, Any]:
-        """GET /v1/models body."""
-        return {"object": "list", "data": [self.model_card(m) for m in self.registry.all()]}
+    async def chat_model(self, requested: str | None, keep_alive: float | None = None) -> ChatModel:
+        """The chat model a request names (or the default), loaded first when it is installed but not loaded."""
+        if self.loader is None:
+            return self.registry.chat(requested)
+        if requested and not self.registry.serves(requested):
+            return await self.loader.ensure(requested, keep_alive)
+        model = self.registry.chat(requested)
+        self.loader.touch(model.id, keep_alive)
+        return model
 
-    def model_card(self, model: ChatModel | EmbeddingModel) -> dict[str, Any]:
-        """One Model object, with what the model can do."""
+    async def list_models(self) -> dict[str, Any]:
+        """GET /v1/models body: every installed model (loaded or not) with its card, the default first."""
+        cards = [await self.model_card(m.installed) for m in self.registry.all()]
+        if self.loader is not None:
+            served = {card["id"] for card in cards}
+            for installed in await asyncio.to_thread(self.loader.store.installed):
+                if installed.id not in served:
+                    cards.append(await self.model_card(installed))
+        return {"object": "list", "data": cards}
+
+    async def model(self, model_id: str) -> dict[str, Any]:
+        """GET /v1/models/{id} body; ModelNotFoundError names the models there are."""
+        if self.registry.serves(model_id):
+            return await self.model_card(self.registry.get(model_id).installed)
+        if self.loader is not None:
+            installed = await asyncio.to_thread(self.loader.store.get, model_id)
+            if installed is not None:
+                return await self.model_card(installed)
+        known = [card["id"] for card in (await self.list_models())["data"]]
+        raise ModelNotFoundError(
+            f"The model '{model_id}' does not exist on this box; models: {', '.join(known)}", param="model"
+        )
+
+    async def model_card(self, installed: InstalledModel) -> dict[str, Any]:
+        """One Model object: what the model is (family, size, quantization, ...), can do and whether it is loaded."""
+        key = (installed.id, installed.sha256)
+        if key not in self._facts:
+            self._facts[key] = await asyncio.to_thread(_file_facts, installed)
+        facts = self._facts[key]
         card: dict[str, Any] = {
-            "id": model.id,
+            "id": installed.id,
             "object": "model",
-            "created": model.installed.installed_at,
+            "created": installed.installed_at,
             "owned_by": "thox",
-            "capabilities": list(model.installed.capabilities),
-            "quantization": model.installed.quantization,
+            **{k: facts.get(k) for k in ("format", "family", "parameters", "quantization", "size", "license")},
+            "capabilities": facts["capabilities"],
+            "trained_context_length": facts.get("context_length"),
+            "loaded": self.registry.serves(installed.id),
         }
-        if isinstance(model, ChatModel):
-            card["context_length"] = model.engine.max_context
-            card["sampling_defaults"] = model.installed.sampling_defaults
-            card["default"] = model.id == self.registry.default_id
-        else:
-            card["max_input_tokens"] = model.tokenizer.max_tokens
-            card["dimensions"] = model.engine.encoder_info.get("dimensions")
+        served = self.registry.get(installed.id) if card["loaded"] else None
+        if isinstance(served, EmbeddingModel):
+            card["max_input_tokens"] = served.tokenizer.max_tokens
+            card["dimensions"] = served.engine.encoder_info.get("dimensions")
+            return card
+        if CHAT in installed.capabilities:
+            card["default"] = installed.id == self.registry.default_id
+            card["sampling_defaults"] = installed.sampling_defaults
+            card["context_length"] = served.engine.max_context if served else self._context_when_loaded()
+            residency = self.loader.residency(installed.id) if self.loader is not None else None
+            if residency is not None:
+                expires = residency.expires_in(time.monotonic())
+                card["expires_at"] = None if expires is None else int(time.time() + expires)
+                card["placed"] = residency.placed
         return card
+
+    def _context_when_loaded(self) -> int | None:
+        return self.loader.settings.engine.max_context if self.loader is not None else None
 
     # ----------------------------------------------------------------- prepare
 
     async def prepare_chat(self, request: ChatCompletionRequest) -> Prepared:
         """Resolve the model, render the chat template and tokenise (off the loop)."""
-        model = self.registry.chat(request.model)
+        model = await self.chat_model(request.model, request.keep_alive)
         if request.mcp_tools():
             raise UnsupportedParameterError(
                 "tools of type 'mcp' work on plain (non-streamed) /v1/chat/completions requests with n = 1 only",
@@ -145,7 +213,7 @@ class OpenAIServing:
 
     async def prepare_completion(self, request: CompletionRequest) -> Prepared:
         """Resolve the model and tokenise the prompt (a string or one list of token ids)."""
-        model = self.registry.chat(request.model)
+        model = await self.chat_model(request.model, request.keep_alive)
         prompt: str | list[int]
         if isinstance(request.prompt, list) and request.prompt and not isinstance(request.prompt[0], int):
             if len(request.prompt) != 1:

@@ -22,6 +22,7 @@ from typing import Any
 from agent.atomic import folder_digest
 from agent.errors import ThoxError
 from agent.models.registry import CHAT
+from agent.models.residency import kv_bytes_per_token
 from agent.models.store import InstalledModel
 from engines.base import EngineError
 from engines.gguf_file import GgufFile
@@ -128,6 +129,10 @@ def model_card(model: InstalledModel) -> dict[str, Any]:
             template=gguf.get("tokenizer.chat_template"),
         )
     if CHAT in model.capabilities:
+        try:
+            card["kv_bytes_per_token"] = kv_bytes_per_token(model)  # the placement's memory estimate needs it
+        except EngineError as exc:
+            raise ArtifactError(f"{model.id!r} cannot be published: {exc}") from exc
         # Every chat model here gets grammar-constrained JSON and function calls (engines/runtime/grammar.py).
         card["capabilities"] = sorted({*card["capabilities"], "json", "tools"})
     return card

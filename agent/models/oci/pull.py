@@ -24,6 +24,7 @@ from agent.models.oci.artifact import (
 )
 from agent.models.oci.client import OciRegistry
 from agent.models.pull import Progress, RemoteFile, assemble
+from agent.models.registry import CHAT
 from agent.models.store import InstalledModel, ModelStore
 
 _FORMATS = ("gguf", "safetensors")
@@ -41,6 +42,14 @@ class RemoteModel:
     @property
     def size(self) -> int:
         return sum(layer.size for layer in self.layers)
+
+    def placement_facts(self) -> dict[str, Any]:
+        """What the cluster's placement needs to know of a model before any box has it."""
+        return {
+            "size": self.size,
+            "chat": CHAT in self.card.get("capabilities", []),
+            "kv_bytes_per_token": self.card.get("kv_bytes_per_token"),
+        }
 
     def entry(self) -> InstalledModel:
         """The store entry of this model once pulled (its path is rewritten by the store on install)."""

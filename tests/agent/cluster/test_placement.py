@@ -117,7 +117,7 @@ def test_models_are_pulled_placed_replaced_after_a_box_dies_and_unloaded(
     assert placed["status"] == "ready" and sorted(r["node"] for r in placed["replicas"]) == ["box-a", "box-c"]
     assert all(r["state"] == "ready" and r["context_length"] == 512 for r in placed["replicas"])
     assert ALIAS in served_models(third) and ALIAS not in served_models(second)
-    placed = third.health()["placed_models"]
+    placed = third.health()["more_models"]
     assert [(e["model"], e["state"], e["max_context"]) for e in placed] == [(ALIAS, "ready", 512)]
     listing = thox(second, "models", "placement")
     assert listing.returncode == 0 and ALIAS in listing.stdout and "2/2" in listing.stdout, listing

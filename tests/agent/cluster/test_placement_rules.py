@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from agent.cluster.placement import PlacementRefused, PlacementSpec, candidates, check_fits, model_bytes, view
+from agent.cluster.placement import PlacementRefused, PlacementSpec, candidates, check_fits, view
+from agent.models.residency import model_bytes
 
 KV_BUDGET = 16384
 SMALL = {"size": 100_000_000, "chat": True, "kv_bytes_per_token": 46080}  # about 0.855 GB with a full KV budget

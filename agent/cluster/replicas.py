@@ -100,9 +100,11 @@ class ReplicaKeeper:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            # Reported as unloading until its host stopped: the unload API answers once no box reports it.
+            self.replicas[model] = {"state": "unloading"}
+            await self._loader.unload(model)
             del self.replicas[model]
             self._assigned_at.pop(model, None)
-            await self._loader.unload(model)
         for model in set(self._loader.placed()) - set(assignments) - set(self.replicas):
             await self._loader.unload(model)  # placed by a cluster this box has since left (a keeper starts empty)
         for model, record in assignments.items():

@@ -36,9 +36,11 @@ def thox(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.fixture
-def box(tmp_path: Path) -> Iterator[tuple[RunningAgent, str]]:
-    """A one-box cluster whose registry.url (set in its config file, so it can change live) is a fresh registry."""
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RunningAgent, str]]:
+    """A one-box cluster whose registry.url (set in its config file, so it can change live) is a fresh registry;
+    one for the module (the last test points registry.url elsewhere)."""
+    tmp_path = tmp_path_factory.mktemp("registry-box")
     with model_registry(tmp_path / "registry") as url:
         home = tmp_path / "home"
         assert thox(home, "config", "set", "registry.url", url).returncode == 0
@@ -103,13 +105,25 @@ def test_push_list_pull_serve_and_remove_a_model(box: tuple[RunningAgent, str]) 
         10,
     )
 
+    # A model no box has: loading it pulls it from the registry first (its size from the registry's card).
+    assert thox(agent.home, "models", "push", DEFAULT, "--as", "only-in-registry").returncode == 0
+    loaded = call(agent, "POST", "/models/load", {"model": "only-in-registry:latest", "timeout_seconds": 300})
+    assert loaded[0] == 200 and loaded[1]["status"] == "ready", loaded
+    assert manifest(agent)["only-in-registry"]["sha256"] == hashlib.sha256(gguf.read_bytes()).hexdigest()
+    code, _, chat = http_json(
+        "POST",
+        f"{agent.inference_url}/chat/completions",
+        {"model": "only-in-registry", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+    )
+    assert code == 200 and chat["model"] == "only-in-registry", chat
+
 
 def test_unknown_models_and_an_unreachable_registry_are_refused_clearly(box: tuple[RunningAgent, str]) -> None:
     agent, url = box
     assert thox(agent.home, "models", "push", DEFAULT, "--as", PUBLISHED).returncode == 0
     unknown = call(agent, "POST", "/models/pull", {"model": "no-such-model", "stream": False})
     assert unknown[0] == 404 and unknown[1]["error"]["code"] == "model_not_found", unknown
-    assert "its models: tiny-chat" in unknown[1]["error"]["message"], unknown
+    assert "its models: " in unknown[1]["error"]["message"] and "tiny-chat" in unknown[1]["error"]["message"], unknown
     tag = thox(agent.home, "models", "pull", "tiny-chat:v2")
     assert tag.returncode == 1 and "error 404" in tag.stderr and "its tags: v1" in tag.stderr, tag.stderr
 

@@ -55,7 +55,7 @@ def manifest_entry(agent: RunningAgent, model: str) -> dict[str, Any] | None:
 def served_models(agent: RunningAgent) -> list[str]:
     status, _, listing = http_json("GET", f"{agent.inference_url}/models")
     assert status == 200, listing
-    return [m["id"] for m in listing["data"]]
+    return [m["id"] for m in listing["data"] if m["loaded"]]  # /v1/models lists installed models too
 
 
 def ask(agent: RunningAgent, model: str) -> tuple[int, dict[str, str], Any]:
@@ -173,7 +173,10 @@ def test_a_model_no_single_box_can_hold_is_refused_and_nothing_is_placed(
     assert summary["total_ram_gb"] > 0.5
 
     # Other refusals, each specific: unknown model, embedding model, malformed body.
-    assert call(box, "POST", "/models/load", {"model": "nope"})[1]["error"]["code"] == "model_not_found"
+    # (no box has "nope", so the model registry is asked; none runs at registry.url here)
+    unknown = call(box, "POST", "/models/load", {"model": "nope"})
+    assert unknown[0] == 503 and unknown[1]["error"]["code"] == "registry_unavailable", unknown
+    assert "no box of this cluster has 'nope'" in unknown[1]["error"]["message"], unknown
     assert call(box, "POST", "/models/load", {"model": "all-minilm-l6-v2"})[1]["error"]["code"] == "model_not_supported"
     too_many = call(box, "POST", "/models/load", {"model": DEFAULT, "replicas": 2})
     assert too_many[0] == 400 and "1 are live" in too_many[1]["error"]["message"]
